@@ -1,0 +1,3 @@
+"""sae-mlops: experiment-tracked analysis of sparse autoencoders on language-model activations."""
+
+__version__ = "0.1.0"
