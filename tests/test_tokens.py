@@ -1,0 +1,69 @@
+"""Windowing, masks and the token budget."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from core_fixtures import tiny_tokenizer
+from sae_mlops.errors import InputError
+from sae_mlops.tokens import iter_batches, iter_windows, make_plan, special_token_ids
+
+TEXTS = ["alpha beta gamma delta " * 20, "short", "", "the quick brown fox " * 7]
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return tiny_tokenizer()
+
+
+def test_windows_cover_each_document_with_document_positions(tok):
+    plan = make_plan(tok, context_size=16, prepend_bos=True)
+    windows = list(iter_windows(TEXTS, tok, plan))
+    for doc, text in enumerate(TEXTS):
+        ids = tok(text, add_special_tokens=False)["input_ids"]
+        mine = [w for w in windows if w.doc_index == doc]
+        rebuilt = [t for w in mine for t in w.tokens[1:]]
+        assert rebuilt == ids
+        assert all(w.tokens[0] == tok.bos_token_id and len(w.tokens) <= 16 for w in mine)
+        assert [w.start for w in mine] == list(range(0, len(ids), 15))
+
+
+def test_masks_exclude_specials_and_padding(tok):
+    eos = tok.eos_token
+    texts = [f"one two three {eos} four five six seven", "tiny"]
+    plan = make_plan(tok, context_size=64, prepend_bos=True)
+    (batch,) = list(iter_batches(texts, tok, plan, batch_size=8, max_tokens=None))
+    specials = torch.tensor(special_token_ids(tok))
+    assert not torch.isin(batch.tokens[batch.analysed], specials).any()
+    assert not batch.analysed[:, 0].any()  # BOS
+    assert (batch.analysed <= batch.valid).all()
+    assert (batch.predicts == (batch.analysed[:, :-1] & batch.valid[:, 1:])).all()
+    # positions within the document: BOS and padding -1, then 0, 1, 2 ...
+    row = batch.doc_index.tolist().index(1)
+    n = int(batch.valid[row].sum())
+    assert batch.doc_pos[row, :n].tolist() == [-1, *range(n - 1)]
+    assert (batch.doc_pos[row, n:] == -1).all()
+
+
+@pytest.mark.parametrize("budget", [1, 17, 100, 10**9])
+def test_budget_is_exact_or_whole_corpus(tok, budget):
+    plan = make_plan(tok, context_size=16, prepend_bos=True)
+    total = sum(b.n_analysed for b in iter_batches(TEXTS, tok, plan, 3, None))
+    got = sum(b.n_analysed for b in iter_batches(TEXTS, tok, plan, 3, budget))
+    assert got == min(budget, total)
+
+
+def test_no_bos_windows(tok):
+    plan = make_plan(tok, context_size=8, prepend_bos=False)
+    batches = list(iter_batches(TEXTS, tok, plan, 2, None))
+    assert all(b.tokens.shape[1] <= 8 for b in batches)
+    assert sum(b.n_analysed for b in batches) == sum(len(tok(t, add_special_tokens=False)["input_ids"]) for t in TEXTS)
+
+
+def test_bad_sizes_are_input_errors(tok):
+    with pytest.raises(InputError, match="context size"):
+        make_plan(tok, context_size=1, prepend_bos=True)
+    plan = make_plan(tok, 8, True)
+    with pytest.raises(InputError, match="batch size"):
+        list(iter_batches(TEXTS, tok, plan, 0, None))
