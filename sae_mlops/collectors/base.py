@@ -1,0 +1,47 @@
+"""The collector protocol and what the engine hands to collectors each batch.
+
+A collector is a streaming metric in the torchmetrics shape: ``update(step)`` folds one batch in,
+``merge(other)`` folds in another collector of the same kind (a shard of the corpus), ``compute()``
+returns finished numbers. Collectors never run the model; they only reduce what the engine gives them.
+All running sums are float64 on the CPU so that averages are exact token averages.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+
+from sae_mlops.tokens import TokenBatch
+
+
+@dataclass
+class StepData:
+    """One batch after the engine's work. Rows of x/f/x_hat are the analysed positions of
+    ``batch`` in row-major order (``batch.analysed`` flattened)."""
+
+    batch: TokenBatch
+    x: torch.Tensor  # [n, d_in] hook activations (float32)
+    f: torch.Tensor  # [n, d_sae] SAE feature activations
+    x_hat: torch.Tensor  # [n, d_in] SAE reconstructions
+    ce_clean: torch.Tensor | None = None  # [n_pred] next-token CE (nats) at batch.predicts
+    ce_sae: torch.Tensor | None = None
+    ce_zero: torch.Tensor | None = None
+    kl_sae: torch.Tensor | None = None  # [n] KL(p_clean || p_sae) (nats) at batch.analysed
+    kl_zero: torch.Tensor | None = None
+
+
+class Collector(Protocol):
+    name: str
+
+    def update(self, step: StepData) -> None: ...
+
+    def merge(self, other: "Collector") -> None: ...
+
+    def compute(self) -> dict[str, Any]: ...
+
+
+def f64sum(t: torch.Tensor) -> float:
+    """Sum of a tensor accumulated in float64, as a Python float."""
+    return float(t.sum(dtype=torch.float64))
