@@ -1,0 +1,31 @@
+# sae-mlops: fresh clone -> `make demo` / `make test`.
+# torch is pinned at install time by constraints.txt (the local CPU build), not by the package.
+
+VENV ?= .venv
+PYTHON ?= python3
+STAMP := $(VENV)/.sae-mlops-installed
+
+.PHONY: install demo test clean distclean
+
+install: $(STAMP)
+
+# Re-runs only when the venv is missing or the dependency declarations changed.
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -c constraints.txt -e ".[dev]"
+	touch $(STAMP)
+
+demo: install
+	$(VENV)/bin/sae-mlops demo
+
+test: install
+	$(VENV)/bin/pytest -q
+
+# Build and cache leftovers only; results (analysis/, mlflow.db, mlruns/) are kept.
+clean:
+	rm -rf build dist .pytest_cache
+	find . -path ./$(VENV) -prune -o -name __pycache__ -type d -prune -exec rm -rf {} +
+
+# Also the virtualenv (the next `make` reinstalls).
+distclean: clean
+	rm -rf $(VENV)

@@ -1,0 +1,94 @@
+"""One call per user action, shared by the CLI, the MLproject entry points and (later) the service.
+
+`run_quick_and_log` = `analysis.run_quick` -> `writers.quick.write_quick_outputs` ->
+`tracking.runs.log_analysis`. It holds no analysis logic and does not parse arguments; it only
+decides where outputs go and wires the three steps together.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from sae_mlops.config import AnalysisConfig
+
+if TYPE_CHECKING:
+    from sae_mlops.results import AnalysisResult
+
+log = logging.getLogger(__name__)
+
+DEFAULT_ANALYSIS_ROOT = Path("analysis")
+
+
+@dataclass
+class QuickOutcome:
+    result: AnalysisResult
+    out_dir: Path
+    files: list[Path]
+    run_id: str | None = None  # None when tracking was off
+    tracking_uri: str | None = None
+    warnings: list[str] = field(default_factory=list)
+
+
+def utc_timestamp() -> str:
+    return datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+
+
+def sae_label(sae: str, sae_id: str | None = None) -> str:
+    """A directory-safe name for what the user called the SAE.
+
+    A local path gives its directory name; a URI or release name is flattened
+    (``runs:/abc/sae`` -> ``runs_abc_sae``).
+    """
+    s = sae.rstrip("/\\")
+    p = Path(s)
+    if "://" not in s and ":/" not in s and p.name:
+        name = p.name
+    else:
+        name = s
+    if sae_id:
+        name = f"{name}__{sae_id}"
+    name = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "sae"
+    return name[:120]
+
+
+def default_out_dir(cfg: AnalysisConfig, kind: str = "quick", root: Path = DEFAULT_ANALYSIS_ROOT) -> Path:
+    """``analysis/<sae dir name>/<kind>_<UTC timestamp>`` (relative to the working directory)."""
+    return root / sae_label(cfg.sae, cfg.sae_id) / f"{kind}_{utc_timestamp()}"
+
+
+def run_quick_and_log(
+    cfg: AnalysisConfig,
+    out_dir: Path | str | None = None,
+    *,
+    track: bool = True,
+    experiment: str | None = None,
+    run_name: str | None = None,
+) -> QuickOutcome:
+    """Run the quick analysis, write its files under `out_dir`, and log it all to MLflow.
+
+    out_dir: None -> `default_out_dir(cfg)`.
+    track: False skips MLflow entirely (files are still written).
+    experiment / run_name: for a new MLflow run; ignored when ``MLFLOW_RUN_ID`` is set (``mlflow run``).
+    """
+    from sae_mlops.analysis import run_quick
+    from sae_mlops.writers.quick import write_quick_outputs
+
+    out = Path(out_dir) if out_dir else default_out_dir(cfg)
+    result = run_quick(cfg)
+    out.mkdir(parents=True, exist_ok=True)
+    files = [Path(f) for f in write_quick_outputs(result, out)]
+    log.info("Wrote %d file(s) under %s", len(files), out)
+    outcome = QuickOutcome(result=result, out_dir=out, files=files, warnings=list(result.warnings))
+    if track:
+        import mlflow
+
+        from sae_mlops.tracking.runs import log_analysis
+
+        outcome.run_id = log_analysis(result, files, out, experiment=experiment, run_name=run_name)
+        outcome.tracking_uri = mlflow.get_tracking_uri()
+    return outcome

@@ -1,0 +1,305 @@
+"""Logging analysis results to MLflow: the only module that writes runs.
+
+`log_analysis` puts one `AnalysisResult` (and the files the writers produced) into an MLflow run:
+
+- run: the run named by ``MLFLOW_RUN_ID`` when set (``mlflow run`` sets it for its entry point),
+  else the in-process active run if there is one, else a new run in ``experiment`` (default: the
+  ``MLFLOW_EXPERIMENT_NAME`` / ``MLFLOW_EXPERIMENT_ID`` environment variables, else ``sae-mlops``),
+  in the store named by ``MLFLOW_TRACKING_URI`` or MLflow's default (``sqlite:///mlflow.db`` in the
+  working directory for MLflow 3.x). A run this module creates is ended (FINISHED, or FAILED if
+  logging fails); a run it was handed is left to its owner.
+- params: ``result.params``, stringified (None -> "None", containers as JSON), values cut to MLflow's
+  length limit, logged in batches. When the run already holds a param of the same name with a
+  different value (``mlflow run`` logs its ``-P`` values first, shell-quoted), ours is logged as
+  ``resolved.<name>`` and the names are listed in the tag ``sae_mlops.param_conflicts``.
+- metrics: ``result.metrics`` exactly as named (see `sae_mlops.results`); None, NaN and inf are not
+  logged (MLflow cannot hold them) and their names go in the tag ``sae_mlops.unlogged_metrics``
+  (the results JSON holds them as null).
+- tags: ``result.tags`` (lineage such as ``sae_mlops.source_run_id``, ``sae_mlops.source_model_name``,
+  ``sae_mlops.source_model_version``), ``sae_mlops.kind``, ``sae_mlops.sae_hash``,
+  ``sae_mlops.version``. With a source run, the run description (``mlflow.note.content``) gets a
+  line linking it; ``mlflow.parentRunId`` is never set (the source run is not a parent).
+- artifacts: every file in ``files``, at its path relative to ``out_dir``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import mlflow
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+from mlflow.utils.time import get_current_time_millis
+from mlflow.utils.validation import (
+    MAX_ENTITY_KEY_LENGTH,
+    MAX_METRICS_PER_BATCH,
+    MAX_PARAM_VAL_LENGTH,
+    MAX_PARAMS_TAGS_PER_BATCH,
+    MAX_TAG_VAL_LENGTH,
+)
+
+from sae_mlops import __version__
+from sae_mlops.results import AnalysisResult
+
+log = logging.getLogger(__name__)
+
+DEFAULT_EXPERIMENT = "sae-mlops"
+
+TAG_KIND = "sae_mlops.kind"
+TAG_SAE_HASH = "sae_mlops.sae_hash"
+TAG_VERSION = "sae_mlops.version"
+TAG_SOURCE_RUN = "sae_mlops.source_run_id"
+TAG_SOURCE_MODEL_NAME = "sae_mlops.source_model_name"
+TAG_SOURCE_MODEL_VERSION = "sae_mlops.source_model_version"
+TAG_UNLOGGED_METRICS = "sae_mlops.unlogged_metrics"
+TAG_PARAM_CONFLICTS = "sae_mlops.param_conflicts"
+TAG_NOTE = "mlflow.note.content"
+
+_TRUNCATED = "...[truncated]"
+
+# Where the SAE's content hash may appear when the analysis did not put it in the tags.
+_HASH_KEYS = ("sae_hash", "sae.content_hash", "sae_content_hash", "sae.hash", "content_hash")
+
+
+def log_analysis(
+    result: AnalysisResult,
+    files: list[Path],
+    out_dir: Path,
+    experiment: str | None = None,
+    run_name: str | None = None,
+) -> str:
+    """Log `result` and `files` (artifacts, relative to `out_dir`) to MLflow; return the run id."""
+    client = MlflowClient()
+    run_id, owned = _resolve_run(client, experiment, run_name)
+    try:
+        _log_into(client, run_id, result, [Path(f) for f in files], Path(out_dir))
+    except BaseException:
+        if owned:
+            client.set_terminated(run_id, "FAILED")
+        raise
+    if owned:
+        client.set_terminated(run_id, "FINISHED")
+    log.info("Logged %s analysis to MLflow run %s (%s)", result.kind, run_id, mlflow.get_tracking_uri())
+    return run_id
+
+
+def run_url(run_id: str) -> str:
+    """A human pointer to the run: the UI path when the store is a server, else the store + id."""
+    client = MlflowClient()
+    run = client.get_run(run_id)
+    uri = mlflow.get_tracking_uri()
+    path = f"#/experiments/{run.info.experiment_id}/runs/{run_id}"
+    if uri.startswith(("http://", "https://")):
+        return f"{uri.rstrip('/')}/{path}"
+    return f"{path} in {uri}"
+
+
+# --- run resolution -------------------------------------------------------------------------
+
+
+def _resolve_run(client: MlflowClient, experiment: str | None, run_name: str | None) -> tuple[str, bool]:
+    """Return (run_id, created_here)."""
+    env_run = os.environ.get("MLFLOW_RUN_ID")
+    if env_run:
+        try:
+            run = client.get_run(env_run)
+        except MlflowException as e:
+            raise MlflowException(f"MLFLOW_RUN_ID={env_run} names no run in {mlflow.get_tracking_uri()}: {e}")
+        if run.info.status != "RUNNING":
+            client.update_run(env_run, status="RUNNING")
+        if run_name:
+            client.update_run(env_run, name=run_name)
+        log.debug("Logging into the run from MLFLOW_RUN_ID: %s", env_run)
+        return env_run, False
+    active = mlflow.active_run()
+    if active is not None:
+        log.debug("Logging into the active run %s", active.info.run_id)
+        return active.info.run_id, False
+
+    experiment_id = _experiment_id(client, experiment)
+    from mlflow.tracking.context import registry as context_registry
+
+    tags = context_registry.resolve_tags({})  # user, source name/type, git commit
+    run = client.create_run(experiment_id=experiment_id, run_name=run_name, tags=tags)
+    log.debug("Created run %s in experiment %s", run.info.run_id, experiment_id)
+    return run.info.run_id, True
+
+
+def _experiment_id(client: MlflowClient, experiment: str | None) -> str:
+    if experiment is None:
+        env_id = os.environ.get("MLFLOW_EXPERIMENT_ID")
+        if env_id:
+            return env_id
+        experiment = os.environ.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_EXPERIMENT
+    found = client.get_experiment_by_name(experiment)
+    if found is not None:
+        if found.lifecycle_stage == "deleted":
+            client.restore_experiment(found.experiment_id)
+        return found.experiment_id
+    try:
+        return client.create_experiment(experiment)
+    except MlflowException:
+        # Created concurrently by another process.
+        found = client.get_experiment_by_name(experiment)
+        if found is None:
+            raise
+        return found.experiment_id
+
+
+# --- what gets logged --------------------------------------------------------------------------
+
+
+def _log_into(client: MlflowClient, run_id: str, result: AnalysisResult, files: list[Path], out_dir: Path) -> None:
+    existing = client.get_run(run_id)
+
+    params, conflicts = _params(result.params, existing.data.params)
+    for chunk in _chunks(params, MAX_PARAMS_TAGS_PER_BATCH):
+        client.log_batch(run_id, params=chunk)
+
+    metrics, unlogged = _metrics(result.metrics)
+    for chunk in _chunks(metrics, MAX_METRICS_PER_BATCH):
+        client.log_batch(run_id, metrics=chunk)
+
+    tags = {str(k): str(v) for k, v in result.tags.items()}
+    tags[TAG_KIND] = result.kind
+    tags[TAG_VERSION] = __version__
+    sae_hash = _sae_hash(result)
+    if sae_hash:
+        tags[TAG_SAE_HASH] = sae_hash
+    if unlogged:
+        tags[TAG_UNLOGGED_METRICS] = ",".join(unlogged)
+    if conflicts:
+        tags[TAG_PARAM_CONFLICTS] = ",".join(conflicts)
+    note = _lineage_note(client, tags, existing.data.tags.get(TAG_NOTE))
+    if note is not None:
+        tags[TAG_NOTE] = note
+    tag_list = [RunTag(_key(k), _cut(v, MAX_TAG_VAL_LENGTH)) for k, v in tags.items()]
+    for chunk in _chunks(tag_list, MAX_PARAMS_TAGS_PER_BATCH):
+        client.log_batch(run_id, tags=chunk)
+
+    _log_files(client, run_id, files, out_dir)
+
+
+def _params(given: dict[str, Any], existing: dict[str, str]) -> tuple[list[Param], list[str]]:
+    out: list[Param] = []
+    conflicts: list[str] = []
+    for k, v in given.items():
+        key, value = _key(str(k)), _cut(_stringify(v), MAX_PARAM_VAL_LENGTH)
+        if key in existing:
+            if existing[key] == value:
+                continue
+            conflicts.append(key)
+            key = _key(f"resolved.{key}")
+            if existing.get(key) == value:
+                continue
+        out.append(Param(key, value))
+    return out, conflicts
+
+
+def _metrics(given: dict[str, Any]) -> tuple[list[Metric], list[str]]:
+    now = get_current_time_millis()
+    out: list[Metric] = []
+    unlogged: list[str] = []
+    for k, v in given.items():
+        value = None
+        if v is not None and not isinstance(v, bool):
+            try:
+                value = float(v)
+            except (TypeError, ValueError):
+                value = None
+        if value is None or not math.isfinite(value):
+            unlogged.append(str(k))
+            continue
+        out.append(Metric(_key(str(k)), value, now, 0))
+    return out, unlogged
+
+
+def _sae_hash(result: AnalysisResult) -> str | None:
+    if result.tags.get(TAG_SAE_HASH):
+        return str(result.tags[TAG_SAE_HASH])
+    for k in _HASH_KEYS:
+        if result.params.get(k):
+            return str(result.params[k])
+    for k, v in result.params.items():
+        if v and (str(k).endswith("content_hash") or str(k).endswith("sae_hash")):
+            return str(v)
+    return None
+
+
+def _lineage_note(client: MlflowClient, tags: dict[str, str], current: str | None) -> str | None:
+    """A markdown description line pointing at the source run / model version, if any."""
+    src_run = tags.get(TAG_SOURCE_RUN)
+    name, version = tags.get(TAG_SOURCE_MODEL_NAME), tags.get(TAG_SOURCE_MODEL_VERSION)
+    if not src_run and not name:
+        return None
+    parts = []
+    if src_run:
+        try:
+            exp = client.get_run(src_run).info.experiment_id
+            parts.append(f"the SAE logged in run [{src_run}](#/experiments/{exp}/runs/{src_run})")
+        except MlflowException:
+            parts.append(f"the SAE logged in run `{src_run}` (not in this tracking store)")
+    if name:
+        if version:
+            parts.append(f"registered model [{name} v{version}](#/models/{name}/versions/{version})")
+        else:
+            parts.append(f"registered model `{name}`")
+    line = "SAE source: " + "; ".join(parts) + "."
+    if current:
+        if line in current:
+            return None
+        return current.rstrip() + "\n\n" + line
+    return line
+
+
+def _log_files(client: MlflowClient, run_id: str, files: list[Path], out_dir: Path) -> None:
+    out_dir = out_dir.resolve()
+    by_dir: dict[str | None, list[Path]] = defaultdict(list)
+    for f in files:
+        f = f.resolve()
+        if not f.is_file():
+            log.warning("Not logging %s as an artifact: not a file", f)
+            continue
+        try:
+            rel_parent = f.relative_to(out_dir).parent.as_posix()
+        except ValueError:
+            log.warning("%s is outside %s; logging it at the artifact root", f, out_dir)
+            rel_parent = "."
+        by_dir[None if rel_parent in (".", "") else rel_parent].append(f)
+    for artifact_path, paths in by_dir.items():
+        for p in paths:
+            client.log_artifact(run_id, str(p), artifact_path=artifact_path)
+
+
+# --- helpers -------------------------------------------------------------------------------------
+
+
+def _stringify(v: Any) -> str:
+    if v is None or isinstance(v, (str, bool, int, float)):
+        return str(v)
+    if isinstance(v, Path):
+        return v.as_posix()
+    try:
+        return json.dumps(v, sort_keys=True, default=str)
+    except (TypeError, ValueError):
+        return str(v)
+
+
+def _cut(s: str, limit: int) -> str:
+    return s if len(s) <= limit else s[: limit - len(_TRUNCATED)] + _TRUNCATED
+
+
+def _key(k: str) -> str:
+    return k[:MAX_ENTITY_KEY_LENGTH]
+
+
+def _chunks(items: list, n: int):
+    for i in range(0, len(items), n):
+        yield items[i : i + n]

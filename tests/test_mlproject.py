@@ -1,0 +1,100 @@
+"""MLproject, python_env.yaml and conda.yaml agree with each other and with entrypoints/quick.py."""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+import shlex
+from pathlib import Path
+
+import yaml
+from mlflow.projects import _project_spec
+
+from sae_mlops.config import AnalysisConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _entrypoint_module():
+    spec = importlib.util.spec_from_file_location("entrypoint_quick", ROOT / "entrypoints" / "quick.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _mlproject() -> dict:
+    return yaml.safe_load((ROOT / "MLproject").read_text())
+
+
+def test_mlproject_shape():
+    mp = _mlproject()
+    assert mp["name"] == "sae-mlops"
+    assert mp["python_env"] == "python_env.yaml"
+    assert set(mp["entry_points"]) == {"quick"}
+    params = mp["entry_points"]["quick"]["parameters"]
+    assert "default" not in params["sae"]  # the one required parameter
+    for name in ("sae", "model", "corpus", "hook", "max_tokens", "context_size", "batch_size", "topk_mode", "threshold", "out"):
+        assert name in params
+    assert float(params["max_tokens"]["default"]) == 1_000_000
+    assert params["model"]["default"] == "" and params["out"]["default"] == ""
+    # MLflow itself can load it
+    project = _project_spec.load_project(str(ROOT))
+    assert project.name == "sae-mlops"
+    assert project.get_entry_point("quick").command.startswith("python entrypoints/quick.py")
+
+
+def test_every_parameter_is_passed_and_accepted():
+    mp = _mlproject()
+    ep = mp["entry_points"]["quick"]
+    command = ep["command"]
+    placeholders = re.findall(r"\{(\w+)\}", command)
+    assert sorted(placeholders) == sorted(ep["parameters"])  # each parameter used exactly once
+    for name in ep["parameters"]:
+        assert f"--{name.replace('_', '-')} {{{name}}}" in command
+
+    parser = _entrypoint_module().build_parser()
+    accepted = {a.dest for a in parser._actions if a.option_strings} - {"help", "verbose"}
+    assert accepted == set(ep["parameters"])
+
+    # The command MLflow would run, with the defaults: argparse accepts it and "" means "not given".
+    project = _project_spec.load_project(str(ROOT))
+    cmd = project.get_entry_point("quick").compute_command({"sae": "some/sae dir"}, storage_dir=None)
+    argv = shlex.split(cmd)
+    assert argv[:2] == ["python", "entrypoints/quick.py"]
+    args = parser.parse_args(argv[2:])
+    assert args.sae == "some/sae dir"
+    assert args.model is None and args.hook is None and args.out is None and args.context_size is None
+    assert args.max_tokens == 1_000_000 and isinstance(args.max_tokens, int)
+    defaults = AnalysisConfig(sae="x")
+    assert args.batch_size == defaults.batch_size
+    assert args.rare_threshold == defaults.rare_threshold
+    assert args.dense_threshold == defaults.dense_threshold
+    assert args.text_field == defaults.text_field
+    assert args.device == defaults.device and args.dtype == defaults.dtype
+    # every accepted option maps to an AnalysisConfig field (or out)
+    fields = set(AnalysisConfig.__dataclass_fields__)
+    assert accepted - {"out"} <= fields
+
+
+def test_entrypoint_parses_given_values():
+    parser = _entrypoint_module().build_parser()
+    args = parser.parse_args(
+        ["--sae", "s", "--max-tokens", "2e4", "--prepend-bos", "false", "--topk-mode", "threshold", "--threshold", "0.25"]
+    )
+    assert args.max_tokens == 20000 and args.prepend_bos is False
+    assert args.topk_mode == "threshold" and args.threshold == 0.25
+
+
+def test_environment_files_agree():
+    py_env = yaml.safe_load((ROOT / "python_env.yaml").read_text())
+    conda = yaml.safe_load((ROOT / "conda.yaml").read_text())
+    assert str(py_env["python"]) == "3.11"
+    assert "python=3.11" in conda["dependencies"]
+    pip_deps = next(d["pip"] for d in conda["dependencies"] if isinstance(d, dict))
+    assert "torch==2.13.0" in py_env["dependencies"] and "torch==2.13.0" in pip_deps
+    assert "-c constraints.txt" in py_env["dependencies"] and "-c constraints.txt" in pip_deps
+    assert "." in py_env["dependencies"]  # non-editable: mlflow installs from a temporary copy
+    assert "-e ." in pip_deps
+    assert "torch==2.13.0" in (ROOT / "constraints.txt").read_text().split()
+    # the package itself does not pin torch
+    assert not re.search(r'"torch==', (ROOT / "pyproject.toml").read_text())
