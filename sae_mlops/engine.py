@@ -193,6 +193,7 @@ class Engine:
         try:
             for batch in batches:
                 step = self.step(batch)
+                step.token_start = stats.tokens_analysed
                 for c in collectors:
                     c.update(step)
                 if on_step is not None:

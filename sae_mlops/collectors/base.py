@@ -30,6 +30,12 @@ class StepData:
     ce_zero: torch.Tensor | None = None
     kl_sae: torch.Tensor | None = None  # [n] KL(p_clean || p_sae) (nats) at batch.analysed
     kl_zero: torch.Tensor | None = None
+    token_start: int = 0  # global index (stream order) of the first analysed token of this batch
+
+    @property
+    def token_index(self) -> torch.Tensor:
+        """[n] global token indices of the analysed rows, in stream order."""
+        return torch.arange(self.token_start, self.token_start + self.x.shape[0])
 
 
 class Collector(Protocol):
