@@ -1,0 +1,113 @@
+"""Reading the activation database with DuckDB: the questions researchers ask of it.
+
+Views available to :meth:`ActivationDB.sql`: ``tokens``, ``activations``, ``features``, ``vocab``
+(see :mod:`sae_mlops.actdb.writer` for their columns). Contexts are rebuilt from the token table
+by document and position, the activating token marked ``[[like this]]``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from sae_mlops.errors import InputError
+
+MARK_OPEN, MARK_CLOSE = "[[", "]]"
+
+
+def find_database(path: str | Path) -> Path:
+    """A database directory, or the newest complete one under an analysis / activation_database dir."""
+    path = Path(path)
+    if (path / "manifest.json").exists():
+        return path
+    candidates = sorted(p.parent for p in path.glob("**/manifest.json") if not p.parent.name.endswith(".partial"))
+    if candidates:
+        return candidates[-1]
+    if path.with_name(path.name + ".partial").exists() or list(path.glob("**/*.partial")):
+        raise InputError(f"the activation database under '{path}' is incomplete (an interrupted run); run `sae-mlops full` again.")
+    raise InputError(f"no activation database found at '{path}'; run `sae-mlops full` first and point at its output directory.")
+
+
+class ActivationDB:
+    def __init__(self, path: str | Path):
+        import duckdb
+
+        self.root = find_database(path)
+        self.manifest = json.loads((self.root / "manifest.json").read_text())
+        self.con = duckdb.connect()
+        r = self.root.as_posix()
+        self.con.execute(f"CREATE VIEW tokens AS SELECT * FROM read_parquet('{r}/tokens/*.parquet')")
+        self.con.execute(f"CREATE VIEW activations AS SELECT * FROM read_parquet('{r}/activations/*.parquet')")
+        self.con.execute(f"CREATE VIEW features AS SELECT * FROM read_parquet('{r}/features.parquet')")
+        self.con.execute(f"CREATE VIEW vocab AS SELECT * FROM read_parquet('{r}/vocab.parquet')")
+
+    def sql(self, query: str, params: list | None = None) -> pd.DataFrame:
+        return self.con.execute(query, params or []).df()
+
+    def _check_feature(self, feature: int) -> None:
+        if not 0 <= feature < self.manifest["d_sae"]:
+            raise InputError(f"feature {feature} is out of range; this SAE has features 0..{self.manifest['d_sae'] - 1}.")
+
+    def top_activations(self, feature: int, k: int = 25, context: int = 10) -> pd.DataFrame:
+        """The k strongest activations of a feature (ties by token order), with a marked context."""
+        self._check_feature(feature)
+        return self.sql(
+            f"""
+            WITH top AS (
+                SELECT a.token_index, a.value, t.doc_index, t.position, t.token_id
+                FROM activations a JOIN tokens t USING (token_index)
+                WHERE a.feature = ? ORDER BY a.value DESC, a.token_index LIMIT ?)
+            SELECT top.token_index, top.doc_index, top.position, top.token_id, v.token_str AS token, top.value,
+                   string_agg(CASE WHEN c.token_index = top.token_index
+                                   THEN '{MARK_OPEN}' || cv.token_str || '{MARK_CLOSE}' ELSE cv.token_str END,
+                              '' ORDER BY c.position) AS context
+            FROM top
+            JOIN vocab v ON v.token_id = top.token_id
+            JOIN tokens c ON c.doc_index = top.doc_index AND c.position BETWEEN top.position - ? AND top.position + ?
+            JOIN vocab cv ON cv.token_id = c.token_id
+            GROUP BY ALL ORDER BY top.value DESC, top.token_index
+            """,
+            [feature, k, context, context],
+        )
+
+    def features_on_token(self, token_index: int | None = None, doc: int | None = None, position: int | None = None) -> pd.DataFrame:
+        """Features active on one token (by global token index, or by document and position)."""
+        if token_index is None:
+            if doc is None or position is None:
+                raise InputError("name a token by --token INDEX or by --doc D --position P.")
+            found = self.sql("SELECT token_index FROM tokens WHERE doc_index = ? AND position = ?", [doc, position])
+            if found.empty:
+                raise InputError(f"document {doc} has no analysed token at position {position}.")
+            token_index = int(found.token_index[0])
+        return self.sql(
+            "SELECT a.feature, a.value FROM activations a WHERE a.token_index = ? ORDER BY a.value DESC", [token_index]
+        )
+
+    def features_in_document(self, doc: int) -> pd.DataFrame:
+        """Features that fired in a document: on how many of its tokens, max and mean activation."""
+        return self.sql(
+            """SELECT a.feature, count(*) AS n_tokens, max(a.value) AS max_value, avg(a.value) AS mean_value
+               FROM activations a JOIN tokens t USING (token_index) WHERE t.doc_index = ?
+               GROUP BY a.feature ORDER BY n_tokens DESC, max_value DESC""",
+            [doc],
+        )
+
+    def document_counts(self, feature: int) -> pd.DataFrame:
+        """Firing counts of a feature per document."""
+        self._check_feature(feature)
+        return self.sql(
+            """SELECT t.doc_index, count(*) AS n_fired, max(a.value) AS max_value
+               FROM activations a JOIN tokens t USING (token_index) WHERE a.feature = ?
+               GROUP BY t.doc_index ORDER BY n_fired DESC, t.doc_index""",
+            [feature],
+        )
+
+    def csr(self) -> sp.csr_matrix:
+        """The activations as a CSR matrix [n_tokens, d_sae] (arrays memory-mapped)."""
+        c = self.manifest["csr"]
+        arrays = [np.load(self.root / c[name], mmap_mode="r") for name in ("data", "indices", "indptr")]
+        return sp.csr_matrix(tuple(arrays), shape=tuple(c["shape"]))
