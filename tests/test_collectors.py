@@ -62,6 +62,7 @@ def test_sparsity_matches_numpy():
     mean_act = np.where(fired > 0, f.sum(0) / np.maximum(fired, 1), 0)
     np.testing.assert_allclose(pf["mean_activation"], mean_act, rtol=1e-6)
     np.testing.assert_allclose(pf["max_activation"], f.max(0), rtol=1e-6)
+    np.testing.assert_array_equal(c.l0_hist.numpy(), np.bincount(l0, minlength=f.shape[1] + 1))
 
 
 def test_reconstruction_matches_numpy():

@@ -36,6 +36,7 @@ class SparsityCollector:
         self.fire_count = torch.zeros(d_sae, dtype=torch.int64)
         self.act_sum = torch.zeros(d_sae, dtype=torch.float64)
         self.act_max = torch.zeros(d_sae, dtype=torch.float64)
+        self.l0_hist = torch.zeros(d_sae + 1, dtype=torch.int64)  # tokens per L0 value
 
     def update(self, step: StepData) -> None:
         f = step.f
@@ -48,6 +49,7 @@ class SparsityCollector:
         self.sum_l1 += float(l1.sum())
         self.sum_l1_sq += float((l1 * l1).sum())
         self.fire_count += active.sum(dim=0).cpu()
+        self.l0_hist += torch.bincount(l0.long().cpu(), minlength=self.d_sae + 1)
         self.act_sum += f.sum(dim=0, dtype=torch.float64).cpu()
         if f.shape[0]:
             self.act_max = torch.maximum(self.act_max, f.abs().amax(dim=0).double().cpu())
@@ -61,6 +63,7 @@ class SparsityCollector:
         self.fire_count += other.fire_count
         self.act_sum += other.act_sum
         self.act_max = torch.maximum(self.act_max, other.act_max)
+        self.l0_hist += other.l0_hist
 
     def frequency(self) -> torch.Tensor:
         return self.fire_count.double() / max(self.n_tokens, 1)
