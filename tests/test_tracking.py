@@ -62,6 +62,7 @@ def _result(**overrides) -> AnalysisResult:
             "sae_mlops.source_run_id": "0" * 32,
             "sae_mlops.source_model_name": "my-sae",
             "sae_mlops.source_model_version": "3",
+            "sae_mlops.source_model_alias": "prod",
         },
     )
     kw.update(overrides)
@@ -112,7 +113,8 @@ def test_new_run_round_trip(store, tmp_path):
     assert t["sae_mlops.kind"] == "quick"
     assert t["sae_mlops.sae_hash"] == "abc123"
     assert "mlflow.parentRunId" not in t
-    assert "0" * 32 in t["mlflow.note.content"] and "my-sae" in t["mlflow.note.content"]
+    assert "0" * 32 in t["mlflow.note.content"] and "my-sae v3" in t["mlflow.note.content"]
+    assert "@prod" in t["mlflow.note.content"]
 
     # artifacts: paths relative to out_dir
     assert sorted(a.path for a in client.list_artifacts(run_id)) == ["SUMMARY_x.md", "results"]

@@ -15,8 +15,9 @@
 - metrics: ``result.metrics`` exactly as named (see `sae_mlops.results`); None, NaN and inf are not
   logged (MLflow cannot hold them) and their names go in the tag ``sae_mlops.unlogged_metrics``
   (the results JSON holds them as null).
-- tags: ``result.tags`` (lineage such as ``sae_mlops.source_run_id``, ``sae_mlops.source_model_name``,
-  ``sae_mlops.source_model_version``), ``sae_mlops.kind``, ``sae_mlops.sae_hash``,
+- tags: ``result.tags`` (lineage from `sae_mlops.tracking.resolve`: ``sae_mlops.source_uri``,
+  ``sae_mlops.source_run_id``, ``sae_mlops.source_model_name``, ``sae_mlops.source_model_version``,
+  ``sae_mlops.source_model_alias``), ``sae_mlops.kind``, ``sae_mlops.sae_hash``,
   ``sae_mlops.version``. With a source run, the run description (``mlflow.note.content``) gets a
   line linking it; ``mlflow.parentRunId`` is never set (the source run is not a parent).
 - artifacts: every file in ``files``, at its path relative to ``out_dir``.
@@ -58,6 +59,7 @@ TAG_VERSION = "sae_mlops.version"
 TAG_SOURCE_RUN = "sae_mlops.source_run_id"
 TAG_SOURCE_MODEL_NAME = "sae_mlops.source_model_name"
 TAG_SOURCE_MODEL_VERSION = "sae_mlops.source_model_version"
+TAG_SOURCE_MODEL_ALIAS = "sae_mlops.source_model_alias"
 TAG_UNLOGGED_METRICS = "sae_mlops.unlogged_metrics"
 TAG_PARAM_CONFLICTS = "sae_mlops.param_conflicts"
 TAG_NOTE = "mlflow.note.content"
@@ -237,6 +239,7 @@ def _lineage_note(client: MlflowClient, tags: dict[str, str], current: str | Non
     """A markdown description line pointing at the source run / model version, if any."""
     src_run = tags.get(TAG_SOURCE_RUN)
     name, version = tags.get(TAG_SOURCE_MODEL_NAME), tags.get(TAG_SOURCE_MODEL_VERSION)
+    alias = tags.get(TAG_SOURCE_MODEL_ALIAS)
     if not src_run and not name:
         return None
     parts = []
@@ -251,6 +254,8 @@ def _lineage_note(client: MlflowClient, tags: dict[str, str], current: str | Non
             parts.append(f"registered model [{name} v{version}](#/models/{name}/versions/{version})")
         else:
             parts.append(f"registered model `{name}`")
+        if alias:
+            parts[-1] += f" (alias @{alias})"
     line = "SAE source: " + "; ".join(parts) + "."
     if current:
         if line in current:
