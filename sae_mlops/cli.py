@@ -41,6 +41,7 @@ err_console = Console(stderr=True)
 
 DEMO_EXPERIMENT = "sae-mlops-demo"
 DEMO_KINDS = ("standard", "batchtopk", "saelens")
+DEMO_MAX_TOKENS = 100_000  # keeps `make demo` to a few minutes on a laptop CPU
 
 # Headline metrics shown after a run (all are logged; see sae_mlops.results for the scheme).
 HEADLINE = (
@@ -207,7 +208,7 @@ def quick(
 @report_input_errors
 def demo(
     max_tokens: int = typer.Option(
-        1_000_000, "--max-tokens", min=1, help="Token budget per SAE (the demo corpus is smaller, so the default uses all of it). Unit: tokens."
+        DEMO_MAX_TOKENS, "--max-tokens", min=1, help="Token budget per SAE (the demo corpus holds about 470k tokens). Unit: tokens."
     ),
     device: str = typer.Option("auto", "--device", help="Torch device: auto, cpu, cuda, mps."),
     experiment: str = typer.Option(DEMO_EXPERIMENT, "--experiment", help="MLflow experiment for the demo runs."),
@@ -239,22 +240,23 @@ def demo(
         outcomes.append((kind, outcome))
         show_outcome(outcome, title=f"Demo SAE: {kind}")
 
-    summary = Table(title="Demo results", show_lines=False)
+    summary = Table(title="Demo results")
     summary.add_column("SAE")
-    summary.add_column("loss recovered", justify="right")
     summary.add_column("L0", justify="right")
-    summary.add_column("results")
-    summary.add_column("MLflow run")
+    summary.add_column("explained variance", justify="right")
+    summary.add_column("loss recovered", justify="right")
     for kind, o in outcomes:
         m = o.result.metrics
         summary.add_row(
             kind,
-            _fmt(m.get("downstream/loss_recovered"), "{:.4f}"),
             _fmt(m.get("sparsity/l0_mean"), "{:.2f}"),
-            str(o.out_dir),
-            o.run_id or "(not tracked)",
+            _fmt(m.get("recon/explained_variance"), "{:.4f}"),
+            _fmt(m.get("downstream/loss_recovered"), "{:.4f}"),
         )
     out_console.print(summary)
+    for kind, o in outcomes:
+        run = f"MLflow run {o.run_id}" if o.run_id else "not tracked"
+        out_console.print(f"{kind}: results in {o.out_dir} ({run})", soft_wrap=True, highlight=False)
     uri = next((o.tracking_uri for _, o in outcomes if o.tracking_uri), None)
     if uri:
         out_console.print(f"Runs are in MLflow experiment '{experiment}' at {uri}", soft_wrap=True)

@@ -2,12 +2,14 @@
 
 Library modules only call ``logging.getLogger(__name__)``; the command-line layers call
 :func:`setup_logging` once. ``--verbose`` shows debug messages from ``sae_mlops``; ``--quiet`` keeps
-warnings and errors only. Third-party loggers stay at WARNING so their chatter does not drown ours.
+warnings and errors only. Third-party loggers (MLflow included, via ``MLFLOW_LOGGING_LEVEL`` unless the user set it) stay at
+WARNING so their chatter does not drown ours.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 
 _NOISY = ("mlflow", "urllib3", "alembic", "git", "matplotlib", "filelock", "httpx", "huggingface_hub")
 
@@ -22,6 +24,8 @@ def setup_logging(verbose: bool = False, quiet: bool = False) -> None:
     from rich.logging import RichHandler
 
     level = logging.DEBUG if verbose else (logging.WARNING if quiet else logging.INFO)
+    # MLflow configures its own loggers when imported (later, lazily), from this variable.
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "INFO" if verbose else "WARNING")
     handler = RichHandler(
         console=Console(stderr=True),
         show_path=verbose,

@@ -117,3 +117,31 @@ def test_default_out_dir():
     assert sae_label("runs:/0123abc/sae") == "runs_0123abc_sae"
     assert sae_label("models:/my-sae@prod") == "models_my-sae_prod"
     assert sae_label("gpt2-small-res-jb", "blocks.8.hook_resid_pre") == "gpt2-small-res-jb__blocks.8.hook_resid_pre"
+
+
+def test_demo_end_to_end(tmp_path, monkeypatch):
+    """`sae-mlops demo` on a small budget: three tracked runs and the `mlflow ui` line."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.chdir(tmp_path)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    for var in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    tracking_utils = mlflow.tracking._tracking_service.utils
+    monkeypatch.setattr(tracking_utils, "_tracking_uri", None)  # the env var decides
+
+    r = runner.invoke(app, ["demo", "--max-tokens", "2000", "--quiet"])
+    assert r.exit_code == 0, r.output
+    assert f"mlflow ui --backend-store-uri {uri}" in r.stdout
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name("sae-mlops-demo")
+    runs = client.search_runs([exp.experiment_id])
+    assert sorted(run.info.run_name for run in runs) == ["demo-batchtopk", "demo-saelens", "demo-standard"]
+    for run in runs:
+        assert run.info.status == "FINISHED"
+        assert run.data.params["model"] == "demo"
+        assert int(run.data.params["tokens_analysed"]) == 2000
+        assert run.data.metrics["tokens/analysed"] == 2000
+    assert len(list((tmp_path / "analysis").glob("sae_*/quick_*/results/analysis_results_*.json"))) == 3

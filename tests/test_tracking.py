@@ -141,6 +141,7 @@ def test_logs_into_mlflow_run_id(store, tmp_path, monkeypatch):
     outer = client.create_run(exp)
     client.log_param(outer.info.run_id, "hook", "''")  # mlflow run logs -P values shell-quoted
     client.log_param(outer.info.run_id, "tokens.analysed", "20000")  # same value: not a conflict
+    client.log_param(outer.info.run_id, "prepend_bos", "''")  # not given, resolved to None: not a conflict
     monkeypatch.setenv("MLFLOW_RUN_ID", outer.info.run_id)
     out, files = _files(tmp_path)
     result = _result()
@@ -152,6 +153,7 @@ def test_logs_into_mlflow_run_id(store, tmp_path, monkeypatch):
     assert run.info.status == "RUNNING"  # its owner (mlflow run) ends it
     assert run.data.params["hook"] == "''"
     assert run.data.params["resolved.hook"] == "blocks.1.hook_resid_post"
+    assert run.data.params["prepend_bos"] == "''" and "resolved.prepend_bos" not in run.data.params
     assert run.data.tags["sae_mlops.param_conflicts"] == "hook"
     assert run.data.metrics["sparsity/l0_mean"] == 12.5
     assert len(client.search_runs([exp])) == 1

@@ -10,8 +10,9 @@
   logging fails); a run it was handed is left to its owner.
 - params: ``result.params``, stringified (None -> "None", containers as JSON), values cut to MLflow's
   length limit, logged in batches. When the run already holds a param of the same name with a
-  different value (``mlflow run`` logs its ``-P`` values first, shell-quoted), ours is logged as
-  ``resolved.<name>`` and the names are listed in the tag ``sae_mlops.param_conflicts``.
+  different value (``mlflow run`` logs its ``-P`` values first, shell-quoted, so "not given" is
+  ``''``), ours is logged as ``resolved.<name>`` and the names are listed in the tag
+  ``sae_mlops.param_conflicts``; ``''`` resolved to None is not a conflict.
 - metrics: ``result.metrics`` exactly as named (see `sae_mlops.results`); None, NaN and inf are not
   logged (MLflow cannot hold them) and their names go in the tag ``sae_mlops.unlogged_metrics``
   (the results JSON holds them as null).
@@ -65,6 +66,7 @@ TAG_PARAM_CONFLICTS = "sae_mlops.param_conflicts"
 TAG_NOTE = "mlflow.note.content"
 
 _TRUNCATED = "...[truncated]"
+_EMPTY = ("", "''")
 
 # Where the SAE's content hash may appear when the analysis did not put it in the tags.
 _HASH_KEYS = ("sae_hash", "sae.content_hash", "sae_content_hash", "sae.hash", "content_hash")
@@ -195,7 +197,8 @@ def _params(given: dict[str, Any], existing: dict[str, str]) -> tuple[list[Param
     for k, v in given.items():
         key, value = _key(str(k)), _cut(_stringify(v), MAX_PARAM_VAL_LENGTH)
         if key in existing:
-            if existing[key] == value:
+            # Same value, or "not given" ('' as `mlflow run` logs it) resolved to nothing.
+            if existing[key] == value or (existing[key] in _EMPTY and value == "None"):
                 continue
             conflicts.append(key)
             key = _key(f"resolved.{key}")
