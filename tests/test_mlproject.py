@@ -98,3 +98,13 @@ def test_environment_files_agree():
     assert "torch==2.13.0" in (ROOT / "constraints.txt").read_text().split()
     # the package itself does not pin torch
     assert not re.search(r'"torch==', (ROOT / "pyproject.toml").read_text())
+
+
+def test_mlflow_reads_the_environment_files():
+    from mlflow.utils.environment import _PythonEnv
+
+    py_env = _PythonEnv.from_yaml(str(ROOT / "python_env.yaml"))
+    assert py_env.python == "3.11"
+    assert "torch==2.13.0" in py_env.dependencies
+    conda = _PythonEnv.from_conda_yaml(str(ROOT / "conda.yaml"))
+    assert conda.python == "3.11"
