@@ -305,5 +305,8 @@ def _quiet(quiet: bool) -> None:
         setup_logging(verbose=_state["verbose"], quiet=not _state["verbose"])
 
 
+# Command modules register themselves on `app` (they import the helpers above).
+from sae_mlops.commands import full as _full_commands  # noqa: E402,F401
+
 if __name__ == "__main__":  # pragma: no cover
     app()

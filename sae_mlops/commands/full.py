@@ -1,0 +1,1 @@
+"""`sae-mlops full` and `sae-mlops db query` (full analysis and its activation database)."""
