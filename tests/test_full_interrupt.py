@@ -1,0 +1,48 @@
+"""An interrupted full analysis leaves no file that looks complete."""
+
+from __future__ import annotations
+
+import pytest
+
+from sae_mlops.actdb.reader import ActivationDB
+from sae_mlops.config import AnalysisConfig
+from sae_mlops.demo import demo_sae_path
+from sae_mlops.engine import Engine
+from sae_mlops.errors import InputError
+from sae_mlops.full import FullOptions, run_full
+
+
+def test_interrupt_mid_pass_leaves_nothing_complete(tmp_path, monkeypatch):
+    real_step = Engine.step
+    calls = {"n": 0}
+
+    def flaky_step(self, batch):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real_step(self, batch)
+
+    monkeypatch.setattr(Engine, "step", flaky_step)
+    cfg = AnalysisConfig(sae=str(demo_sae_path("standard")), model="demo", max_tokens=4000, batch_size=4, progress=False)
+    with pytest.raises(KeyboardInterrupt):
+        run_full(cfg, tmp_path, FullOptions(shard_rows=50))
+    leftovers = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert leftovers == []  # no shard, no manifest, no summary
+    with pytest.raises(InputError):
+        ActivationDB(tmp_path)
+
+
+def test_interrupt_while_writing_reports_leaves_no_summary(tmp_path, monkeypatch):
+    import sae_mlops.writers.full as writers
+
+    def boom(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(writers, "summary_dict", boom)
+    cfg = AnalysisConfig(sae=str(demo_sae_path("standard")), model="demo", max_tokens=2000, progress=False)
+    with pytest.raises(KeyboardInterrupt):
+        run_full(cfg, tmp_path, FullOptions())
+    names = [p.name for p in tmp_path.rglob("*") if p.is_file()]
+    assert not any(n.startswith(("SUMMARY_", "README_")) for n in names)
+    assert not any(n.endswith(".part") for n in names)
+    ActivationDB(tmp_path)  # the database itself was finished before the interrupt: complete and readable
