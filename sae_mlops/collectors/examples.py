@@ -98,10 +98,13 @@ class TopExamplesCollector:
         n = f.shape[0]
         if n == 0:
             return
-        threshold = self.value[:, -1].clone()  # current k-th (-inf while not full)
-        if n >= self.k:
-            threshold = torch.maximum(threshold, torch.topk(f, self.k, dim=0).values[-1])
+        threshold = self.value[:, -1]  # current k-th (-inf while not full)
         mask = (f >= threshold[None, :]) & (f != 0)
+        heavy = torch.nonzero(mask.sum(dim=0) > self.k).flatten()
+        if heavy.numel():
+            # features with more than k candidates in this batch: only their batch top-k can enter
+            kth = torch.topk(f[:, heavy], self.k, dim=0).values[-1]
+            mask[:, heavy] &= f[:, heavy] >= kth[None, :]
         rows, feats = mask.nonzero(as_tuple=True)
         if rows.numel() == 0:
             return
@@ -123,14 +126,19 @@ class TopExamplesCollector:
 
     def examples(self, feature: int) -> list[dict[str, Any]]:
         """The kept examples of one feature, best first: value, token (global index), doc, pos, ctx ids."""
-        n = int((self.token[feature] >= 0).sum())
+        return self.all_examples([feature])[0]
+
+    def all_examples(self, features: list[int] | None = None) -> list[list[dict[str, Any]]]:
+        """Kept examples for many features at once (tensors converted to Python once, not per item)."""
+        rows = torch.arange(self.d_sae) if features is None else torch.as_tensor(features, dtype=torch.long)
+        filled = (self.token[rows] >= 0).sum(dim=1).tolist()
+        value, token = self.value[rows].tolist(), self.token[rows].tolist()
+        doc, pos, ctx = self.doc[rows].tolist(), self.pos[rows].tolist(), self.ctx[rows].tolist()
         return [
-            {
-                "activation": float(self.value[feature, i]),
-                "global_idx": int(self.token[feature, i]),
-                "text_idx": int(self.doc[feature, i]),
-                "position": int(self.pos[feature, i]),
-                "context_ids": self.ctx[feature, i].tolist(),
-            }
-            for i in range(n)
+            [
+                {"activation": value[r][i], "global_idx": token[r][i], "text_idx": doc[r][i],
+                 "position": pos[r][i], "context_ids": ctx[r][i]}
+                for i in range(filled[r])
+            ]
+            for r in range(len(filled))
         ]

@@ -53,14 +53,14 @@ def write_feature_summaries(
     """One JSON line per feature that fired (prior keys kept: feature, activation_frequency = a count,
     mean_activation, top_examples with token/activation/context/position/text_idx/global_idx)."""
     counts = per_feature["firing_count"]
+    fired = [i for i, c in enumerate(counts) if c > 0]
 
     def write(tmp: Path) -> None:
         with open(tmp, "w", encoding="utf-8") as fh:
-            for i, count in enumerate(counts):
-                if count == 0:
-                    continue
+            for i, kept in zip(fired, examples.all_examples(fired)):
+                count = counts[i]
                 top = []
-                for ex in examples.examples(i):
+                for ex in kept:
                     centre = ex["context_ids"][len(ex["context_ids"]) // 2]
                     top.append(
                         {
@@ -83,7 +83,11 @@ def write_feature_summaries(
                 }
                 if lens is not None:
                     line["logit_lens"] = {"top": _lens_tokens(lens, vocab, i, "top"), "bottom": _lens_tokens(lens, vocab, i, "bottom")}
-                fh.write(json.dumps(_json_safe(line), ensure_ascii=False) + "\n")
+                try:
+                    text = json.dumps(line, ensure_ascii=False, allow_nan=False)
+                except ValueError:  # a non-finite number: write it as null
+                    text = json.dumps(_json_safe(line), ensure_ascii=False)
+                fh.write(text + "\n")
 
     return atomic_write(path, write)
 

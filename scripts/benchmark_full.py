@@ -1,0 +1,147 @@
+"""Benchmark the full analysis: speed against the necessary model compute, peak memory as the
+corpus grows, and feature-summary time as d_sae grows. Prints figures (JSON); asserts nothing.
+
+    python scripts/benchmark_full.py [--sae PATH] [--tokens 40000] [--sizes 20000,80000] [--d-sae 512,4096,16384]
+
+- necessary: on the same batches, one forward to the hook plus three continuations from it
+  (clean logits, SAE-spliced, zero-ablated) = one clean forward + two continuations;
+- full_pass: the single streaming pass with every full-analysis collector (tokenization, SAE,
+  metrics, top-k examples, co-occurrence counts, activation database shards);
+- full_total: run_full end to end (pass + database finalisation, matrices, logit lens,
+  summaries, plots, reports).
+Peak memory (max RSS) is measured in a fresh subprocess per corpus size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+
+def _cfg(sae: str, tokens: int):
+    from sae_mlops.config import AnalysisConfig
+
+    return AnalysisConfig(sae=sae, model="demo", max_tokens=tokens, progress=False)
+
+
+def speed(sae: str, tokens: int) -> dict:
+    from sae_mlops.analysis import make_batches, prepare
+    from sae_mlops.engine import Engine
+    from sae_mlops.full import run_full
+
+    inputs = prepare(_cfg(sae, tokens))
+    batches = list(make_batches(inputs, tokens))
+    engine = Engine(inputs.model.model, inputs.sae.module, inputs.site, inputs.device)
+
+    @torch.no_grad()
+    def necessary():
+        for b in batches:
+            t = b.tokens.to(inputs.device)
+            act, _ = engine.hook_activations(t)
+            for variant in (act, act, torch.zeros_like(act)):
+                engine._continue(variant, t)
+
+    necessary()  # warm-up
+    t0 = time.perf_counter()
+    necessary()
+    t_nec = time.perf_counter() - t0
+    with tempfile.TemporaryDirectory() as tmp:
+        t0 = time.perf_counter()
+        out = run_full(_cfg(sae, tokens), Path(tmp))
+        t_total = time.perf_counter() - t0
+    t_pass = out.result.metrics["speed/seconds"]
+    return {
+        "tokens": tokens,
+        "seconds": {"necessary": t_nec, "full_pass": t_pass, "full_total": t_total},
+        "ratios": {"full_pass_over_necessary": t_pass / t_nec, "full_total_over_necessary": t_total / t_nec},
+    }
+
+
+def child_memory(sae: str, tokens: int) -> None:
+    from sae_mlops.full import run_full
+
+    with tempfile.TemporaryDirectory() as tmp:
+        run_full(_cfg(sae, tokens), Path(tmp))
+    print(json.dumps({"tokens": tokens, "max_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+
+
+def memory(sae: str, sizes: list[int]) -> list[dict]:
+    out = []
+    for n in sizes:
+        res = subprocess.run([sys.executable, __file__, "--child-memory", str(n), "--sae", sae],
+                             capture_output=True, text=True, check=True)
+        out.append(json.loads(res.stdout.strip().splitlines()[-1]))
+    return out
+
+
+def summaries_vs_d_sae(d_values: list[int], tokens: int = 20_000, l0: int = 32, batch: int = 2048) -> list[dict]:
+    """Top-k examples collection + JSONL writing on synthetic sparse codes, per d_sae."""
+    from sae_mlops.collectors.base import StepData
+    from sae_mlops.collectors.examples import TopExamplesCollector
+    from sae_mlops.tokens import Window, WindowPlan, collate
+    from sae_mlops.writers.full import write_feature_summaries
+
+    plan = WindowPlan(128, True, 0, 0, [0])
+    vocab = [f"t{i}" for i in range(1000)]
+    results = []
+    for d in d_values:
+        g = torch.Generator().manual_seed(0)
+        c = TopExamplesCollector(d)
+        t_collect = 0.0
+        start = 0
+        while start < tokens:
+            windows = [Window(i, 0, [0, *torch.randint(1, 1000, (127,), generator=g).tolist()], True) for i in range(batch // 127 + 1)]
+            tb = collate(windows, plan)
+            n = tb.n_analysed
+            f = torch.zeros(n, d)
+            idx = torch.randint(0, d, (n, l0), generator=g)
+            f.scatter_(1, idx, torch.rand(n, l0, generator=g))
+            t0 = time.perf_counter()
+            c.update(StepData(batch=tb, x=f[:, :1], f=f, x_hat=f[:, :1], token_start=start))
+            t_collect += time.perf_counter() - t0
+            start += n
+        count = (c.token >= 0).sum(1)
+        pf = {"firing_count": count.tolist(), "frequency": (count / tokens).tolist(),
+              "mean_activation": [0.5] * d, "max_activation": [1.0] * d}
+        with tempfile.TemporaryDirectory() as tmp:
+            t0 = time.perf_counter()
+            write_feature_summaries(Path(tmp) / "fs.jsonl", pf, c, vocab, None)
+            t_write = time.perf_counter() - t0
+        results.append({"d_sae": d, "tokens": start, "collect_s": t_collect, "write_s": t_write})
+    return results
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sae", default=None, help="SAE source (default: the demo BatchTopK SAE)")
+    ap.add_argument("--tokens", type=int, default=40_000)
+    ap.add_argument("--sizes", default="20000,80000", help="corpus sizes (tokens) for the memory figure")
+    ap.add_argument("--d-sae", default="512,4096,16384")
+    ap.add_argument("--child-memory", type=int, default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.sae is None:
+        from sae_mlops.demo import demo_sae_path
+
+        args.sae = str(demo_sae_path("batchtopk"))
+    if args.child_memory:
+        child_memory(args.sae, args.child_memory)
+        return
+    report = {
+        "torch_threads": torch.get_num_threads(),
+        "speed": speed(args.sae, args.tokens),
+        "peak_memory": memory(args.sae, [int(s) for s in args.sizes.split(",")]),
+        "feature_summaries_vs_d_sae": summaries_vs_d_sae([int(d) for d in args.d_sae.split(",")]),
+    }
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
