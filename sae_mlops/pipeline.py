@@ -1,8 +1,9 @@
 """One call per user action, shared by the CLI, the MLproject entry points and (later) the service.
 
 `run_quick_and_log` = `analysis.run_quick` -> `writers.quick.write_quick_outputs` ->
-`tracking.runs.log_analysis`. It holds no analysis logic and does not parse arguments; it only
-decides where outputs go and wires the three steps together.
+`tracking.runs.log_analysis`; `run_full_and_log` = `full.run_full` (pass and writers) ->
+`tracking.runs.log_analysis`. They hold no analysis logic and do not parse arguments; they only
+decide where outputs go and wire the steps together.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import TYPE_CHECKING
 from sae_mlops.config import AnalysisConfig
 
 if TYPE_CHECKING:
+    from sae_mlops.full import FullOptions
     from sae_mlops.results import AnalysisResult
 
 log = logging.getLogger(__name__)
@@ -84,6 +86,68 @@ def run_quick_and_log(
     files = [Path(f) for f in write_quick_outputs(result, out)]
     log.info("Wrote %d file(s) under %s", len(files), out)
     outcome = QuickOutcome(result=result, out_dir=out, files=files, warnings=list(result.warnings))
+    if track:
+        import mlflow
+
+        from sae_mlops.tracking.runs import log_analysis
+
+        outcome.run_id = log_analysis(result, files, out, experiment=experiment, run_name=run_name)
+        outcome.tracking_uri = mlflow.get_tracking_uri()
+    return outcome
+
+
+@dataclass
+class FullOutcome(QuickOutcome):
+    """A quick outcome plus where the full analysis's main files are (None if not written)."""
+
+    summary: Path | None = None  # SUMMARY_<ts>.json
+    report: Path | None = None  # README_<ts>.md
+    database: Path | None = None  # activation_database/activation_db_<ts>
+
+
+def check_full_options(opts: FullOptions) -> None:
+    """Sizes `run_full` does not check itself; raise `InputError` before any work."""
+    from sae_mlops.errors import InputError
+
+    for name, low in (("neighbours", 1), ("logit_lens_tokens", 1), ("heatmap_features", 2), ("dense_limit", 0), ("shard_rows", 1)):
+        value = getattr(opts, name)
+        if value < low:
+            raise InputError(f"{name.replace('_', ' ')} must be at least {low}, got {value}.")
+
+
+def run_full_and_log(
+    cfg: AnalysisConfig,
+    out_dir: Path | str | None = None,
+    *,
+    opts: FullOptions | None = None,
+    track: bool = True,
+    experiment: str | None = None,
+    run_name: str | None = None,
+) -> FullOutcome:
+    """Run the full analysis (one pass; database, matrices, summaries, plots, reports under `out_dir`)
+    and log it to MLflow: the quick metrics under the same names, and every file as an artifact at its
+    path relative to `out_dir` (the run's artifacts have the directory's layout).
+
+    out_dir: None -> `default_out_dir(cfg, "full")`. opts: None -> `FullOptions()` defaults.
+    track / experiment / run_name: as for `run_quick_and_log`.
+    """
+    from sae_mlops.full import FullOptions, run_full
+
+    opts = opts or FullOptions()
+    check_full_options(opts)
+    out = Path(out_dir) if out_dir else default_out_dir(cfg, "full")
+    outputs = run_full(cfg, out, opts)
+    files = [Path(f) for f in outputs.files]
+    log.info("Wrote %d file(s) under %s", len(files), out)
+    result = outputs.result
+    outcome = FullOutcome(result=result, out_dir=out, files=files, warnings=list(result.warnings))
+    for f in files:
+        if f.parent == out and f.name.startswith("SUMMARY_") and f.suffix == ".json":
+            outcome.summary = f
+        elif f.parent == out and f.name.startswith("README_") and f.suffix == ".md":
+            outcome.report = f
+        elif f.name == "manifest.json" and f.parent.parent.name == "activation_database":
+            outcome.database = f.parent
     if track:
         import mlflow
 

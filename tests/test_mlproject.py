@@ -1,4 +1,4 @@
-"""MLproject, python_env.yaml and conda.yaml agree with each other and with entrypoints/quick.py."""
+"""MLproject, python_env.yaml and conda.yaml agree with each other and with entrypoints/quick.py and full.py."""
 
 from __future__ import annotations
 
@@ -10,13 +10,16 @@ from pathlib import Path
 import yaml
 from mlflow.projects import _project_spec
 
+import pytest
+
 from sae_mlops.config import AnalysisConfig
+from sae_mlops.full import FullOptions
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _entrypoint_module():
-    spec = importlib.util.spec_from_file_location("entrypoint_quick", ROOT / "entrypoints" / "quick.py")
+def _entrypoint_module(name: str = "quick"):
+    spec = importlib.util.spec_from_file_location(f"entrypoint_{name}", ROOT / "entrypoints" / f"{name}.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
@@ -30,7 +33,7 @@ def test_mlproject_shape():
     mp = _mlproject()
     assert mp["name"] == "sae-mlops"
     assert mp["python_env"] == "python_env.yaml"
-    assert set(mp["entry_points"]) == {"quick"}
+    assert {"quick", "full"} <= set(mp["entry_points"])
     params = mp["entry_points"]["quick"]["parameters"]
     assert "default" not in params["sae"]  # the one required parameter
     for name in ("sae", "model", "corpus", "hook", "max_tokens", "context_size", "batch_size", "topk_mode", "threshold", "out"):
@@ -43,24 +46,26 @@ def test_mlproject_shape():
     assert project.get_entry_point("quick").command.startswith("python entrypoints/quick.py")
 
 
-def test_every_parameter_is_passed_and_accepted():
+@pytest.mark.parametrize("entry", ["quick", "full"])
+def test_every_parameter_is_passed_and_accepted(entry):
     mp = _mlproject()
-    ep = mp["entry_points"]["quick"]
+    ep = mp["entry_points"][entry]
     command = ep["command"]
     placeholders = re.findall(r"\{(\w+)\}", command)
     assert sorted(placeholders) == sorted(ep["parameters"])  # each parameter used exactly once
     for name in ep["parameters"]:
         assert f"--{name.replace('_', '-')} {{{name}}}" in command
 
-    parser = _entrypoint_module().build_parser()
+    module = _entrypoint_module(entry)
+    parser = module.build_parser()
     accepted = {a.dest for a in parser._actions if a.option_strings} - {"help", "verbose"}
     assert accepted == set(ep["parameters"])
 
     # The command MLflow would run, with the defaults: argparse accepts it and "" means "not given".
     project = _project_spec.load_project(str(ROOT))
-    cmd = project.get_entry_point("quick").compute_command({"sae": "some/sae dir"}, storage_dir=None)
+    cmd = project.get_entry_point(entry).compute_command({"sae": "some/sae dir"}, storage_dir=None)
     argv = shlex.split(cmd)
-    assert argv[:2] == ["python", "entrypoints/quick.py"]
+    assert argv[:2] == ["python", f"entrypoints/{entry}.py"]
     args = parser.parse_args(argv[2:])
     assert args.sae == "some/sae dir"
     assert args.model is None and args.hook is None and args.out is None and args.context_size is None
@@ -71,18 +76,41 @@ def test_every_parameter_is_passed_and_accepted():
     assert args.dense_threshold == defaults.dense_threshold
     assert args.text_field == defaults.text_field
     assert args.device == defaults.device and args.dtype == defaults.dtype
-    # every accepted option maps to an AnalysisConfig field (or out)
+    # every accepted option maps to an AnalysisConfig field (or out, or a FullOptions field for full)
     fields = set(AnalysisConfig.__dataclass_fields__)
-    assert accepted - {"out"} <= fields
+    full_fields = getattr(module, "FULL_FIELDS", {})
+    assert accepted - {"out"} - set(full_fields) <= fields
+    # full: its MLproject defaults are FullOptions' defaults, and each reaches a FullOptions field
+    full_defaults = FullOptions()
+    for dest, field in full_fields.items():
+        assert getattr(args, dest) == getattr(full_defaults, field), dest
 
 
-def test_entrypoint_parses_given_values():
-    parser = _entrypoint_module().build_parser()
+def test_full_has_every_quick_parameter():
+    eps = _mlproject()["entry_points"]
+    quick, full = eps["quick"]["parameters"], eps["full"]["parameters"]
+    assert {k: v for k, v in full.items() if k in quick} == quick
+    assert set(full) - set(quick) == set(_entrypoint_module("full").FULL_FIELDS)
+    assert set(_entrypoint_module("full").FULL_FIELDS.values()) <= set(FullOptions.__dataclass_fields__)
+
+
+@pytest.mark.parametrize("entry", ["quick", "full"])
+def test_entrypoint_parses_given_values(entry):
+    parser = _entrypoint_module(entry).build_parser()
     args = parser.parse_args(
         ["--sae", "s", "--max-tokens", "2e4", "--prepend-bos", "false", "--topk-mode", "threshold", "--threshold", "0.25"]
     )
     assert args.max_tokens == 20000 and args.prepend_bos is False
     assert args.topk_mode == "threshold" and args.threshold == 0.25
+
+
+def test_full_entrypoint_parses_full_values():
+    parser = _entrypoint_module("full").build_parser()
+    args = parser.parse_args(["--sae", "s", "--examples-per-feature", "5", "--cooccurrence", "pmi", "--dense-limit", "", "--neighbours", "8.0"])
+    assert args.examples_per_feature == 5 and args.cooccurrence == "pmi"
+    assert args.dense_limit is None and args.neighbours == 8
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--sae", "s", "--cooccurrence", "cosine"])
 
 
 def test_environment_files_agree():

@@ -1,1 +1,324 @@
-"""`sae-mlops full` and `sae-mlops db query` (full analysis and its activation database)."""
+"""`sae-mlops full` and `sae-mlops db query` (full analysis and its activation database).
+
+`full` takes every option of `quick` by construction: its signature is quick's parameters (the same
+`typer.Option` declarations) with the full-analysis options and its own `--out` inserted, so the two
+commands cannot drift apart. `config_from_options` turns those common values into an
+`AnalysisConfig`; `full_options_from` picks the `FullOptions` ones.
+"""
+
+from __future__ import annotations
+
+import inspect
+import numbers
+from enum import Enum
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Optional
+
+import typer
+from rich.markup import escape
+from rich.table import Table
+from rich.text import Text
+
+from sae_mlops.cli import HEADLINE, _fmt, _quiet, app, err_console, out_console, quick, report_input_errors
+from sae_mlops.errors import InputError
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from sae_mlops.config import AnalysisConfig
+    from sae_mlops.full import FullOptions
+    from sae_mlops.pipeline import FullOutcome
+
+
+# --- full -------------------------------------------------------------------------------------
+
+
+class CoocMeasure(str, Enum):
+    correlation = "correlation"
+    jaccard = "jaccard"
+    pmi = "pmi"
+
+
+def _full_only_options(
+    examples_per_feature: int = typer.Option(25, "--examples-per-feature", min=1, help="Top activating examples kept per feature (streaming top-k)."),
+    context_window: int = typer.Option(10, "--context-window", min=0, help="Tokens either side of an example in its context string."),
+    cooccurrence: CoocMeasure = typer.Option(
+        CoocMeasure.correlation,
+        "--cooccurrence",
+        case_sensitive=False,
+        help="Co-occurrence measure: correlation (phi), jaccard or pmi.",
+    ),
+    dense_limit: int = typer.Option(
+        16384, "--dense-limit", min=0, help="Largest d_sae for which dense d_sae x d_sae .npy matrices are written (neighbour lists are always written)."
+    ),
+    neighbours: int = typer.Option(32, "--neighbours", min=1, help="Neighbours per feature in the similarity and co-occurrence neighbour lists."),
+    logit_lens_tokens: int = typer.Option(10, "--logit-lens-tokens", min=1, help="Top and bottom tokens per feature in the logit lens."),
+    heatmap_features: int = typer.Option(200, "--heatmap-features", min=2, help="Features in the clustered heatmaps (the most variable ones)."),
+) -> None:
+    """Only a carrier of the full-analysis option declarations (see `_full_parameters`)."""
+
+
+_FULL_OUT = typer.Option(None, "--out", help="Output directory. (default: analysis/<sae dir name>/full_<UTC timestamp>)")
+
+# FullOptions field for each full-only CLI parameter whose name differs.
+_FULL_FIELD = {"cooccurrence": "cooccurrence_measure"}
+
+
+def _full_parameters() -> list[inspect.Parameter]:
+    """quick's parameters up to --out, the full-only ones, full's --out, then quick's remaining ones."""
+    quick_params = list(inspect.signature(quick, eval_str=True).parameters.values())
+    names = [p.name for p in quick_params]
+    cut = names.index("out")
+    own = list(inspect.signature(_full_only_options, eval_str=True).parameters.values())
+    out = quick_params[cut].replace(default=_FULL_OUT)
+    return [*quick_params[:cut], *own, out, *quick_params[cut + 1 :]]
+
+
+def _with_signature(params: list[inspect.Parameter]) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    def apply(fn: Callable[..., Any]) -> Callable[..., Any]:
+        fn.__signature__ = inspect.Signature(params, return_annotation=None)  # type: ignore[attr-defined]
+        return fn
+
+    return apply
+
+
+def config_from_options(options: dict[str, Any]) -> AnalysisConfig:
+    """An `AnalysisConfig` from the values of quick's options (any other keys are ignored)."""
+    from sae_mlops.config import AnalysisConfig
+
+    kw = {k: v for k, v in options.items() if k in AnalysisConfig.__dataclass_fields__}
+    kw = {k: (v.value if isinstance(v, Enum) else v) for k, v in kw.items()}
+    kw["progress"] = not options.get("quiet", False)
+    return AnalysisConfig(**kw)
+
+
+def full_options_from(options: dict[str, Any]) -> FullOptions:
+    """`FullOptions` from the values of the full-only options (any other keys are ignored)."""
+    from sae_mlops.full import FullOptions
+
+    own = inspect.signature(_full_only_options).parameters
+    kw = {_FULL_FIELD.get(k, k): (v.value if isinstance(v, Enum) else v) for k, v in options.items() if k in own}
+    return FullOptions(**kw)
+
+
+@app.command()
+@report_input_errors
+@_with_signature(_full_parameters())
+def full(**options: Any) -> None:
+    """Full analysis of one SAE: everything quick measures, plus per-feature examples, the activation
+    database, similarity and co-occurrence matrices, logit lens, feature summaries, plots and reports.
+
+    One streaming pass over at most --max-tokens tokens. Writes the prior tool's layout under --out
+    (activation_database/, matrices/, plots/, results/, SUMMARY_<ts>.json, README_<ts>.md) and logs
+    params, metrics (the same names as quick), lineage tags and every file to MLflow. Query the
+    activation database afterwards with `sae-mlops db query OUT_DIR ...`.
+    """
+    from sae_mlops.pipeline import run_full_and_log
+
+    _quiet(options["quiet"])
+    cfg = config_from_options(options)
+    opts = full_options_from(options)
+    outcome = run_full_and_log(
+        cfg,
+        options["out"],
+        opts=opts,
+        track=not options["no_track"],
+        experiment=options["experiment"],
+        run_name=options["run_name"],
+    )
+    show_full_outcome(outcome, title=f"Full analysis: {options['sae']}")
+
+
+def show_full_outcome(outcome: FullOutcome, title: str) -> None:
+    """The headline metrics, then where the main files, the database and the run are."""
+    m = outcome.result.metrics
+    table = Table(title=title)
+    table.add_column("metric")
+    table.add_column("name", style="dim")
+    table.add_column("value", justify="right")
+    for key, label, fmt in HEADLINE:
+        if key in m:
+            table.add_row(label, key, _fmt(m[key], fmt))
+    out_console.print(table)
+    for w in outcome.warnings:
+        err_console.print(f"[yellow]Warning:[/yellow] {escape(w)}", soft_wrap=True)
+
+    def line(label: str, value: Any) -> None:
+        out_console.print(f"{label:<20}{value}", soft_wrap=True, highlight=False, markup=False)
+
+    line("Files:", f"{outcome.out_dir} ({len(outcome.files)} files)")
+    if outcome.summary:
+        line("  summary:", outcome.summary)
+    if outcome.report:
+        line("  report:", outcome.report)
+    if outcome.database:
+        line("  activation DB:", outcome.database)
+        line("  query it with:", f"sae-mlops db query {outcome.out_dir} --feature 0")
+    if outcome.run_id:
+        from sae_mlops.tracking.runs import run_url
+
+        line("MLflow run:", f"{outcome.run_id} ({run_url(outcome.run_id)})")
+    if outcome.tracking_uri:
+        line("Open the UI with:", f"mlflow ui --backend-store-uri {outcome.tracking_uri}")
+
+
+# --- db query ---------------------------------------------------------------------------------
+
+db_app = typer.Typer(
+    name="db",
+    help="Query the activation database a full analysis wrote (DuckDB over its Parquet files).",
+    no_args_is_help=True,
+    rich_markup_mode=None,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+app.add_typer(db_app, name="db")
+
+
+class OutFormat(str, Enum):
+    table = "table"
+    csv = "csv"
+    json = "json"
+
+
+QUESTIONS = "--feature F, --token I, --doc D --position P, --doc D, --feature-docs F or --sql QUERY"
+
+
+@db_app.command("query")
+@report_input_errors
+def query(
+    path: Path = typer.Argument(
+        ...,
+        help="An activation database directory (activation_db_<ts>), or an analysis output directory: "
+        "the newest complete database under it is used.",
+        metavar="PATH",
+        show_default=False,
+    ),
+    feature: Optional[int] = typer.Option(None, "--feature", help="Top activations of feature F, each with its context (the token marked [[like this]])."),
+    top: Optional[int] = typer.Option(None, "--top", help="With --feature: how many top activations. (default: --limit, or 25 with --limit 0)"),
+    context: Optional[int] = typer.Option(None, "--context", help="With --feature: tokens of context either side. (default: 10)"),
+    token: Optional[int] = typer.Option(None, "--token", help="Features active on the token with this global token index (token_index)."),
+    doc: Optional[int] = typer.Option(None, "--doc", help="Features that fired in document D; with --position P, features active on that token."),
+    position: Optional[int] = typer.Option(None, "--position", help="With --doc: the token's position in the document."),
+    feature_docs: Optional[int] = typer.Option(None, "--feature-docs", help="Firing counts of feature F per document."),
+    sql: Optional[str] = typer.Option(None, "--sql", help="Any DuckDB SELECT over the views tokens, activations, features and vocab."),
+    limit: int = typer.Option(20, "--limit", help="Rows shown; 0 shows all."),
+    fmt: OutFormat = typer.Option(OutFormat.table, "--format", case_sensitive=False, help="table (for reading), csv or json (on stdout, for piping)."),
+) -> None:
+    """Ask one question of an activation database: top activations of a feature, the features on a
+    token or in a document, a feature's firing counts per document, or your own SQL.
+
+    Examples: `sae-mlops db query OUT --feature 12 --top 10`, `... --doc 3 --position 17`,
+    `... --sql "SELECT feature, firing_count FROM features ORDER BY firing_count DESC" --format csv`.
+    """
+    _check_question(feature=feature, top=top, context=context, token=token, doc=doc, position=position, feature_docs=feature_docs, sql=sql, limit=limit)
+    if not path.exists():
+        raise InputError(f"'{path}' does not exist; give an activation database directory or the output directory of `sae-mlops full`.")
+    from sae_mlops.actdb.reader import ActivationDB
+
+    db = ActivationDB(path)
+    title, df = _answer(db, feature=feature, top=top, context=context, token=token, doc=doc, position=position, feature_docs=feature_docs, sql=sql, limit=limit)
+    _show(df, title, fmt, limit, db.root)
+
+
+def _check_question(**q: Any) -> None:
+    if q["position"] is not None and q["doc"] is None:
+        raise InputError("--position goes with --doc: name a token by --doc D --position P, or by --token I.")
+    for opt in ("top", "context"):
+        if q[opt] is not None and q["feature"] is None:
+            raise InputError(f"--{opt} goes with --feature (top activations of a feature).")
+    asked = [
+        name
+        for name, key in (("--feature", "feature"), ("--token", "token"), ("--doc", "doc"), ("--feature-docs", "feature_docs"), ("--sql", "sql"))
+        if q[key] is not None
+    ]
+    if not asked:
+        raise InputError(f"ask one question: {QUESTIONS}.")
+    if len(asked) > 1:
+        raise InputError(f"ask one question per call, not {' and '.join(asked)}; the questions are {QUESTIONS}.")
+    for opt in ("feature", "token", "doc", "position", "feature_docs", "context", "limit"):
+        if q[opt] is not None and q[opt] < 0:
+            raise InputError(f"--{opt.replace('_', '-')} must be 0 or more, got {q[opt]}.")
+    if q["top"] is not None and q["top"] < 1:
+        raise InputError(f"--top must be at least 1, got {q['top']}.")
+    if q["sql"] is not None and not q["sql"].strip():
+        raise InputError("--sql is empty; give a SELECT over the views tokens, activations, features and vocab.")
+
+
+def _answer(db: Any, **q: Any) -> tuple[str, pd.DataFrame]:
+    """(title, rows) for the one question asked (already checked by `_check_question`)."""
+    n_tokens = int(db.manifest["n_tokens"])
+    d_sae = int(db.manifest["d_sae"])
+    if q["feature"] is not None or q["feature_docs"] is not None:
+        f = q["feature"] if q["feature"] is not None else q["feature_docs"]
+        if f >= d_sae:
+            raise InputError(f"feature {f} is out of range; this SAE has features 0..{d_sae - 1}.")
+    if q["feature"] is not None:
+        k = q["top"] or q["limit"] or 25
+        ctx = 10 if q["context"] is None else q["context"]
+        return f"Top {k} activations of feature {q['feature']} (context ±{ctx} tokens)", db.top_activations(q["feature"], k, ctx)
+    if q["feature_docs"] is not None:
+        return f"Documents where feature {q['feature_docs']} fired", db.document_counts(q["feature_docs"])
+    if q["token"] is not None:
+        if q["token"] >= n_tokens:
+            raise InputError(f"token {q['token']} is out of range; this database has tokens 0..{n_tokens - 1}.")
+        return f"Features active on token {q['token']}", db.features_on_token(token_index=q["token"])
+    if q["doc"] is not None:
+        _check_document(db, q["doc"])
+        if q["position"] is not None:
+            return f"Features active on document {q['doc']}, position {q['position']}", db.features_on_token(doc=q["doc"], position=q["position"])
+        return f"Features that fired in document {q['doc']}", db.features_in_document(q["doc"])
+    import duckdb
+
+    try:
+        return "SQL", db.sql(q["sql"])
+    except duckdb.Error as e:
+        raise InputError(f"the SQL query failed: {e}") from None
+
+
+def _check_document(db: Any, doc: int) -> None:
+    if int(db.sql("SELECT count(*) AS n FROM tokens WHERE doc_index = ?", [doc]).n[0]):
+        return
+    seen = db.sql("SELECT count(DISTINCT doc_index) AS docs, min(doc_index) AS lo, max(doc_index) AS hi FROM tokens").iloc[0]
+    raise InputError(
+        f"document {doc} has no analysed tokens in this database ({int(seen.docs)} documents, indices {int(seen.lo)}..{int(seen.hi)}, were analysed)."
+    )
+
+
+def _show(df: pd.DataFrame, title: str, fmt: OutFormat, limit: int, root: Path) -> None:
+    total = len(df)
+    shown = df.head(limit) if limit else df
+    if fmt is OutFormat.csv:
+        typer.echo(shown.to_csv(index=False), nl=False)
+    elif fmt is OutFormat.json:
+        typer.echo(shown.to_json(orient="records", force_ascii=False))
+    else:
+        out_console.print(Text(title, style="bold"))
+        out_console.print(_table(shown) if total else "No rows.", highlight=False)
+        out_console.print(Text(f"database: {root}", style="dim"), soft_wrap=True)
+    if len(shown) < total:
+        err_console.print(f"Showing {len(shown)} of {total} rows; --limit N shows more (0 = all).", highlight=False, style="dim")
+
+
+def _table(df: pd.DataFrame) -> Table:
+    import pandas as pd
+
+    table = Table()
+    for col in df.columns:
+        numeric = pd.api.types.is_numeric_dtype(df[col])
+        table.add_column(str(col), justify="right" if numeric else "left", overflow="fold")
+    for row in df.itertuples(index=False):
+        table.add_row(*(_cell(col, v) for col, v in zip(df.columns, row)))
+    return table
+
+
+def _cell(col: str, v: Any) -> Text:
+    """Rich text for one value: floats to 4 significant figures, newlines visible, the marked token bold."""
+    if isinstance(v, numbers.Real) and not isinstance(v, numbers.Integral):
+        return Text(f"{v:.4g}")
+    if not isinstance(v, str):
+        return Text(str(v))
+    text = Text(v.replace("\n", "\\n"))
+    if col == "context":
+        text.highlight_regex(r"\[\[.*?\]\]", "bold")
+    return text
+
