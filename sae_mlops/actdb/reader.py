@@ -14,20 +14,35 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from sae_mlops.actdb.writer import FORMAT
 from sae_mlops.errors import InputError
 
 MARK_OPEN, MARK_CLOSE = "[[", "]]"
 
 
+def _is_database(path: Path) -> bool:
+    manifest = path / "manifest.json"
+    if not manifest.is_file():
+        return False
+    try:
+        return json.loads(manifest.read_text()).get("format") == FORMAT
+    except (OSError, ValueError):
+        return False
+
+
 def find_database(path: str | Path) -> Path:
-    """A database directory, or the newest complete one under an analysis / activation_database dir."""
+    """A database directory itself, or the newest complete ``activation_db_*`` in an analysis
+    directory (``<dir>/activation_database/``) or in an ``activation_database`` directory."""
     path = Path(path)
-    if (path / "manifest.json").exists():
+    if _is_database(path):
         return path
-    candidates = sorted(p.parent for p in path.glob("**/manifest.json") if not p.parent.name.endswith(".partial"))
-    if candidates:
-        return candidates[-1]
-    if path.with_name(path.name + ".partial").exists() or list(path.glob("**/*.partial")):
+    if not path.exists():
+        raise InputError(f"'{path}' does not exist; point at a full-analysis output directory or its activation database.")
+    pattern = [*path.glob("activation_db_*"), *path.glob("activation_database/activation_db_*")]
+    complete = [p for p in pattern if not p.name.endswith(".partial") and _is_database(p)]
+    if complete:
+        return max(complete, key=lambda p: (p.stat().st_mtime, p.name))
+    if any(p.name.endswith(".partial") for p in pattern):
         raise InputError(f"the activation database under '{path}' is incomplete (an interrupted run); run `sae-mlops full` again.")
     raise InputError(f"no activation database found at '{path}'; run `sae-mlops full` first and point at its output directory.")
 

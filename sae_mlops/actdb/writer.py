@@ -30,6 +30,8 @@ import pyarrow.parquet as pq
 
 from sae_mlops.collectors.base import StepData
 
+FORMAT = "sae-mlops activation database v1"  # the reader checks this in manifest.json
+
 log = logging.getLogger(__name__)
 
 TOKENS_SCHEMA = pa.schema([("token_index", pa.int64()), ("doc_index", pa.int64()), ("position", pa.int32()), ("token_id", pa.int32())])
@@ -110,7 +112,7 @@ class ActivationDBWriter:
         )
         self._write_csr()
         manifest = {
-            "format": "sae-mlops activation database v1",
+            "format": FORMAT,
             "n_tokens": self.n_tokens,
             "nnz": self.nnz,
             "d_sae": self.d_sae,
