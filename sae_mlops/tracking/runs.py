@@ -22,6 +22,11 @@
   ``sae_mlops.version``. With a source run, the run description (``mlflow.note.content``) gets a
   line linking it; ``mlflow.parentRunId`` is never set (the source run is not a parent).
 - artifacts: every file in ``files``, at its path relative to ``out_dir``.
+- lineage (`sae_mlops.tracking.lineage`): the source training/import run, logged model and registered
+  version (from the URI, or found by the SAE's content hash for a local directory), the corpus as an
+  ``mlflow.data`` input (context ``analysis``), the logged model as a model input (metrics are
+  linked to it and to the dataset), the code version; the model version and logged model get the
+  tag ``sae_mlops.latest_analysis_run_id``.
 """
 
 from __future__ import annotations
@@ -167,11 +172,21 @@ def _log_into(client: MlflowClient, run_id: str, result: AnalysisResult, files: 
     for chunk in _chunks(params, MAX_PARAMS_TAGS_PER_BATCH):
         client.log_batch(run_id, params=chunk)
 
+    link = _record_lineage(client, run_id, result)
     metrics, unlogged = _metrics(result.metrics)
+    if link is not None and (link.model_id or link.dataset_digest):
+        # Linked to the LoggedModel and the dataset, so they show on the model's page too.
+        metrics = [
+            Metric(m.key, m.value, m.timestamp, m.step, model_id=link.model_id,
+                   dataset_name=link.dataset_name, dataset_digest=link.dataset_digest)
+            for m in metrics
+        ]
     for chunk in _chunks(metrics, MAX_METRICS_PER_BATCH):
         client.log_batch(run_id, metrics=chunk)
 
     tags = {str(k): str(v) for k, v in result.tags.items()}
+    if link is not None:
+        tags.update(link.tags)
     tags[TAG_KIND] = result.kind
     tags[TAG_VERSION] = __version__
     sae_hash = _sae_hash(result)
@@ -189,6 +204,24 @@ def _log_into(client: MlflowClient, run_id: str, result: AnalysisResult, files: 
         client.log_batch(run_id, tags=chunk)
 
     _log_files(client, run_id, files, out_dir)
+    if link is not None:
+        from sae_mlops.tracking.lineage import after_analysis_logged
+
+        after_analysis_logged(client, run_id, link)
+
+
+def _record_lineage(client: MlflowClient, run_id: str, result: AnalysisResult):
+    """Lineage (source run, logged model, registered version, dataset input, code version; see
+    `sae_mlops.tracking.lineage`). A failure here is logged and tagged, never fatal: the analysis
+    itself is still recorded."""
+    from sae_mlops.tracking.lineage import TAG_LINEAGE_ERROR, record_analysis_lineage
+
+    try:
+        return record_analysis_lineage(client, run_id, result)
+    except MlflowException as e:
+        log.warning("Could not record the lineage of run %s: %s", run_id, e.message)
+        client.set_tag(run_id, TAG_LINEAGE_ERROR, _cut(str(e.message), MAX_TAG_VAL_LENGTH))
+        return None
 
 
 def _params(given: dict[str, Any], existing: dict[str, str]) -> tuple[list[Param], list[str]]:

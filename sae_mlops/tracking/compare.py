@@ -1,0 +1,216 @@
+"""Compare analyses tracked in MLflow: one table, two Pareto plots, logged as a comparison run.
+
+:func:`collect_analyses` searches quick/full analysis runs (``sae_mlops.kind``) in the named
+experiments (default: every active experiment) that match an optional MLflow filter string (e.g.
+``"metrics.`sparsity/l0_mean` < 50"`` or ``"params.sae_architecture = 'topk'"``) and builds one
+row per run from the metric names of `sae_mlops.results` (``sparsity/l0_mean``,
+``downstream/loss_recovered``, ``recon/explained_variance``, ``features/dead_fraction``,
+``downstream/ce_*``, ``downstream/kl_sae``) and the params ``sae``, ``sae_architecture``,
+``d_sae``, ``topk_k`` (for SAELens TopK SAEs the ``k`` of the source training run).
+
+:func:`compare_and_log` writes the table and plots (`sae_mlops.writers.comparison`) under `out_dir`
+and logs them as artifacts of a new run tagged ``sae_mlops.kind=compare`` (or of the run named by
+``MLFLOW_RUN_ID`` under ``mlflow run . -e compare``).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import pandas as pd
+from mlflow.entities import Run
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+from sae_mlops.errors import InputError
+from sae_mlops.tracking.lineage import (
+    ANALYSIS_KINDS,
+    TAG_KIND,
+    TAG_SAE_HASH,
+    all_experiment_ids,
+    search_runs_everywhere,
+)
+from sae_mlops.tracking.resolve import (
+    TAG_SOURCE_MODEL_NAME,
+    TAG_SOURCE_MODEL_VERSION,
+    TAG_SOURCE_RUN_ID,
+)
+
+log = logging.getLogger(__name__)
+
+METRICS = {
+    "l0": "sparsity/l0_mean",
+    "loss_recovered": "downstream/loss_recovered",
+    "explained_variance": "recon/explained_variance",
+    "dead_fraction": "features/dead_fraction",
+    "ce_clean": "downstream/ce_clean",
+    "ce_sae": "downstream/ce_sae",
+    "ce_zero": "downstream/ce_zero",
+    "kl_sae": "downstream/kl_sae",
+    "tokens": "tokens/analysed",
+}
+FILTER_EXAMPLE = "metrics.`sparsity/l0_mean` < 50"
+
+
+@dataclass
+class CompareOutcome:
+    table: pd.DataFrame
+    out_dir: Path
+    files: list[Path]
+    run_id: str | None = None
+    experiments: list[str] = field(default_factory=list)
+    tracking_uri: str | None = None
+
+
+def _experiment_ids(client: MlflowClient, names: list[str] | None) -> tuple[list[str], list[str]]:
+    if not names:
+        ids = all_experiment_ids(client)
+        return ids, [client.get_experiment(i).name for i in ids]
+    ids = []
+    for name in names:
+        exp = client.get_experiment_by_name(name)
+        if exp is None or exp.lifecycle_stage == "deleted":
+            known = [e.name for e in client.search_experiments()][:8]
+            raise InputError(
+                f"Experiment {name!r} does not exist in {mlflow.get_tracking_uri()}; check --experiment "
+                f"(experiments there: {', '.join(known) or 'none'})."
+            )
+        ids.append(exp.experiment_id)
+    return ids, list(names)
+
+
+def collect_analyses(
+    experiments: list[str] | None = None,
+    filter_string: str | None = None,
+    client: MlflowClient | None = None,
+) -> pd.DataFrame:
+    """One row per quick/full analysis run (see the module docstring); InputError when none match."""
+    client = client or MlflowClient()
+    ids, names = _experiment_ids(client, experiments)
+    where = (filter_string or "").strip()
+    try:
+        runs = search_runs_everywhere(client, where, ids, order_by=["attributes.start_time ASC"]) if ids else []
+    except MlflowException as exc:
+        if getattr(exc, "error_code", "") == "INVALID_PARAMETER_VALUE" and where:
+            message = " ".join(str(exc.message).split())
+            raise InputError(
+                f"--filter {where!r} is not a valid MLflow search filter ({message}); "
+                f"write e.g. \"{FILTER_EXAMPLE}\"."
+            ) from None
+        raise
+    runs = [r for r in runs if r.data.tags.get(TAG_KIND) in ANALYSIS_KINDS]
+    if not runs:
+        scope = ", ".join(names) if experiments else "any experiment"
+        extra = f" matching {where!r}" if where else ""
+        raise InputError(
+            f"No quick or full analysis runs{extra} in {scope} ({mlflow.get_tracking_uri()}); "
+            "run sae-mlops quick (or full) first, or check --experiment / --filter."
+        )
+    exp_names = {i: client.get_experiment(i).name for i in {r.info.experiment_id for r in runs}}
+    source_params: dict[str, dict[str, str]] = {}
+    rows = [_row(client, r, exp_names, source_params) for r in runs]
+    return pd.DataFrame(rows)
+
+
+def _row(client: MlflowClient, run: Run, exp_names: dict[str, str], cache: dict[str, dict[str, str]]) -> dict[str, Any]:
+    p, m, t = run.data.params, run.data.metrics, run.data.tags
+    sae = p.get("sae", "")
+    name = Path(sae.rstrip("/")).name if sae and ":/" not in sae else sae
+    k = _num(p.get("topk_k"))
+    source = t.get(TAG_SOURCE_RUN_ID)
+    if k is None and source:
+        if source not in cache:
+            try:
+                cache[source] = client.get_run(source).data.params
+            except MlflowException:
+                cache[source] = {}
+        if (cache[source].get("architecture") or "") in ("topk", "batchtopk"):
+            k = _num(cache[source].get("k"))
+    model = t.get(TAG_SOURCE_MODEL_NAME)
+    version = t.get(TAG_SOURCE_MODEL_VERSION)
+    row: dict[str, Any] = {
+        "run_id": run.info.run_id,
+        "run_name": run.info.run_name,
+        "experiment": exp_names.get(run.info.experiment_id, run.info.experiment_id),
+        "kind": t.get(TAG_KIND),
+        "sae": sae,
+        "sae_name": name,
+        "sae_hash": (t.get(TAG_SAE_HASH) or p.get("sae_hash") or "")[:12],
+        "architecture": p.get("sae_architecture"),
+        "d_sae": _num(p.get("d_sae")),
+        "k": k,
+        "model": f"{model} v{version}" if model and version else (model or ""),
+        "source_run_id": source or "",
+        "start_time": pd.to_datetime(run.info.start_time, unit="ms", utc=True) if run.info.start_time else None,
+    }
+    for column, metric in METRICS.items():
+        row[column] = m.get(metric, float("nan"))
+    row["label"] = f"{row['sae_name'] or run.info.run_name} ({run.info.run_id[:6]})"
+    return row
+
+
+def _num(value: Any) -> float | None:
+    if value in (None, "", "None"):
+        return None
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def compare_and_log(
+    experiments: list[str] | None = None,
+    filter_string: str | None = None,
+    out_dir: Path | str | None = None,
+    *,
+    track: bool = True,
+    experiment: str | None = None,
+    run_name: str | None = None,
+) -> CompareOutcome:
+    """Collect the analyses, write the table and the Pareto plots under `out_dir`, and log them as a
+    comparison run (in `experiment`; default: the single compared experiment, else the default)."""
+    from sae_mlops.pipeline import utc_timestamp
+    from sae_mlops.tracking.lineage import code_version_tags
+    from sae_mlops.writers.comparison import add_frontiers, write_comparison
+
+    client = MlflowClient()
+    df = add_frontiers(collect_analyses(experiments, filter_string, client))
+    out = Path(out_dir) if out_dir else Path("analysis") / "comparisons" / f"compare_{utc_timestamp()}"
+    scope = ", ".join(experiments) if experiments else "all experiments"
+    context = f"{len(df)} analyses from {scope}" + (f", filter `{filter_string}`" if filter_string else "")
+    files = write_comparison(df, out, context=context)
+    outcome = CompareOutcome(table=df, out_dir=out, files=files, experiments=list(experiments or []))
+    if not track:
+        return outcome
+    from sae_mlops.tracking.runs import _resolve_run
+
+    target = experiment or (experiments[0] if experiments and len(experiments) == 1 else None)
+    run_id, owned = _resolve_run(client, target, run_name or "compare")
+    try:
+        existing = client.get_run(run_id).data.params
+        params = {"experiments": scope, "filter": filter_string or "", "n_analyses": str(len(df))}
+        for key, value in params.items():
+            if key not in existing:
+                client.log_param(run_id, key, value[:6000])
+        for key, value in {TAG_KIND: "compare", **code_version_tags(),
+                           "sae_mlops.compared_runs": ",".join(df["run_id"])[:5000]}.items():
+            client.set_tag(run_id, key, value)
+        client.log_metric(run_id, "compare/n_analyses", float(len(df)))
+        for column in ("loss_recovered", "explained_variance"):
+            client.log_metric(run_id, f"compare/frontier_size_{column}", float(df[f"pareto_{column}"].sum()))
+        for f in files:
+            client.log_artifact(run_id, str(f))
+    except BaseException:
+        if owned:
+            client.set_terminated(run_id, "FAILED")
+        raise
+    if owned:
+        client.set_terminated(run_id, "FINISHED")
+    outcome.run_id = run_id
+    outcome.tracking_uri = mlflow.get_tracking_uri()
+    log.info("Comparison of %d analyses logged to run %s", len(df), run_id)
+    return outcome
