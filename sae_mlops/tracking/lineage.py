@@ -94,6 +94,12 @@ def git_state() -> tuple[str | None, bool]:
     """(commit, dirty) of the git checkout holding this package, or (None, False) outside one."""
     here = Path(__file__).resolve().parent
     try:
+        # Only when this package's files are tracked there (an editable install in its checkout), not
+        # when an installed copy merely sits inside some other repository (a venv in a project).
+        subprocess.run(
+            ["git", "-C", str(here), "ls-files", "--error-unmatch", Path(__file__).name],
+            capture_output=True, timeout=5, check=True,
+        )
         commit = subprocess.run(
             ["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, check=True
         ).stdout.strip()

@@ -1,0 +1,144 @@
+"""SAE training with SAELens: metrics reach the callback (not W&B), every architecture trains and
+loads back, bad options fail early, and the CLI / MLproject entry point log a training run."""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from mlflow.tracking import MlflowClient
+from typer.testing import CliRunner
+
+from sae_mlops.errors import InputError
+from sae_mlops.training.config import TrainConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def no_wandb(monkeypatch):
+    """Fail the test if SAELens calls Weights & Biases."""
+    import wandb
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("W&B was called")
+
+    for name in ("init", "log", "finish"):
+        monkeypatch.setattr(wandb, name, refuse)
+
+
+def test_metrics_trainer_reports_each_step(no_wandb):
+    from sae_lens import LoggingConfig, TopKTrainingSAE, TopKTrainingSAEConfig
+    from sae_lens.config import SAETrainerConfig
+
+    from sae_mlops.training.trainer import MetricsSAETrainer
+
+    torch.manual_seed(0)
+    sae = TopKTrainingSAE(TopKTrainingSAEConfig(d_in=16, d_sae=32, k=4))
+    acts = torch.randn(4096, 16)
+
+    def batches():
+        while True:
+            for i in range(0, len(acts), 64):
+                yield acts[i : i + 64]
+
+    cfg = SAETrainerConfig(
+        total_training_samples=640,
+        train_batch_size_samples=64,
+        lr=1e-3,
+        lr_end=1e-4,
+        device="cpu",
+        dead_feature_window=3,
+        feature_sampling_window=4,
+        logger=LoggingConfig(log_to_wandb=False),
+    )
+    seen: list[tuple[int, dict[str, float]]] = []
+    trainer = MetricsSAETrainer(cfg=cfg, sae=sae, data_provider=batches(), on_metrics=lambda s, m: seen.append((s, m)))
+    trainer.fit()
+    per_step = [(s, m) for s, m in seen if "train/loss" in m]
+    assert [s for s, _ in per_step] == list(range(10))
+    for _, m in per_step:
+        assert {"train/loss", "train/mse", "train/l0", "train/dead_features", "train/explained_variance", "train/lr"} <= set(m)
+        assert m["train/l0"] == pytest.approx(4.0)
+    windows = [(s, m) for s, m in seen if "train/sparsity/below_1e-5" in m]
+    assert [s for s, _ in windows] == [4, 8]  # feature-density windows, as SAELens would send to W&B
+
+
+@pytest.mark.parametrize(
+    ("architecture", "inference"),
+    [("standard", "standard"), ("topk", "topk"), ("batchtopk", "jumprelu"), ("jumprelu", "jumprelu")],
+)
+def test_train_sae_architectures(architecture, inference, demo_assets, no_wandb, tmp_path):
+    from sae_mlops.sources.sae import load_sae_directory
+    from sae_mlops.training.run import train_sae
+
+    steps: list[int] = []
+    cfg = TrainConfig(architecture=architecture, d_sae=64, k=4, training_tokens=2048, batch_size_tokens=512, device="cpu")
+    result = train_sae(cfg, tmp_path / "sae", on_metrics=lambda s, m: steps.append(s) if "train/loss" in m else None)
+    assert steps == [0, 1, 2, 3]
+    assert sorted(p.name for p in result.sae_dir.iterdir()) == [
+        "cfg.json",
+        "runner_cfg.json",
+        "sae_weights.safetensors",
+        "sparsity.safetensors",
+    ]
+    assert not list(tmp_path.glob(".sae.*"))  # the temporary directory was renamed
+    loaded = load_sae_directory(result.sae_dir)
+    assert loaded.info.architecture == inference
+    assert (loaded.info.d_in, loaded.info.d_sae) == (64, 64)
+    assert loaded.info.hook_name == "blocks.0.hook_resid_post" and loaded.info.model_name == "demo"
+    assert loaded.info.content_hash == result.sae_hash
+    assert result.summary["train/steps"] == 4 and result.params["hook"] == "blocks.0.hook_resid_post"
+
+
+def test_bad_training_options(demo_assets, tmp_path):
+    from sae_mlops.training.run import train_sae
+
+    with pytest.raises(InputError, match="architecture 'gated' is not supported"):
+        train_sae(TrainConfig(architecture="gated"), tmp_path / "a")
+    with pytest.raises(InputError, match="k \\(32\\) exceeds d_sae \\(16\\)"):
+        train_sae(TrainConfig(d_sae=16, k=32), tmp_path / "b")
+    with pytest.raises(InputError, match="fewer than one batch"):
+        train_sae(TrainConfig(training_tokens=10, batch_size_tokens=512), tmp_path / "c")
+    with pytest.raises(InputError, match="has no hook 'blocks.7.hook_resid_post'"):
+        train_sae(TrainConfig(hook="blocks.7.hook_resid_post", device="cpu"), tmp_path / "d")
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x").write_text("x")
+    with pytest.raises(InputError, match="already exists and is not empty"):
+        train_sae(TrainConfig(device="cpu"), tmp_path / "full")
+
+
+def test_train_cli_logs_a_training_run(mlflow_store, demo_assets, no_wandb, tmp_path):
+    from sae_mlops.cli import app
+
+    args = ["train", "--architecture", "standard", "--d-sae", "64", "--training-tokens", "2048",
+            "--batch-size-tokens", "512", "--device", "cpu", "--out", str(tmp_path / "sae"), "--experiment", "t"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    client = MlflowClient()
+    (run,) = client.search_runs([client.get_experiment_by_name("t").experiment_id])
+    assert run.data.tags["sae_mlops.kind"] == "train" and run.data.params["architecture"] == "standard"
+    assert len(client.get_metric_history(run.info.run_id, "train/mse")) == 4
+    assert run.data.tags["sae_mlops.logged_model_id"] in result.output
+    bad = CliRunner().invoke(app, ["train", "--alias", "x"])
+    assert bad.exit_code == 2 and "--register" in bad.output
+
+
+def test_mlproject_train_entry_matches_entrypoint():
+    ep = yaml.safe_load((ROOT / "MLproject").read_text())["entry_points"]["train"]
+    placeholders = re.findall(r"\{(\w+)\}", ep["command"])
+    assert sorted(placeholders) == sorted(ep["parameters"])
+    spec = importlib.util.spec_from_file_location("entrypoint_train", ROOT / "entrypoints" / "train.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    argv = []
+    for name, p in ep["parameters"].items():
+        argv += [f"--{name.replace('_', '-')}", str(p.get("default", ""))]
+    args = module.build_parser().parse_args(argv)
+    cfg = TrainConfig(**{k: v for k, v in vars(args).items() if v is not None and k in module.TRAIN_FIELDS})
+    assert (cfg.model, cfg.architecture, cfg.k, cfg.training_tokens) == ("demo", "topk", 16, 300_000)
+    assert set(module.TRAIN_FIELDS) <= set(TrainConfig.__dataclass_fields__)
