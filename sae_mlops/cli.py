@@ -309,6 +309,7 @@ def _quiet(quiet: bool) -> None:
 from sae_mlops.commands import full as _full_commands  # noqa: E402,F401
 from sae_mlops.commands import report as _report_commands  # noqa: E402,F401
 from sae_mlops.commands import lineage as _lineage_commands  # noqa: E402,F401
+from sae_mlops.commands import serve as _serve_commands  # noqa: E402,F401
 
 if __name__ == "__main__":  # pragma: no cover
     app()

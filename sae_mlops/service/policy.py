@@ -1,0 +1,421 @@
+"""Which registry events trigger which analyses, and the quality gate.
+
+A policy file (YAML or JSON)::
+
+    rules:                       # checked in order; for an event, the first rule that accepts it wins
+      - models: ["sae-*"]        # fnmatch globs on the registered model name (default: ["*"])
+        triggers:
+          created: true          # model_version.created (default: true unless aliases/tags are given)
+          aliases: [candidate]   # model_version_alias.created for these aliases (globs; default: none)
+          tags: {analyze: "*"}   # model_version_tag.set for these keys, value glob (default: none)
+        quick: {max_tokens: 200000}          # run a quick analysis with these options
+        full: {max_tokens: 1000000}          # and/or a full one (absent or false: not run)
+    defaults:                    # options for every rule, per kind (a rule's own options win)
+      quick: {batch_size: 16}
+    gate:                        # optional quality gate on one analysis kind
+      analysis: quick
+      alias: approved            # set on the version when every bound holds
+      min: {loss_recovered: 0.8, explained_variance: 0.6}
+      max: {dead_fraction: 0.2}
+
+Analysis options are `sae_mlops.config.AnalysisConfig` fields (``max_tokens``, ``model``,
+``corpus``, ``text_field``, ``hook``, ``context_size``, ``batch_size``, ``prepend_bos``, ``dtype``,
+``topk_mode``...); ``sae`` is the version (``models:/<name>/<version>``) and ``device`` the worker's
+device. A full analysis also takes ``full_options`` (a mapping passed to the full analysis).
+
+Without a policy file the default applies: a quick analysis, with the library defaults, of every
+new version of every registered model, and no gate.
+
+Loops are impossible by construction: tag events for ``sae_mlops.*`` keys (the service's own
+write-back) and alias events for the gate's alias are ignored, and a rule may not trigger on the
+gate's alias.
+
+A tag trigger is an explicit request: it runs the analysis again even when one is done (not while
+one is queued or running). Created and alias triggers run it only when the version has none yet.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import math
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+from sae_mlops.errors import InputError
+from sae_mlops.service import tags as T
+
+ANALYSIS_KINDS = ("quick", "full")
+EVENT_CREATED = "model_version.created"
+EVENT_ALIAS = "model_version_alias.created"
+EVENT_TAG = "model_version_tag.set"
+EVENTS = (EVENT_CREATED, EVENT_ALIAS, EVENT_TAG)
+
+# AnalysisConfig fields a policy may not set (the service sets them) or that make no sense here.
+_RESERVED_OPTIONS = {"sae", "sae_id", "device", "progress", "extra"}
+
+
+@dataclass(frozen=True)
+class JobRequest:
+    """One analysis to enqueue."""
+
+    model_name: str
+    version: str
+    kind: str
+    options: dict[str, Any]
+    trigger: str
+    force: bool = False
+
+    @property
+    def key(self) -> tuple[str, str, str]:
+        return (self.model_name, self.version, self.kind)
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What the policy says about one webhook event: jobs to enqueue, or why it is ignored."""
+
+    requests: list[JobRequest]
+    ignored: str | None = None
+
+
+@dataclass
+class Rule:
+    models: list[str] = field(default_factory=lambda: ["*"])
+    on_created: bool = True
+    aliases: list[str] = field(default_factory=list)
+    tags: dict[str, str] = field(default_factory=dict)
+    analyses: dict[str, dict[str, Any]] = field(default_factory=lambda: {"quick": {}})
+
+    def matches_model(self, name: str) -> bool:
+        return any(fnmatch.fnmatchcase(name, g) for g in self.models)
+
+    def matches_alias(self, alias: str) -> bool:
+        return any(fnmatch.fnmatchcase(alias, g) for g in self.aliases)
+
+    def matches_tag(self, key: str, value: str) -> bool:
+        return any(
+            fnmatch.fnmatchcase(key, k) and fnmatch.fnmatchcase(value or "", v) for k, v in self.tags.items()
+        )
+
+
+@dataclass(frozen=True)
+class GateResult:
+    passed: bool
+    reasons: list[str]
+    values: dict[str, float | None]
+
+    def summary(self) -> str:
+        return "; ".join(self.reasons) if self.reasons else "all bounds hold"
+
+
+@dataclass
+class Gate:
+    """Bounds on an analysis' metrics; `alias` is set on the version when all of them hold.
+
+    Metric names are short names (``loss_recovered``, ``l0``, ``explained_variance``,
+    ``dead_fraction``, ``kl_score``, ``cosine``...) or result metric names (``recon/cosine``).
+    A missing or non-finite metric fails the gate.
+    """
+
+    analysis: str = "quick"
+    alias: str | None = None
+    min: dict[str, float] = field(default_factory=dict)
+    max: dict[str, float] = field(default_factory=dict)
+
+    def metric_names(self) -> list[str]:
+        return sorted({*self.min, *self.max})
+
+    def evaluate(self, metrics: Mapping[str, Any]) -> GateResult:
+        reasons: list[str] = []
+        values: dict[str, float | None] = {}
+        for name in self.metric_names():
+            value = _finite(metrics.get(T.metric_name(name)))
+            values[name] = value
+            if value is None:
+                reasons.append(f"{name} is missing")
+                continue
+            lo, hi = self.min.get(name), self.max.get(name)
+            if lo is not None and value < lo:
+                reasons.append(f"{name} {value:.6g} < {lo:g}")
+            if hi is not None and value > hi:
+                reasons.append(f"{name} {value:.6g} > {hi:g}")
+        return GateResult(passed=not reasons, reasons=reasons, values=values)
+
+
+@dataclass
+class Policy:
+    rules: list[Rule] = field(default_factory=lambda: [Rule()])
+    gate: Gate | None = None
+    defaults: dict[str, dict[str, Any]] = field(default_factory=dict)
+    source: str = "default policy"
+
+    # --- events ---------------------------------------------------------------------------
+
+    def decide(self, event: str, data: Mapping[str, Any]) -> Decision:
+        """The jobs a webhook event asks for (`event` is ``<entity>.<action>``, `data` its payload)."""
+        if event not in EVENTS:
+            return Decision([], ignored=f"event {event} is not handled")
+        name = str(data.get("name") or "")
+        version = str(data.get("version") or "")
+        if not name or not version:
+            return Decision([], ignored=f"{event} payload has no model name or version")
+        if event == EVENT_TAG:
+            key, value = str(data.get("key") or ""), str(data.get("value") or "")
+            if T.is_own_tag(key):
+                return Decision([], ignored=f"tag {key} is written by sae-mlops")
+            rule = self._first(name, lambda r: r.matches_tag(key, value))
+            trigger, force = f"tag:{key}={value}", True
+        elif event == EVENT_ALIAS:
+            alias = str(data.get("alias") or "")
+            if self.gate is not None and alias == self.gate.alias:
+                return Decision([], ignored=f"alias {alias} is set by sae-mlops")
+            rule = self._first(name, lambda r: r.matches_alias(alias))
+            trigger, force = f"alias:{alias}", False
+        else:
+            rule = self._first(name, lambda r: r.on_created)
+            trigger, force = EVENT_CREATED, False
+        if rule is None:
+            return Decision([], ignored=f"no rule for {name} on {trigger}")
+        return Decision(self._requests(rule, name, version, trigger, force))
+
+    def for_version(self, name: str, version: str, tags: Mapping[str, str], aliases: Iterable[str]) -> list[JobRequest]:
+        """What the policy wants analysed for an existing version (the reconciler's question).
+
+        A rule applies when it matches the model and one of its triggers holds now: ``created``
+        (always, the version exists), an alias the version has, or a tag it carries. For each
+        analysis kind, the first applicable rule that runs it gives the options.
+        """
+        aliases = list(aliases)
+        out: dict[str, JobRequest] = {}
+        for rule in self.rules:
+            if not rule.matches_model(name):
+                continue
+            if rule.on_created:
+                trigger = "reconcile"
+            elif any(rule.matches_alias(a) for a in aliases):
+                trigger = "reconcile:alias"
+            elif any(rule.matches_tag(k, v) for k, v in tags.items() if not T.is_own_tag(k)):
+                trigger = "reconcile:tag"
+            else:
+                continue
+            for req in self._requests(rule, name, version, trigger, False):
+                out.setdefault(req.kind, req)
+        return list(out.values())
+
+    def model_globs(self) -> list[str]:
+        return sorted({g for r in self.rules for g in r.models})
+
+    def matches_model(self, name: str) -> bool:
+        return any(r.matches_model(name) for r in self.rules)
+
+    def webhook_events(self) -> list[str]:
+        """The MLflow webhook events this policy needs."""
+        events = []
+        if any(r.on_created for r in self.rules):
+            events.append(EVENT_CREATED)
+        if any(r.aliases for r in self.rules):
+            events.append(EVENT_ALIAS)
+        if any(r.tags for r in self.rules):
+            events.append(EVENT_TAG)
+        return events or [EVENT_CREATED]
+
+    def _first(self, name: str, accepts) -> Rule | None:
+        for rule in self.rules:
+            if rule.matches_model(name) and accepts(rule):
+                return rule
+        return None
+
+    def _requests(self, rule: Rule, name: str, version: str, trigger: str, force: bool) -> list[JobRequest]:
+        out = []
+        for kind in ANALYSIS_KINDS:
+            if kind not in rule.analyses:
+                continue
+            options = {**self.defaults.get(kind, {}), **rule.analyses[kind]}
+            out.append(JobRequest(name, version, kind, options, trigger, force))
+        return out
+
+
+# --- loading -------------------------------------------------------------------------------------
+
+
+def default_policy() -> Policy:
+    return Policy()
+
+
+def load_policy(path: str | Path | None = None, data: Mapping[str, Any] | None = None) -> Policy:
+    """The policy from a YAML/JSON file, or from an already parsed mapping, else the default.
+
+    Raises InputError naming the file and the entry for anything malformed.
+    """
+    if path is not None:
+        p = Path(path)
+        try:
+            text = p.read_text(encoding="utf-8")
+        except OSError as e:
+            raise InputError(f"The policy file {p} cannot be read ({e.strerror}); check SAE_MLOPS_POLICY_FILE / --policy.") from None
+        try:
+            if p.suffix.lower() == ".json":
+                data = json.loads(text)
+            else:
+                import yaml
+
+                data = yaml.safe_load(text)
+        except Exception as e:  # noqa: BLE001
+            raise InputError(f"The policy file {p} is not valid YAML/JSON ({e}); fix its syntax.") from None
+        return parse_policy(data or {}, source=str(p))
+    if data is not None:
+        return parse_policy(data, source="the inline policy")
+    return default_policy()
+
+
+def parse_policy(data: Any, source: str = "the policy") -> Policy:
+    def bad(where: str, what: str) -> InputError:
+        return InputError(f"In {source}, {where}: {what}.")
+
+    if not isinstance(data, Mapping):
+        raise bad("the top level", "expected a mapping with rules, defaults and gate")
+    unknown = set(data) - {"rules", "defaults", "gate"}
+    if unknown:
+        raise bad("the top level", f"unknown key(s) {sorted(unknown)}; use rules, defaults and gate")
+
+    defaults: dict[str, dict[str, Any]] = {}
+    raw_defaults = data.get("defaults") or {}
+    if not isinstance(raw_defaults, Mapping):
+        raise bad("defaults", "expected a mapping of analysis kind to options")
+    for kind, opts in raw_defaults.items():
+        if kind not in ANALYSIS_KINDS:
+            raise bad("defaults", f"unknown analysis kind {kind!r}; use quick or full")
+        defaults[kind] = _options(opts, kind, f"defaults.{kind}", bad)
+
+    gate = None
+    if data.get("gate") is not None:
+        gate = _gate(data["gate"], bad)
+
+    raw_rules = data.get("rules")
+    if raw_rules is None:
+        rules = [Rule()]
+    else:
+        if not isinstance(raw_rules, list) or not raw_rules:
+            raise bad("rules", "expected a non-empty list of rules")
+        rules = [_rule(r, i, bad) for i, r in enumerate(raw_rules)]
+    if gate is not None and gate.alias:
+        for i, r in enumerate(rules):
+            if r.matches_alias(gate.alias):
+                raise bad(f"rules[{i}].triggers.aliases", f"the gate's alias {gate.alias!r} would trigger the analysis that sets it")
+    return Policy(rules=rules, gate=gate, defaults=defaults, source=source)
+
+
+def _rule(raw: Any, i: int, bad) -> Rule:
+    where = f"rules[{i}]"
+    if not isinstance(raw, Mapping):
+        raise bad(where, "expected a mapping")
+    unknown = set(raw) - {"models", "triggers", *ANALYSIS_KINDS}
+    if unknown:
+        raise bad(where, f"unknown key(s) {sorted(unknown)}; use models, triggers, quick and full")
+    models = raw.get("models", ["*"])
+    if isinstance(models, str):
+        models = [models]
+    if not isinstance(models, list) or not models or not all(isinstance(m, str) and m for m in models):
+        raise bad(f"{where}.models", "expected a list of model-name globs")
+    on = raw.get("triggers") or {}
+    if not isinstance(on, Mapping):
+        raise bad(f"{where}.triggers", "expected a mapping with created, aliases and tags")
+    unknown = set(on) - {"created", "aliases", "tags"}
+    if unknown:
+        raise bad(f"{where}.triggers", f"unknown trigger(s) {sorted(unknown)}; use created, aliases and tags")
+    aliases = on.get("aliases") or []
+    if isinstance(aliases, str):
+        aliases = [aliases]
+    if not isinstance(aliases, list) or not all(isinstance(a, str) and a for a in aliases):
+        raise bad(f"{where}.triggers.aliases", "expected a list of alias globs")
+    tags = on.get("tags") or {}
+    if isinstance(tags, list):
+        tags = {str(t): "*" for t in tags}
+    if not isinstance(tags, Mapping):
+        raise bad(f"{where}.triggers.tags", "expected a mapping of tag key to value glob")
+    tags = {str(k): "*" if v is None else str(v) for k, v in tags.items()}
+    created = on.get("created", not (aliases or tags))  # default: only when no other trigger is given
+    if not isinstance(created, bool):
+        raise bad(f"{where}.triggers.created", "expected true or false")
+    for k in tags:
+        if T.is_own_tag(k):
+            raise bad(f"{where}.triggers.tags", f"tag {k!r} is written by sae-mlops itself and cannot be a trigger")
+    analyses: dict[str, dict[str, Any]] = {}
+    for kind in ANALYSIS_KINDS:
+        if kind not in raw or raw[kind] is False:
+            continue
+        opts = {} if raw[kind] in (None, True) else raw[kind]
+        analyses[kind] = _options(opts, kind, f"{where}.{kind}", bad)
+    if not analyses:
+        raise bad(where, "runs no analysis; add quick: {} and/or full: {}")
+    if not (created or aliases or tags):
+        raise bad(f"{where}.triggers", "has no trigger; set created: true, aliases or tags")
+    return Rule(models=list(models), on_created=created, aliases=list(aliases), tags=tags, analyses=analyses)
+
+
+def _options(raw: Any, kind: str, where: str, bad) -> dict[str, Any]:
+    if raw is None:
+        return {}
+    if not isinstance(raw, Mapping):
+        raise bad(where, "expected a mapping of analysis options")
+    allowed = analysis_option_names(kind)
+    out: dict[str, Any] = {}
+    for k, v in raw.items():
+        if k in _RESERVED_OPTIONS:
+            raise bad(f"{where}.{k}", "is set by the service (the version and the worker's device)")
+        if k not in allowed:
+            raise bad(f"{where}.{k}", f"unknown option; known: {', '.join(sorted(allowed))}")
+        if k == "full_options" and not isinstance(v, Mapping):
+            raise bad(f"{where}.full_options", "expected a mapping")
+        if k in ("max_tokens", "batch_size", "context_size") and v is not None:
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or float(v) != int(v) or int(v) < 1:
+                raise bad(f"{where}.{k}", f"expected a positive whole number, not {v!r}")
+            v = int(v)
+        out[str(k)] = v
+    return out
+
+
+def analysis_option_names(kind: str) -> set[str]:
+    from sae_mlops.config import AnalysisConfig
+
+    names = {f.name for f in fields(AnalysisConfig)} - _RESERVED_OPTIONS
+    if kind == "full":
+        names.add("full_options")
+    return names
+
+
+def _gate(raw: Any, bad) -> Gate:
+    if not isinstance(raw, Mapping):
+        raise bad("gate", "expected a mapping with analysis, alias, min and max")
+    unknown = set(raw) - {"analysis", "alias", "min", "max"}
+    if unknown:
+        raise bad("gate", f"unknown key(s) {sorted(unknown)}; use analysis, alias, min and max")
+    analysis = raw.get("analysis", "quick")
+    if analysis not in ANALYSIS_KINDS:
+        raise bad("gate.analysis", f"unknown analysis kind {analysis!r}; use quick or full")
+    alias = raw.get("alias")
+    if alias is not None and (not isinstance(alias, str) or not alias or alias.isdigit()):
+        raise bad("gate.alias", "expected an alias name (not a number)")
+    bounds: dict[str, dict[str, float]] = {}
+    for side in ("min", "max"):
+        vals = raw.get(side) or {}
+        if not isinstance(vals, Mapping):
+            raise bad(f"gate.{side}", "expected a mapping of metric name to number")
+        bounds[side] = {}
+        for k, v in vals.items():
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(float(v)):
+                raise bad(f"gate.{side}.{k}", f"expected a number, not {v!r}")
+            bounds[side][str(k)] = float(v)
+    return Gate(analysis=analysis, alias=alias, min=bounds["min"], max=bounds["max"])
+
+
+def _finite(v: Any) -> float | None:
+    if v is None or isinstance(v, bool):
+        return None
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return None
+    return f if math.isfinite(f) else None
