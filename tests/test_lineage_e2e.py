@@ -97,7 +97,7 @@ def test_train_register_analyse_compare(server, demo_assets, tmp_path):
 
     # quick analysis through the alias: lineage analysis -> training run
     quick = run_quick_and_log(
-        AnalysisConfig(sae=f"models:/{name}@champion", max_tokens=5000, device="cpu", progress=False),
+        AnalysisConfig(sae=f"models:/{name}@champion", max_tokens=4000, device="cpu", progress=False),
         tmp_path / "quick1",
         experiment=exp,
     )
@@ -117,7 +117,7 @@ def test_train_register_analyse_compare(server, demo_assets, tmp_path):
 
     # the same SAE as a local directory: lineage found by content hash
     local = run_quick_and_log(
-        AnalysisConfig(sae=str(trained.sae_dir), model="demo", max_tokens=5000, device="cpu", progress=False),
+        AnalysisConfig(sae=str(trained.sae_dir), model="demo", max_tokens=2000, device="cpu", progress=False),
         tmp_path / "quick2",
         experiment=exp,
     )
