@@ -126,6 +126,10 @@ def test_train_cli_logs_a_training_run(mlflow_store, demo_assets, no_wandb, tmp_
     assert run.data.tags["sae_mlops.logged_model_id"] in result.output
     bad = CliRunner().invoke(app, ["train", "--alias", "x"])
     assert bad.exit_code == 2 and "--register" in bad.output
+    # bad input stops before a run exists
+    bad = CliRunner().invoke(app, ["train", "--hook", "blocks.9.hook_resid_post", "--device", "cpu", "--experiment", "t"])
+    assert bad.exit_code == 2 and "has no hook" in bad.output
+    assert len(client.search_runs([client.get_experiment_by_name("t").experiment_id])) == 1
 
 
 def test_mlproject_train_entry_matches_entrypoint():

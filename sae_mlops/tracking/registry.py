@@ -16,6 +16,7 @@ with the registered name and version.
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -84,9 +85,14 @@ def check_model_name(name: str | None, alias: str | None) -> None:
         raise InputError(f"--alias {alias} needs --register NAME (an alias belongs to a registered model).")
     if name is not None and not name.strip():
         raise InputError("--register needs a model name; give --register NAME.")
-    if alias is not None:
-        import re
+    if name is not None:
+        from mlflow.utils.validation import _validate_model_name
 
+        try:
+            _validate_model_name(name)
+        except MlflowException as exc:
+            raise InputError(f"--register {name!r} is not a valid model name ({exc.message}); use e.g. demo-sae.") from None
+    if alias is not None:
         if not re.fullmatch(r"[A-Za-z0-9_\-]+", alias) or re.fullmatch(r"[vV]\d+|latest", alias):
             raise InputError(f"alias {alias!r} is not valid; use {_ALIAS_OK}, not 'latest' or 'v<number>'.")
 

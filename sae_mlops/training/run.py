@@ -66,10 +66,26 @@ def _sae_config(cfg: TrainConfig, d_in: int, d_sae: int, dtype: str, device: str
     return JumpReLUTrainingSAEConfig(**common, l0_coefficient=cfg.sparsity_coefficient)
 
 
-def train_sae(cfg: TrainConfig, out_dir: Path | str | None = None, on_metrics: MetricsCallback | None = None) -> TrainResult:
-    """Train an SAE as `cfg` says; metrics go to `on_metrics(step, metrics)`; the SAE to `out_dir`."""
+@dataclass
+class TrainingInputs:
+    """Everything resolved and checked before training starts (see :func:`prepare_training`)."""
+
+    cfg: TrainConfig
+    out: Path
+    device: str
+    model: Any  # LoadedModel
+    corpus: Any  # Corpus
+    hook: str
+    context_size: int
+    prepend_bos: bool
+    d_in: int
+    d_sae: int
+
+
+def prepare_training(cfg: TrainConfig, out_dir: Path | str | None = None) -> TrainingInputs:
+    """Check `cfg`, load the model and corpus, check the hook and sizes: every InputError a training
+    run can raise is raised here, before anything is trained or logged."""
     from sae_mlops.sources.device import resolve_device
-    from sae_mlops.sources.hashing import sha256_directory
 
     cfg.check()
     out = Path(out_dir) if out_dir else default_out_dir(cfg)
@@ -81,6 +97,24 @@ def train_sae(cfg: TrainConfig, out_dir: Path | str | None = None, on_metrics: M
     d_sae = int(cfg.d_sae or 8 * d_in)
     if cfg.architecture in ("topk", "batchtopk") and cfg.k > d_sae:
         raise InputError(f"k ({cfg.k}) exceeds d_sae ({d_sae}); lower --k or raise --d-sae.")
+    return TrainingInputs(cfg, out, device, model, corpus, hook, context_size, prepend_bos, d_in, d_sae)
+
+
+def train_sae(
+    cfg: TrainConfig,
+    out_dir: Path | str | None = None,
+    on_metrics: MetricsCallback | None = None,
+    prepared: TrainingInputs | None = None,
+) -> TrainResult:
+    """Train an SAE as `cfg` says; metrics go to `on_metrics(step, metrics)`; the SAE to `out_dir`.
+    `prepared`: the result of :func:`prepare_training` (else it is called here)."""
+    from sae_mlops.sources.hashing import sha256_directory
+
+    inputs = prepared or prepare_training(cfg, out_dir)
+    cfg, out, device, model, corpus = inputs.cfg, inputs.out, inputs.device, inputs.model, inputs.corpus
+    hook, context_size, prepend_bos, d_in, d_sae = (
+        inputs.hook, inputs.context_size, inputs.prepend_bos, inputs.d_in, inputs.d_sae,
+    )
     steps = math.ceil(cfg.training_tokens / cfg.batch_size_tokens)
     warm_up = cfg.lr_warm_up_steps if cfg.lr_warm_up_steps is not None else steps // 20
 
@@ -224,12 +258,12 @@ def train_and_log(
     from sae_mlops.tracking.registry import check_model_name
     from sae_mlops.tracking.training import SourceRun
 
-    cfg.check()
     check_model_name(register, alias)
-    name = run_name or f"train-{cfg.architecture}-{cfg.d_sae or 'auto'}"
+    prepared = prepare_training(cfg, out_dir)  # bad input stops here, before a run exists
+    name = run_name or f"train-{cfg.architecture}-{prepared.d_sae}"
     with SourceRun("train", experiment=experiment, run_name=name) as run:
         run.log_params(cfg.to_dict())
-        result = train_sae(cfg, out_dir, on_metrics=run.log_metrics)
+        result = train_sae(cfg, on_metrics=run.log_metrics, prepared=prepared)
         run.log_params(result.params)  # resolved values differing from the given ones: resolved.<name>
         run.log_corpus(result.corpus_path, result.corpus_digest, result.corpus_documents)
         outcome = run.finish_with_sae(
