@@ -215,7 +215,7 @@ def stack(tmp_path_factory):
                 service.stop()
             for pid in job_pids:
                 _kill_pid(pid)
-            _stop(mlflow_proc)
+            _stop(mlflow_proc, timeout=5)  # a server holding PostgreSQL connections is slow to exit
 
 
 @pytest.fixture(scope="module")
