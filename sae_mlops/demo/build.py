@@ -214,7 +214,14 @@ def _build_into(out: Path) -> dict[str, Any]:
 
 def build_demo_assets(out_dir: Path = ASSETS_DIR, threads: int | None = None) -> dict[str, Any]:
     """Rebuild all demo assets into `out_dir` (other files there, e.g. README.md, are kept) and
-    return the statistics also written to `out_dir/build_info.json`."""
+    return the statistics also written to `out_dir/build_info.json`.
+
+    Torch runs with deterministic algorithms and `threads` threads (default min(4, cores)); the
+    bytes are reproducible for the same package versions and thread count. Both settings are
+    restored afterwards.
+    """
+    previous = torch.are_deterministic_algorithms_enabled(), torch.get_num_threads()
+    torch.use_deterministic_algorithms(True)
     torch.set_num_threads(threads or min(4, os.cpu_count() or 1))
     t0 = time.perf_counter()
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -229,5 +236,7 @@ def build_demo_assets(out_dir: Path = ASSETS_DIR, threads: int | None = None) ->
             os.replace(item, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        torch.use_deterministic_algorithms(previous[0])
+        torch.set_num_threads(previous[1])
     logger.info("demo assets rebuilt in %s in %.0fs", out_dir, time.perf_counter() - t0)
     return info

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Iterator
 from pathlib import Path
@@ -77,5 +78,7 @@ def train_saelens_topk(
     )
     trainer = SAETrainer(cfg=trainer_cfg, sae=sae, data_provider=_activation_batches(train_acts, batch_size, seed))
     trained = trainer.fit()
-    trained.save_inference_model(out_dir)
+    _, cfg_path = trained.save_inference_model(out_dir)
+    # SAELens builds this dict from a set of field names: sort the keys so rebuilds are byte-identical.
+    cfg_path.write_text(json.dumps(json.loads(cfg_path.read_text(encoding="utf-8")), sort_keys=True), encoding="utf-8")
     logger.info("SAELens TopK SAE (k=%d, d_sae=%d) saved to %s", k, d_sae, out_dir)
