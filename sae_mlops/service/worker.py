@@ -194,11 +194,11 @@ class Worker:
             return
         if gate_result is not None:
             result = {**result, "gate": {"passed": gate_result.passed, "reasons": gate_result.reasons}}
+        if not self.settings.keep_outputs:  # already logged to the run: clean up before marking done
+            shutil.rmtree(job_dir / "out", ignore_errors=True)
         self.queue.mark_done(job.id, run_id, result)
         self.jobs_done += 1
         log.info("job %d done: run %s", job.id, run_id, extra={**extra, "run_id": run_id})
-        if not self.settings.keep_outputs:
-            shutil.rmtree(job_dir / "out", ignore_errors=True)
 
     def _finish_failed(self, job: Job, error: str, retry: bool) -> None:
         updated = self.queue.mark_attempt_failed(job.id, error, retry=retry)
