@@ -83,10 +83,10 @@ def given(args: argparse.Namespace, names) -> dict[str, Any]:
     return {k: v for k, v in vars(args).items() if v is not None and k in names}
 
 
-def run(args: argparse.Namespace, call: Callable[[Any, argparse.Namespace], Any]) -> int:
-    """Build the AnalysisConfig from `args`, then `call(cfg, args)`; a user mistake -> one line, exit 2."""
+def guarded(args: argparse.Namespace, body: Callable[[], int | None], errors: dict[type, int] | None = None) -> int:
+    """Set up logging and run ``body()``; a user mistake (InputError, or a type in ``errors``) becomes
+    one line on stderr and its exit code (2 for InputError). Says what to do when sae_mlops is missing."""
     try:
-        from sae_mlops.config import AnalysisConfig
         from sae_mlops.errors import InputError
         from sae_mlops.logging_setup import setup_logging
     except ImportError as e:
@@ -95,12 +95,21 @@ def run(args: argparse.Namespace, call: Callable[[Any, argparse.Namespace], Any]
             "(source .venv/bin/activate) before 'mlflow run ... --env-manager local', or use --env-manager virtualenv.\n"
         )
         return 2
-
     setup_logging(verbose=args.verbose)
+    codes = {InputError: 2, **(errors or {})}
     try:
-        cfg = AnalysisConfig(**given(args, AnalysisConfig.__dataclass_fields__))
-        call(cfg, args)
-    except InputError as e:
+        return body() or 0
+    except tuple(codes) as e:
         sys.stderr.write("Error: " + " ".join(str(e).split()) + "\n")
-        return getattr(e, "exit_code", 2)
-    return 0
+        return getattr(e, "exit_code", None) or next(c for t, c in codes.items() if isinstance(e, t))
+
+
+def run(args: argparse.Namespace, call: Callable[[Any, argparse.Namespace], Any]) -> int:
+    """Build the AnalysisConfig from `args`, then `call(cfg, args)` (through :func:`guarded`)."""
+
+    def body() -> None:
+        from sae_mlops.config import AnalysisConfig
+
+        call(AnalysisConfig(**given(args, AnalysisConfig.__dataclass_fields__)), args)
+
+    return guarded(args, body)

@@ -16,7 +16,7 @@ from pathlib import Path
 if str(Path(__file__).resolve().parent) not in sys.path:  # also when loaded by file path
     sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import opt  # noqa: E402
+from _common import guarded, opt  # noqa: E402
 
 
 def _names(value: str) -> list[str]:
@@ -34,24 +34,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        from sae_mlops.errors import InputError
-        from sae_mlops.logging_setup import setup_logging
+
+    def body() -> None:
         from sae_mlops.tracking.compare import compare_and_log
-    except ImportError as e:
-        sys.stderr.write(
-            f"Error: {sys.executable} cannot import sae_mlops ({e}); activate the project's virtualenv "
-            "(source .venv/bin/activate) before 'mlflow run ... --env-manager local', or use --env-manager virtualenv.\n"
-        )
-        return 2
-    setup_logging(verbose=args.verbose)
-    try:
+
         outcome = compare_and_log(args.experiments or None, args.filter, args.out, track=True)
-    except InputError as e:
-        sys.stderr.write("Error: " + " ".join(str(e).split()) + "\n")
-        return getattr(e, "exit_code", 2)
-    sys.stdout.write(f"{len(outcome.table)} analyses compared; files in {outcome.out_dir}; run {outcome.run_id}\n")
-    return 0
+        sys.stdout.write(f"{len(outcome.table)} analyses compared; files in {outcome.out_dir}; run {outcome.run_id}\n")
+
+    return guarded(args, body)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ from pathlib import Path
 if str(Path(__file__).resolve().parent) not in sys.path:  # also when loaded by file path
     sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import boolean, opt, whole  # noqa: E402
+from _common import boolean, guarded, opt, whole  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -48,20 +48,11 @@ NOTEBOOK_PARAMETERS = {
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        from sae_mlops.errors import InputError
-        from sae_mlops.interp.report import ReportError, generate_report, parse_features
-        from sae_mlops.logging_setup import setup_logging
-    except ImportError as e:
-        sys.stderr.write(
-            f"Error: {sys.executable} cannot import sae_mlops ({e}); activate the project's virtualenv "
-            "(source .venv/bin/activate) before 'mlflow run ... --env-manager local', or use --env-manager virtualenv.\n"
-        )
-        return 2
-
-    setup_logging(verbose=args.verbose)
     parameters = {nb: getattr(args, dest) for dest, nb in NOTEBOOK_PARAMETERS.items() if getattr(args, dest) is not None}
-    try:
+
+    def body() -> None:
+        from sae_mlops.interp.report import generate_report, parse_features
+
         outputs = generate_report(
             run_id=args.run_id,
             analysis_dir=args.analysis_dir,
@@ -70,14 +61,13 @@ def main(argv: list[str] | None = None) -> int:
             parameters=parameters,
             extra_log_run=os.environ.get("MLFLOW_RUN_ID") or None,
         )
-    except InputError as e:
-        sys.stderr.write("Error: " + " ".join(str(e).split()) + "\n")
-        return getattr(e, "exit_code", 2)
-    except ReportError as e:
-        sys.stderr.write("Error: " + " ".join(str(e).split()) + "\n")
-        return 1
-    sys.stdout.write(f"Notebook: {outputs.notebook}\nHTML: {outputs.html}\n")
-    return 0
+        sys.stdout.write(f"Notebook: {outputs.notebook}\nHTML: {outputs.html}\n")
+
+    try:
+        from sae_mlops.interp.report import ReportError
+    except ImportError:
+        return guarded(args, body)
+    return guarded(args, body, errors={ReportError: 1})
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ from pathlib import Path
 if str(Path(__file__).resolve().parent) not in sys.path:  # also when loaded by file path
     sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import boolean, choice, opt, whole  # noqa: E402
+from _common import boolean, choice, given, guarded, opt, whole  # noqa: E402
 
 # argparse dest -> TrainConfig field (the rest: out, register, alias, verbose)
 TRAIN_FIELDS = (
@@ -55,25 +55,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        from sae_mlops.errors import InputError
-        from sae_mlops.logging_setup import setup_logging
+
+    def body() -> None:
         from sae_mlops.training import TrainConfig, train_and_log
-    except ImportError as e:
-        sys.stderr.write(
-            f"Error: {sys.executable} cannot import sae_mlops ({e}); activate the project's virtualenv "
-            "(source .venv/bin/activate) before 'mlflow run ... --env-manager local', or use --env-manager virtualenv.\n"
-        )
-        return 2
-    setup_logging(verbose=args.verbose)
-    try:
-        cfg = TrainConfig(**{k: v for k, v in vars(args).items() if v is not None and k in TRAIN_FIELDS})
+
+        cfg = TrainConfig(**given(args, TRAIN_FIELDS))
         outcome = train_and_log(cfg, args.out, register=args.register, alias=args.alias)
-    except InputError as e:
-        sys.stderr.write("Error: " + " ".join(str(e).split()) + "\n")
-        return getattr(e, "exit_code", 2)
-    sys.stdout.write(f"training run {outcome.run_id}; logged model {outcome.model_id}; analyse with --sae {outcome.model_uri}\n")
-    return 0
+        sys.stdout.write(f"training run {outcome.run_id}; logged model {outcome.model_id}; analyse with --sae {outcome.model_uri}\n")
+
+    return guarded(args, body)
 
 
 if __name__ == "__main__":
