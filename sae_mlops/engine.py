@@ -163,17 +163,20 @@ class Engine:
             clean_logits = self._continue(act, tokens)
         sae_logits = self._continue(self.site.write(act, spliced), tokens)
         zero_logits = self._continue(self.site.zero(act), tokens)
-        predicts = batch.predicts.to(self.device)
-        targets = tokens[:, 1:][predicts]
-        lp_clean = _log_probs(clean_logits)
-        step.ce_clean = _ce(lp_clean, predicts, targets)
-        p_clean_at = lp_clean[analysed].exp()
-        lp_clean_at = lp_clean[analysed]
-        del lp_clean, clean_logits
+        # Work on the analysed rows only ([n, vocab]). Predictions are the analysed rows whose next
+        # position is a real token. KL(p || q) = sum p log p - sum p log q, the second term as a
+        # row-wise dot product (no [n, vocab] temporaries).
+        predicts = torch.nn.functional.pad(batch.predicts, (0, 1)).to(self.device)[analysed]
+        next_token = torch.nn.functional.pad(tokens[:, 1:], (0, 1))[analysed][:, None]
+        lp_clean = _log_probs(clean_logits[analysed])
+        del clean_logits
+        step.ce_clean = -lp_clean.gather(-1, next_token).squeeze(-1)[predicts]
+        p_clean = lp_clean.exp()
+        neg_entropy = _rowdot(p_clean, lp_clean)
         for name, logits in (("sae", sae_logits), ("zero", zero_logits)):
-            lp = _log_probs(logits)
-            setattr(step, f"ce_{name}", _ce(lp, predicts, targets))
-            setattr(step, f"kl_{name}", (p_clean_at * (lp_clean_at - lp[analysed])).sum(-1))
+            lp = _log_probs(logits[analysed])
+            setattr(step, f"ce_{name}", -lp.gather(-1, next_token).squeeze(-1)[predicts])
+            setattr(step, f"kl_{name}", neg_entropy - _rowdot(p_clean, lp))
             del lp
         return step
 
@@ -226,7 +229,6 @@ def _log_probs(logits: torch.Tensor) -> torch.Tensor:
     return torch.log_softmax(logits.float(), dim=-1)
 
 
-def _ce(log_probs: torch.Tensor, predicts: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Next-token CE (nats) at the positions where ``predicts`` holds; targets are tokens[:, 1:][predicts]."""
-    lp = log_probs[:, :-1][predicts]
-    return -lp.gather(-1, targets[:, None]).squeeze(-1)
+def _rowdot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Row-wise dot products of two [n, v] tensors, without an [n, v] temporary."""
+    return torch.einsum("nv,nv->n", a, b)
