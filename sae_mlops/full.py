@@ -59,7 +59,7 @@ class FullOptions:
     neighbours: int = 32
     logit_lens_tokens: int = 10
     heatmap_features: int = 200
-    shard_rows: int = 2_000_000
+    shard_rows: int = 500_000
 
 
 @dataclass

@@ -41,7 +41,7 @@ ACTS_SCHEMA = pa.schema([("token_index", pa.int64()), ("feature", pa.int32()), (
 class ActivationDBWriter:
     name = "activation_db"
 
-    def __init__(self, root: Path, d_sae: int, shard_rows: int = 2_000_000):
+    def __init__(self, root: Path, d_sae: int, shard_rows: int = 500_000):
         self.root = Path(root)
         self.partial = self.root.with_name(self.root.name + ".partial")
         if self.partial.exists():
@@ -130,33 +130,45 @@ class ActivationDBWriter:
         return self.root
 
     def _write_csr(self) -> None:
-        """CSR arrays filled shard by shard through memory maps (memory: one shard).
+        """CSR arrays streamed shard by shard into .npy files (memory: one shard).
 
-        Shards hold contiguous token ranges and rows sorted by token, so each shard's slice of
-        ``indices``/``data`` and of ``indptr`` is written in turn.
+        Shards hold contiguous token ranges with rows sorted by token, so ``indices``, ``data`` and
+        ``indptr`` are each written front to back with plain file writes (no memory map, whose
+        touched pages would count against memory as the corpus grows).
         """
         csr = self.partial / "csr"
         csr.mkdir()
-        indptr = np.lib.format.open_memmap(csr / "indptr.npy", mode="w+", dtype=np.int64, shape=(self.n_tokens + 1,))
-        indices = np.lib.format.open_memmap(csr / "indices.npy", mode="w+", dtype=np.int32, shape=(self.nnz,))
-        data = np.lib.format.open_memmap(csr / "data.npy", mode="w+", dtype=np.float32, shape=(self.nnz,))
-        indptr[0] = 0
-        offset = 0
-        for shard in sorted((self.partial / "activations").glob("part-*.parquet")):
-            tokens = pq.read_table(self.partial / "tokens" / shard.name, columns=["token_index"]).column(0).to_numpy()
-            table = pq.read_table(shard)
-            tok = table.column("token_index").to_numpy()
-            m = len(tok)
-            indices[offset : offset + m] = table.column("feature").to_numpy()
-            data[offset : offset + m] = table.column("value").to_numpy()
-            t0, t1 = int(tokens[0]), int(tokens[-1]) + 1
-            per_token = np.bincount(tok - t0, minlength=t1 - t0)
-            indptr[t0 + 1 : t1 + 1] = offset + np.cumsum(per_token)
-            offset += m
-        for arr in (indptr, indices, data):
-            arr.flush()
-        del indptr, indices, data
+        files = {
+            "indptr": _npy_stream(csr / "indptr.npy", np.int64, self.n_tokens + 1),
+            "indices": _npy_stream(csr / "indices.npy", np.int32, self.nnz),
+            "data": _npy_stream(csr / "data.npy", np.float32, self.nnz),
+        }
+        try:
+            files["indptr"].write(np.zeros(1, dtype=np.int64).tobytes())
+            offset = 0
+            for shard in sorted((self.partial / "activations").glob("part-*.parquet")):
+                tokens = pq.read_table(self.partial / "tokens" / shard.name, columns=["token_index"]).column(0).to_numpy()
+                table = pq.read_table(shard)
+                tok = table.column("token_index").to_numpy()
+                files["indices"].write(table.column("feature").to_numpy().astype(np.int32).tobytes())
+                files["data"].write(table.column("value").to_numpy().astype(np.float32).tobytes())
+                t0, t1 = int(tokens[0]), int(tokens[-1]) + 1
+                per_token = np.bincount(tok - t0, minlength=t1 - t0)
+                files["indptr"].write((offset + np.cumsum(per_token)).astype(np.int64).tobytes())
+                offset += len(tok)
+        finally:
+            for fh in files.values():
+                fh.close()
 
     def abort(self) -> None:
         """Remove the partial database (on error)."""
         shutil.rmtree(self.partial, ignore_errors=True)
+
+
+def _npy_stream(path: Path, dtype, length: int):
+    """An open file with a .npy header for a 1-D array of ``length``; the caller writes the bytes."""
+    fh = open(path, "wb")
+    np.lib.format.write_array_header_1_0(
+        fh, {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False, "shape": (length,)}
+    )
+    return fh
