@@ -267,8 +267,8 @@ def demo(
 # --- shared output ----------------------------------------------------------------------------
 
 
-def show_outcome(outcome: QuickOutcome, title: str) -> None:
-    """A short table of headline metrics, then where the files and the run are."""
+def show_headline(outcome: QuickOutcome, title: str) -> None:
+    """The headline metrics as a table, then any warnings (on stderr)."""
     m = outcome.result.metrics
     table = Table(title=title)
     table.add_column("metric")
@@ -280,6 +280,11 @@ def show_outcome(outcome: QuickOutcome, title: str) -> None:
     out_console.print(table)
     for w in outcome.warnings:
         err_console.print(f"[yellow]Warning:[/yellow] {escape(w)}", soft_wrap=True)
+
+
+def show_outcome(outcome: QuickOutcome, title: str) -> None:
+    """A short table of headline metrics, then where the files and the run are."""
+    show_headline(outcome, title)
     out_console.print(f"Files: {outcome.out_dir}", soft_wrap=True)
     for f in outcome.files:
         out_console.print(f"  {f}", soft_wrap=True, highlight=False)

@@ -15,11 +15,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import typer
-from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
-from sae_mlops.cli import HEADLINE, _fmt, _quiet, app, err_console, out_console, quick, report_input_errors
+from sae_mlops.cli import _quiet, app, err_console, out_console, quick, report_input_errors, show_headline
 from sae_mlops.errors import InputError
 
 if TYPE_CHECKING:
@@ -131,17 +130,7 @@ def full(**options: Any) -> None:
 
 def show_full_outcome(outcome: FullOutcome, title: str) -> None:
     """The headline metrics, then where the main files, the database and the run are."""
-    m = outcome.result.metrics
-    table = Table(title=title)
-    table.add_column("metric")
-    table.add_column("name", style="dim")
-    table.add_column("value", justify="right")
-    for key, label, fmt in HEADLINE:
-        if key in m:
-            table.add_row(label, key, _fmt(m[key], fmt))
-    out_console.print(table)
-    for w in outcome.warnings:
-        err_console.print(f"[yellow]Warning:[/yellow] {escape(w)}", soft_wrap=True)
+    show_headline(outcome, title)
 
     def line(label: str, value: Any) -> None:
         out_console.print(f"{label:<20}{value}", soft_wrap=True, highlight=False, markup=False)
