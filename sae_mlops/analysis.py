@@ -69,7 +69,9 @@ def prepare(cfg: AnalysisConfig) -> Inputs:
     if corpus_path is None:
         raise InputError("no corpus given; pass --corpus (JSON list of strings, JSONL, Parquet or .txt).")
     corpus = load_corpus(corpus_path, text_field=cfg.text_field)
-    model = load_model(model_name, device=device, dtype=cfg.dtype)
+    # SAELens records how the model was loaded in training (e.g. center_writing_weights): load it the same way
+    model = load_model(model_name, device=device, dtype=cfg.dtype,
+                       from_pretrained_kwargs=sae.info.extra.get("model_from_pretrained_kwargs"))
     warnings = list(check_compatible(sae, model, hook_override=cfg.hook))
     hook_name = cfg.hook or sae.info.hook_name
     site = HookSite.for_model(model.model, hook_name, sae.info.hook_head_index)

@@ -113,3 +113,29 @@ def test_missing_tokenizer(tiny):
     loaded = LoadedModel(model=bare, name="bare", tokenizer=None, source="transformer_lens")
     with pytest.raises(InputError, match="Model bare has no tokenizer"):
         check_compatible(sae(), loaded)
+
+
+def test_prepare_loads_the_model_as_the_sae_was_trained(monkeypatch):
+    """SAELens's recorded model_from_pretrained_kwargs reach the model loader."""
+    import sae_mlops.sources.model as model_mod
+    from sae_mlops.analysis import prepare
+    from sae_mlops.config import AnalysisConfig
+    from sae_mlops.demo import demo_sae_path
+    from sae_mlops.sources import sae as sae_mod
+
+    real_load_sae, real_load_model = sae_mod.load_sae, model_mod.load_model
+    seen = {}
+
+    def load_sae(*args, **kwargs):
+        loaded = real_load_sae(*args, **kwargs)
+        loaded.info.extra["model_from_pretrained_kwargs"] = {"center_writing_weights": False}
+        return loaded
+
+    def load_model(name, **kwargs):
+        seen.update(kwargs)
+        return real_load_model(name, **kwargs)
+
+    monkeypatch.setattr(sae_mod, "load_sae", load_sae)
+    monkeypatch.setattr(model_mod, "load_model", load_model)
+    prepare(AnalysisConfig(sae=str(demo_sae_path("saelens")), model="demo", progress=False))
+    assert seen["from_pretrained_kwargs"] == {"center_writing_weights": False}

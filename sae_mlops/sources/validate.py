@@ -53,12 +53,6 @@ def check_compatible(sae: LoadedSAE, model: LoadedModel, hook_override: str | No
     name_warning = model_name_warning(info.model_name, model)
     if name_warning:
         warnings.append(name_warning)
-    kwargs = info.extra.get("model_from_pretrained_kwargs")
-    if kwargs and model.source != "demo":
-        warnings.append(
-            f"SAE {info.source} was trained on the model loaded with {kwargs}; make sure model {model.name} was "
-            "loaded with the same options, or activations may differ."
-        )
     for message in warnings:
         logger.debug("compatibility: %s", message)
     return warnings
