@@ -10,13 +10,12 @@ reasons are set and, when the gate passes, the gate's alias is moved to the vers
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Iterator, Mapping
 
 from sae_mlops.service import tags as T
-from sae_mlops.service.policy import Gate, GateResult, Policy
+from sae_mlops.service.policy import Gate, GateResult, Policy, finite
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +70,7 @@ class RegistryIO:
         if gate is not None and gate.analysis == kind:
             names.update({n: T.metric_name(n) for n in gate.metric_names()})
         for short, full in names.items():
-            v = _finite(metrics.get(full))
+            v = finite(metrics.get(full))
             if v is not None:
                 values[T.analysis_tag(kind, T.metric_tag_suffix(short))] = f"{v:.6g}"
         self._set_tags(name, version, values)
@@ -196,16 +195,6 @@ class RegistryIO:
 
 def is_missing(exc: BaseException) -> bool:
     return isinstance(exc, VersionMissing)
-
-
-def _finite(v: Any) -> float | None:
-    if v is None or isinstance(v, bool):
-        return None
-    try:
-        f = float(v)
-    except (TypeError, ValueError):
-        return None
-    return f if math.isfinite(f) else None
 
 
 def _now_iso() -> str:

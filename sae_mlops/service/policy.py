@@ -131,7 +131,7 @@ class Gate:
         reasons: list[str] = []
         values: dict[str, float | None] = {}
         for name in self.metric_names():
-            value = _finite(metrics.get(T.metric_name(name)))
+            value = finite(metrics.get(T.metric_name(name)))
             values[name] = value
             if value is None:
                 reasons.append(f"{name} is missing")
@@ -411,7 +411,8 @@ def _gate(raw: Any, bad) -> Gate:
     return Gate(analysis=analysis, alias=alias, min=bounds["min"], max=bounds["max"])
 
 
-def _finite(v: Any) -> float | None:
+def finite(v: Any) -> float | None:
+    """``v`` as a finite float, or None (None, booleans, non-numbers, NaN and inf)."""
     if v is None or isinstance(v, bool):
         return None
     try:
