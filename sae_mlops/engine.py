@@ -5,12 +5,15 @@ Per batch of windows:
 1. run the model to the SAE's hook once (x, the clean activations);
 2. encode / decode the analysed positions with the SAE (x_hat), in one call per batch so that a
    batch-global BatchTopK rule sees exactly the analysed tokens of its batch;
-3. when downstream metrics are on, continue from the hook to the logits three times: clean,
-   SAE-spliced (x_hat at analysed positions, x elsewhere) and zero-ablated. For residual-stream
-   hooks (``blocks.L.hook_resid_pre`` / ``hook_resid_post``) the continuation starts at the hook
-   with TransformerLens ``start_at_layer``, so the layers before the hook run once, not three
-   times. Other hooks fall back to hooked full forward passes (clean with a cache, then two hooked).
-4. hand a :class:`StepData` to every collector.
+3. when downstream metrics are on, continue from the hook to the residual stream after the last
+   block three times: clean, SAE-spliced (x_hat at analysed positions, x elsewhere) and
+   zero-ablated. For residual-stream hooks (``blocks.L.hook_resid_pre`` / ``hook_resid_post``) the
+   continuation starts at the hook with TransformerLens ``start_at_layer``, so the layers before
+   the hook run once, not three times. Other hooks fall back to hooked forward passes (clean with a
+   cache, then two hooked).
+4. unembed only the analysed rows, in cache-sized row chunks, and reduce each chunk at once to
+   cross-entropies and KLs (:meth:`Engine.next_token_stats`): no [batch, pos, vocab] tensor is made.
+5. hand a :class:`StepData` to every collector.
 
 Batches are right-padded, so causal attention never looks at padding and no attention mask is needed.
 """
@@ -25,6 +28,13 @@ from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
+
+try:  # TransformerLens's own soft cap (Gemma-style), as its forward applies it
+    from transformer_lens.utilities.activation_functions import apply_softcap
+except ImportError:  # pragma: no cover - older/newer layouts
+
+    def apply_softcap(x: torch.Tensor, cap: float | None) -> torch.Tensor:
+        return x if not cap or cap <= 0 else cap * torch.tanh(x / cap)
 
 from sae_mlops.collectors.base import Collector, StepData
 from sae_mlops.errors import InputError
@@ -107,6 +117,10 @@ class Engine:
         self.device = device
         self.downstream = downstream
         self.sae_dtype = _module_dtype(sae)
+        self.n_layers = int(model.cfg.n_layers)
+        # hooks after the last block (ln_final.*, unembed.*) have no final residual to stop at
+        self.final_is_logits = site.name.startswith(("ln_final", "unembed"))
+        self.vocab_chunk_elements = vocab_chunk_elements(device)
         if site.name.endswith("hook_z") and hasattr(sae, "turn_off_forward_pass_hook_z_reshaping"):
             # We hand the SAE flattened [n, n_heads * d_head] rows ourselves (as SAELens run_evals does).
             if getattr(sae, "hook_z_reshaping_mode", False):
@@ -115,28 +129,58 @@ class Engine:
     # -- model compute -----------------------------------------------------------------------
     @torch.no_grad()
     def hook_activations(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(raw hook activation, clean logits or None). Residual fast path returns no logits."""
+        """(raw hook activation, clean final output or None). Residual fast path returns None.
+
+        The final output is what :meth:`continue_to_final` returns for the clean activation."""
         if self.site.resume_layer is not None:
             resid = self.model(tokens, stop_at_layer=self.site.resume_layer, padding_side="right")
             return resid, None
-        stop = None if self.downstream else _stop_layer(self.site.name)
+        if self.downstream:
+            stop = None if self.final_is_logits else self.n_layers
+        else:
+            stop = _stop_layer(self.site.name)
         out, cache = self.model.run_with_cache(
             tokens, names_filter=[self.site.name], stop_at_layer=stop, padding_side="right"
         )
         return cache[self.site.name], (out if self.downstream else None)
 
     @torch.no_grad()
-    def _continue(self, act: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        """Logits from a (possibly edited) hook activation onward."""
+    def continue_to_logits(self, act: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """Logits [B, L, vocab] from a (possibly edited) hook activation onward, at every position."""
         if self.site.resume_layer is not None:
             return self.model(act, start_at_layer=self.site.resume_layer, return_type="logits")
-
-        def replace(_act, hook):  # noqa: ARG001 - TransformerLens hook signature
-            return act
-
         return self.model.run_with_hooks(
-            tokens, fwd_hooks=[(self.site.name, replace)], return_type="logits", padding_side="right"
+            tokens, fwd_hooks=[(self.site.name, _replace_with(act))], return_type="logits", padding_side="right"
         )
+
+    @torch.no_grad()
+    def continue_to_final(self, act: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """The residual stream after the last block [B, L, d_model] from a hook activation onward
+        (logits instead when the hook sits after the last block, e.g. ``ln_final.*``)."""
+        if self.final_is_logits:
+            return self.continue_to_logits(act, tokens)
+        if self.site.resume_layer is not None:
+            return self.model(act, start_at_layer=self.site.resume_layer, stop_at_layer=self.n_layers)
+        return self.model.run_with_hooks(
+            tokens, fwd_hooks=[(self.site.name, _replace_with(act))], stop_at_layer=self.n_layers,
+            padding_side="right",
+        )
+
+    def _final_norm(self, final: torch.Tensor) -> torch.Tensor:
+        """The model's ``ln_final`` applied to final-residual rows [n, d_model] (per row)."""
+        if self.final_is_logits or self.model.cfg.normalization_type is None:
+            return final
+        return self.model.ln_final(final[None])[0]
+
+    def _logits_of_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        """Float32 logits [m, vocab] of normalised final rows [m, d_model]: ``rows @ W_U + b_U``,
+        then the model's output soft cap (``cap * tanh(z / cap)``) when it has one, as
+        TransformerLens's forward does. (TransformerLens's ``Unembed`` copies ``W_U.T`` on every
+        call, which would cost a full unembedding copy per row chunk.)"""
+        if self.final_is_logits:
+            return rows.float()
+        z = torch.addmm(self.model.b_U, rows, self.model.W_U)
+        return apply_softcap(z, self.model.cfg.output_logits_soft_cap).float()
 
     @torch.no_grad()
     def encode_decode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -150,7 +194,7 @@ class Engine:
     def step(self, batch: TokenBatch) -> StepData:
         tokens = batch.tokens.to(self.device)
         analysed = batch.analysed.to(self.device)
-        act, clean_logits = self.hook_activations(tokens)
+        act, clean_final = self.hook_activations(tokens)
         view = self.site.view(act)
         x = view[analysed]
         f, x_hat = self.encode_decode(x)
@@ -159,26 +203,53 @@ class Engine:
             return step
         spliced = view.clone()
         spliced[analysed] = x_hat.to(view.dtype)
-        if clean_logits is None:
-            clean_logits = self._continue(act, tokens)
-        sae_logits = self._continue(self.site.write(act, spliced), tokens)
-        zero_logits = self._continue(self.site.zero(act), tokens)
-        # Work on the analysed rows only ([n, vocab]). Predictions are the analysed rows whose next
-        # position is a real token. KL(p || q) = sum p log p - sum p log q, the second term as a
-        # row-wise dot product (no [n, vocab] temporaries).
+        if clean_final is None:
+            clean_final = self.continue_to_final(act, tokens)
+        finals = (
+            clean_final[analysed],
+            self.continue_to_final(self.site.write(act, spliced), tokens)[analysed],
+            self.continue_to_final(self.site.zero(act), tokens)[analysed],
+        )
         predicts = torch.nn.functional.pad(batch.predicts, (0, 1)).to(self.device)[analysed]
-        next_token = torch.nn.functional.pad(tokens[:, 1:], (0, 1))[analysed][:, None]
-        lp_clean = _log_probs(clean_logits[analysed])
-        del clean_logits
-        step.ce_clean = -lp_clean.gather(-1, next_token).squeeze(-1)[predicts]
-        p_clean = lp_clean.exp()
-        neg_entropy = _rowdot(p_clean, lp_clean)
-        for name, logits in (("sae", sae_logits), ("zero", zero_logits)):
-            lp = _log_probs(logits[analysed])
-            setattr(step, f"ce_{name}", -lp.gather(-1, next_token).squeeze(-1)[predicts])
-            setattr(step, f"kl_{name}", neg_entropy - _rowdot(p_clean, lp))
-            del lp
+        next_token = torch.nn.functional.pad(tokens[:, 1:], (0, 1))[analysed]
+        ce, kl = self.next_token_stats(finals, next_token)
+        step.ce_clean, step.ce_sae, step.ce_zero = (c[predicts] for c in ce)
+        step.kl_sae, step.kl_zero = kl
         return step
+
+    @torch.no_grad()
+    def next_token_stats(
+        self, finals: Sequence[torch.Tensor], next_token: torch.Tensor
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Cross-entropies and KLs from the clean and edited final rows (``finals[0]`` clean).
+
+        For row t with log-probabilities lp = log_softmax(logits) over the vocabulary v:
+
+        - ``CE(t) = -lp[next_token(t)]`` (nats), for every variant;
+        - ``KL(p_clean || p_x)(t) = sum_v p_clean,v (lp_clean,v - lp_x,v)`` (nats), for every edited
+          variant x.
+
+        Logits are made in row chunks of about ``vocab_chunk_elements / vocab`` rows, so the
+        vocabulary-wide temporaries stay in cache and no [n, vocab] tensor is ever held.
+        Returns ([ce per variant], [kl per edited variant]), each [n] float32.
+        """
+        n = int(finals[0].shape[0])
+        d_vocab = int(self.model.cfg.d_vocab_out)
+        rows = max(1, self.vocab_chunk_elements // max(d_vocab, 1))
+        finals = [self._final_norm(final) for final in finals]
+        ce = [torch.empty(n, device=self.device) for _ in finals]
+        kl = [torch.empty(n, device=self.device) for _ in finals[1:]]
+        for s in range(0, n, rows):
+            sl = slice(s, s + rows)
+            target = next_token[sl, None]
+            lp_clean = torch.log_softmax(self._logits_of_rows(finals[0][sl]), dim=-1)
+            p_clean = lp_clean.exp()
+            ce[0][sl] = -lp_clean.gather(-1, target)[:, 0]
+            for i, final in enumerate(finals[1:], start=1):
+                lp = torch.log_softmax(self._logits_of_rows(final[sl]), dim=-1)
+                ce[i][sl] = -lp.gather(-1, target)[:, 0]
+                kl[i - 1][sl] = torch.sub(lp_clean, lp, out=lp).mul_(p_clean).sum(-1)
+        return ce, kl
 
     # -- the pass ----------------------------------------------------------------------------
     def run(
@@ -225,10 +296,16 @@ def _stop_layer(hook_name: str) -> int | None:
     return int(m.group(1)) + 1 if m else None
 
 
-def _log_probs(logits: torch.Tensor) -> torch.Tensor:
-    return torch.log_softmax(logits.float(), dim=-1)
+def _replace_with(value: torch.Tensor):
+    """A TransformerLens hook that returns ``value`` in place of the activation."""
+
+    def replace(_act, hook):  # noqa: ARG001 - TransformerLens hook signature
+        return value
+
+    return replace
 
 
-def _rowdot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Row-wise dot products of two [n, v] tensors, without an [n, v] temporary."""
-    return torch.einsum("nv,nv->n", a, b)
+def vocab_chunk_elements(device: str) -> int:
+    """Elements per [rows, vocab] logits chunk: about 2 MB of float32 on a CPU (fits in cache),
+    256 MB on an accelerator (few, large kernels)."""
+    return 1 << 19 if str(device).startswith("cpu") else 1 << 26

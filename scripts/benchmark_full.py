@@ -47,7 +47,7 @@ def speed(sae: str, tokens: int) -> dict:
             t = b.tokens.to(inputs.device)
             act, _ = engine.hook_activations(t)
             for variant in (act, act, torch.zeros_like(act)):
-                engine._continue(variant, t)
+                engine.continue_to_logits(variant, t)
 
     necessary()  # warm-up
     t0 = time.perf_counter()

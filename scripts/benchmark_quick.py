@@ -66,7 +66,7 @@ def main() -> None:
             tokens = b.tokens.to(inputs.device)
             act, logits = engine.hook_activations(tokens)
             for variant in (act, act, torch.zeros_like(act)):
-                engine._continue(variant, tokens)
+                engine.continue_to_logits(variant, tokens)
 
     def quick():
         engine.run(make_batches(inputs, args.max_tokens), base_collectors(inputs), progress=False)

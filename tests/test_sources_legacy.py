@@ -102,6 +102,36 @@ def test_batchtopk_batch_rule_matches_numpy(make_legacy_sae):
     assert sae.min_kept_value(torch.tensor(x, dtype=torch.float32)) == pytest.approx(kept, rel=1e-5)
 
 
+@pytest.mark.parametrize("case", ["gaussian", "heavy_tail", "few_positive", "one_huge"])
+def test_batchtopk_large_batches_keep_exactly_the_global_top_values(case):
+    """Batches large enough for the histogram candidate search keep exactly what a full sort keeps."""
+    from sae_mlops.sources.legacy_batchtopk import _candidates
+
+    g = torch.Generator().manual_seed(7)
+    n, d_in, d_sae, k = 96, 16, 256, 8
+    sae = LegacyBatchTopKSAE(torch.randn(d_in, d_sae, generator=g), torch.zeros(d_sae),
+                             torch.randn(d_sae, d_in, generator=g), torch.zeros(d_in), k)
+    x = torch.randn(n, d_in, generator=g)
+    if case == "heavy_tail":
+        x = x * torch.rand(n, 1, generator=g).pow(6) * 50
+    elif case == "few_positive":  # fewer than n * k positive pre-activations: all positives kept
+        sae.b_dec.data = torch.full((d_in,), 0.0)
+        sae.W_enc.data = sae.W_enc.data.abs() * -1
+        sae.W_enc.data[:, :3] *= -1
+        x = x.abs()
+    elif case == "one_huge":
+        x[0] *= 1e4
+    pre = sae.pre_acts(x)
+    assert pre.numel() >= 4 * 2048  # the histogram path is taken unless it must fall back
+    f = sae.encode(x).double().numpy()
+    np.testing.assert_array_equal(f, batch_rule_np(pre.double().numpy(), k))
+    positives = int((pre > 0).sum())
+    assert int((f != 0).sum()) == min(n * k, positives)
+    if case in ("gaussian", "heavy_tail"):
+        idx = _candidates(pre.reshape(-1), n * k)
+        assert idx is not None and n * k <= idx.numel() < pre.numel() // 2  # really narrowed
+
+
 def test_batchtopk_code_depends_on_batch_and_ignores_b_enc(make_legacy_sae):
     path = make_legacy_sae(top_k=2, weights={"b_enc": torch.full((16,), 100.0)})
     sae = load_sae(str(path)).module

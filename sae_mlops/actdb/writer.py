@@ -73,12 +73,10 @@ class ActivationDBWriter:
                 schema=TOKENS_SCHEMA,
             )
         )
-        rows, cols = (step.f != 0).nonzero(as_tuple=True)  # row-major: sorted by token, then feature
-        values = step.f[rows, cols].float().cpu().numpy()
+        sp = step.sparse  # row-major: sorted by token, then feature
+        values = sp.values.numpy()
         self._act.append(
-            pa.record_batch(
-                [token_index[rows.cpu().numpy()], cols.cpu().numpy().astype(np.int32), values], schema=ACTS_SCHEMA
-            )
+            pa.record_batch([token_index[sp.rows.numpy()], sp.cols.numpy().astype(np.int32), values], schema=ACTS_SCHEMA)
         )
         self.n_tokens += n
         self.nnz += len(values)

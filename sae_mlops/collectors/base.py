@@ -8,12 +8,28 @@ All running sums are float64 on the CPU so that averages are exact token average
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
 
 from sae_mlops.tokens import TokenBatch
+
+
+@dataclass
+class SparseCodes:
+    """The non-zero entries of a batch's codes f [n, d_sae], on the CPU, in row-major order
+    (sorted by row, then feature): ``f[rows[j], cols[j]] == values[j]``."""
+
+    rows: torch.Tensor  # [nnz] int64
+    cols: torch.Tensor  # [nnz] int64
+    values: torch.Tensor  # [nnz] float32
+
+    @classmethod
+    def from_dense(cls, f: torch.Tensor) -> "SparseCodes":
+        rows, cols = f.nonzero(as_tuple=True)
+        values = f[rows, cols].float()
+        return cls(rows.cpu(), cols.cpu(), values.cpu())
 
 
 @dataclass
@@ -31,6 +47,15 @@ class StepData:
     kl_sae: torch.Tensor | None = None  # [n] KL(p_clean || p_sae) (nats) at batch.analysed
     kl_zero: torch.Tensor | None = None
     token_start: int = 0  # global index (stream order) of the first analysed token of this batch
+    _sparse: SparseCodes | None = field(default=None, repr=False)
+
+    @property
+    def sparse(self) -> SparseCodes:
+        """The non-zero codes, found once per batch and shared by every collector (one scan of
+        the dense [n, d_sae] codes instead of one per collector)."""
+        if self._sparse is None:
+            self._sparse = SparseCodes.from_dense(self.f)
+        return self._sparse
 
     @property
     def token_index(self) -> torch.Tensor:

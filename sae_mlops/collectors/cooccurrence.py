@@ -65,9 +65,9 @@ class CooccurrenceCollector:
         self._buf_n = 0
 
     def update(self, step: StepData) -> None:
-        rows, cols = (step.f != 0).nonzero(as_tuple=True)
-        self._buf_rows.append((rows + self._buf_n).cpu().numpy())
-        self._buf_cols.append(cols.cpu().numpy())
+        sp = step.sparse
+        self._buf_rows.append((sp.rows + self._buf_n).numpy())
+        self._buf_cols.append(sp.cols.numpy())
         self._buf_n += step.f.shape[0]
         self.n_tokens += step.f.shape[0]
         if self._buf_n >= self.flush_tokens:

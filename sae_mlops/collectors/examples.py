@@ -7,8 +7,10 @@ the batch boundaries. Each kept example carries its document index, position in 
 the token ids of a +-``window`` context cut from its window (-1 where the window has no token:
 outside it, padding, or the BOS we prepended).
 
-Per batch only candidates that can enter the top-k are touched: values at least the batch's own
-k-th largest and the feature's current k-th (ties included, so the tie rule stays exact).
+Per batch only candidates that can enter the top-k are touched: the batch's non-zero codes
+(``StepData.sparse``) at least the feature's current k-th value, and of those only each feature's
+batch top-k by (value desc, token asc) -- exact, since any other candidate is beaten by k of the
+same batch.
 Memory: ``d_sae * k * (2 * window + 5)`` numbers, independent of corpus size.
 """
 
@@ -94,28 +96,50 @@ class TopExamplesCollector:
 
     # -- collector protocol ----------------------------------------------------------------
     def update(self, step: StepData) -> None:
-        f = step.f.detach().float().cpu()
-        n = f.shape[0]
-        if n == 0:
-            return
-        threshold = self.value[:, -1]  # current k-th (-inf while not full)
-        mask = (f >= threshold[None, :]) & (f != 0)
-        heavy = torch.nonzero(mask.sum(dim=0) > self.k).flatten()
-        if heavy.numel():
-            # features with more than k candidates in this batch: only their batch top-k can enter
-            kth = torch.topk(f[:, heavy], self.k, dim=0).values[-1]
-            mask[:, heavy] &= f[:, heavy] >= kth[None, :]
-        rows, feats = mask.nonzero(as_tuple=True)
+        """Fold in one batch of a single pass: batches come in stream order (every token of this
+        batch is later than every kept one); shards of a corpus are combined with :meth:`merge`."""
+        sp = step.sparse
+        # candidates: non-zero values at least the feature's current k-th (-inf while not full)
+        cand = sp.values >= self.value[sp.cols, -1]
+        rows, feats, vals = sp.rows[cand], sp.cols[cand], sp.values[cand]
         if rows.numel() == 0:
             return
+        # of each feature's candidates, only its batch top-k by (value desc, token asc) can enter
+        # the kept top-k; rows are ascending, and both sorts are stable
+        order = torch.argsort(-vals, stable=True)
+        order = order[torch.argsort(feats[order], stable=True)]
+        rows, feats, vals = rows[order], feats[order], vals[order]
+        rank = torch.arange(len(feats)) - torch.searchsorted(feats, feats)
+        first = rank < self.k
+        rows, feats, vals = rows[first], feats[first], vals[first]
         batch = step.batch
         analysed = batch.analysed
         keep = batch.valid & (batch.doc_pos >= 0)
         ctx = context_ids(batch.tokens, keep, analysed, self.window)[rows]
-        new = Examples(feats, f[rows, feats], step.token_start + rows, batch.doc_index[:, None].expand_as(analysed)[analysed][rows],
-                       batch.doc_pos[analysed][rows], ctx)
-        affected = torch.unique(feats)
-        self._store(affected, Examples.cat([self._records(affected), new]))
+        affected, group = torch.unique_consecutive(feats, return_inverse=True)
+        # the batch's examples as a dense [a, k] block per affected feature (rank = column)
+        a, k = len(affected), self.k
+        slot = group * k + rank[first]
+        blocks = {
+            "value": (vals, float("-inf")),
+            "token": (step.token_start + rows, -1),
+            "doc": (batch.doc_index[:, None].expand_as(analysed)[analysed][rows], -1),
+            "pos": (batch.doc_pos[analysed][rows], -1),
+        }
+        merged = {}
+        for name, (data, fill) in blocks.items():
+            block = torch.full((a * k,), fill, dtype=getattr(self, name).dtype)
+            block[slot] = data.to(block.dtype)
+            merged[name] = torch.cat([getattr(self, name)[affected], block.view(a, k)], dim=1)
+        new_ctx = torch.full((a * k, ctx.shape[1]), -1, dtype=torch.int32)
+        new_ctx[slot] = ctx
+        merged["ctx"] = torch.cat([self.ctx[affected], new_ctx.view(a, k, -1)], dim=1)
+        # kept examples (earlier tokens) come first and every new token is later, so a stable sort
+        # by value alone keeps the (value desc, token asc) order exactly
+        best = torch.argsort(-merged["value"], dim=1, stable=True)[:, :k]
+        for name in ("value", "token", "doc", "pos"):
+            getattr(self, name)[affected] = merged[name].gather(1, best)
+        self.ctx[affected] = merged["ctx"].gather(1, best[:, :, None].expand(-1, -1, merged["ctx"].shape[2]))
 
     def merge(self, other: "TopExamplesCollector") -> None:
         everything = torch.arange(self.d_sae)

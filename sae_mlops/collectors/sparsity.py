@@ -39,20 +39,22 @@ class SparsityCollector:
         self.l0_hist = torch.zeros(d_sae + 1, dtype=torch.int64)  # tokens per L0 value
 
     def update(self, step: StepData) -> None:
-        f = step.f
-        active = f != 0
-        l0 = active.sum(dim=-1, dtype=torch.float64)
-        l1 = f.abs().sum(dim=-1, dtype=torch.float64)
-        self.n_tokens += f.shape[0]
-        self.sum_l0 += float(l0.sum())
-        self.sum_l0_sq += float((l0 * l0).sum())
+        """O(nnz) from the batch's non-zero codes (``step.sparse``)."""
+        n = int(step.f.shape[0])
+        sp = step.sparse
+        mag = sp.values.abs().double()
+        l0 = torch.bincount(sp.rows, minlength=n)
+        l1 = torch.bincount(sp.rows, weights=mag, minlength=n)
+        l0f = l0.double()
+        self.n_tokens += n
+        self.sum_l0 += float(l0f.sum())
+        self.sum_l0_sq += float((l0f * l0f).sum())
         self.sum_l1 += float(l1.sum())
         self.sum_l1_sq += float((l1 * l1).sum())
-        self.fire_count += active.sum(dim=0).cpu()
-        self.l0_hist += torch.bincount(l0.long().cpu(), minlength=self.d_sae + 1)
-        self.act_sum += f.sum(dim=0, dtype=torch.float64).cpu()
-        if f.shape[0]:
-            self.act_max = torch.maximum(self.act_max, f.abs().amax(dim=0).double().cpu())
+        self.fire_count += torch.bincount(sp.cols, minlength=self.d_sae)
+        self.l0_hist += torch.bincount(l0, minlength=self.d_sae + 1)
+        self.act_sum += torch.bincount(sp.cols, weights=sp.values.double(), minlength=self.d_sae)
+        self.act_max.scatter_reduce_(0, sp.cols, mag, reduce="amax")
 
     def merge(self, other: "SparsityCollector") -> None:
         self.n_tokens += other.n_tokens
