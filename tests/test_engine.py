@@ -1,0 +1,93 @@
+"""The engine's chunked CE/KL equal an independent computation from full-model logits.
+
+The engine continues each variant only to the residual stream after the last block and unembeds
+the analysed rows in small chunks; here every variant runs as a plain hooked forward pass to the
+logits and CE/KL are computed in float64 over the whole vocabulary, per position.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sae_mlops.engine import Engine, HookSite
+from sae_mlops.tokens import Window, WindowPlan, collate
+from tests.core_fixtures import random_standard_sae, tiny_model
+
+
+def _model(variant: str):
+    model, tokenizer = tiny_model()
+    if variant == "ln":
+        return model, tokenizer
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+    cfg = model.cfg.to_dict()
+    cfg.pop("n_params", None)
+    if variant == "rms_softcap":
+        cfg.update(normalization_type="RMS", output_logits_soft_cap=3.0)
+    else:  # no final norm
+        cfg.update(normalization_type=None)
+    torch.manual_seed(1)
+    other = HookedTransformer(HookedTransformerConfig(**cfg), tokenizer=tokenizer)
+    with torch.no_grad():
+        for p in other.parameters():  # random, not all-equal (e.g. b_U), weights
+            p.add_(torch.randn_like(p) * 0.2)
+    other.eval()
+    return other, tokenizer
+
+
+def _batch(tokenizer, plan: WindowPlan):
+    g = torch.Generator().manual_seed(0)
+    vocab = len(tokenizer)
+    windows = [
+        Window(i, 0, [plan.bos_id, *torch.randint(1, vocab, (length,), generator=g).tolist()], True)
+        for i, length in enumerate((20, 31, 7, 31))
+    ]
+    return collate(windows, plan)
+
+
+def _reference(model, site: HookSite, sae, batch):
+    """CE at predicts and KL at analysed rows from full hooked forwards (float64)."""
+    tokens, analysed = batch.tokens, batch.analysed
+    with torch.no_grad():
+        clean, cache = model.run_with_cache(tokens, names_filter=[site.name], padding_side="right")
+        act = cache[site.name]
+        x_hat = sae.decode(sae.encode(act[analysed]))
+        spliced = act.clone()
+        spliced[analysed] = x_hat
+
+        def run(value):
+            return model.run_with_hooks(tokens, fwd_hooks=[(site.name, lambda a, hook: value)], padding_side="right")
+
+        logits = {"clean": clean, "sae": run(spliced), "zero": run(torch.zeros_like(act))}
+    lp = {k: torch.log_softmax(v.double(), -1)[analysed] for k, v in logits.items()}
+    nxt = torch.nn.functional.pad(tokens[:, 1:], (0, 1))[analysed][:, None]
+    predicts = torch.nn.functional.pad(batch.predicts, (0, 1))[analysed]
+    ce = {k: -v.gather(-1, nxt)[:, 0][predicts] for k, v in lp.items()}
+    p = lp["clean"].exp()
+    kl = {k: (p * (lp["clean"] - lp[k])).sum(-1) for k in ("sae", "zero")}
+    return ce, kl
+
+
+@pytest.mark.parametrize("variant", ["ln", "rms_softcap", "no_final_norm"])
+@pytest.mark.parametrize("hook", ["blocks.0.hook_resid_post", "blocks.1.hook_resid_post", "blocks.0.hook_mlp_out",
+                                  "ln_final.hook_normalized"])
+def test_chunked_ce_and_kl_equal_full_logits(variant, hook):
+    model, tokenizer = _model(variant)
+    if hook.startswith("ln_final") and variant == "no_final_norm":
+        pytest.skip("no ln_final without a final norm")
+    plan = WindowPlan(32, True, tokenizer.bos_token_id, tokenizer.pad_token_id, [tokenizer.bos_token_id])
+    batch = _batch(tokenizer, plan)
+    sae = random_standard_sae(model.cfg.d_model, 64, hook)
+    site = HookSite.for_model(model, hook)
+    assert (site.resume_layer is not None) == ("resid" in hook)
+    engine = Engine(model, sae, site, "cpu")
+    engine.vocab_chunk_elements = 7 * int(model.cfg.d_vocab_out)  # 7-row chunks, a partial last one
+    assert batch.n_analysed % 7 != 0
+    step = engine.step(batch)
+    ce, kl = _reference(model, site, sae, batch)
+    for name in ("clean", "sae", "zero"):
+        torch.testing.assert_close(getattr(step, f"ce_{name}").double(), ce[name], rtol=1e-4, atol=1e-4)
+    for name in ("sae", "zero"):
+        torch.testing.assert_close(getattr(step, f"kl_{name}").double(), kl[name], rtol=1e-3, atol=1e-4)
+    assert float(kl["zero"].mean()) > 1e-3  # the zero-ablation really changes the predictions
