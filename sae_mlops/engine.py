@@ -29,13 +29,6 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-try:  # TransformerLens's own soft cap (Gemma-style), as its forward applies it
-    from transformer_lens.utilities.activation_functions import apply_softcap
-except ImportError:  # pragma: no cover - older/newer layouts
-
-    def apply_softcap(x: torch.Tensor, cap: float | None) -> torch.Tensor:
-        return x if not cap or cap <= 0 else cap * torch.tanh(x / cap)
-
 from sae_mlops.collectors.base import Collector, StepData
 from sae_mlops.errors import InputError
 from sae_mlops.tokens import TokenBatch
@@ -121,6 +114,7 @@ class Engine:
         # hooks after the last block (ln_final.*, unembed.*) have no final residual to stop at
         self.final_is_logits = site.name.startswith(("ln_final", "unembed"))
         self.vocab_chunk_elements = vocab_chunk_elements(device)
+        self._scratch_bufs: list[torch.Tensor] = []
         if site.name.endswith("hook_z") and hasattr(sae, "turn_off_forward_pass_hook_z_reshaping"):
             # We hand the SAE flattened [n, n_heads * d_head] rows ourselves (as SAELens run_evals does).
             if getattr(sae, "hook_z_reshaping_mode", False):
@@ -172,15 +166,23 @@ class Engine:
             return final
         return self.model.ln_final(final[None])[0]
 
-    def _logits_of_rows(self, rows: torch.Tensor) -> torch.Tensor:
-        """Float32 logits [m, vocab] of normalised final rows [m, d_model]: ``rows @ W_U + b_U``,
-        then the model's output soft cap (``cap * tanh(z / cap)``) when it has one, as
-        TransformerLens's forward does. (TransformerLens's ``Unembed`` copies ``W_U.T`` on every
-        call, which would cost a full unembedding copy per row chunk.)"""
+    def _logits_into(self, rows: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """Float32 logits of normalised final rows [m, d_model] written into ``out`` [m, vocab]:
+        ``rows @ W_U + b_U``, then the model's output soft cap ``cap * tanh(z / cap)`` when it has
+        one, as TransformerLens's forward does. Why not ``model.unembed``: it copies ``W_U.T`` on
+        every call (a full unembedding copy per row chunk), and writing into reused buffers saves
+        the page faults of fresh [m, vocab] allocations."""
         if self.final_is_logits:
-            return rows.float()
-        z = torch.addmm(self.model.b_U, rows, self.model.W_U)
-        return apply_softcap(z, self.model.cfg.output_logits_soft_cap).float()
+            return out.copy_(rows)
+        w_u, b_u = self.model.W_U, self.model.b_U
+        if w_u.dtype == out.dtype:
+            torch.addmm(b_u, rows, w_u, out=out)
+        else:
+            out.copy_(torch.addmm(b_u, rows, w_u))
+        cap = self.model.cfg.output_logits_soft_cap
+        if cap is not None and cap > 0:
+            out.div_(cap).tanh_().mul_(cap)
+        return out
 
     @torch.no_grad()
     def encode_decode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -217,6 +219,15 @@ class Engine:
         step.kl_sae, step.kl_zero = kl
         return step
 
+    def _scratch(self, rows: int, d_vocab: int) -> list[torch.Tensor]:
+        """Four reusable float32 [rows, vocab] buffers (logits, clean log-probs, clean probs,
+        edited log-probs), kept across batches and grown when a larger chunk needs them."""
+        bufs = self._scratch_bufs
+        if not bufs or bufs[0].shape[0] < rows or bufs[0].shape[1] != d_vocab:
+            bufs = [torch.empty(rows, d_vocab, device=self.device) for _ in range(4)]
+            self._scratch_bufs = bufs
+        return bufs
+
     @torch.no_grad()
     def next_token_stats(
         self, finals: Sequence[torch.Tensor], next_token: torch.Tensor
@@ -239,14 +250,17 @@ class Engine:
         finals = [self._final_norm(final) for final in finals]
         ce = [torch.empty(n, device=self.device) for _ in finals]
         kl = [torch.empty(n, device=self.device) for _ in finals[1:]]
+        z_buf, lp_clean_buf, p_clean_buf, lp_buf = self._scratch(min(rows, n), d_vocab)
         for s in range(0, n, rows):
             sl = slice(s, s + rows)
+            m = min(rows, n - s)
+            z, lp_clean, p_clean, lp = z_buf[:m], lp_clean_buf[:m], p_clean_buf[:m], lp_buf[:m]
             target = next_token[sl, None]
-            lp_clean = torch.log_softmax(self._logits_of_rows(finals[0][sl]), dim=-1)
-            p_clean = lp_clean.exp()
+            torch.log_softmax(self._logits_into(finals[0][sl], z), dim=-1, out=lp_clean)
+            torch.exp(lp_clean, out=p_clean)
             ce[0][sl] = -lp_clean.gather(-1, target)[:, 0]
             for i, final in enumerate(finals[1:], start=1):
-                lp = torch.log_softmax(self._logits_of_rows(final[sl]), dim=-1)
+                torch.log_softmax(self._logits_into(final[sl], z), dim=-1, out=lp)
                 ce[i][sl] = -lp.gather(-1, target)[:, 0]
                 kl[i - 1][sl] = torch.sub(lp_clean, lp, out=lp).mul_(p_clean).sum(-1)
         return ce, kl

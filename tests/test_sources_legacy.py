@@ -104,7 +104,7 @@ def test_batchtopk_batch_rule_matches_numpy(make_legacy_sae):
 
 @pytest.mark.parametrize("case", ["gaussian", "heavy_tail", "few_positive", "one_huge"])
 def test_batchtopk_large_batches_keep_exactly_the_global_top_values(case):
-    """Batches large enough for the histogram candidate search keep exactly what a full sort keeps."""
+    """Batches large enough for the sampled candidate search keep exactly what a full sort keeps."""
     from sae_mlops.sources.legacy_batchtopk import _candidates
 
     g = torch.Generator().manual_seed(7)
@@ -122,14 +122,43 @@ def test_batchtopk_large_batches_keep_exactly_the_global_top_values(case):
     elif case == "one_huge":
         x[0] *= 1e4
     pre = sae.pre_acts(x)
-    assert pre.numel() >= 4 * 2048  # the histogram path is taken unless it must fall back
+    assert pre.numel() >= 64 * 17  # the sampled candidate search is taken unless it must fall back
     f = sae.encode(x).double().numpy()
     np.testing.assert_array_equal(f, batch_rule_np(pre.double().numpy(), k))
     positives = int((pre > 0).sum())
     assert int((f != 0).sum()) == min(n * k, positives)
     if case in ("gaussian", "heavy_tail"):
-        idx = _candidates(pre.reshape(-1), n * k)
+        idx = _candidates(pre.reshape(-1), n * k, d_sae)
         assert idx is not None and n * k <= idx.numel() < pre.numel() // 2  # really narrowed
+
+
+@pytest.mark.parametrize("pattern", ["sample_all_zero", "sample_overestimates", "too_few_positive"])
+def test_batchtopk_candidates_survive_an_unrepresentative_sample(pattern):
+    """Adversarial layouts for the every-17th-value sample: the candidates still hold the top n_keep."""
+    from sae_mlops.sources.legacy_batchtopk import _candidates
+
+    n, d_sae = 64, 128
+    flat = torch.zeros(n * d_sae)
+    sampled = torch.zeros(n * d_sae, dtype=torch.bool)
+    sampled[::17] = True
+    g = torch.Generator().manual_seed(0)
+    if pattern == "sample_all_zero":
+        flat[~sampled] = torch.rand(int((~sampled).sum()), generator=g) + 0.1
+    elif pattern == "sample_overestimates":
+        flat[sampled] = 10 + torch.rand(int(sampled.sum()), generator=g)
+        flat[~sampled] = 5 + torch.rand(int((~sampled).sum()), generator=g)
+    else:
+        flat[:100] = torch.rand(100, generator=g) + 1
+    n_keep = n * 8
+    idx = _candidates(flat, n_keep, d_sae)
+    top = set(torch.topk(flat, n_keep).indices.tolist())
+    if pattern == "too_few_positive":
+        assert idx is None
+    else:
+        assert idx is not None and top <= set(idx.tolist())
+        sae = LegacyBatchTopKSAE(torch.eye(d_sae), torch.zeros(d_sae), torch.eye(d_sae), torch.zeros(d_sae), 8)
+        f = sae._batch_topk(flat.view(n, d_sae)).reshape(-1)
+        assert set(f.nonzero().squeeze(1).tolist()) == top
 
 
 def test_batchtopk_code_depends_on_batch_and_ignores_b_enc(make_legacy_sae):

@@ -53,7 +53,7 @@ def measure_from_counts(n_ij: np.ndarray, n_i: np.ndarray, n_j: np.ndarray, n_to
 class CooccurrenceCollector:
     name = "cooccurrence"
 
-    def __init__(self, d_sae: int, flush_tokens: int = 32_768):
+    def __init__(self, d_sae: int, flush_tokens: int = 131_072):
         self.d_sae = d_sae
         self.flush_tokens = flush_tokens
         self.n_tokens = 0
@@ -78,7 +78,10 @@ class CooccurrenceCollector:
             return
         rows = np.concatenate(self._buf_rows)
         cols = np.concatenate(self._buf_cols)
-        b = sp.csr_matrix((np.ones(len(rows), dtype=np.int64), (rows, cols)), shape=(self._buf_n, self.d_sae))
+        # rows arrive sorted (row-major nonzero): build the CSR directly, without a COO sort
+        indptr = np.zeros(self._buf_n + 1, dtype=np.int64)
+        np.cumsum(np.bincount(rows, minlength=self._buf_n), out=indptr[1:])
+        b = sp.csr_matrix((np.ones(len(rows), dtype=self.counts.dtype), cols, indptr), shape=(self._buf_n, self.d_sae))
         prod = (b.T @ b).tocoo()
         self.counts[prod.row, prod.col] += prod.data.astype(self.counts.dtype)
         self.fire += np.bincount(cols, minlength=self.d_sae)
