@@ -9,8 +9,9 @@ Per batch of windows:
    block three times: clean, SAE-spliced (x_hat at analysed positions, x elsewhere) and
    zero-ablated. For residual-stream hooks (``blocks.L.hook_resid_pre`` / ``hook_resid_post``) the
    continuation starts at the hook with TransformerLens ``start_at_layer``, so the layers before
-   the hook run once, not three times. Other hooks fall back to hooked forward passes (clean with a
-   cache, then two hooked).
+   the hook run once, not three times, and the zero-ablated continuation is one row that holds at
+   every position (:meth:`Engine._zero_final`), computed once per run. Other hooks fall back to
+   hooked forward passes (clean with a cache, then two hooked).
 4. unembed only the analysed rows, in cache-sized row chunks, and reduce each chunk at once to
    cross-entropies and KLs (:meth:`Engine.next_token_stats`): no [batch, pos, vocab] tensor is made.
 5. hand a :class:`StepData` to every collector.
@@ -115,6 +116,7 @@ class Engine:
         self.final_is_logits = site.name.startswith(("ln_final", "unembed"))
         self.vocab_chunk_elements = vocab_chunk_elements(device)
         self._scratch_bufs: list[torch.Tensor] = []
+        self._zero_row: torch.Tensor | bool | None = None  # see _zero_final; False: not constant
         if site.name.endswith("hook_z") and hasattr(sae, "turn_off_forward_pass_hook_z_reshaping"):
             # We hand the SAE flattened [n, n_heads * d_head] rows ourselves (as SAELens run_evals does).
             if getattr(sae, "hook_z_reshaping_mode", False):
@@ -159,6 +161,34 @@ class Engine:
             tokens, fwd_hooks=[(self.site.name, _replace_with(act))], stop_at_layer=self.n_layers,
             padding_side="right",
         )
+
+    @torch.no_grad()
+    def _zero_final(self, act: torch.Tensor, tokens: torch.Tensor, analysed: torch.Tensor) -> torch.Tensor:
+        """Final rows of the zero-ablated continuation: [n, d_model], or [1, d_model] when one row
+        stands for every position.
+
+        Why one row can: on the residual fast path the ablated residual is 0 at every position,
+        so every later block sees the same input at every position. Attention then mixes identical
+        values (its weights sum to 1), so its output is the same everywhere whatever the pattern
+        (causal mask, rotary, ALiBi, local windows), and so are the MLP's and the norms'. The row is
+        a constant of model and hook: it is computed once, from a [1, 1, d_model] zero input, and
+        checked against the full continuation of the first batch; if they differ (a model that
+        injects positions after the hook) the full continuation is used throughout, with a warning.
+        """
+        if self.site.resume_layer is None or self._zero_row is False:
+            return self.continue_to_final(self.site.zero(act), tokens)[analysed]
+        if self._zero_row is not None:
+            return self._zero_row
+        row = self.continue_to_final(act.new_zeros((1, 1, act.shape[-1])), tokens[:1, :1])[0]
+        full = self.continue_to_final(self.site.zero(act), tokens)[analysed]
+        scale = float(full.abs().max()) if full.numel() else 0.0
+        tol = 64 * torch.finfo(full.dtype).eps * max(scale, 1.0)
+        if full.numel() and float((full - row).abs().max()) <= tol:
+            self._zero_row = row
+        else:
+            self._zero_row = False
+            log.warning("the zero-ablated continuation differs between positions at %s; running it in full", self.site.name)
+        return full
 
     def _final_norm(self, final: torch.Tensor) -> torch.Tensor:
         """The model's ``ln_final`` applied to final-residual rows [n, d_model] (per row)."""
@@ -210,7 +240,7 @@ class Engine:
         finals = (
             clean_final[analysed],
             self.continue_to_final(self.site.write(act, spliced), tokens)[analysed],
-            self.continue_to_final(self.site.zero(act), tokens)[analysed],
+            self._zero_final(act, tokens, analysed),
         )
         predicts = torch.nn.functional.pad(batch.predicts, (0, 1)).to(self.device)[analysed]
         next_token = torch.nn.functional.pad(tokens[:, 1:], (0, 1))[analysed]
@@ -232,7 +262,8 @@ class Engine:
     def next_token_stats(
         self, finals: Sequence[torch.Tensor], next_token: torch.Tensor
     ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """Cross-entropies and KLs from the clean and edited final rows (``finals[0]`` clean).
+        """Cross-entropies and KLs from the clean and edited final rows (``finals[0]`` clean, [n,
+        d_model]; an edited variant may be one row [1, d_model] that holds at every position).
 
         For row t with log-probabilities lp = log_softmax(logits) over the vocabulary v:
 
@@ -251,6 +282,12 @@ class Engine:
         ce = [torch.empty(n, device=self.device) for _ in finals]
         kl = [torch.empty(n, device=self.device) for _ in finals[1:]]
         z_buf, lp_clean_buf, p_clean_buf, lp_buf = self._scratch(min(rows, n), d_vocab)
+        # variants given as one row (the same at every position): log-probs once, broadcast
+        constant = {
+            i: torch.log_softmax(self._logits_into(final, z_buf[:1]), dim=-1).clone()
+            for i, final in enumerate(finals)
+            if i > 0 and final.shape[0] == 1
+        }
         for s in range(0, n, rows):
             sl = slice(s, s + rows)
             m = min(rows, n - s)
@@ -260,9 +297,13 @@ class Engine:
             torch.exp(lp_clean, out=p_clean)
             ce[0][sl] = -lp_clean.gather(-1, target)[:, 0]
             for i, final in enumerate(finals[1:], start=1):
-                torch.log_softmax(self._logits_into(final[sl], z), dim=-1, out=lp)
-                ce[i][sl] = -lp.gather(-1, target)[:, 0]
-                kl[i - 1][sl] = torch.sub(lp_clean, lp, out=lp).mul_(p_clean).sum(-1)
+                if i in constant:
+                    lp_x = constant[i]
+                    ce[i][sl] = -lp_x[0, target[:, 0]]
+                else:
+                    lp_x = torch.log_softmax(self._logits_into(final[sl], z), dim=-1, out=lp)
+                    ce[i][sl] = -lp_x.gather(-1, target)[:, 0]
+                kl[i - 1][sl] = torch.sub(lp_clean, lp_x, out=lp).mul_(p_clean).sum(-1)
         return ce, kl
 
     # -- the pass ----------------------------------------------------------------------------

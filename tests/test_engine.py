@@ -25,6 +25,8 @@ def _model(variant: str):
     cfg.pop("n_params", None)
     if variant == "rms_softcap":
         cfg.update(normalization_type="RMS", output_logits_soft_cap=3.0)
+    elif variant == "rotary":
+        cfg.update(positional_embedding_type="rotary", rotary_dim=cfg["d_head"])
     else:  # no final norm
         cfg.update(normalization_type=None)
     torch.manual_seed(1)
@@ -36,12 +38,12 @@ def _model(variant: str):
     return other, tokenizer
 
 
-def _batch(tokenizer, plan: WindowPlan):
-    g = torch.Generator().manual_seed(0)
+def _batch(tokenizer, plan: WindowPlan, seed: int = 0, lengths=(20, 31, 7, 31)):
+    g = torch.Generator().manual_seed(seed)
     vocab = len(tokenizer)
     windows = [
         Window(i, 0, [plan.bos_id, *torch.randint(1, vocab, (length,), generator=g).tolist()], True)
-        for i, length in enumerate((20, 31, 7, 31))
+        for i, length in enumerate(lengths)
     ]
     return collate(windows, plan)
 
@@ -69,7 +71,15 @@ def _reference(model, site: HookSite, sae, batch):
     return ce, kl
 
 
-@pytest.mark.parametrize("variant", ["ln", "rms_softcap", "no_final_norm"])
+def _check(step, model, site, sae, batch):
+    ce, kl = _reference(model, site, sae, batch)
+    for name in ("clean", "sae", "zero"):
+        torch.testing.assert_close(getattr(step, f"ce_{name}").double(), ce[name], rtol=1e-4, atol=1e-4)
+    for name in ("sae", "zero"):
+        torch.testing.assert_close(getattr(step, f"kl_{name}").double(), kl[name], rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.parametrize("variant", ["ln", "rms_softcap", "no_final_norm", "rotary"])
 @pytest.mark.parametrize("hook", ["blocks.0.hook_resid_post", "blocks.1.hook_resid_post", "blocks.0.hook_mlp_out",
                                   "ln_final.hook_normalized"])
 def test_chunked_ce_and_kl_equal_full_logits(variant, hook):
@@ -84,10 +94,31 @@ def test_chunked_ce_and_kl_equal_full_logits(variant, hook):
     engine = Engine(model, sae, site, "cpu")
     engine.vocab_chunk_elements = 7 * int(model.cfg.d_vocab_out)  # 7-row chunks, a partial last one
     assert batch.n_analysed % 7 != 0
-    step = engine.step(batch)
-    ce, kl = _reference(model, site, sae, batch)
-    for name in ("clean", "sae", "zero"):
-        torch.testing.assert_close(getattr(step, f"ce_{name}").double(), ce[name], rtol=1e-4, atol=1e-4)
-    for name in ("sae", "zero"):
-        torch.testing.assert_close(getattr(step, f"kl_{name}").double(), kl[name], rtol=1e-3, atol=1e-4)
-    assert float(kl["zero"].mean()) > 1e-3  # the zero-ablation really changes the predictions
+    for seed, lengths in ((0, (20, 31, 7, 31)), (1, (31, 3, 12))):  # the 2nd batch uses the cached zero row
+        batch = _batch(tokenizer, plan, seed, lengths)
+        _check(engine.step(batch), model, site, sae, batch)
+    # the zero-ablated continuation is one row for every position on the residual fast path
+    assert (engine._zero_row is not None and engine._zero_row is not False) == (site.resume_layer is not None)
+
+
+def test_position_dependent_continuation_falls_back_to_the_full_zero_ablation(caplog):
+    """A model that injects positions after the hook: the one-row shortcut must not be used."""
+    model, tokenizer = _model("ln")
+
+    def add_position(resid, hook):  # noqa: ARG001
+        return resid + torch.arange(resid.shape[1], dtype=resid.dtype)[None, :, None] * 0.5
+
+    model.add_hook("blocks.1.hook_resid_mid", add_position)
+    try:
+        plan = WindowPlan(32, True, tokenizer.bos_token_id, tokenizer.pad_token_id, [tokenizer.bos_token_id])
+        hook = "blocks.0.hook_resid_post"
+        sae = random_standard_sae(model.cfg.d_model, 64, hook)
+        site = HookSite.for_model(model, hook)
+        engine = Engine(model, sae, site, "cpu")
+        for seed in (0, 1):
+            batch = _batch(tokenizer, plan, seed)
+            _check(engine.step(batch), model, site, sae, batch)
+        assert engine._zero_row is False
+        assert "differs between positions" in caplog.text
+    finally:
+        model.reset_hooks(including_permanent=True)

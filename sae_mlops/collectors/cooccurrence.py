@@ -66,8 +66,8 @@ class CooccurrenceCollector:
 
     def update(self, step: StepData) -> None:
         sp = step.sparse
-        self._buf_rows.append((sp.rows + self._buf_n).numpy())
-        self._buf_cols.append(sp.cols.numpy())
+        self._buf_rows.append((sp.rows + self._buf_n).numpy().astype(np.int32))  # < flush_tokens + batch
+        self._buf_cols.append(sp.cols.numpy().astype(np.int32))
         self._buf_n += step.f.shape[0]
         self.n_tokens += step.f.shape[0]
         if self._buf_n >= self.flush_tokens:
