@@ -84,3 +84,22 @@ def test_blockwise_neighbours_equal_dense_matrix():
         expected = sorted(range(13), key=lambda j: (-dense[i, j], j))[:4]
         assert idx[i].tolist() == expected
         np.testing.assert_allclose(val[i], dense[i, expected], rtol=1e-6)
+
+
+@pytest.mark.parametrize("d, workers", [(40, 3), (2100, 2)])
+def test_counts_in_parallel_row_blocks_equal_btb(d, workers):
+    """Flushes split into row blocks on several threads; d=2100 adds through the sparse path."""
+    from sae_mlops.collectors.cooccurrence import _gram_parts
+
+    rng = np.random.default_rng(3)
+    n = 3 * 4096 + 17
+    f = (rng.uniform(0, 1, (n, d)) < 6 / d).astype(np.float32)
+    f[100:300] = 0  # empty rows inside a block
+    c = CooccurrenceCollector(d, flush_tokens=10_000, workers=workers)
+    for start in range(0, n, 2000):
+        t = torch.from_numpy(f[start : start + 2000])
+        c.update(StepData(batch=None, x=t, f=t, x_hat=t))
+    b = (f != 0).astype(np.float64)  # BLAS; exact for these counts
+    np.testing.assert_array_equal(c.finalize_counts(), (b.T @ b).astype(np.int64))
+    rows, cols = np.nonzero(f)
+    assert len(_gram_parts(rows, cols, n, d, np.int64, workers)) == workers  # really split

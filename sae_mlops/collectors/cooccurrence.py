@@ -10,7 +10,8 @@ Measures (``measure_from_counts``):
   NaN where one of the two never fires.
 
 The collector accumulates ``B^T B`` during the pass, buffering firing rows and multiplying them
-as a sparse matrix every ``flush_tokens`` tokens (cost ~ tokens x L0^2, not tokens x d_sae^2).
+as a sparse matrix every ``flush_tokens`` tokens (cost ~ tokens x L0^2, not tokens x d_sae^2),
+in row blocks on ``workers`` threads (default: torch's thread count).
 It holds a dense ``d_sae x d_sae`` count matrix, so it is used only up to the configured dense
 limit; beyond it, neighbours are computed block-wise from the activation database's CSR export
 (:func:`neighbours_from_csr`).
@@ -18,6 +19,7 @@ limit; beyond it, neighbours are computed block-wise from the activation databas
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -53,9 +55,10 @@ def measure_from_counts(n_ij: np.ndarray, n_i: np.ndarray, n_j: np.ndarray, n_to
 class CooccurrenceCollector:
     name = "cooccurrence"
 
-    def __init__(self, d_sae: int, flush_tokens: int = 131_072):
+    def __init__(self, d_sae: int, flush_tokens: int = 32_768, workers: int | None = None):
         self.d_sae = d_sae
         self.flush_tokens = flush_tokens
+        self.workers = workers or max(1, torch.get_num_threads())
         self.n_tokens = 0
         self.fire = np.zeros(d_sae, dtype=np.int64)
         dtype = np.int64 if d_sae <= 8192 else np.int32  # int32 keeps 16384^2 at 1 GiB; exact below 2^31
@@ -78,12 +81,12 @@ class CooccurrenceCollector:
             return
         rows = np.concatenate(self._buf_rows)
         cols = np.concatenate(self._buf_cols)
-        # rows arrive sorted (row-major nonzero): build the CSR directly, without a COO sort
-        indptr = np.zeros(self._buf_n + 1, dtype=np.int64)
-        np.cumsum(np.bincount(rows, minlength=self._buf_n), out=indptr[1:])
-        b = sp.csr_matrix((np.ones(len(rows), dtype=self.counts.dtype), cols, indptr), shape=(self._buf_n, self.d_sae))
-        prod = (b.T @ b).tocoo()
-        self.counts[prod.row, prod.col] += prod.data.astype(self.counts.dtype)
+        for prod in _gram_parts(rows, cols, self._buf_n, self.d_sae, self.counts.dtype, self.workers):
+            if prod.shape[0] * prod.shape[1] <= 1 << 22:  # small: a dense add beats fancy indexing
+                self.counts += prod.toarray()
+            else:
+                prod = prod.tocoo()
+                self.counts[prod.row, prod.col] += prod.data.astype(self.counts.dtype)
         self.fire += np.bincount(cols, minlength=self.d_sae)
         self._buf_rows, self._buf_cols, self._buf_n = [], [], 0
 
@@ -104,6 +107,31 @@ class CooccurrenceCollector:
 
     def compute(self) -> dict[str, Any]:
         return {}
+
+
+def _gram(rows: np.ndarray, cols: np.ndarray, lo: int, hi: int, d: int, dtype) -> sp.csr_matrix:
+    """``B^T B`` of the binary rows ``lo..hi`` of B, given B's non-zeros sorted by row."""
+    n = hi - lo
+    indptr = np.zeros(n + 1, dtype=np.int64)
+    np.cumsum(np.bincount(rows - lo, minlength=n), out=indptr[1:])
+    b = sp.csr_matrix((np.ones(len(rows), dtype=dtype), cols, indptr), shape=(n, d))
+    return b.T @ b
+
+
+def _gram_parts(rows: np.ndarray, cols: np.ndarray, n: int, d: int, dtype, workers: int,
+                min_rows: int = 4096) -> list[sp.csr_matrix]:
+    """``B^T B`` for the binary [n, d] matrix with non-zeros (rows, cols), sorted by row, as the
+    sum of the returned matrices: one per block of rows, computed in parallel threads (SciPy's
+    sparse products release the GIL, and the pass waits for the flush anyway)."""
+    parts = max(1, min(workers, n // min_rows))
+    edges = np.linspace(0, n, parts + 1).astype(np.int64)
+    cuts = np.searchsorted(rows, edges)
+    jobs = [(rows[a:b], cols[a:b], int(lo), int(hi), d, dtype)
+            for a, b, lo, hi in zip(cuts[:-1], cuts[1:], edges[:-1], edges[1:])]
+    if parts == 1:
+        return [_gram(*jobs[0])]
+    with ThreadPoolExecutor(parts) as pool:
+        return list(pool.map(lambda job: _gram(*job), jobs))
 
 
 def neighbours_from_csr(
