@@ -110,18 +110,16 @@ def iter_windows(texts: Sequence[str], tokenizer, plan: WindowPlan) -> Iterator[
 
 
 def collate(windows: list[Window], plan: WindowPlan) -> TokenBatch:
-    """Right-pad windows into tensors and build the masks."""
-    length = max(len(w.tokens) for w in windows)
-    n = len(windows)
-    tokens = torch.full((n, length), plan.pad_id, dtype=torch.long)
-    valid = torch.zeros((n, length), dtype=torch.bool)
-    doc_pos = torch.full((n, length), -1, dtype=torch.long)
-    for row, w in enumerate(windows):
-        m = len(w.tokens)
-        tokens[row, :m] = torch.tensor(w.tokens, dtype=torch.long)
-        valid[row, :m] = True
-        first = 1 if w.has_bos else 0
-        doc_pos[row, first:m] = torch.arange(w.start, w.start + m - first)
+    """Right-pad windows into tensors and build the masks (one tensor construction per field)."""
+    lengths = torch.tensor([len(w.tokens) for w in windows], dtype=torch.long)
+    length = int(lengths.max())
+    tokens = torch.tensor([w.tokens + [plan.pad_id] * (length - len(w.tokens)) for w in windows], dtype=torch.long)
+    index = torch.arange(length)[None, :]
+    valid = index < lengths[:, None]
+    first = torch.tensor([1 if w.has_bos else 0 for w in windows], dtype=torch.long)[:, None]
+    start = torch.tensor([w.start for w in windows], dtype=torch.long)[:, None]
+    in_doc = valid & (index >= first)
+    doc_pos = torch.where(in_doc, start + index - first, torch.full_like(tokens, -1))
     special = torch.isin(tokens, torch.tensor(plan.special_ids, dtype=torch.long))
     analysed = valid & ~special
     # A BOS we prepended is special even if the tokenizer does not list it.
@@ -133,7 +131,10 @@ def collate(windows: list[Window], plan: WindowPlan) -> TokenBatch:
 
 
 def _count_analysed(window: Window, special: set[int]) -> int:
-    return sum(1 for i, t in enumerate(window.tokens) if not (i == 0 and window.has_bos) and t not in special)
+    body = window.tokens[1:] if window.has_bos else window.tokens
+    if len(special) <= 8:  # list.count runs in C
+        return len(body) - sum(body.count(s) for s in special)
+    return sum(1 for t in body if t not in special)
 
 
 def _truncate_to(window: Window, remaining: int, special: set[int]) -> Window:
