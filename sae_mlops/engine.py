@@ -104,6 +104,10 @@ class PassStats:
 class Engine:
     """Runs model + SAE over token batches and feeds collectors."""
 
+    #: compute the zero-ablated continuation once as one row on the residual fast path (exact;
+    #: see :meth:`_zero_final`); False runs it in full for every batch (benchmarks compare both)
+    constant_zero_ablation: bool = True
+
     def __init__(self, model, sae, site: HookSite, device: str = "cpu", downstream: bool = True):
         self.model = model
         self.sae = sae
@@ -175,7 +179,7 @@ class Engine:
         checked against the full continuation of the first batch; if they differ (a model that
         injects positions after the hook) the full continuation is used throughout, with a warning.
         """
-        if self.site.resume_layer is None or self._zero_row is False:
+        if self.site.resume_layer is None or not self.constant_zero_ablation or self._zero_row is False:
             return self.continue_to_final(self.site.zero(act), tokens)[analysed]
         if self._zero_row is not None:
             return self._zero_row

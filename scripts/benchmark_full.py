@@ -7,6 +7,8 @@ corpus grows, and feature-summary time as d_sae grows. Prints figures (JSON); as
   (clean logits, SAE-spliced, zero-ablated) = one clean forward + two continuations;
 - full_pass: the single streaming pass with every full-analysis collector (tokenization, SAE,
   metrics, top-k examples, co-occurrence counts, activation database shards);
+- full_pass_full_zero_ablation: the same pass with the zero-ablated continuation run in full for
+  every batch instead of once as one row (``Engine.constant_zero_ablation = False``);
 - full_total: run_full end to end (loading, pass, database finalisation, matrices, logit lens,
   summaries, plots, reports); everything after the pass depends on d_sae, not on the corpus, so
   its share shrinks as the corpus grows (``--tokens``).
@@ -64,8 +66,17 @@ def speed(sae: str, tokens: int, repeats: int = 3) -> dict:
             t_total.append(time.perf_counter() - t0)
         t_pass.append(out.result.metrics["speed/seconds"])
         t_post.append(t_total[-1] - t_pass[-1])
+    # the same pass with the zero-ablated continuation run in full for every batch
+    Engine.constant_zero_ablation = False
+    try:
+        t_full_zero = []
+        for _ in range(repeats):
+            with tempfile.TemporaryDirectory() as tmp:
+                t_full_zero.append(run_full(_cfg(sae, tokens), Path(tmp)).result.metrics["speed/seconds"])
+    finally:
+        Engine.constant_zero_ablation = True
     best = {"necessary": min(t_nec), "full_pass": min(t_pass), "full_total": min(t_total),
-            "after_pass": min(t_post)}
+            "after_pass": min(t_post), "full_pass_full_zero_ablation": min(t_full_zero)}
     return {
         "tokens": tokens,
         "batches": len(batches),
@@ -75,6 +86,7 @@ def speed(sae: str, tokens: int, repeats: int = 3) -> dict:
         "ratios": {
             "full_pass_over_necessary": best["full_pass"] / best["necessary"],
             "full_total_over_necessary": best["full_total"] / best["necessary"],
+            "full_pass_full_zero_ablation_over_necessary": best["full_pass_full_zero_ablation"] / best["necessary"],
         },
     }
 
@@ -84,7 +96,19 @@ def child_memory(sae: str, tokens: int) -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         run_full(_cfg(sae, tokens), Path(tmp))
-    print(json.dumps({"tokens": tokens, "max_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+    print(json.dumps({"tokens": tokens, "max_rss_mib": _peak_rss_mib()}))
+
+
+def _peak_rss_mib() -> float:
+    """This process's peak RSS. VmHWM, not ``getrusage``'s ru_maxrss: Linux carries the parent's
+    RSS at fork into a child's ru_maxrss across exec, so every child would report the parent's."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def memory(sae: str, sizes: list[int]) -> list[dict]:
@@ -139,7 +163,7 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=100_000)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--skip", default="", help="comma list of parts to skip: speed,memory,summaries")
-    ap.add_argument("--sizes", default="20000,80000", help="corpus sizes (tokens) for the memory figure")
+    ap.add_argument("--sizes", default="100000,450000", help="corpus sizes (tokens) for the memory figure")
     ap.add_argument("--d-sae", default="512,4096,16384")
     ap.add_argument("--child-memory", type=int, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
