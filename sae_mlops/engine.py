@@ -285,7 +285,7 @@ class Engine:
         finals = [self._final_norm(final) for final in finals]
         ce = [torch.empty(n, device=self.device) for _ in finals]
         kl = [torch.empty(n, device=self.device) for _ in finals[1:]]
-        z_buf, lp_clean_buf, p_clean_buf, lp_buf = self._scratch(min(rows, n), d_vocab)
+        z_buf, lp_clean_buf, p_clean_buf, lp_buf = self._scratch(max(1, min(rows, n)), d_vocab)
         # variants given as one row (the same at every position): log-probs once, broadcast
         constant = {
             i: torch.log_softmax(self._logits_into(final, z_buf[:1]), dim=-1).clone()
