@@ -54,6 +54,21 @@ def test_budget_is_exact_or_whole_corpus(tok, budget):
     assert got == min(budget, total)
 
 
+@pytest.mark.parametrize("n_special", [2, 12])
+def test_budget_counts_skip_many_special_ids(tok, n_special):
+    """Ordinary ids declared special (few: list.count path; many: torch.isin path) are not counted."""
+    from dataclasses import replace
+
+    plan = make_plan(tok, context_size=16, prepend_bos=True)
+    ids = sorted({t for text in TEXTS for t in tok(text, add_special_tokens=False)["input_ids"]})
+    plan = replace(plan, special_ids=sorted(set(plan.special_ids) | set(ids[: n_special - 1])))
+    total = sum(b.n_analysed for b in iter_batches(TEXTS, tok, plan, 3, None))
+    expected = sum(1 for t in TEXTS for i in tok(t, add_special_tokens=False)["input_ids"] if i not in plan.special_ids)
+    assert total == expected and total > 10
+    got = sum(b.n_analysed for b in iter_batches(TEXTS, tok, plan, 3, total - 5))
+    assert got == total - 5
+
+
 def test_no_bos_windows(tok):
     plan = make_plan(tok, context_size=8, prepend_bos=False)
     batches = list(iter_batches(TEXTS, tok, plan, 2, None))
