@@ -12,7 +12,7 @@ import torch
 
 from sae_mlops.engine import Engine, HookSite
 from sae_mlops.tokens import Window, WindowPlan, collate
-from tests.core_fixtures import random_standard_sae, tiny_model
+from core_fixtures import random_standard_sae, tiny_model
 
 
 def _model(variant: str):
