@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 import torch
+from _baseline import necessary_model_compute  # scripts/ is on sys.path when run as a script
 
 
 def _cfg(sae: str, tokens: int):
@@ -46,13 +47,8 @@ def speed(sae: str, tokens: int, repeats: int = 3) -> dict:
     batches = list(make_batches(inputs, tokens))
     engine = Engine(inputs.model.model, inputs.sae.module, inputs.site, inputs.device)
 
-    @torch.no_grad()
     def necessary():
-        for b in batches:
-            t = b.tokens.to(inputs.device)
-            act, _ = engine.hook_activations(t)
-            for variant in (act, act, torch.zeros_like(act)):
-                engine.continue_to_logits(variant, t)
+        necessary_model_compute(engine, batches, inputs.device)
 
     necessary()  # warm-up
     t_nec, t_pass, t_total, t_post = [], [], [], []

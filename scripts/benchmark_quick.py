@@ -17,6 +17,7 @@ import json
 import time
 
 import torch
+from _baseline import necessary_model_compute  # scripts/ is on sys.path when run as a script
 
 from sae_mlops.analysis import base_collectors, make_batches, prepare
 from sae_mlops.config import AnalysisConfig
@@ -60,13 +61,8 @@ def main() -> None:
 
     engine = Engine(model, inputs.sae.module, inputs.site, inputs.device)
 
-    @torch.no_grad()
     def necessary():
-        for b in batches:
-            tokens = b.tokens.to(inputs.device)
-            act, logits = engine.hook_activations(tokens)
-            for variant in (act, act, torch.zeros_like(act)):
-                engine.continue_to_logits(variant, tokens)
+        necessary_model_compute(engine, batches, inputs.device)
 
     def quick():
         engine.run(make_batches(inputs, args.max_tokens), base_collectors(inputs), progress=False)
