@@ -35,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--examples-per-feature", type=opt(whole), default=None, help="top examples kept per feature (empty: 25)")
     p.add_argument("--context-window", type=opt(whole), default=None, help="tokens either side of an example (empty: 10)")
     p.add_argument("--cooccurrence", type=opt(choice("correlation", "jaccard", "pmi")), default=None, help="co-occurrence measure (empty: correlation)")
-    p.add_argument("--dense-limit", type=opt(whole), default=None, help="largest d_sae with dense .npy matrices (empty: 16384)")
+    p.add_argument("--dense-limit", type=opt(whole), default=None, help="largest d_sae with dense .npy matrices (empty: 4096)")
     p.add_argument("--neighbours", type=opt(whole), default=None, help="neighbours per feature in the neighbour lists (empty: 32)")
     p.add_argument("--logit-lens-tokens", type=opt(whole), default=None, help="top and bottom logit-lens tokens per feature (empty: 10)")
     p.add_argument("--heatmap-features", type=opt(whole), default=None, help="features in the clustered heatmaps (empty: 200)")

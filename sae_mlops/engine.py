@@ -25,7 +25,7 @@ import logging
 import re
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from tqdm.auto import tqdm
@@ -99,6 +99,10 @@ class PassStats:
     tokens_in_batches: int = 0  # real (non-padding) tokens, specials included
     predictions: int = 0  # next-token predictions (analysed t, real t+1)
     seconds: float = 0.0
+    #: seconds inside the pass: "batches" (tokenising and collating), "model" (model, SAE and
+    #: CE/KL: :meth:`Engine.step`), "sparse_codes" (finding the codes' non-zeros once per batch),
+    #: then one entry per collector (its ``update``); on CUDA each part is synchronised first
+    part_seconds: dict[str, float] = field(default_factory=dict)
 
 
 class Engine:
@@ -321,14 +325,30 @@ class Engine:
         on_step: Callable[[StepData], None] | None = None,
     ) -> PassStats:
         stats = PassStats()
+        parts = stats.part_seconds
+        sync = torch.cuda.synchronize if str(self.device).startswith("cuda") else (lambda: None)
+
+        def timed(name: str, t0: float) -> float:
+            sync()
+            t1 = time.perf_counter()
+            parts[name] = parts.get(name, 0.0) + (t1 - t0)
+            return t1
+
         start = time.perf_counter()
         bar = tqdm(total=total_tokens, unit="tok", unit_scale=True, desc=desc, disable=not progress)
         try:
+            t = time.perf_counter()
             for batch in batches:
+                t = timed("batches", t)
                 step = self.step(batch)
+                t = timed("model", t)
                 step.token_start = stats.tokens_analysed
+                if collectors:
+                    step.sparse  # noqa: B018 - found once here so that its cost is named
+                    t = timed("sparse_codes", t)
                 for c in collectors:
                     c.update(step)
+                    t = timed(getattr(c, "name", type(c).__name__), t)
                 if on_step is not None:
                     on_step(step)
                 stats.batches += 1
@@ -337,6 +357,7 @@ class Engine:
                 stats.tokens_in_batches += int(batch.valid.sum())
                 stats.predictions += int(batch.predicts.sum())
                 bar.update(int(step.x.shape[0]))
+                t = time.perf_counter()
         finally:
             bar.close()
         stats.seconds = time.perf_counter() - start

@@ -48,7 +48,7 @@ def _full_only_options(
         help="Co-occurrence measure: correlation (phi), jaccard or pmi.",
     ),
     dense_limit: int = typer.Option(
-        16384, "--dense-limit", min=0, help="Largest d_sae for which dense d_sae x d_sae .npy matrices are written (neighbour lists are always written)."
+        4096, "--dense-limit", min=0, help="Largest d_sae for which co-occurrence is counted densely in the pass and dense d_sae x d_sae float32 .npy matrices are written (neighbour lists are always written)."
     ),
     neighbours: int = typer.Option(32, "--neighbours", min=1, help="Neighbours per feature in the similarity and co-occurrence neighbour lists."),
     logit_lens_tokens: int = typer.Option(10, "--logit-lens-tokens", min=1, help="Top and bottom tokens per feature in the logit lens."),
