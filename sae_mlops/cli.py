@@ -60,6 +60,8 @@ HEADLINE = (
     ("downstream/loss_recovered", "loss recovered", "{:.4f}"),
     ("downstream/kl_sae", "KL(clean || SAE) (nats)", "{:.4g}"),
     ("speed/tokens_per_s", "tokens / s", "{:,.0f}"),
+    ("time/total", "total seconds (process start to end)", "{:,.1f}"),
+    ("time/pass_share", "share of the total in the pass", "{:.0%}"),
 )
 
 

@@ -9,13 +9,14 @@ the corpus again (co-occurrence beyond the dense limit reads the activation data
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from sae_mlops.actdb.writer import ActivationDBWriter
-from sae_mlops.analysis import assemble_result, base_collectors, prepare, run_pass
+from sae_mlops.analysis import Inputs, assemble_result, base_collectors, prepare, run_pass
 from sae_mlops.collectors.cooccurrence import MEASURES, CooccurrenceCollector, measure_from_counts
 from sae_mlops.collectors.examples import TopExamplesCollector
 from sae_mlops.collectors.sparsity import SparsityCollector
@@ -81,13 +82,15 @@ def vocabulary_strings(tokenizer, d_vocab: int) -> list[str]:
     return strings + [f"<{i}>" for i in range(n, d_vocab)]
 
 
-def run_full(cfg: AnalysisConfig, out_dir: Path, opts: FullOptions | None = None) -> FullOutputs:
+def run_full(cfg: AnalysisConfig, out_dir: Path, opts: FullOptions | None = None, inputs: Inputs | None = None) -> FullOutputs:
+    """The full analysis of ``cfg`` into ``out_dir``. ``inputs``: already prepared inputs (benchmarks
+    pass their own model or SAE); None prepares them from ``cfg``."""
     opts = opts or FullOptions()
     if opts.cooccurrence_measure not in MEASURES:
         raise InputError(f"unknown co-occurrence measure '{opts.cooccurrence_measure}'; use one of {', '.join(MEASURES)}.")
     if opts.examples_per_feature < 1 or opts.context_window < 0:
         raise InputError("examples per feature must be at least 1 and the context window at least 0.")
-    inputs = prepare(cfg)
+    inputs = inputs or prepare(cfg)
     stages = inputs.stages
     out_dir = Path(out_dir)
     ts = timestamp()
@@ -104,6 +107,13 @@ def run_full(cfg: AnalysisConfig, out_dir: Path, opts: FullOptions | None = None
     except BaseException:
         db.abort()
         raise
+    if cooc is not None:  # the last buffered pairs belong to the pass's cost
+        t0 = time.perf_counter()
+        cooc.finalize_counts()
+        dt = time.perf_counter() - t0
+        stats.part_seconds["cooccurrence"] = stats.part_seconds.get("cooccurrence", 0.0) + dt
+        stats.seconds += dt
+        inputs.stages.add("pass", dt)
     result = assemble_result("full", inputs, stats, collectors)
     result.params.update({f"full_{k}": v for k, v in asdict(opts).items()})
     sparsity = next(c for c in collectors if isinstance(c, SparsityCollector))

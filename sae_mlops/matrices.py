@@ -117,32 +117,58 @@ def cooccurrence_submatrix(csr: sp.csr_matrix, features: np.ndarray, measure: st
     return measure_from_counts((b.T @ b).toarray(), fire, fire, b.shape[0], measure)
 
 
-def _sort_keys(t: torch.Tensor) -> torch.Tensor:
-    """Int64 keys ordering float32 values descending-first, ties by lower column, NaN last:
-    ``key = order(value) * 2^32 + (2^32 - 1 - column)``, where ``order`` is the monotone integer
-    image of the float's bits (negative floats have their magnitude bits flipped)."""
-    t = torch.nan_to_num(t.float(), nan=float("-inf")) + 0.0  # -0.0 -> +0.0
-    bits = t.view(torch.int32).long()
-    order = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
-    col = torch.arange(t.shape[1], device=t.device, dtype=torch.long)
-    return order * (1 << 32) + ((1 << 32) - 1 - col)
+def _exact_top_k(w: torch.Tensor, kth: torch.Tensor, k: int) -> torch.Tensor:
+    """Column indices [rows, k] of the k largest entries of each row of ``w`` whose k-th largest
+    value is ``kth`` [rows, 1]: every entry above it, then the entries equal to it in column
+    order, as many as fit; sorted by value (descending), equal values by column. Works on the
+    entries >= kth only (found in one pass), not on whole rows."""
+    rows, cols = (w >= kth).nonzero(as_tuple=True)  # by row, then ascending column
+    v = w[rows, cols]
+    is_eq = v == kth[rows, 0]
+    n_ge = torch.bincount(rows, minlength=w.shape[0])
+    n_eq = torch.bincount(rows, weights=is_eq.double(), minlength=w.shape[0]).long()
+    start = torch.cumsum(n_eq, 0) - n_eq  # equal entries before each row
+    eq_rank = torch.cumsum(is_eq.long(), 0) - start[rows]  # 1-based rank among the row's equal ones
+    room = k - (n_ge - n_eq)
+    keep = ~is_eq | (eq_rank <= room[rows])
+    c = cols[keep].view(w.shape[0], k)
+    order = torch.sort(v[keep].view(w.shape[0], k), dim=1, descending=True, stable=True).indices
+    return c.gather(1, order)
 
 
 def top_k_rows(m: np.ndarray | torch.Tensor, k: int, exclude_offset: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Per row, the k largest entries (indices int64, values float32), best first; ties by lower
     column index, NaN last. ``exclude_offset`` = s drops the diagonal of a block whose row r is
-    feature s + r (no self-neighbour). ``torch.topk`` on the unique keys of :func:`_sort_keys`,
-    on the block's device."""
+    feature s + r (no self-neighbour). Runs on the block's device.
+
+    ``torch.topk`` on the values, then the order made exact: rows whose k-th value also occurs
+    outside the selection, or with equal values inside it, are redone by :func:`_exact_top_k`."""
     t = torch.as_tensor(m)
     if t.dim() != 2:
         raise ValueError("top_k_rows takes a 2-D block")
-    k = min(k, t.shape[1])
-    keys = _sort_keys(t)
+    rows, cols = t.shape
+    k = min(k, cols)
+    t = t.float()
+    r = torch.arange(rows, device=t.device)
+    diag = None
     if exclude_offset is not None:
-        r = torch.arange(t.shape[0], device=t.device)
-        keys[r, r + exclude_offset] = torch.iinfo(torch.long).min
-    idx = torch.topk(keys, k, dim=1, largest=True, sorted=True).indices
-    return idx.cpu().numpy(), t.float().gather(1, idx).cpu().numpy()
+        diag = t[r, r + exclude_offset].clone()
+        t[r, r + exclude_offset] = float("-inf")
+    try:
+        work = torch.nan_to_num(t, nan=float("-inf")) if bool(torch.isnan(t).any()) else t
+        val, idx = torch.topk(work, k, dim=1, largest=True, sorted=True)
+        kth = val[:, -1:]
+        ties = (work == kth).sum(dim=1) > (val == kth).sum(dim=1)  # boundary value left out somewhere
+        if k > 1:
+            ties |= (val[:, 1:] == val[:, :-1]).any(dim=1)  # equal values inside: order by column
+        redo = ties.nonzero().flatten()
+        if redo.numel():
+            idx[redo] = _exact_top_k(work[redo], kth[redo], k)
+        out = work.gather(1, idx)
+    finally:
+        if diag is not None:
+            t[r, r + exclude_offset] = diag  # the caller's block is left as it was
+    return idx.cpu().numpy(), out.cpu().numpy()
 
 
 def block_neighbours(blocks: Blocks, d: int, k: int, sink=None) -> tuple[np.ndarray, np.ndarray]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import re
+import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -80,12 +81,16 @@ def run_quick_and_log(
     from sae_mlops.analysis import run_quick
     from sae_mlops.writers.quick import write_quick_outputs
 
+    started = time.perf_counter()
     out = Path(out_dir) if out_dir else default_out_dir(cfg)
     result = run_quick(cfg)
     out.mkdir(parents=True, exist_ok=True)
+    t_reports = time.perf_counter()
     files = [Path(f) for f in write_quick_outputs(result, out)]
+    result.metrics["time/reports"] = time.perf_counter() - t_reports  # logged to MLflow, not in the JSON
     log.info("Wrote %d file(s) under %s", len(files), out)
     outcome = QuickOutcome(result=result, out_dir=out, files=files, warnings=list(result.warnings))
+    t_log = time.perf_counter()
     if track:
         import mlflow
 
@@ -93,7 +98,23 @@ def run_quick_and_log(
 
         outcome.run_id = log_analysis(result, files, out, experiment=experiment, run_name=run_name)
         outcome.tracking_uri = mlflow.get_tracking_uri()
+    _log_total(outcome, started, time.perf_counter() - t_log if track else 0.0)
     return outcome
+
+
+def _log_total(outcome: QuickOutcome, started: float, logging_seconds: float) -> None:
+    """``time/logging`` (MLflow logging; 0 when tracking is off), ``time/total`` (process start to
+    now; from this call when /proc is missing) and ``time/pass_share`` (``time/pass / time/total``)
+    into the result, and into the run when there is one. They are not in the results JSON, which
+    is written before logging."""
+    m = outcome.result.metrics
+    m["time/logging"] = logging_seconds
+    m["time/total"] = (m.get("time/startup") or 0.0) + (time.perf_counter() - started)
+    m["time/pass_share"] = m.get("time/pass", 0.0) / m["time/total"] if m["time/total"] > 0 else 0.0
+    if outcome.run_id:
+        from sae_mlops.tracking.runs import log_metrics
+
+        log_metrics(outcome.run_id, {k: m[k] for k in ("time/logging", "time/total", "time/pass_share")})
 
 
 @dataclass
@@ -133,6 +154,7 @@ def run_full_and_log(
     """
     from sae_mlops.full import FullOptions, run_full
 
+    started = time.perf_counter()
     opts = opts or FullOptions()
     check_full_options(opts)
     out = Path(out_dir) if out_dir else default_out_dir(cfg, "full")
@@ -148,6 +170,7 @@ def run_full_and_log(
             outcome.report = f
         elif f.name == "manifest.json" and f.parent.parent.name == "activation_database":
             outcome.database = f.parent
+    t_log = time.perf_counter()
     if track:
         import mlflow
 
@@ -155,4 +178,5 @@ def run_full_and_log(
 
         outcome.run_id = log_analysis(result, files, out, experiment=experiment, run_name=run_name)
         outcome.tracking_uri = mlflow.get_tracking_uri()
+    _log_total(outcome, started, time.perf_counter() - t_log if track else 0.0)
     return outcome

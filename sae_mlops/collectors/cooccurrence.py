@@ -37,25 +37,34 @@ from sae_mlops.collectors.base import StepData
 MEASURES = ("correlation", "jaccard", "pmi")
 
 
-def measure_from_counts(n_ij: np.ndarray, n_i: np.ndarray, n_j: np.ndarray, n_tokens: int, measure: str) -> np.ndarray:
-    """Co-occurrence measure for count blocks: ``n_ij`` [a, b], ``n_i`` [a], ``n_j`` [b] (float64 math)."""
-    nij = n_ij.astype(np.float64)
-    ni = n_i.astype(np.float64)[:, None]
-    nj = n_j.astype(np.float64)[None, :]
+def measure_from_counts(n_ij, n_i, n_j, n_tokens: int, measure: str) -> np.ndarray:
+    """Co-occurrence measure for count blocks: ``n_ij`` [a, b], ``n_i`` [a], ``n_j`` [b] (arrays or
+    tensors); float64 math in place on one copy of the block (torch, multi-threaded), float32 out.
+
+    Correlation as ``(N n_ij - n_i n_j) * r_i * r_j`` with ``r = 1 / sqrt(n (N - n))`` (0 where
+    ``n`` is 0 or N); Jaccard as ``n_ij / max(n_i + n_j - n_ij, 1)`` (the union is at least 1
+    whenever ``n_ij > 0``); PMI as ``log(n_ij N / n_i / n_j)`` (0/0 gives the NaN of a feature that
+    never fires, log 0 the -inf of a pair that never co-fires)."""
+    if measure not in MEASURES:
+        raise ValueError(f"unknown co-occurrence measure {measure!r}; use one of {MEASURES}")
+    out = torch.as_tensor(n_ij).to(torch.float64, copy=True)
+    ni = torch.as_tensor(n_i).to(torch.float64)
+    nj = torch.as_tensor(n_j).to(torch.float64)
     N = float(n_tokens)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        if measure == "correlation":
-            denom = np.sqrt(ni * (N - ni) * nj * (N - nj))
-            out = np.where(denom > 0, (N * nij - ni * nj) / np.where(denom > 0, denom, 1), 0.0)
-        elif measure == "jaccard":
-            union = ni + nj - nij
-            out = np.where(union > 0, nij / np.where(union > 0, union, 1), 0.0)
-        elif measure == "pmi":
-            out = np.log(nij * N / (ni * nj))
-            out = np.where((ni > 0) & (nj > 0), out, np.nan)
-        else:
-            raise ValueError(f"unknown co-occurrence measure {measure!r}; use one of {MEASURES}")
-    return out.astype(np.float32)
+    if measure == "correlation":
+
+        def inv_sd(n: torch.Tensor) -> torch.Tensor:
+            var = n * (N - n)
+            return torch.where(var > 0, var.clamp(min=1e-300).rsqrt(), torch.zeros_like(var))
+
+        out.addr_(ni, nj, beta=N, alpha=-1.0)
+        out.mul_(inv_sd(ni)[:, None]).mul_(inv_sd(nj)[None, :])
+    elif measure == "jaccard":
+        union = torch.neg(out).add_(ni[:, None]).add_(nj[None, :]).clamp_(min=1.0)
+        out.div_(union)
+    else:
+        out.mul_(N).div_(ni[:, None]).div_(nj[None, :]).log_()
+    return out.float().cpu().numpy()
 
 
 class CooccurrenceCollector:

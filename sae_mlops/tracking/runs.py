@@ -99,6 +99,14 @@ def log_analysis(
     return run_id
 
 
+def log_metrics(run_id: str, metrics: dict[str, float]) -> None:
+    """Add a few metrics to a run already logged (finished runs accept them): the pipeline's cost
+    figures measured after `log_analysis` (``time/logging``, ``time/total``, ``time/pass_share``)."""
+    now = get_current_time_millis()
+    batch = [Metric(k, float(v), now, 0) for k, v in metrics.items() if v is not None and math.isfinite(float(v))]
+    MlflowClient().log_batch(run_id, metrics=batch)
+
+
 def run_url(run_id: str) -> str:
     """A human pointer to the run: the UI path when the store is a server, else the store + id."""
     client = MlflowClient()
