@@ -100,7 +100,7 @@ def run_full(cfg: AnalysisConfig, out_dir: Path, opts: FullOptions | None = None
 
     collectors = base_collectors(inputs)
     examples = TopExamplesCollector(d_sae, opts.examples_per_feature, opts.context_window)
-    cooc = CooccurrenceCollector(d_sae, device=inputs.device) if dense else None
+    cooc = CooccurrenceCollector(d_sae) if dense else None
     db = ActivationDBWriter(out_dir / "activation_database" / f"activation_db_{ts}", d_sae, opts.shard_rows)
     try:
         stats = run_pass(inputs, [*collectors, examples, *([cooc] if cooc else []), db])

@@ -117,12 +117,16 @@ def cooccurrence_submatrix(csr: sp.csr_matrix, features: np.ndarray, measure: st
     return measure_from_counts((b.T @ b).toarray(), fire, fire, b.shape[0], measure)
 
 
-def _exact_top_k(w: torch.Tensor, kth: torch.Tensor, k: int) -> torch.Tensor:
+def _exact_top_k(w: torch.Tensor, kth: torch.Tensor, k: int, exclude: torch.Tensor | None = None) -> torch.Tensor:
     """Column indices [rows, k] of the k largest entries of each row of ``w`` whose k-th largest
     value is ``kth`` [rows, 1]: every entry above it, then the entries equal to it in column
-    order, as many as fit; sorted by value (descending), equal values by column. Works on the
-    entries >= kth only (found in one pass), not on whole rows."""
-    rows, cols = (w >= kth).nonzero(as_tuple=True)  # by row, then ascending column
+    order, as many as fit; sorted by value (descending), equal values by column; ``exclude``
+    [rows]: a column per row never taken. Works on the entries >= kth only (found in one pass),
+    not on whole rows."""
+    cand = w >= kth
+    if exclude is not None:
+        cand[torch.arange(w.shape[0], device=w.device), exclude] = False
+    rows, cols = cand.nonzero(as_tuple=True)  # by row, then ascending column
     v = w[rows, cols]
     is_eq = v == kth[rows, 0]
     n_ge = torch.bincount(rows, minlength=w.shape[0])
@@ -155,7 +159,7 @@ def top_k_rows(m: np.ndarray | torch.Tensor, k: int, exclude_offset: int | None 
         diag = t[r, r + exclude_offset].clone()
         t[r, r + exclude_offset] = float("-inf")
     try:
-        work = torch.nan_to_num(t, nan=float("-inf")) if bool(torch.isnan(t).any()) else t
+        work = torch.where(torch.isnan(t), float("-inf"), t) if bool(torch.isnan(t).any()) else t
         val, idx = torch.topk(work, k, dim=1, largest=True, sorted=True)
         kth = val[:, -1:]
         ties = (work == kth).sum(dim=1) > (val == kth).sum(dim=1)  # boundary value left out somewhere
@@ -163,7 +167,7 @@ def top_k_rows(m: np.ndarray | torch.Tensor, k: int, exclude_offset: int | None 
             ties |= (val[:, 1:] == val[:, :-1]).any(dim=1)  # equal values inside: order by column
         redo = ties.nonzero().flatten()
         if redo.numel():
-            idx[redo] = _exact_top_k(work[redo], kth[redo], k)
+            idx[redo] = _exact_top_k(work[redo], kth[redo], k, None if exclude_offset is None else redo + exclude_offset)
         out = work.gather(1, idx)
     finally:
         if diag is not None:

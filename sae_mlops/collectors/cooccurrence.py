@@ -70,9 +70,13 @@ def measure_from_counts(n_ij, n_i, n_j, n_tokens: int, measure: str) -> np.ndarr
 class CooccurrenceCollector:
     name = "cooccurrence"
 
-    def __init__(self, d_sae: int, flush_tokens: int = 32_768, workers: int | None = None, device: str = "cpu"):
+    def __init__(self, d_sae: int, flush_tokens: int = 32_768, workers: int | None = None, method: str | None = None):
+        """method: "sparse" (buffered sparse products on the CPU), "matmul" (per-batch dense
+        ``B^T B`` where the codes are) or None: matmul for codes on an accelerator, else sparse."""
+        if method not in (None, "sparse", "matmul"):
+            raise ValueError(f"unknown counting method {method!r}")
         self.d_sae = d_sae
-        self.device = str(device)
+        self.method = method
         self._device_counts: torch.Tensor | None = None  # [d, d] int64 on an accelerator
         self.flush_tokens = flush_tokens
         self.workers = workers or max(1, torch.get_num_threads())
@@ -85,7 +89,7 @@ class CooccurrenceCollector:
         self._buf_n = 0
 
     def update(self, step: StepData) -> None:
-        if step.f.device.type != "cpu":
+        if self.method == "matmul" or (self.method is None and step.f.device.type != "cpu"):
             b = (step.f != 0).float()
             if self._device_counts is None:
                 self._device_counts = torch.zeros(self.d_sae, self.d_sae, dtype=torch.int64, device=step.f.device)
