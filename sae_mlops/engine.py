@@ -386,6 +386,12 @@ def _replace_with(value: torch.Tensor):
 
 
 def vocab_chunk_elements(device: str) -> int:
-    """Elements per [rows, vocab] logits chunk: about 2 MB of float32 on a CPU (fits in cache),
-    256 MB on an accelerator (few, large kernels)."""
-    return 1 << 19 if str(device).startswith("cpu") else 1 << 26
+    """Elements per [rows, vocab] logits chunk: about 2 MB of float32 on a CPU (fits in cache);
+    on an accelerator up to 2^26 (256 MB; few, large kernels), at most 1/32 of the device's free
+    memory (the four float32 scratch buffers then take at most half of it)."""
+    if str(device).startswith("cpu"):
+        return 1 << 19
+    if str(device).startswith("cuda") and torch.cuda.is_available():
+        free, _total = torch.cuda.mem_get_info(torch.device(device))
+        return int(max(1 << 20, min(1 << 26, free // 32 // 4)))
+    return 1 << 26
