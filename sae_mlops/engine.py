@@ -99,6 +99,7 @@ class PassStats:
     tokens_in_batches: int = 0  # real (non-padding) tokens, specials included
     predictions: int = 0  # next-token predictions (analysed t, real t+1)
     seconds: float = 0.0
+    cpu_seconds: float = 0.0  # CPU time of the process during the pass (all threads)
     #: seconds inside the pass: "batches" (tokenising and collating), "model" (model, SAE and
     #: CE/KL: :meth:`Engine.step`), "sparse_codes" (finding the codes' non-zeros once per batch),
     #: then one entry per collector (its ``update``); on CUDA each part is synchronised first
@@ -334,7 +335,7 @@ class Engine:
             parts[name] = parts.get(name, 0.0) + (t1 - t0)
             return t1
 
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         bar = tqdm(total=total_tokens, unit="tok", unit_scale=True, desc=desc, disable=not progress)
         try:
             t = time.perf_counter()
@@ -361,6 +362,7 @@ class Engine:
         finally:
             bar.close()
         stats.seconds = time.perf_counter() - start
+        stats.cpu_seconds = time.process_time() - cpu_start
         return stats
 
 

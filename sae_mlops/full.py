@@ -108,12 +108,13 @@ def run_full(cfg: AnalysisConfig, out_dir: Path, opts: FullOptions | None = None
         db.abort()
         raise
     if cooc is not None:  # the last buffered pairs belong to the pass's cost
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         cooc.finalize_counts()
         dt = time.perf_counter() - t0
         stats.part_seconds["cooccurrence"] = stats.part_seconds.get("cooccurrence", 0.0) + dt
         stats.seconds += dt
-        inputs.stages.add("pass", dt)
+        stats.cpu_seconds += time.process_time() - c0
+        inputs.stages.add("pass", dt, time.process_time() - c0)
     result = assemble_result("full", inputs, stats, collectors)
     result.params.update({f"full_{k}": v for k, v in asdict(opts).items()})
     sparsity = next(c for c in collectors if isinstance(c, SparsityCollector))

@@ -14,6 +14,8 @@ Every analysis records, as metrics (seconds unless named otherwise):
 - quick analysis: ``time/reports`` (the results files);
 - set by the pipeline after MLflow logging: ``time/logging``, ``time/total`` (process start to the
   end of logging) and ``time/pass_share`` (``time/pass / time/total``);
+- ``time_cpu/<stage>``: the process's CPU seconds in each stage (all threads; less disturbed
+  than wall time on a shared machine);
 - ``memory/peak_rss_mib``: the process's peak resident memory (``VmHWM``, MiB);
 - ``memory/peak_gpu_mib``: peak memory allocated by torch on the CUDA device (MiB), on CUDA only.
 
@@ -73,22 +75,26 @@ class Stages:
 
     def __init__(self) -> None:
         self.seconds: dict[str, float] = {}
+        self.cpu: dict[str, float] = {}  # process CPU seconds (all threads) per stage
         self.startup = process_age_seconds()
 
     @contextmanager
     def stage(self, name: str) -> Iterator[None]:
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         try:
             yield
         finally:
-            self.add(name, time.perf_counter() - t0)
+            self.add(name, time.perf_counter() - t0, time.process_time() - c0)
 
-    def add(self, name: str, seconds: float) -> None:
+    def add(self, name: str, seconds: float, cpu_seconds: float | None = None) -> None:
         self.seconds[name] = self.seconds.get(name, 0.0) + seconds
+        if cpu_seconds is not None:
+            self.cpu[name] = self.cpu.get(name, 0.0) + cpu_seconds
 
     def metrics(self, device: str) -> dict[str, float]:
         """``time/<stage>``, ``time/startup`` and the peak memory figures."""
         out = {f"time/{k}": v for k, v in self.seconds.items()}
+        out.update({f"time_cpu/{k}": v for k, v in self.cpu.items()})
         if self.startup is not None:
             out["time/startup"] = self.startup
         out["memory/peak_rss_mib"] = peak_rss_mib()

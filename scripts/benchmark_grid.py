@@ -19,7 +19,9 @@ Per cell, in a fresh child process (so that its peak RSS is its own):
 
 - ``necessary_s``: the necessary model compute on the same batches (``scripts/_baseline.py``: one
   forward to the hook plus three continuations to the logits);
-- ``pass_s`` and ``pass_over_necessary``; ``pass_parts_s``: seconds per part of the pass
+- ``pass_s`` and ``pass_over_necessary``; the same in process CPU time (``*_cpu_s``,
+  ``pass_over_necessary_cpu``), which a machine shared with other work disturbs less (use
+  ``--threads 1``, the default, so that spinning worker threads add no CPU time); ``pass_parts_s``: seconds per part of the pass
   (batches, model + SAE + CE/KL, the shared sparse view, every collector) and ``pass_shares``;
 - ``stages_s``: every stage of ``run_full`` (import, load, pass, database, matrices, logit_lens,
   summaries, plots, reports), ``after_pass_s`` (their sum after the pass);
@@ -116,9 +118,9 @@ def cell(model_kind: str, kind: str, l0: int, d_sae: int, tokens: int) -> dict:
     inputs.sae = LoadedSAE(module=sae, info=info)
     engine = Engine(inputs.model.model, sae, inputs.site, inputs.device)
     necessary_model_compute(engine, batches[:1], inputs.device)  # warm-up
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     necessary_model_compute(engine, batches, inputs.device)
-    necessary = time.perf_counter() - t0
+    necessary, necessary_cpu = time.perf_counter() - t0, time.process_time() - c0
     with tempfile.TemporaryDirectory() as tmp:
         out = run_full(cfg, Path(tmp), inputs=inputs)
         artifact_bytes = sum(p.stat().st_size for p in Path(tmp).rglob("*") if p.is_file())
@@ -126,13 +128,17 @@ def cell(model_kind: str, kind: str, l0: int, d_sae: int, tokens: int) -> dict:
     m = out.result.metrics
     stages = {k.split("/", 1)[1]: v for k, v in m.items() if k.startswith("time/") and k.count("/") == 1}
     parts = {k.split("/", 2)[2]: v for k, v in m.items() if k.startswith("time/pass/")}
+    cpu = {k.split("/", 1)[1]: v for k, v in m.items() if k.startswith("time_cpu/")}
     pass_s = m["time/pass"]
     return {
         "model": model_kind, "kind": kind, "l0_target": l0, "d_sae": d_sae,
         "l0": m.get("sparsity/l0_mean"), "tokens": m["tokens/analysed"],
         "necessary_s": necessary, "pass_s": pass_s, "pass_over_necessary": pass_s / necessary,
+        "necessary_cpu_s": necessary_cpu, "pass_cpu_s": m["time_cpu/pass"],
+        "pass_over_necessary_cpu": m["time_cpu/pass"] / necessary_cpu,
         "pass_parts_s": parts, "pass_shares": {k: v / pass_s for k, v in parts.items()},
         "stages_s": stages, "after_pass_s": sum(stages.get(k, 0.0) for k in AFTER_PASS),
+        "stages_cpu_s": cpu, "after_pass_cpu_s": sum(cpu.get(k, 0.0) for k in AFTER_PASS),
         "peak_rss_mib": _peak_rss_mib(), "artifact_bytes": artifact_bytes, "dense_files": dense_files,
         "torch_threads": torch.get_num_threads(),
     }
@@ -163,15 +169,20 @@ def main() -> None:
     ap.add_argument("--l0", default="16,64,128,256")
     ap.add_argument("--d-sae", default="512,4096,16384,65536")
     ap.add_argument("--tokens", type=int, default=20_000)
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads per cell (1: CPU-time ratios stay meaningful on a shared machine)")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.child:
         m, k, l0, d = args.child.split(":")
         print(json.dumps(cell(m, k, int(l0), int(d), args.tokens)))
         return
     results = []
     for m, k, l0, d in _cells(args):
-        res = subprocess.run([sys.executable, __file__, "--child", f"{m}:{k}:{l0}:{d}", "--tokens", str(args.tokens)],
+        res = subprocess.run([sys.executable, __file__, "--child", f"{m}:{k}:{l0}:{d}", "--tokens", str(args.tokens),
+                              "--threads", str(args.threads)],
                              capture_output=True, text=True, env=os.environ.copy())
         if res.returncode != 0:
             results.append({"cell": f"{m}:{k}:{l0}:{d}", "error": res.stderr.strip().splitlines()[-1:]})
