@@ -113,9 +113,11 @@ class CooccurrenceCollector:
             return
         rows = np.concatenate(self._buf_rows)
         cols = np.concatenate(self._buf_cols)
-        for prod in _gram_parts(rows, cols, self._buf_n, self.d_sae, self.counts.dtype, self.workers):
-            if prod.shape[0] * prod.shape[1] <= 1 << 22:  # small: a dense add beats fancy indexing
-                self.counts += prod.toarray()
+        # int32 products: exact (a flush has fewer than 2^31 tokens), and faster than int64
+        for prod in _gram_parts(rows, cols, self._buf_n, self.d_sae, np.int32, self.workers):
+            if prod.shape[0] * prod.shape[1] <= 1 << 26:  # up to 8192^2: a dense add beats
+                # fancy-index adds of the COO entries (~4x at d_sae 4096, k 128)
+                np.add(self.counts, prod.toarray(), out=self.counts, casting="unsafe")
             else:
                 prod = prod.tocoo()
                 self.counts[prod.row, prod.col] += prod.data.astype(self.counts.dtype)
