@@ -200,7 +200,7 @@ def write_matrices(mdir: Path, ts: str, w_dec, cooc: CooccurrenceCollector | Non
     log.info("decoder similarity")
     sink = DenseWriter(mdir / f"feature_similarity_{ts}.npy", d_sae) if dense else None
     try:
-        idx, val = block_neighbours(similarity_blocks(w_dec), d_sae, opts.neighbours, sink)
+        idx, val = block_neighbours(similarity_blocks(w_dec), d_sae, opts.neighbours, sink, nan=False)
     except BaseException:
         if sink is not None:
             sink.abort()
@@ -216,7 +216,7 @@ def write_matrices(mdir: Path, ts: str, w_dec, cooc: CooccurrenceCollector | Non
         blocks = csr_count_blocks(_csr(db_root), opts.cooccurrence_measure)
     sink = DenseWriter(mdir / f"feature_cooccurrence_{ts}.npy", d_sae) if dense else None
     try:
-        idx, val = block_neighbours(blocks, d_sae, opts.neighbours, sink)
+        idx, val = block_neighbours(blocks, d_sae, opts.neighbours, sink, nan=opts.cooccurrence_measure == "pmi")
     except BaseException:
         if sink is not None:
             sink.abort()

@@ -140,10 +140,12 @@ def _exact_top_k(w: torch.Tensor, kth: torch.Tensor, k: int, exclude: torch.Tens
     return c.gather(1, order)
 
 
-def top_k_rows(m: np.ndarray | torch.Tensor, k: int, exclude_offset: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+def top_k_rows(m: np.ndarray | torch.Tensor, k: int, exclude_offset: int | None = None,
+               nan: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """Per row, the k largest entries (indices int64, values float32), best first; ties by lower
     column index, NaN last. ``exclude_offset`` = s drops the diagonal of a block whose row r is
-    feature s + r (no self-neighbour). Runs on the block's device.
+    feature s + r (no self-neighbour). ``nan=False`` promises the block holds no NaN (skips a
+    pass over it). Runs on the block's device.
 
     ``torch.topk`` on the values, then the order made exact: rows whose k-th value also occurs
     outside the selection, or with equal values inside it, are redone by :func:`_exact_top_k`."""
@@ -159,7 +161,7 @@ def top_k_rows(m: np.ndarray | torch.Tensor, k: int, exclude_offset: int | None 
         diag = t[r, r + exclude_offset].clone()
         t[r, r + exclude_offset] = float("-inf")
     try:
-        work = torch.where(torch.isnan(t), float("-inf"), t) if bool(torch.isnan(t).any()) else t
+        work = torch.where(torch.isnan(t), float("-inf"), t) if nan and bool(torch.isnan(t).any()) else t
         val, idx = torch.topk(work, k, dim=1, largest=True, sorted=True)
         kth = val[:, -1:]
         ties = (work == kth).sum(dim=1) > (val == kth).sum(dim=1)  # boundary value left out somewhere
@@ -175,18 +177,19 @@ def top_k_rows(m: np.ndarray | torch.Tensor, k: int, exclude_offset: int | None 
     return idx.cpu().numpy(), out.cpu().numpy()
 
 
-def block_neighbours(blocks: Blocks, d: int, k: int, sink=None) -> tuple[np.ndarray, np.ndarray]:
+def block_neighbours(blocks: Blocks, d: int, k: int, sink=None, nan: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """Top-k neighbours (self excluded) of every feature from (start, stop, block) row blocks.
 
     ``sink(start, stop, block)``, when given, also sees every block (to write a dense file in the
-    same sweep). Returns (indices [d, k] int64, values [d, k] float32)."""
+    same sweep); ``nan=False``: the blocks hold no NaN (see :func:`top_k_rows`). Returns
+    (indices [d, k] int64, values [d, k] float32)."""
     k = min(k, max(d - 1, 1))
     idx = np.zeros((d, k), dtype=np.int64)
     val = np.zeros((d, k), dtype=np.float32)
     for start, stop, blk in blocks:
         if sink is not None:
             sink(start, stop, blk)
-        idx[start:stop], val[start:stop] = top_k_rows(blk, k, exclude_offset=start if d > 1 else None)
+        idx[start:stop], val[start:stop] = top_k_rows(blk, k, exclude_offset=start if d > 1 else None, nan=nan)
     return idx, val
 
 
