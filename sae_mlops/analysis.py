@@ -242,6 +242,7 @@ def assemble_result(kind: str, inputs: Inputs, stats: PassStats, collectors: lis
     )
     metrics.update(inputs.stages.metrics(inputs.device))
     metrics.update({f"time/pass/{k}": v for k, v in stats.part_seconds.items()})
+    metrics.update({f"time_cpu/pass/{k}": v for k, v in stats.part_cpu_seconds.items()})
     for w in warnings[len(inputs.warnings) :]:
         log.warning(w)
     tags = dict(info.lineage)

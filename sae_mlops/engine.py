@@ -104,6 +104,7 @@ class PassStats:
     #: CE/KL: :meth:`Engine.step`), "sparse_codes" (finding the codes' non-zeros once per batch),
     #: then one entry per collector (its ``update``); on CUDA each part is synchronised first
     part_seconds: dict[str, float] = field(default_factory=dict)
+    part_cpu_seconds: dict[str, float] = field(default_factory=dict)  # the same in process CPU time
 
 
 class Engine:
@@ -326,19 +327,22 @@ class Engine:
         on_step: Callable[[StepData], None] | None = None,
     ) -> PassStats:
         stats = PassStats()
-        parts = stats.part_seconds
+        parts, cpu_parts = stats.part_seconds, stats.part_cpu_seconds
         sync = torch.cuda.synchronize if str(self.device).startswith("cuda") else (lambda: None)
+        cpu = [time.process_time()]
 
         def timed(name: str, t0: float) -> float:
             sync()
-            t1 = time.perf_counter()
+            t1, c1 = time.perf_counter(), time.process_time()
             parts[name] = parts.get(name, 0.0) + (t1 - t0)
+            cpu_parts[name] = cpu_parts.get(name, 0.0) + (c1 - cpu[0])
+            cpu[0] = c1
             return t1
 
         start, cpu_start = time.perf_counter(), time.process_time()
         bar = tqdm(total=total_tokens, unit="tok", unit_scale=True, desc=desc, disable=not progress)
         try:
-            t = time.perf_counter()
+            t, cpu[0] = time.perf_counter(), time.process_time()
             for batch in batches:
                 t = timed("batches", t)
                 step = self.step(batch)
@@ -358,7 +362,7 @@ class Engine:
                 stats.tokens_in_batches += int(batch.valid.sum())
                 stats.predictions += int(batch.predicts.sum())
                 bar.update(int(step.x.shape[0]))
-                t = time.perf_counter()
+                t, cpu[0] = time.perf_counter(), time.process_time()
         finally:
             bar.close()
         stats.seconds = time.perf_counter() - start

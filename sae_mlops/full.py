@@ -114,6 +114,7 @@ def run_full(cfg: AnalysisConfig, out_dir: Path, opts: FullOptions | None = None
         stats.part_seconds["cooccurrence"] = stats.part_seconds.get("cooccurrence", 0.0) + dt
         stats.seconds += dt
         stats.cpu_seconds += time.process_time() - c0
+        stats.part_cpu_seconds["cooccurrence"] = stats.part_cpu_seconds.get("cooccurrence", 0.0) + time.process_time() - c0
         inputs.stages.add("pass", dt, time.process_time() - c0)
     result = assemble_result("full", inputs, stats, collectors)
     result.params.update({f"full_{k}": v for k, v in asdict(opts).items()})

@@ -128,7 +128,8 @@ def cell(model_kind: str, kind: str, l0: int, d_sae: int, tokens: int) -> dict:
     m = out.result.metrics
     stages = {k.split("/", 1)[1]: v for k, v in m.items() if k.startswith("time/") and k.count("/") == 1}
     parts = {k.split("/", 2)[2]: v for k, v in m.items() if k.startswith("time/pass/")}
-    cpu = {k.split("/", 1)[1]: v for k, v in m.items() if k.startswith("time_cpu/")}
+    cpu = {k.split("/", 1)[1]: v for k, v in m.items() if k.startswith("time_cpu/") and k.count("/") == 1}
+    cpu_parts = {k.split("/", 2)[2]: v for k, v in m.items() if k.startswith("time_cpu/pass/")}
     pass_s = m["time/pass"]
     return {
         "model": model_kind, "kind": kind, "l0_target": l0, "d_sae": d_sae,
@@ -137,6 +138,7 @@ def cell(model_kind: str, kind: str, l0: int, d_sae: int, tokens: int) -> dict:
         "necessary_cpu_s": necessary_cpu, "pass_cpu_s": m["time_cpu/pass"],
         "pass_over_necessary_cpu": m["time_cpu/pass"] / necessary_cpu,
         "pass_parts_s": parts, "pass_shares": {k: v / pass_s for k, v in parts.items()},
+        "pass_parts_cpu_s": cpu_parts, "necessary_cpu_per_part": {k: v / necessary_cpu for k, v in cpu_parts.items()},
         "stages_s": stages, "after_pass_s": sum(stages.get(k, 0.0) for k in AFTER_PASS),
         "stages_cpu_s": cpu, "after_pass_cpu_s": sum(cpu.get(k, 0.0) for k in AFTER_PASS),
         "peak_rss_mib": _peak_rss_mib(), "artifact_bytes": artifact_bytes, "dense_files": dense_files,
