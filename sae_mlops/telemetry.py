@@ -12,7 +12,7 @@ Every analysis records, as metrics (seconds unless named otherwise):
   (similarity and co-occurrence neighbour lists, dense files), ``time/logit_lens``,
   ``time/summaries`` (feature summaries and tables), ``time/plots``, ``time/reports``;
 - quick analysis: ``time/reports`` (the results files);
-- set by the pipeline after MLflow logging: ``time/logging``, ``time/total`` (process start to the
+- set by the pipeline after MLflow logging: ``time/logging`` (importing MLflow included), ``time/total`` (process start to the
   end of logging) and ``time/pass_share`` (``time/pass / time/total``);
 - ``time_cpu/<stage>``: the process's CPU seconds in each stage (all threads; less disturbed
   than wall time on a shared machine);
