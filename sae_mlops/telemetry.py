@@ -32,6 +32,11 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+#: metrics logged to MLflow that the results JSON cannot hold (it is written before they are known)
+AFTER_RESULTS_JSON = ("time/logging", "time/total", "time/pass_share")
+#: quick also times the writing of its results files, the JSON among them
+QUICK_AFTER_RESULTS_JSON = (*AFTER_RESULTS_JSON, "time/reports")
+
 
 def process_age_seconds() -> float | None:
     """Seconds since this process started (Linux ``/proc``), None where unknown."""
