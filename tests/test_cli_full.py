@@ -195,7 +195,7 @@ def test_firing_counts_per_document(full_run):
     merged = acts[acts.feature == feature].merge(tokens, on="token_index")
     expected = merged.groupby("doc_index").size().to_dict()
     got = _csv(_query(str(full_run["out"]), "--feature-docs", str(feature), "--format", "csv", "--limit", "0"))
-    assert dict(zip(got.doc_index, got.n_fired)) == expected
+    assert dict(zip(got.doc_index, got.n_fired, strict=True)) == expected
     shown = _csv(_query(str(full_run["out"]), "--feature-docs", str(feature), "--format", "csv", "--limit", "3"))
     assert len(shown) == min(3, len(expected))
 

@@ -114,15 +114,15 @@ def make_service(tmp_path):
     made: list[Service] = []
 
     def make(registry: FakeRegistry | None = None, policy=None, **overrides) -> Service:
-        values = dict(
-            data_dir=tmp_path / "svc",
-            webhook_secret=SECRET,
-            reconcile_interval_s=0.0,
-            retry_backoff_s=0.05,
-            worker_poll_s=0.1,
-            devices=["cpu"],
-            quick_timeout_s=60.0,
-        )
+        values = {
+            "data_dir": tmp_path / "svc",
+            "webhook_secret": SECRET,
+            "reconcile_interval_s": 0.0,
+            "retry_backoff_s": 0.05,
+            "worker_poll_s": 0.1,
+            "devices": ["cpu"],
+            "quick_timeout_s": 60.0,
+        }
         values.update(overrides)
         reg = registry or FakeRegistry()
         svc = Service(Settings(**values), parse_policy(policy or POLICY), registry_factory=lambda uri: reg, job_command=fake_command)

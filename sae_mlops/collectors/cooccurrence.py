@@ -127,7 +127,7 @@ def _gram_parts(rows: np.ndarray, cols: np.ndarray, n: int, d: int, dtype, worke
     edges = np.linspace(0, n, parts + 1).astype(np.int64)
     cuts = np.searchsorted(rows, edges)
     jobs = [(rows[a:b], cols[a:b], int(lo), int(hi), d, dtype)
-            for a, b, lo, hi in zip(cuts[:-1], cuts[1:], edges[:-1], edges[1:])]
+            for a, b, lo, hi in zip(cuts[:-1], cuts[1:], edges[:-1], edges[1:], strict=True)]
     if parts == 1:
         return [_gram(*jobs[0])]
     with ThreadPoolExecutor(parts) as pool:

@@ -161,7 +161,7 @@ def read_summaries(path: Path) -> list[dict[str, Any]]:
             try:
                 out.append(json.loads(line))
             except json.JSONDecodeError as e:
-                raise InputError(f"'{path}' line {n} is not valid JSON ({e.msg}); the file is damaged, {FULL_HINT} again.")
+                raise InputError(f"'{path}' line {n} is not valid JSON ({e.msg}); the file is damaged, {FULL_HINT} again.") from e
     return sorted(out, key=lambda s: int(s["feature"]))
 
 

@@ -35,7 +35,7 @@ STATES = (QUEUED, RUNNING, DONE, FAILED)
 ACTIVE = (QUEUED, RUNNING)
 SCHEMA_VERSION = 1
 
-_SCHEMA = f"""
+_SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS jobs (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -343,7 +343,7 @@ class JobQueue:
     def counts(self) -> dict[str, int]:
         with self._lock:
             rows = self._db.execute("SELECT state, COUNT(*) AS n FROM jobs GROUP BY state").fetchall()
-        out = {s: 0 for s in STATES}
+        out = dict.fromkeys(STATES, 0)
         out.update({r["state"]: int(r["n"]) for r in rows})
         return out
 

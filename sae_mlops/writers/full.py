@@ -40,7 +40,7 @@ def context_string(ctx_ids: list[int], vocab: list[str]) -> str:
 
 
 def _lens_tokens(lens: dict[str, np.ndarray], vocab: list[str], feature: int, side: str) -> list[list]:
-    return [[vocab[int(t)], round(float(v), 4)] for t, v in zip(lens[f"{side}_ids"][feature], lens[f"{side}_values"][feature])]
+    return [[vocab[int(t)], round(float(v), 4)] for t, v in zip(lens[f"{side}_ids"][feature], lens[f"{side}_values"][feature], strict=True)]
 
 
 def write_feature_summaries(
@@ -57,7 +57,7 @@ def write_feature_summaries(
 
     def write(tmp: Path) -> None:
         with open(tmp, "w", encoding="utf-8") as fh:
-            for i, kept in zip(fired, examples.all_examples(fired)):
+            for i, kept in zip(fired, examples.all_examples(fired), strict=True):
                 count = counts[i]
                 top = []
                 for ex in kept:
