@@ -18,7 +18,7 @@ from sae_mlops.analysis import assemble_result, base_collectors, prepare, run_pa
 from sae_mlops.collectors.cooccurrence import MEASURES, CooccurrenceCollector, measure_from_counts, neighbours_from_csr
 from sae_mlops.collectors.examples import TopExamplesCollector
 from sae_mlops.collectors.sparsity import SparsityCollector
-from sae_mlops.config import AnalysisConfig
+from sae_mlops.config import AnalysisConfig, FullOptions
 from sae_mlops.errors import InputError
 from sae_mlops.logit_lens import decoder_in_residual, logit_lens
 from sae_mlops.matrices import (
@@ -36,30 +36,6 @@ from sae_mlops.writers.files import atomic_write_text
 from sae_mlops.writers.quick import timestamp
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class FullOptions:
-    """What the full analysis adds to quick, and its sizes.
-
-    examples_per_feature: top-k activating examples kept per feature.
-    context_window: tokens either side of an example in its context string.
-    cooccurrence_measure: correlation (phi), jaccard or pmi.
-    dense_limit: largest d_sae for which dense d_sae x d_sae .npy matrices are written.
-    neighbours: neighbours per feature in the Parquet neighbour lists (always written).
-    logit_lens_tokens: top and bottom tokens per feature.
-    heatmap_features: features in the clustered heatmaps (the most variable ones).
-    shard_rows: rows per Parquet shard of the activation database.
-    """
-
-    examples_per_feature: int = 25
-    context_window: int = 10
-    cooccurrence_measure: str = "correlation"
-    dense_limit: int = 16384
-    neighbours: int = 32
-    logit_lens_tokens: int = 10
-    heatmap_features: int = 200
-    shard_rows: int = 500_000
 
 
 @dataclass

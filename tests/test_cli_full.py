@@ -55,9 +55,11 @@ def test_full_help_lists_quick_and_full_options():
 
 def test_cooccurrence_choices_are_the_measures():
     from sae_mlops.collectors.cooccurrence import MEASURES
-    from sae_mlops.commands.full import CoocMeasure
+    from sae_mlops.config import FullOptions
+    from sae_mlops.options import option_specs
 
-    assert tuple(m.value for m in CoocMeasure) == MEASURES
+    (spec,) = [s for s in option_specs(FullOptions) if s.name == "cooccurrence"]
+    assert spec.choices == MEASURES
 
 
 def test_full_options_reach_config_and_full_options(monkeypatch, tmp_path):

@@ -6,7 +6,7 @@ Each command parses its options and makes one library call: `sae_mlops.training.
 
 from __future__ import annotations
 
-from enum import Enum
+import inspect
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, List, Optional
 
@@ -14,17 +14,11 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from sae_mlops.cli import _fmt, _quiet, app, out_console, report_input_errors
+from sae_mlops.cli import app, format_value, out_console, report_input_errors, set_quiet, with_signature
+from sae_mlops.training.config import TrainConfig, TrainRunOptions
 
 if TYPE_CHECKING:
     from sae_mlops.tracking.training import SourceOutcome
-
-
-class Architecture(str, Enum):
-    standard = "standard"
-    topk = "topk"
-    batchtopk = "batchtopk"
-    jumprelu = "jumprelu"
 
 
 _REGISTER_HELP = "Register the SAE as a new version of this MLflow registered model (created if needed)."
@@ -34,59 +28,27 @@ _ALIAS_HELP = "Set this alias (e.g. champion) on the registered version; needs -
 # --- train ------------------------------------------------------------------------------------
 
 
+def _train_parameters() -> list[inspect.Parameter]:
+    """`train`'s options: every `TrainConfig` option, then `TrainRunOptions` (output, registry, tracking)."""
+    from sae_mlops.options import typer_parameters
+
+    return typer_parameters(TrainConfig) + typer_parameters(TrainRunOptions)
+
+
 @app.command()
 @report_input_errors
-def train(
-    model: str = typer.Option("demo", "--model", help="Base model: a TransformerLens name, a local Hugging Face checkpoint directory, or 'demo'."),
-    corpus: Optional[str] = typer.Option(
-        None, "--corpus", help="Training texts: JSON list of strings, JSONL, Parquet or .txt. (default: the demo corpus with the demo model)"
-    ),
-    text_field: str = typer.Option("text", "--text-field", help="Field (JSONL) or column (Parquet) holding the text."),
-    hook: Optional[str] = typer.Option(None, "--hook", help="Hook to train on, e.g. blocks.0.hook_resid_post. (default: the demo hook with the demo model)"),
-    architecture: Architecture = typer.Option(Architecture.topk, "--architecture", case_sensitive=False, help="SAELens training architecture."),
-    d_sae: Optional[int] = typer.Option(None, "--d-sae", min=1, help="Dictionary size. (default: 8 x the hook's width)"),
-    k: int = typer.Option(16, "--k", min=1, help="Active features per token (topk) or per token on average (batchtopk)."),
-    l1_coefficient: Optional[float] = typer.Option(
-        None, "--l1-coefficient", help="Sparsity penalty: L1 coefficient (standard) or L0 coefficient (jumprelu). (default: 5.0 / 1.0)"
-    ),
-    lr: float = typer.Option(3e-3, "--lr", help="Adam learning rate."),
-    training_tokens: int = typer.Option(300_000, "--training-tokens", min=1, help="Activations to train on. Unit: tokens."),
-    batch_size_tokens: int = typer.Option(1024, "--batch-size-tokens", min=1, help="Tokens per training step."),
-    context_size: Optional[int] = typer.Option(None, "--context-size", min=2, help="Tokens per window. (default: min(128, the model's n_ctx))"),
-    dead_feature_window: int = typer.Option(100, "--dead-feature-window", min=1, help="Steps without firing after which a feature counts as dead."),
-    seed: int = typer.Option(42, "--seed", help="Random seed."),
-    device: str = typer.Option("auto", "--device", help="Torch device: auto, cpu, cuda, mps."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Where to save the SAE (SAELens format). (default: saes/<architecture>_<d_sae>_<UTC timestamp>)"),
-    register: Optional[str] = typer.Option(None, "--register", help=_REGISTER_HELP),
-    alias: Optional[str] = typer.Option(None, "--alias", help=_ALIAS_HELP),
-    experiment: Optional[str] = typer.Option(None, "--experiment", help="MLflow experiment. (default: $MLFLOW_EXPERIMENT_NAME, else sae-mlops)"),
-    run_name: Optional[str] = typer.Option(None, "--run-name", help="MLflow run name. (default: train-<architecture>-<d_sae>)"),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="Only warnings and errors on stderr."),
-) -> None:
+@with_signature(_train_parameters())
+def train(**options: Any) -> None:
     """Train an SAE with SAELens and log it to MLflow as a training run: config as params; loss, MSE,
     L0 and dead features per step as metrics; the SAE as artifacts and as a logged model
     (optionally registered)."""
-    from sae_mlops.training import TrainConfig, train_and_log
+    from sae_mlops.options import build
+    from sae_mlops.training import train_and_log
 
-    _quiet(quiet)
-    cfg = TrainConfig(
-        model=model,
-        corpus=corpus,
-        text_field=text_field,
-        hook=hook,
-        architecture=architecture.value,
-        d_sae=d_sae,
-        k=k,
-        l1_coefficient=l1_coefficient,
-        lr=lr,
-        training_tokens=training_tokens,
-        batch_size_tokens=batch_size_tokens,
-        context_size=context_size,
-        dead_feature_window=dead_feature_window,
-        seed=seed,
-        device=device,
-    )
-    outcome = train_and_log(cfg, out, register=register, alias=alias, experiment=experiment, run_name=run_name)
+    run = build(TrainRunOptions, options)
+    set_quiet(run.quiet)
+    cfg = build(TrainConfig, options)
+    outcome = train_and_log(cfg, run.out, register=run.register, alias=run.alias, experiment=run.experiment, run_name=run.run_name)
     show_source(outcome, "Trained SAE")
 
 
@@ -107,7 +69,7 @@ def import_(
     per-epoch metrics). The same SAE imported twice (same content hash) is recognised, not duplicated."""
     from sae_mlops.tracking.training import import_sae
 
-    _quiet(quiet)
+    set_quiet(quiet)
     outcome = import_sae(path, register=register, alias=alias, experiment=experiment, run_name=run_name)
     if outcome.existing:
         out_console.print(
@@ -143,7 +105,7 @@ def compare(
     vs explained variance, written under --out and logged as artifacts of a comparison run."""
     from sae_mlops.tracking.compare import compare_and_log
 
-    _quiet(quiet)
+    set_quiet(quiet)
     outcome = compare_and_log(
         experiment or None, filter_string, out, track=not no_track, experiment=log_to, run_name=run_name
     )
@@ -174,7 +136,7 @@ def show_source(outcome: SourceOutcome, title: str) -> None:
         table.add_row("SAE directory", str(outcome.sae_dir))
     for key in ("train/final_l0", "train/final_dead_features", "train/final_loss", "train/final_explained_variance", "train/seconds"):
         if key in outcome.metrics:
-            table.add_row(key, _fmt(outcome.metrics[key], "{:.4g}"))
+            table.add_row(key, format_value(outcome.metrics[key], "{:.4g}"))
     out_console.print(table)
     if outcome.model_uri:
         out_console.print(f"Analyse it with: sae-mlops quick --sae {escape(outcome.model_uri)}", soft_wrap=True, highlight=False)

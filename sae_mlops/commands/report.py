@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from sae_mlops.cli import _quiet, app, fail, out_console, report_input_errors
+from sae_mlops.cli import set_quiet, app, fail, out_console, report_input_errors
 
 
 @app.command()
@@ -38,7 +38,7 @@ def report(
     write the executed notebook and a self-contained HTML page, and log both to the MLflow run."""
     from sae_mlops.interp.report import ReportError, generate_report, parse_features
 
-    _quiet(quiet)
+    set_quiet(quiet)
     try:
         outputs = generate_report(
             run_id=run_id,
