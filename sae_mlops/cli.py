@@ -18,6 +18,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from sae_mlops.errors import InputError
+from sae_mlops.metrics import format_value, headline_metrics
 
 if TYPE_CHECKING:
     from sae_mlops.pipeline import QuickOutcome
@@ -41,26 +42,6 @@ err_console = Console(stderr=True)
 DEMO_EXPERIMENT = "sae-mlops-demo"
 DEMO_KINDS = ("standard", "batchtopk", "saelens")
 DEMO_MAX_TOKENS = 100_000  # keeps `make demo` to a few minutes on a laptop CPU
-
-# Headline metrics shown after a run (all are logged; see sae_mlops.results for the scheme).
-HEADLINE = (
-    ("tokens/analysed", "analysed tokens", "{:,.0f}"),
-    ("sparsity/l0_mean", "L0 (mean active features / token)", "{:.2f}"),
-    ("sparsity/l1_mean", "L1 (mean sum |f| / token)", "{:.4g}"),
-    ("features/dead_count", "dead features", "{:,.0f}"),
-    ("features/dead_fraction", "dead fraction", "{:.4f}"),
-    ("features/dense_count", "dense features", "{:,.0f}"),
-    ("recon/explained_variance", "explained variance", "{:.4f}"),
-    ("recon/cosine", "cosine(x, x_hat)", "{:.4f}"),
-    ("recon/mse_per_token", "MSE per token", "{:.4g}"),
-    ("downstream/ce_clean", "CE clean (nats)", "{:.4f}"),
-    ("downstream/ce_sae", "CE with SAE (nats)", "{:.4f}"),
-    ("downstream/ce_zero", "CE zero-ablated (nats)", "{:.4f}"),
-    ("downstream/loss_recovered", "loss recovered", "{:.4f}"),
-    ("downstream/kl_sae", "KL(clean || SAE) (nats)", "{:.4g}"),
-    ("speed/tokens_per_s", "tokens / s", "{:,.0f}"),
-)
-
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -218,9 +199,9 @@ def show_headline(outcome: QuickOutcome, title: str) -> None:
     table.add_column("metric")
     table.add_column("name", style="dim")
     table.add_column("value", justify="right")
-    for key, label, pattern in HEADLINE:
-        if key in m:
-            table.add_row(label, key, format_value(m[key], pattern))
+    for metric in headline_metrics():
+        if metric.name in m:
+            table.add_row(metric.label, metric.name, metric.format(m[metric.name]))
     out_console.print(table)
     for w in outcome.warnings:
         err_console.print(f"[yellow]Warning:[/yellow] {escape(w)}", soft_wrap=True)
@@ -236,16 +217,6 @@ def show_outcome(outcome: QuickOutcome, title: str) -> None:
         from sae_mlops.tracking.runs import run_url
 
         out_console.print(f"MLflow run: {outcome.run_id} ({run_url(outcome.run_id)})", soft_wrap=True)
-
-
-def format_value(v: Any, pattern: str) -> str:
-    """`v` formatted with `pattern` ('n/a' for None; str(v) when the pattern does not apply)."""
-    if v is None:
-        return "n/a"
-    try:
-        return pattern.format(v)
-    except (TypeError, ValueError):
-        return str(v)
 
 
 def set_quiet(quiet: bool) -> None:

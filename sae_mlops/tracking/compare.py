@@ -27,6 +27,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from sae_mlops.errors import InputError
+from sae_mlops.metrics import BY_SHORT
 from sae_mlops.tracking.lineage import (
     ANALYSIS_KINDS,
     TAG_KIND,
@@ -40,19 +41,12 @@ from sae_mlops.tracking.resolve import (
     TAG_SOURCE_RUN_ID,
 )
 
+
 log = logging.getLogger(__name__)
 
-METRICS = {
-    "l0": "sparsity/l0_mean",
-    "loss_recovered": "downstream/loss_recovered",
-    "explained_variance": "recon/explained_variance",
-    "dead_fraction": "features/dead_fraction",
-    "ce_clean": "downstream/ce_clean",
-    "ce_sae": "downstream/ce_sae",
-    "ce_zero": "downstream/ce_zero",
-    "kl_sae": "downstream/kl_sae",
-    "tokens": "tokens/analysed",
-}
+#: compare's metric columns (short name -> metric name), from the metric registry.
+COMPARE_COLUMNS = ("l0", "loss_recovered", "explained_variance", "dead_fraction", "ce_clean", "ce_sae", "ce_zero", "kl_sae", "tokens")
+METRICS = {short: BY_SHORT[short].name for short in COMPARE_COLUMNS}
 FILTER_EXAMPLE = "metrics.`sparsity/l0_mean` < 50"
 
 

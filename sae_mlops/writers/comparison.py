@@ -21,6 +21,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from sae_mlops.metrics import BY_SHORT  # noqa: E402
 from sae_mlops.writers.files import atomic_write, atomic_write_text  # noqa: E402
 
 #: (column, header, format) of the table, in order.
@@ -31,14 +32,14 @@ COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("architecture", "architecture", "{}"),
     ("d_sae", "d_sae", "{:.0f}"),
     ("k", "k", "{:.0f}"),
-    ("l0", "L0", "{:.2f}"),
-    ("loss_recovered", "loss recovered", "{:.4f}"),
-    ("explained_variance", "explained variance", "{:.4f}"),
-    ("dead_fraction", "dead fraction", "{:.4f}"),
-    ("ce_clean", "CE clean", "{:.4f}"),
-    ("ce_sae", "CE SAE", "{:.4f}"),
-    ("ce_zero", "CE zero", "{:.4f}"),
-    ("kl_sae", "KL SAE", "{:.4g}"),
+    ("l0", "L0", BY_SHORT["l0"].fmt),
+    ("loss_recovered", "loss recovered", BY_SHORT["loss_recovered"].fmt),
+    ("explained_variance", "explained variance", BY_SHORT["explained_variance"].fmt),
+    ("dead_fraction", "dead fraction", BY_SHORT["dead_fraction"].fmt),
+    ("ce_clean", "CE clean", BY_SHORT["ce_clean"].fmt),
+    ("ce_sae", "CE SAE", BY_SHORT["ce_sae"].fmt),
+    ("ce_zero", "CE zero", BY_SHORT["ce_zero"].fmt),
+    ("kl_sae", "KL SAE", BY_SHORT["kl_sae"].fmt),
     ("tokens", "tokens", "{:.0f}"),
     ("model", "registered model", "{}"),
     ("pareto_loss_recovered", "frontier (LR)", "{}"),

@@ -15,35 +15,9 @@ from pathlib import Path
 
 import pandas as pd
 
+from sae_mlops.metrics import summary_metrics
 from sae_mlops.results import AnalysisResult
 from sae_mlops.writers.files import atomic_write, atomic_write_text
-
-# (metric, label, unit) rows of the readable summary, in order.
-SUMMARY_ROWS: list[tuple[str, str, str]] = [
-    ("tokens/analysed", "tokens analysed (non-special)", "tokens"),
-    ("sparsity/l0_mean", "L0 mean (active features per token)", "features"),
-    ("sparsity/l0_std", "L0 std", "features"),
-    ("sparsity/l1_mean", "L1 mean", "activation"),
-    ("features/dead_count", "dead features (never fired)", "features"),
-    ("features/dead_fraction", "dead fraction", "of d_sae"),
-    ("features/rare_count", "rare features", "features"),
-    ("features/dense_count", "dense features", "features"),
-    ("features/train_dead_count", "dead at training time (ever_fired)", "features"),
-    ("recon/mse_per_token", "MSE per token (sum over dims)", "act^2"),
-    ("recon/mse_per_element", "MSE per element", "act^2"),
-    ("recon/explained_variance", "explained variance (per-dim, about the mean)", ""),
-    ("recon/explained_variance_pooled", "explained variance, pooled (prior tool's)", ""),
-    ("recon/cosine", "cosine(x, x_hat)", ""),
-    ("recon/l2_ratio", "L2 ratio ||x_hat|| / ||x||", ""),
-    ("downstream/ce_clean", "CE clean", "nats"),
-    ("downstream/ce_sae", "CE with SAE spliced in", "nats"),
-    ("downstream/ce_zero", "CE with hook zero-ablated", "nats"),
-    ("downstream/loss_recovered", "loss recovered", ""),
-    ("downstream/kl_sae", "KL(clean || SAE)", "nats"),
-    ("downstream/kl_zero", "KL(clean || zero)", "nats"),
-    ("speed/tokens_per_s", "throughput", "tokens/s"),
-]
-
 
 def timestamp() -> str:
     return time.strftime("%Y%m%d_%H%M%S", time.gmtime())
@@ -71,7 +45,8 @@ def summary_markdown(result: AnalysisResult) -> str:
     if p.get("topk_mode"):
         lines.append(f"- BatchTopK: k={p.get('topk_k')}, mode `{p.get('topk_mode')}`, theta {fmt(p.get('topk_threshold'))}")
     lines += ["", "| metric | value | unit |", "|---|---:|---|"]
-    for key, label, unit in SUMMARY_ROWS:
+    for metric in summary_metrics():
+        key, label, unit = metric.name, metric.label, metric.unit
         if key in result.metrics:
             lines.append(f"| {label} | {fmt(result.metrics[key])} | {unit} |")
     if result.warnings:
