@@ -15,7 +15,7 @@ import numpy as np
 
 from sae_mlops.actdb.writer import ActivationDBWriter
 from sae_mlops.analysis import assemble_result, base_collectors, prepare, run_pass
-from sae_mlops.collectors.cooccurrence import MEASURES, CooccurrenceCollector, measure_from_counts, neighbours_from_csr
+from sae_mlops.collectors.cooccurrence import CooccurrenceCollector, measure_from_counts, neighbours_from_csr
 from sae_mlops.collectors.examples import TopExamplesCollector
 from sae_mlops.collectors.sparsity import SparsityCollector
 from sae_mlops.config import AnalysisConfig, FullOptions
@@ -54,8 +54,6 @@ def vocabulary_strings(tokenizer, d_vocab: int) -> list[str]:
 
 def run_full(cfg: AnalysisConfig, out_dir: Path, opts: FullOptions | None = None) -> FullOutputs:
     opts = opts or FullOptions()
-    if opts.cooccurrence_measure not in MEASURES:
-        raise InputError(f"unknown co-occurrence measure '{opts.cooccurrence_measure}'; use one of {', '.join(MEASURES)}.")
     if opts.examples_per_feature < 1 or opts.context_window < 0:
         raise InputError("examples per feature must be at least 1 and the context window at least 0.")
     inputs = prepare(cfg)

@@ -77,6 +77,7 @@ def run_quick_and_log(
     track: False skips MLflow entirely (files are still written).
     experiment / run_name: for a new MLflow run; ignored when ``MLFLOW_RUN_ID`` is set (``mlflow run``).
     """
+    import sae_mlops.tracking.resolve  # noqa: F401 (registers the resolver of runs:/ and models:/ SAE URIs)
     from sae_mlops.analysis import run_quick
     from sae_mlops.writers.quick import write_quick_outputs
 
@@ -105,16 +106,6 @@ class FullOutcome(QuickOutcome):
     database: Path | None = None  # activation_database/activation_db_<ts>
 
 
-def check_full_options(opts: FullOptions) -> None:
-    """Sizes `run_full` does not check itself; raise `InputError` before any work."""
-    from sae_mlops.errors import InputError
-
-    for name, low in (("neighbours", 1), ("logit_lens_tokens", 1), ("heatmap_features", 2), ("dense_limit", 0), ("shard_rows", 1)):
-        value = getattr(opts, name)
-        if value < low:
-            raise InputError(f"{name.replace('_', ' ')} must be at least {low}, got {value}.")
-
-
 def run_full_and_log(
     cfg: AnalysisConfig,
     out_dir: Path | str | None = None,
@@ -131,10 +122,10 @@ def run_full_and_log(
     out_dir: None -> `default_out_dir(cfg, "full")`. opts: None -> `FullOptions()` defaults.
     track / experiment / run_name: as for `run_quick_and_log`.
     """
+    import sae_mlops.tracking.resolve  # noqa: F401 (registers the resolver of runs:/ and models:/ SAE URIs)
     from sae_mlops.full import FullOptions, run_full
 
-    opts = opts or FullOptions()
-    check_full_options(opts)
+    opts = opts or FullOptions()  # bounds are checked when FullOptions is built (sae_mlops.config)
     out = Path(out_dir) if out_dir else default_out_dir(cfg, "full")
     outputs = run_full(cfg, out, opts)
     files = [Path(f) for f in outputs.files]
