@@ -69,8 +69,8 @@ def run_job(spec: dict[str, Any]) -> dict[str, Any]:
     full_options = options.pop("full_options", None)
     try:
         cfg = AnalysisConfig(sae=f"models:/{name}/{version}", device=spec.get("device") or "auto", progress=False, **options)
-    except TypeError as e:
-        raise InputError(f"The policy gives an option AnalysisConfig does not take ({e}); fix the policy file.") from None
+    except (TypeError, InputError) as e:
+        raise InputError(f"The policy gives an option AnalysisConfig does not take, or a bad value ({e}); fix the policy file.") from None
     out_dir = Path(spec["out_dir"])
     run_name = f"{kind} {name} v{version}"
     experiment = spec.get("experiment")
@@ -113,8 +113,8 @@ def _full_options(given: dict[str, Any] | None):
 
     try:
         return FullOptions(**given)
-    except TypeError as e:
-        raise InputError(f"full_options in the policy has an option the full analysis does not take ({e}); fix the policy file.") from None
+    except (TypeError, InputError) as e:
+        raise InputError(f"full_options in the policy has an option the full analysis does not take, or a bad value ({e}); fix the policy file.") from None
 
 
 def _finite(v: Any) -> bool:
