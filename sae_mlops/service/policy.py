@@ -369,12 +369,29 @@ def _options(raw: Any, kind: str, where: str, bad) -> dict[str, Any]:
             raise bad(f"{where}.{k}", f"unknown option; known: {', '.join(sorted(allowed))}")
         if k == "full_options" and not isinstance(v, Mapping):
             raise bad(f"{where}.full_options", "expected a mapping")
-        if k in ("max_tokens", "batch_size", "context_size") and v is not None:
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or float(v) != int(v) or int(v) < 1:
-                raise bad(f"{where}.{k}", f"expected a positive whole number, not {v!r}")
-            v = int(v)
+        if k in ("max_tokens", "batch_size", "context_size") and isinstance(v, float) and v.is_integer():
+            v = int(v)  # YAML's 2e5 is a float
         out[str(k)] = v
+    _check_declared(out, where, bad)
     return out
+
+
+def _check_declared(options: dict[str, Any], where: str, bad) -> None:
+    """Validate the options against their declarations (`AnalysisConfig`, `FullOptions`): types, bounds
+    and cross-field rules are the ones the CLI applies, so a policy cannot hold a value the CLI refuses."""
+    from sae_mlops.config import AnalysisConfig, FullOptions
+    from sae_mlops.errors import InputError
+
+    analysis = {k: v for k, v in options.items() if k != "full_options"}
+    try:
+        AnalysisConfig(sae="models:/policy-check/1", **analysis)
+    except InputError as e:
+        raise bad(where, str(e).rstrip(".")) from None
+    if "full_options" in options:
+        try:
+            FullOptions(**dict(options["full_options"]))
+        except InputError as e:
+            raise bad(f"{where}.full_options", str(e).rstrip(".")) from None
 
 
 def analysis_option_names(kind: str) -> set[str]:
