@@ -43,75 +43,75 @@ class AnalysisConfig:
         "directory (cfg.json + sae_weights.safetensors), a SAELens release (with --sae-id), "
         "runs:/<run_id>/<path>, models:/<name>/<version> or models:/<name>@<alias>."
     )
-    sae_id: str | None = Field(None, description="SAE id within a SAELens release given as --sae. (default: none)")
+    sae_id: str | None = Field(default=None, description="SAE id within a SAELens release given as --sae. (default: none)")
     model: str | None = Field(
-        None,
+        default=None,
         description="Base model: a TransformerLens name (e.g. gpt2), a local Hugging Face checkpoint directory, "
         "or 'demo'. (default: the model recorded in the SAE's metadata)",
     )
     corpus: str | None = Field(
-        None,
+        default=None,
         description="Texts to analyse: JSON list of strings, JSONL (see --text-field), Parquet (column --text-field) "
         "or a plain-text file. (default: the demo corpus when --model is demo)",
     )
-    text_field: str = Field("text", description="Field (JSONL) or column (Parquet) holding the text. (default: text)")
+    text_field: str = Field(default="text", description="Field (JSONL) or column (Parquet) holding the text. (default: text)")
     hook: str | None = Field(
-        None, description="TransformerLens hook name, e.g. blocks.9.hook_resid_post. (default: the SAE's recorded hook)"
+        default=None, description="TransformerLens hook name, e.g. blocks.9.hook_resid_post. (default: the SAE's recorded hook)"
     )
     max_tokens: int = Field(
-        1_000_000,
+        default=1_000_000,
         ge=1,
         description="Token budget: analysed (non-special) tokens to process, or the whole corpus if smaller. "
         "Unit: tokens. (default: 1000000)",
     )
     context_size: int | None = Field(
-        None, ge=2, description="Tokens per window. Unit: tokens. (default: the SAE's training context size, else 128)"
+        default=None, ge=2, description="Tokens per window. Unit: tokens. (default: the SAE's training context size, else 128)"
     )
     batch_size: int = Field(
-        16, ge=1, description="Windows per batch (batch-global BatchTopK depends on it). Unit: windows. (default: 16)"
+        default=16, ge=1, description="Windows per batch (batch-global BatchTopK depends on it). Unit: windows. (default: 16)"
     )
     prepend_bos: bool | None = Field(
-        None,
+        default=None,
         description="Start each window with BOS. (default: as the SAE's metadata says, else the model's default)",
     )
     topk_mode: TopkMode | None = Field(
-        None,
+        default=None,
         description="Prior-format BatchTopK SAEs only: 'batch' (the batch-global top-k rule) or 'threshold' "
         "(JumpReLU with one threshold). (default: batch)",
     )
     threshold: float | None = Field(
-        None,
+        default=None,
         description="Activation threshold theta for --topk-mode threshold. Unit: activation. "
         "(default: estimated on the corpus)",
     )
     threshold_calibration_tokens: int = Field(
-        65_536,
+        default=65_536,
         ge=1,
         description="Tokens used to estimate theta for threshold mode when none is given. Unit: tokens. (default: 65536)",
         json_schema_extra={"option": False},
     )
     rare_threshold: float = Field(
-        1e-5,
+        default=1e-5,
         ge=0.0,
         le=1.0,
         description="A feature firing on a fraction of analysed tokens in (0, this) is rare. Unit: fraction. "
         "(default: 1e-05)",
     )
     dense_threshold: float = Field(
-        0.1,
+        default=0.1,
         ge=0.0,
         le=1.0,
         description="A feature firing on more than this fraction of analysed tokens is dense. Unit: fraction. "
         "(default: 0.1)",
     )
     device: str = Field(
-        "auto", description="Torch device: auto (cuda if available, else cpu), cpu, cuda, cuda:1, mps. (default: auto)"
+        default="auto", description="Torch device: auto (cuda if available, else cpu), cpu, cuda, cuda:1, mps. (default: auto)"
     )
     dtype: str = Field(
-        "float32", description="Model and SAE dtype: float32, float16 or bfloat16. (default: float32)"
+        default="float32", description="Model and SAE dtype: float32, float16 or bfloat16. (default: float32)"
     )
     progress: bool = Field(
-        True, description="Show progress bars (the CLI's --quiet turns them off). (default: true)", json_schema_extra={"option": False}
+        default=True, description="Show progress bars (the CLI's --quiet turns them off). (default: true)", json_schema_extra={"option": False}
     )
     extra: dict[str, Any] = Field(
         default_factory=dict,
@@ -136,38 +136,38 @@ class FullOptions:
     """What the full analysis adds to quick, and its sizes."""
 
     examples_per_feature: int = Field(
-        25, ge=1, description="Top activating examples kept per feature (streaming top-k). Unit: examples. (default: 25)"
+        default=25, ge=1, description="Top activating examples kept per feature (streaming top-k). Unit: examples. (default: 25)"
     )
     context_window: int = Field(
-        10, ge=0, description="Tokens either side of an example in its context string. Unit: tokens. (default: 10)"
+        default=10, ge=0, description="Tokens either side of an example in its context string. Unit: tokens. (default: 10)"
     )
     cooccurrence_measure: CooccurrenceMeasure = Field(
-        "correlation",
+        default="correlation",
         description="Co-occurrence measure: correlation (phi), jaccard or pmi. (default: correlation)",
         json_schema_extra={"cli": "cooccurrence"},
     )
     dense_limit: int = Field(
-        16384,
+        default=16384,
         ge=0,
         description="Largest d_sae for which dense d_sae x d_sae .npy matrices are written (neighbour lists are "
         "always written). Unit: features. (default: 16384)",
     )
     neighbours: int = Field(
-        32,
+        default=32,
         ge=1,
         description="Neighbours per feature in the similarity and co-occurrence neighbour lists. Unit: features. "
         "(default: 32)",
     )
     logit_lens_tokens: int = Field(
-        10, ge=1, description="Top and bottom tokens per feature in the logit lens. Unit: tokens. (default: 10)"
+        default=10, ge=1, description="Top and bottom tokens per feature in the logit lens. Unit: tokens. (default: 10)"
     )
     heatmap_features: int = Field(
-        200,
+        default=200,
         ge=2,
         description="Features in the clustered heatmaps (the most variable ones). Unit: features. (default: 200)",
     )
     shard_rows: int = Field(
-        500_000,
+        default=500_000,
         ge=1,
         description="Rows per Parquet shard of the activation database. Unit: rows. (default: 500000)",
         json_schema_extra={"option": False},
@@ -180,21 +180,21 @@ class RunOptions:
     """Where an analysis writes and how it is tracked (options of the commands, not of the analysis)."""
 
     out: str | None = Field(
-        None, description="Output directory. (default: analysis/<sae dir name>/<kind>_<UTC timestamp>)"
+        default=None, description="Output directory. (default: analysis/<sae dir name>/<kind>_<UTC timestamp>)"
     )
     experiment: str | None = Field(
-        None,
+        default=None,
         description="MLflow experiment for the run. (default: $MLFLOW_EXPERIMENT_NAME, else sae-mlops)",
         json_schema_extra={"mlproject": False},
     )
     run_name: str | None = Field(
-        None, description="MLflow run name. (default: generated)", json_schema_extra={"mlproject": False}
+        default=None, description="MLflow run name. (default: generated)", json_schema_extra={"mlproject": False}
     )
     no_track: bool = Field(
-        False, description="Do not log to MLflow; only write files.", json_schema_extra={"mlproject": False}
+        default=False, description="Do not log to MLflow; only write files.", json_schema_extra={"mlproject": False}
     )
     quiet: bool = Field(
-        False,
+        default=False,
         description="Only warnings and errors on stderr; no progress bars.",
         json_schema_extra={"mlproject": False, "short": "-q"},
     )

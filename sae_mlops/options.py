@@ -106,7 +106,7 @@ def option_specs(cls: type, *, include_internal: bool = False) -> list[OptionSpe
         if info.is_required():
             default: Any = ...
         elif info.default_factory is not None:
-            default = info.default_factory()  # type: ignore[call-arg]
+            default = info.get_default(call_default_factory=True)
         else:
             default = info.default
         out.append(
@@ -141,7 +141,8 @@ def _choice_enum(name: str, choices: tuple[str, ...]) -> type[enum.Enum]:
     key = (name, choices)
     if key not in _ENUMS:
         title = "".join(part.title() for part in name.split("_"))
-        _ENUMS[key] = enum.Enum(title, {c: c for c in choices}, type=str)  # type: ignore[misc]
+        made: type[enum.Enum] = enum.Enum(title, {c: c for c in choices}, type=str)  # type: ignore[misc]
+        _ENUMS[key] = made
     return _ENUMS[key]
 
 

@@ -103,7 +103,7 @@ def iter_windows(texts: Sequence[str], tokenizer, plan: WindowPlan) -> Iterator[
             doc = chunk_start + offset
             for start in range(0, len(ids), body):
                 piece = ids[start : start + body]
-                if plan.prepend_bos:
+                if plan.prepend_bos and plan.bos_id is not None:  # bos_id is set whenever prepend_bos is
                     yield Window(doc, start, [plan.bos_id, *piece], True)
                 else:
                     yield Window(doc, start, list(piece), False)

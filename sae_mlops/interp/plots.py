@@ -29,7 +29,8 @@ def fig_to_png(fig: Figure, dpi: int = 100) -> bytes:
 
 def figure_title(fig: Figure) -> str:
     """The figure's suptitle, else its axes titles joined (used as the image's alt text)."""
-    sup = fig._suptitle.get_text() if getattr(fig, "_suptitle", None) is not None else ""
+    suptitle = getattr(fig, "_suptitle", None)  # matplotlib keeps it private; absent when none was set
+    sup = suptitle.get_text() if suptitle is not None else ""
     titles = [ax.get_title() for ax in fig.axes if ax.get_title()]
     return sup or "; ".join(titles) or "figure"
 

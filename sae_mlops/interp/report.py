@@ -153,7 +153,7 @@ def notebook_to_html(notebook: Path, html: Path) -> Path:
     soup = BeautifulSoup(body, features="html.parser")
     prefix = "data:image/png;base64,"
     for img in soup.find_all("img"):
-        src = img.get("src", "")
+        src = str(img.get("src") or "")
         if src.startswith(prefix) and src[len(prefix) :].strip()[:256] in alts:
             img["alt"] = alts[src[len(prefix) :].strip()[:256]]
     return atomic_write_text(html, str(soup))

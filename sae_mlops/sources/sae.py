@@ -173,5 +173,5 @@ def _load_release(spec: SAESourceSpec, source: str, device: str) -> LoadedSAE:
     assert spec.sae_id is not None
     label = source if ":" in source else f"{spec.value}:{spec.sae_id}"
     loaded = load_saelens_release(spec.value, spec.sae_id, device=device, source=label)
-    loaded.info.content_hash = sha256_state_dict(loaded.module.state_dict())
+    loaded.info.content_hash = sha256_state_dict(loaded.module.state_dict())  # type: ignore[attr-defined]  # a torch module
     return loaded

@@ -145,7 +145,7 @@ def corpus_dataset(path: str | None, sha256: str | None):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "can be interpreted in multiple ways": both are local files
         source = resolve_dataset_source(source_uri)
-    return MetaDataset(
+    return MetaDataset(  # type: ignore[abstract]  # mlflow's concrete metadata-only dataset
         source=source,
         name=name,
         digest=str(sha256)[:DATASET_DIGEST_LEN],

@@ -79,7 +79,7 @@ def resolve_mlflow_uri(uri: str, dst_dir: str | Path | None = None) -> ResolvedS
         download_uri, lineage = _resolve_run(client, uri)
     else:
         download_uri, lineage = _resolve_model(client, uri)
-    lineage = {TAG_SOURCE_URI: uri, **{k: v for k, v in lineage.items() if v not in (None, "")}}
+    lineage = {TAG_SOURCE_URI: uri, **{k: str(v) for k, v in lineage.items() if v not in (None, "")}}
     target = Path(dst_dir) if dst_dir is not None else Path(tempfile.mkdtemp(prefix="sae_mlops_mlflow_"))
     target.mkdir(parents=True, exist_ok=True)
     try:
@@ -89,7 +89,7 @@ def resolve_mlflow_uri(uri: str, dst_dir: str | Path | None = None) -> ResolvedS
             shutil.rmtree(target, ignore_errors=True)
         raise
     logger.info("resolved %s to %s", uri, sae_dir)
-    return ResolvedSAESource(uri=uri, local_path=sae_dir, download_dir=target, lineage=lineage)
+    return ResolvedSAESource(uri=uri, local_path=sae_dir, download_dir=target, lineage={k: str(v) for k, v in lineage.items()})
 
 
 def find_sae_dir(root: Path, label: str) -> Path:

@@ -119,7 +119,7 @@ class SourceRun:
         """The training corpus as an ``mlflow.data`` dataset input (context ``training``)."""
         dataset = lineage.corpus_dataset(path, sha256)
         if dataset is not None:
-            extra = {"sae_mlops.documents": documents} if documents is not None else {}
+            extra = {"sae_mlops.documents": str(documents)} if documents is not None else {}
             lineage.log_dataset_input(self.client, self.run_id, dataset, "training", sha256, extra)
 
     # metrics

@@ -25,57 +25,57 @@ class TrainConfig:
     """What to train and how (SAELens training classes). Cross-field checks in ``__post_init__``."""
 
     model: str = Field(
-        "demo", description="Base model: a TransformerLens name, a local Hugging Face checkpoint directory, or 'demo'. (default: demo)"
+        default="demo", description="Base model: a TransformerLens name, a local Hugging Face checkpoint directory, or 'demo'. (default: demo)"
     )
     corpus: str | None = Field(
-        None,
+        default=None,
         description="Training texts: JSON list of strings, JSONL, Parquet or .txt. (default: the demo corpus with the demo model)",
     )
-    text_field: str = Field("text", description="Field (JSONL) or column (Parquet) holding the text. (default: text)")
+    text_field: str = Field(default="text", description="Field (JSONL) or column (Parquet) holding the text. (default: text)")
     hook: str | None = Field(
-        None,
+        default=None,
         description="Hook whose activations the SAE reconstructs, e.g. blocks.0.hook_resid_post. "
         "(default: the demo hook with the demo model; required otherwise)",
     )
     architecture: str = Field(
-        "topk",
+        default="topk",
         description="SAELens training architecture: standard, topk, batchtopk or jumprelu. (default: topk)",
         json_schema_extra={"choices": list(ARCHITECTURES)},
     )
-    d_sae: int | None = Field(None, ge=1, description="Dictionary size. Unit: features. (default: 8 x the hook's width)")
+    d_sae: int | None = Field(default=None, ge=1, description="Dictionary size. Unit: features. (default: 8 x the hook's width)")
     k: int = Field(
-        16, ge=1, description="Active features per token (topk) or per token on average (batchtopk). Unit: features. (default: 16)"
+        default=16, ge=1, description="Active features per token (topk) or per token on average (batchtopk). Unit: features. (default: 16)"
     )
     l1_coefficient: float | None = Field(
-        None,
+        default=None,
         description="Sparsity penalty: L1 coefficient (standard) or L0 coefficient (jumprelu); ignored by topk/batchtopk. "
         "(default: 5.0 / 1.0)",
     )
-    lr: float = Field(3e-3, gt=0, description="Adam learning rate. (default: 0.003)")
+    lr: float = Field(default=3e-3, gt=0, description="Adam learning rate. (default: 0.003)")
     lr_warm_up_steps: int | None = Field(
-        None, ge=0, description="Learning-rate warm-up. Unit: steps. (default: 5% of the steps)"
+        default=None, ge=0, description="Learning-rate warm-up. Unit: steps. (default: 5% of the steps)"
     )
     training_tokens: int = Field(
-        DEFAULT_TRAINING_TOKENS, ge=1, description=f"Activations to train on. Unit: tokens. (default: {DEFAULT_TRAINING_TOKENS})"
+        default=DEFAULT_TRAINING_TOKENS, ge=1, description=f"Activations to train on. Unit: tokens. (default: {DEFAULT_TRAINING_TOKENS})"
     )
-    batch_size_tokens: int = Field(1024, ge=1, description="Tokens per training step. Unit: tokens. (default: 1024)")
+    batch_size_tokens: int = Field(default=1024, ge=1, description="Tokens per training step. Unit: tokens. (default: 1024)")
     context_size: int | None = Field(
-        None, ge=2, description="Tokens per window. Unit: tokens. (default: min(128, the model's n_ctx))"
+        default=None, ge=2, description="Tokens per window. Unit: tokens. (default: min(128, the model's n_ctx))"
     )
-    prepend_bos: bool | None = Field(None, description="Start windows with BOS. (default: the model's default)")
+    prepend_bos: bool | None = Field(default=None, description="Start windows with BOS. (default: the model's default)")
     store_batch_size_prompts: int = Field(
-        16, ge=1, description="Windows per forward pass when filling the activation store. Unit: windows. (default: 16)"
+        default=16, ge=1, description="Windows per forward pass when filling the activation store. Unit: windows. (default: 16)"
     )
     dead_feature_window: int = Field(
-        100, ge=1, description="Steps without firing after which a feature counts as dead. Unit: steps. (default: 100)"
+        default=100, ge=1, description="Steps without firing after which a feature counts as dead. Unit: steps. (default: 100)"
     )
     feature_sampling_window: int = Field(
-        200, ge=1, description="Steps per feature-density window (SAELens's sparsity statistics). Unit: steps. (default: 200)"
+        default=200, ge=1, description="Steps per feature-density window (SAELens's sparsity statistics). Unit: steps. (default: 200)"
     )
-    seed: int = Field(42, description="Random seed. (default: 42)")
-    device: str = Field("auto", description="Torch device: auto, cpu, cuda, mps. (default: auto)")
-    dtype: str = Field("float32", description="Model and SAE dtype: float32, float16 or bfloat16. (default: float32)")
-    log_every: int = Field(1, ge=1, description="Send metrics to MLflow every this many steps. Unit: steps. (default: 1)")
+    seed: int = Field(default=42, description="Random seed. (default: 42)")
+    device: str = Field(default="auto", description="Torch device: auto, cpu, cuda, mps. (default: auto)")
+    dtype: str = Field(default="float32", description="Model and SAE dtype: float32, float16 or bfloat16. (default: float32)")
+    log_every: int = Field(default=1, ge=1, description="Send metrics to MLflow every this many steps. Unit: steps. (default: 1)")
 
     def __post_init__(self) -> None:
         self.check()
@@ -112,20 +112,20 @@ class TrainRunOptions:
     """Where a trained SAE goes and how the training run is tracked (options of `train`, not of SAELens)."""
 
     out: str | None = Field(
-        None, description="Where to save the SAE (SAELens format). (default: saes/<architecture>_<d_sae>_<UTC timestamp>)"
+        default=None, description="Where to save the SAE (SAELens format). (default: saes/<architecture>_<d_sae>_<UTC timestamp>)"
     )
     register: str | None = Field(
-        None, description="Register the SAE as a new version of this MLflow registered model (created if needed)."
+        default=None, description="Register the SAE as a new version of this MLflow registered model (created if needed)."
     )
-    alias: str | None = Field(None, description="Set this alias (e.g. champion) on the registered version; needs --register.")
+    alias: str | None = Field(default=None, description="Set this alias (e.g. champion) on the registered version; needs --register.")
     experiment: str | None = Field(
-        None,
+        default=None,
         description="MLflow experiment. (default: $MLFLOW_EXPERIMENT_NAME, else sae-mlops)",
         json_schema_extra={"mlproject": False},
     )
     run_name: str | None = Field(
-        None, description="MLflow run name. (default: train-<architecture>-<d_sae>)", json_schema_extra={"mlproject": False}
+        default=None, description="MLflow run name. (default: train-<architecture>-<d_sae>)", json_schema_extra={"mlproject": False}
     )
     quiet: bool = Field(
-        False, description="Only warnings and errors on stderr.", json_schema_extra={"mlproject": False, "short": "-q"}
+        default=False, description="Only warnings and errors on stderr.", json_schema_extra={"mlproject": False, "short": "-q"}
     )

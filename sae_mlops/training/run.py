@@ -192,7 +192,7 @@ def train_sae(
     for key in ("train/loss", "train/mse", "train/explained_variance"):
         if key in trainer.last_metrics:
             summary[key.replace("train/", "train/final_", 1)] = trainer.last_metrics[key]
-    summary = {k: float(v) for k, v in summary.items() if v is not None}
+    summary_f: dict[str, float] = {k: float(v) for k, v in summary.items() if v is not None}
     import sae_lens
 
     params = {
@@ -235,7 +235,7 @@ def train_sae(
         sae_dir=out,
         sae_hash=sae_hash,
         params=params,
-        summary=summary,
+        summary=summary_f,
         model_params=model_params,
         corpus_path=corpus.path,
         corpus_digest=corpus.digest,
