@@ -102,6 +102,10 @@ class FakeRegistry:
     def tag_run(self, run_id, tags):
         self._rec("tag_run", run_id, dict(tags))
 
+    def close_job_runs(self, experiment, job_key, keep=None):
+        self._rec("close_runs", experiment, job_key)
+        return []
+
 
 POLICY = {
     "rules": [{"models": ["sae-*"], "triggers": {"created": True, "tags": {"analyze": "*"}}, "quick": {"max_tokens": 100}}],
@@ -274,7 +278,7 @@ def test_bounded_retries_then_failed_and_written_back(make_service):
     job = wait_job(svc, jid)
     assert job.state == "failed" and job.attempts == 3
     assert "exit code 1" in job.error and "RuntimeError: boom" in job.error
-    (call,) = svc.fake.of("failed")
+    (call,) = wait_for(lambda: svc.fake.of("failed"), what="failure written back")
     assert call[1:5] == ("sae-a", "1", "quick", jid) and "boom" in call[5]
 
 
@@ -283,7 +287,7 @@ def test_input_error_is_not_retried(make_service):
     svc.start()
     job = wait_job(svc, enqueue(svc, behaviour="input_error"))
     assert job.state == "failed" and job.attempts == 1 and "The SAE is broken" in job.error
-    assert len(svc.fake.of("failed")) == 1
+    assert len(wait_for(lambda: svc.fake.of("failed"), what="failure written back")) == 1
 
 
 def test_killed_job_process_does_not_take_the_service_down(make_service):
