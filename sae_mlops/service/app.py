@@ -60,7 +60,7 @@ def _is_loopback(host: str | None) -> bool:
     try:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
-        return host in ("localhost", "testclient")
+        return host == "localhost"
 
 
 def may_read(request: Request, token: str | None) -> bool:

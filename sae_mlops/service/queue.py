@@ -41,7 +41,7 @@ STATES = (QUEUED, RUNNING, DONE, FAILED)
 ACTIVE = (QUEUED, RUNNING)
 SCHEMA_VERSION = 2
 
-_SCHEMA = f"""
+_SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS jobs (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -297,7 +297,7 @@ class JobQueue:
             since = job.outage_since if job.outage_since is not None else now
             attempts = max(0, job.attempts - 1)
             if now - since > max_outage_s:
-                msg = f"the tracking server was unreachable for {now - since:.0f}s (limit {max_outage_s:.0f}s): {error}"
+                msg = f"the tracking server was unreachable for {now - since:.0f}s (limit {max_outage_s:g}s): {error}"
                 db.execute(
                     "UPDATE jobs SET state='failed', phase=NULL, attempts=?, finished_at=?, updated_at=?, pid=NULL, error=?,"
                     " outage_since=? WHERE id=?",
@@ -408,7 +408,7 @@ class JobQueue:
     def counts(self) -> dict[str, int]:
         with self._lock:
             rows = self._db.execute("SELECT state, COUNT(*) AS n FROM jobs GROUP BY state").fetchall()
-        out = {s: 0 for s in STATES}
+        out = dict.fromkeys(STATES, 0)
         out.update({r["state"]: int(r["n"]) for r in rows})
         return out
 

@@ -242,7 +242,7 @@ class Worker:
             self._write_failed(job, updated.error or error)
             return
         log.warning("job %d: tracking server unavailable (%s); retrying in %.1fs without using an attempt "
-                    "(outage %.0fs of at most %.0fs)", job.id, error, delay, elapsed, limit, extra={"job_id": job.id})
+                    "(outage %.0fs of at most %gs)", job.id, error, delay, elapsed, limit, extra={"job_id": job.id})
 
     def _finish_failed(self, job: Job, error: str, retry: bool, write_back: bool = True) -> None:
         updated = self.queue.mark_attempt_failed(job.id, error, retry=retry)
