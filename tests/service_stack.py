@@ -89,8 +89,8 @@ def seaweed_s3(workdir: Path, bucket: str) -> Iterator[dict[str, str]]:
                                             "s3", "s3_grpc")}
     cmd = [weed, "server", f"-dir={data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
            f"-master.port={ports['master']}", f"-master.port.grpc={ports['master_grpc']}",
-           f"-volume.port={ports['volume']}", f"-volume.port.grpc={ports['volume_grpc']}", "-volume.max=4",
-           "-master.volumeSizeLimitMB=64", "-filer", f"-filer.port={ports['filer']}",
+           f"-volume.port={ports['volume']}", f"-volume.port.grpc={ports['volume_grpc']}", "-volume.max=16",
+           "-master.volumeSizeLimitMB=32", "-filer", f"-filer.port={ports['filer']}",
            f"-filer.port.grpc={ports['filer_grpc']}", "-s3", f"-s3.port={ports['s3']}",
            f"-s3.port.grpc={ports['s3_grpc']}", "-s3.port.iceberg=0", "-s3.port.lance=0", f"-s3.config={config}"]
     log = workdir / "weed.log"
