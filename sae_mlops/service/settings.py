@@ -85,8 +85,9 @@ class Settings(BaseModel):
         3600.0, description="Seconds: a job waiting for an unreachable (or 5xx) tracking server is retried without "
         "using an attempt until the outage has lasted this long, then fails with that reason. Default 3600.")
     mlflow_http_timeout_s: float = Field(
-        20.0, description="Seconds: MLflow HTTP request timeout for the service and its job processes "
-        "(MLFLOW_HTTP_REQUEST_TIMEOUT, unless already set in the environment). Default 20.")
+        30.0, description="Seconds: MLflow HTTP request timeout for the service and its job processes "
+        "(MLFLOW_HTTP_REQUEST_TIMEOUT, unless already set in the environment); an artifact upload waits this "
+        "long for the server to store the file. Default 30.")
     mlflow_http_max_retries: int = Field(
         1, description="MLflow HTTP retries per request for the service and its job processes "
         "(MLFLOW_HTTP_REQUEST_MAX_RETRIES, unless already set in the environment). Default 1.")
