@@ -373,8 +373,10 @@ def test_graceful_stop_requeues_the_running_job(make_service):
     svc.stop(timeout=30)
     from sae_mlops.service.queue import JobQueue
 
-    job = JobQueue(path).get(jid)
+    q = JobQueue(path)
+    job = q.get(jid)
     assert job.state == "queued" and job.attempts == 0 and "shut down" in job.error
+    assert ("close_runs", svc.settings.experiment, q.job_key(jid)) in svc.fake.calls  # its run is not left RUNNING
 
 
 def test_restart_requeues_and_completes(make_service, tmp_path):

@@ -130,6 +130,7 @@ class Worker:
             except _Interrupted:
                 log.info("%s: job %d interrupted by shutdown; it stays queued", self.name, job.id, extra={"job_id": job.id})
                 self.queue.mark_attempt_failed(job.id, "interrupted: the service shut down", count_attempt=False)
+                self._close_runs(job)
             except Exception as e:  # noqa: BLE001
                 log.exception("%s: job %d failed in the worker", self.name, job.id, extra={"job_id": job.id})
                 self._finish_failed(job, f"worker error: {e!r}", retry=True)
