@@ -175,3 +175,85 @@ def test_main_exit_codes_and_result_file(calls, tmp_path, store, monkeypatch):
     assert job_module.main([str(spec_path)]) == job_module.EXIT_FAILED
     assert not (tmp_path / "r3.json").exists()
     assert job_module.main([]) == job_module.EXIT_INPUT_ERROR
+
+
+# --- failure classes of real MLflow errors ---------------------------------------------------------
+
+
+class _Canned:
+    """A real HTTP server on 127.0.0.1 answering every request with one status and body."""
+
+    def __init__(self, status: int, body: bytes, content_type: str = "application/json") -> None:
+        import http.server
+        import threading
+
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def _answer(self) -> None:
+                self.send_response(outer.status)
+                self.send_header("Content-Type", content_type)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            do_GET = do_POST = do_PATCH = do_DELETE = _answer
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self.status = status
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.uri = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def __enter__(self) -> str:
+        self.thread.start()
+        return self.uri
+
+    def __exit__(self, *exc) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.mark.parametrize(
+    "status, body, expected",
+    [
+        (503, b"<html>Service Unavailable</html>", "unavailable"),
+        (500, b'{"error_code": "INTERNAL_ERROR", "message": "database is locked"}', "unavailable"),
+        (403, b'{"error_code": "PERMISSION_DENIED", "message": "Permission denied"}', "denied"),
+        (401, b"You are not authenticated.", "denied"),
+        (404, b'{"error_code": "RESOURCE_DOES_NOT_EXIST", "message": "no such version"}', "denied"),
+        (400, b'{"error_code": "INVALID_PARAMETER_VALUE", "message": "bad"}', "bug"),
+    ],
+)
+def test_classify_real_mlflow_http_errors(status, body, expected, monkeypatch):
+    from sae_mlops.service.mlflow_io import classify
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    with _Canned(status, body, "application/json" if body.startswith(b"{") else "text/html") as uri:
+        with pytest.raises(Exception) as e:
+            RegistryIO(uri).mark_running("sae-a", "1", "quick", 1)
+    assert classify(e.value) == expected, repr(e.value)
+
+
+def test_classify_unreachable_missing_and_local_errors(store, monkeypatch):
+    from mlflow.exceptions import MlflowException
+
+    from sae_mlops.service.mlflow_io import VersionMissing, classify
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    with pytest.raises(Exception) as e:
+        RegistryIO(f"http://127.0.0.1:{free_port()}").get_version("sae-a", "1")
+    assert classify(e.value) == "unavailable"
+    with pytest.raises(VersionMissing) as e:
+        RegistryIO(store).get_version("no-such-model", "1")
+    assert classify(e.value) == "denied"
+    assert classify(MlflowException("a local MLflow error")) == "bug" and classify(KeyError("x")) == "bug"
+    try:  # the tracking layer rewrites MLflow errors into InputError; the cause still decides
+        try:
+            raise MlflowException("API request to http://x/api failed with exception ConnectionError")
+        except MlflowException:
+            raise InputError("The artifacts of models:/a/1 could not be downloaded") from None
+    except InputError as err:
+        assert classify(err) == "unavailable"
