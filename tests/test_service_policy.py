@@ -190,3 +190,21 @@ def test_parsed_gate():
     assert p.gate.metric_names() == ["dead_fraction", "loss_recovered"]
     assert p.gate.evaluate(METRICS).passed
     assert not p.gate.evaluate({**METRICS, "features/dead_fraction": 0.3}).passed
+
+
+def test_policy_schema_refuses_unknown_keys_everywhere_and_describes_every_key():
+    from sae_mlops.service.policy import GateSpec, PolicySpec, RuleSpec, TriggersSpec
+
+    for model in (PolicySpec, RuleSpec, TriggersSpec, GateSpec):
+        for name, f in model.model_fields.items():
+            assert f.description and len(f.description) > 15, (model.__name__, name)
+    cases = [
+        ({"rules": [{"quick": {}}], "gates": {}}, "the top level", "['gates']"),
+        ({"rules": [{"quick": {}, "model": "x"}]}, "rules[0]", "['model']"),
+        ({"rules": [{"quick": {}}, {"quick": {}, "triggers": {"create": True}}]}, "rules[1].triggers", "['create']"),
+        ({"gate": {"analysis": "quick", "minimum": {}}}, "gate", "['minimum']"),
+    ]
+    for data, where, key in cases:
+        with pytest.raises(InputError) as e:
+            parse_policy(data, source="p.yaml")
+        assert f"In p.yaml, {where}: unknown key(s) {key}" in str(e.value), str(e.value)

@@ -38,6 +38,8 @@ GATE_REASONS_TAG = "sae_mlops.analysis.gate_reasons"
 
 RUN_TAG_JOB_ID = "sae_mlops.service.job_id"
 RUN_TAG_TRIGGER = "sae_mlops.service.trigger"
+RUN_TAG_JOB_KEY = "sae_mlops.service.job_key"  # <queue instance id>:<job id>, unique across services
+RUN_TAG_ATTEMPT = "sae_mlops.service.attempt"
 
 
 def analysis_tag(kind: str, field: str) -> str:
