@@ -80,11 +80,11 @@ def run_quick_and_log(
     track: False skips MLflow entirely (files are still written).
     experiment / run_name: for a new MLflow run; ignored when ``MLFLOW_RUN_ID`` is set (``mlflow run``).
     """
+    out = Path(out_dir) if out_dir else default_out_dir(cfg)
+    preflight(out, track)
     from sae_mlops.analysis import run_quick
     from sae_mlops.writers.quick import write_quick_outputs
 
-    out = Path(out_dir) if out_dir else default_out_dir(cfg)
-    preflight(out, track)
     with interrupt_report(out, track):
         result = run_quick(cfg)
         out.mkdir(parents=True, exist_ok=True)
@@ -96,12 +96,13 @@ def run_quick_and_log(
     return outcome
 
 
-def preflight(out: Path, track: bool) -> None:
-    """Before anything loads: the output directory can be created (`InputError`) and, when tracking,
-    the tracking store answers within seconds (`TrackingError`). Leaves nothing behind."""
+def preflight(out: Path | None, track: bool) -> None:
+    """Before anything loads: the output directory (if given) can be created (`InputError`) and, when
+    tracking, the tracking store answers within seconds (`TrackingError`). Leaves nothing behind."""
     from sae_mlops.preflight import check_out_dir
 
-    check_out_dir(out)
+    if out is not None:
+        check_out_dir(out)
     if track:
         from sae_mlops.tracking.preflight import check_tracking_store
 
@@ -195,12 +196,13 @@ def run_full_and_log(
     out_dir: None -> `default_out_dir(cfg, "full")`. opts: None -> `FullOptions()` defaults.
     track / experiment / run_name: as for `run_quick_and_log`.
     """
+    out = Path(out_dir) if out_dir else default_out_dir(cfg, "full")
+    if opts is not None:
+        check_full_options(opts)
+    preflight(out, track)
     from sae_mlops.full import FullOptions
 
     opts = opts or FullOptions()
-    check_full_options(opts)
-    out = Path(out_dir) if out_dir else default_out_dir(cfg, "full")
-    preflight(out, track)
     with interrupt_report(out, track):
         return _run_full_and_log(cfg, out, opts, track, experiment, run_name)
 

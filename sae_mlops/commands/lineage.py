@@ -66,9 +66,11 @@ def train(
     """Train an SAE with SAELens and log it to MLflow as a training run: config as params; loss, MSE,
     L0 and dead features per step as metrics; the SAE as artifacts and as a logged model
     (optionally registered)."""
+    from sae_mlops.pipeline import preflight
     from sae_mlops.training import TrainConfig, train_and_log
 
     _quiet(quiet)
+    preflight(out, track=True)
     cfg = TrainConfig(
         model=model,
         corpus=corpus,
@@ -105,9 +107,11 @@ def import_(
 ) -> None:
     """Import an SAE trained elsewhere as an MLflow training run + logged model (history.json becomes
     per-epoch metrics). The same SAE imported twice (same content hash) is recognised, not duplicated."""
+    from sae_mlops.pipeline import preflight
     from sae_mlops.tracking.training import import_sae
 
     _quiet(quiet)
+    preflight(None, track=True)
     outcome = import_sae(path, register=register, alias=alias, experiment=experiment, run_name=run_name)
     if outcome.existing:
         out_console.print(
@@ -141,9 +145,11 @@ def compare(
 ) -> None:
     """Compare tracked analyses: a table (CSV + Markdown) and Pareto plots of L0 vs loss recovered and
     vs explained variance, written under --out and logged as artifacts of a comparison run."""
+    from sae_mlops.pipeline import preflight
     from sae_mlops.tracking.compare import compare_and_log
 
     _quiet(quiet)
+    preflight(out, track=True)  # the analyses are read from MLflow even with --no-track
     outcome = compare_and_log(
         experiment or None, filter_string, out, track=not no_track, experiment=log_to, run_name=run_name
     )
