@@ -22,7 +22,7 @@ def out_dir_problem(path: Path | str) -> str | None:
         if len(part.encode("utf-8", "surrogateescape")) > NAME_MAX:
             return f"a path component is longer than {NAME_MAX} bytes"
     if p.exists() and not p.is_dir():
-        return "it is an existing file, not a directory"
+        return f"{p} is an existing file, not a directory"
     existing = p
     while not existing.exists() and existing != existing.parent:
         if existing.is_symlink():

@@ -296,7 +296,7 @@ def _table(df: pd.DataFrame) -> Table:
         numeric = pd.api.types.is_numeric_dtype(df[col])
         table.add_column(str(col), justify="right" if numeric else "left", overflow="fold")
     for row in df.itertuples(index=False):
-        table.add_row(*(_cell(col, v) for col, v in zip(df.columns, row)))
+        table.add_row(*(_cell(col, v) for col, v in zip(df.columns, row, strict=True)))
     return table
 
 
