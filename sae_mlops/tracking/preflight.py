@@ -103,16 +103,17 @@ def _reason(e: Exception) -> str:
 
 
 def mark_killed(run_id: str) -> bool:
-    """Set run `run_id` to KILLED (if it is still RUNNING); True when it was marked. Never raises:
+    """Set run `run_id` to KILLED if it is still RUNNING; True when it is KILLED now. Never raises:
     this runs while a command is being interrupted, and a store that is down must not hide that."""
     try:
         from mlflow.tracking import MlflowClient
 
         check_tracking_store(timeout_s=2.0)  # MLflow's client would retry a dead server for minutes
         client = MlflowClient()
-        if client.get_run(run_id).info.status == "RUNNING":
+        status = client.get_run(run_id).info.status
+        if status == "RUNNING":
             client.set_terminated(run_id, "KILLED")
-            return True
+        return status in ("RUNNING", "KILLED")
     except Exception as e:  # noqa: BLE001 - reported, not raised (see the docstring)
         log.debug("could not mark run %s KILLED: %s", run_id, e)
     return False
