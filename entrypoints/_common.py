@@ -53,15 +53,16 @@ def analysis_parser(kind: str, description: str, *extra: type) -> argparse.Argum
 
 
 def guarded(args: argparse.Namespace, body: Callable[[], int | None], errors: dict[type, int] | None = None) -> int:
-    """Set up logging and run ``body()``; a user mistake (InputError, or a type in ``errors``) becomes
-    one line on stderr and its exit code (2 for InputError). Says what to do when sae_mlops is missing."""
+    """Set up logging and run ``body()``; a user mistake (InputError, or a type in ``errors``), a
+    tracking failure (TrackingError) or Ctrl-C (Interrupted) becomes one line on stderr and its exit
+    code (2, 2, 130). Says what to do when sae_mlops is missing."""
     try:
-        from sae_mlops.errors import InputError
+        from sae_mlops.errors import InputError, Interrupted, TrackingError
         from sae_mlops.logging_setup import setup_logging
     except ImportError as e:  # pragma: no cover - reported at import time already
         _import_error(e)
     setup_logging(verbose=args.verbose)
-    codes = {InputError: 2, **(errors or {})}
+    codes = {InputError: 2, TrackingError: 2, Interrupted: 130, **(errors or {})}
     try:
         return body() or 0
     except tuple(codes) as e:

@@ -25,7 +25,7 @@ from sae_mlops.engine import Engine, HookSite, PassStats, resolve_device
 from sae_mlops.errors import InputError
 from sae_mlops.results import AnalysisResult
 from sae_mlops.sources.types import Corpus, LoadedModel, LoadedSAE
-from sae_mlops.tokens import WindowPlan, iter_batches, make_plan
+from sae_mlops.tokens import WindowPlan, check_enough_tokens, iter_batches, make_plan
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +91,7 @@ def prepare(cfg: AnalysisConfig) -> Inputs:
     if prepend_bos is None:
         prepend_bos = bool(getattr(model.model.cfg, "default_prepend_bos", True))
     plan = make_plan(model.tokenizer, context_size, prepend_bos)
+    check_enough_tokens(corpus.texts, model.tokenizer, plan, cfg.max_tokens, corpus.path)
     for w in warnings:
         log.warning(w)
     return Inputs(cfg, sae, model, corpus, site, plan, device, warnings)

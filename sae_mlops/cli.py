@@ -17,7 +17,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from sae_mlops.errors import InputError
+from sae_mlops.errors import InputError, Interrupted, TrackingError
 from sae_mlops.metrics import format_value, headline_metrics
 
 if TYPE_CHECKING:
@@ -47,14 +47,20 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 
 def report_input_errors(fn: F) -> F:
-    """Turn `InputError` into one red sentence on stderr and exit code 2 (no traceback)."""
+    """Turn `InputError` and `TrackingError` into one red sentence on stderr and exit code 2, and
+    Ctrl-C into one sentence (what was left behind, when the command knows) and exit code 130;
+    no traceback."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
-        except InputError as e:
+        except (InputError, TrackingError) as e:
             fail(str(e), getattr(e, "exit_code", 2))
+        except Interrupted as e:
+            fail(str(e), e.exit_code)
+        except KeyboardInterrupt:
+            fail("interrupted by the user (Ctrl-C); the command did not finish.", Interrupted.exit_code)
 
     return wrapper  # type: ignore[return-value]
 
@@ -231,6 +237,7 @@ from sae_mlops.commands import full as _full_commands  # noqa: E402,F401
 from sae_mlops.commands import report as _report_commands  # noqa: E402,F401
 from sae_mlops.commands import lineage as _lineage_commands  # noqa: E402,F401
 from sae_mlops.commands import serve as _serve_commands  # noqa: E402,F401
+from sae_mlops.commands import log as _log_commands  # noqa: E402,F401
 
 if __name__ == "__main__":  # pragma: no cover
     app()

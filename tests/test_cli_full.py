@@ -225,7 +225,7 @@ def test_sql(full_run):
         (["--position", "3"], "--position goes with --doc"),
         (["--token", "1", "--top", "3"], "--top goes with --feature"),
         (["--feature", "-1"], "0 or more"),
-        (["--sql", "SELEC nothing"], "SQL query failed"),
+        (["--sql", "SELEC nothing"], "does not parse"),
     ],
 )
 def test_bad_questions_are_one_line_exit_2(full_run, args, words):

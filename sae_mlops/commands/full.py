@@ -125,7 +125,7 @@ def query(
     doc: Optional[int] = typer.Option(None, "--doc", help="Features that fired in document D; with --position P, features active on that token."),
     position: Optional[int] = typer.Option(None, "--position", help="With --doc: the token's position in the document."),
     feature_docs: Optional[int] = typer.Option(None, "--feature-docs", help="Firing counts of feature F per document."),
-    sql: Optional[str] = typer.Option(None, "--sql", help="Any DuckDB SELECT over the views tokens, activations, features and vocab."),
+    sql: Optional[str] = typer.Option(None, "--sql", help="One read-only DuckDB SELECT (or WITH ... SELECT) over the views tokens, activations, features and vocab; no other statement, no file outside the database directory."),
     limit: int = typer.Option(20, "--limit", help="Rows shown; 0 shows all."),
     fmt: OutFormat = typer.Option(OutFormat.table, "--format", case_sensitive=False, help="table (for reading), csv or json (on stdout, for piping)."),
 ) -> None:

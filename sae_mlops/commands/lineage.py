@@ -43,10 +43,12 @@ def train(**options: Any) -> None:
     L0 and dead features per step as metrics; the SAE as artifacts and as a logged model
     (optionally registered)."""
     from sae_mlops.options import build
+    from sae_mlops.pipeline import preflight
     from sae_mlops.training import train_and_log
 
     run = build(TrainRunOptions, options)
     set_quiet(run.quiet)
+    preflight(run.out, track=True)
     cfg = build(TrainConfig, options)
     outcome = train_and_log(cfg, run.out, register=run.register, alias=run.alias, experiment=run.experiment, run_name=run.run_name)
     show_source(outcome, "Trained SAE")
@@ -67,9 +69,11 @@ def import_(
 ) -> None:
     """Import an SAE trained elsewhere as an MLflow training run + logged model (history.json becomes
     per-epoch metrics). The same SAE imported twice (same content hash) is recognised, not duplicated."""
+    from sae_mlops.pipeline import preflight
     from sae_mlops.tracking.training import import_sae
 
     set_quiet(quiet)
+    preflight(None, track=True)
     outcome = import_sae(path, register=register, alias=alias, experiment=experiment, run_name=run_name)
     if outcome.existing:
         out_console.print(
@@ -103,9 +107,11 @@ def compare(
 ) -> None:
     """Compare tracked analyses: a table (CSV + Markdown) and Pareto plots of L0 vs loss recovered and
     vs explained variance, written under --out and logged as artifacts of a comparison run."""
+    from sae_mlops.pipeline import preflight
     from sae_mlops.tracking.compare import compare_and_log
 
     set_quiet(quiet)
+    preflight(out, track=True)  # the analyses are read from MLflow even with --no-track
     outcome = compare_and_log(
         experiment or None, filter_string, out, track=not no_track, experiment=log_to, run_name=run_name
     )

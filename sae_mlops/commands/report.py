@@ -37,8 +37,15 @@ def report(
     """Interpretation report: run notebooks/interp_analysis.ipynb (papermill) on a full analysis,
     write the executed notebook and a self-contained HTML page, and log both to the MLflow run."""
     from sae_mlops.interp.report import ReportError, generate_report, parse_features
+    from sae_mlops.preflight import check_out_dir
 
     set_quiet(quiet)
+    if out is not None:
+        check_out_dir(out)
+    if run_id:
+        from sae_mlops.tracking.preflight import check_tracking_store
+
+        check_tracking_store(tracking_uri)
     try:
         outputs = generate_report(
             run_id=run_id,

@@ -113,7 +113,8 @@ def load_sae(
 ) -> LoadedSAE:
     """Load the SAE `source` names (see the module docstring) on `device` ("auto" allowed).
 
-    topk_mode / threshold apply to the prior format's BatchTopK SAEs ("batch" by default).
+    topk_mode / threshold apply to the prior format's BatchTopK SAEs ("batch" by default); given for
+    any other SAE they raise `InputError` (an option that does not apply is refused, not ignored).
     The returned SAEInfo carries the architecture, hook, dims, metadata, local path, content hash
     (sha256 over the SAE directory's files, or over the tensors for a hub release) and, for MLflow
     URIs, the lineage tags.
@@ -121,6 +122,7 @@ def load_sae(
     device = resolve_device(device)
     spec = classify_sae_source(source, sae_id)
     if spec.kind == RELEASE:
+        _refuse_topk_options(source, "a SAELens release", topk_mode, threshold)
         return _load_release(spec, source, device)
     lineage: dict[str, str] = {}
     directory = Path(spec.value)
@@ -144,8 +146,7 @@ def load_sae_directory(
     if layout == SAELENS:
         from sae_mlops.sources.saelens import load_saelens_dir
 
-        if topk_mode is not None or threshold is not None:
-            logger.info("topk_mode/threshold apply to prior-format BatchTopK SAEs only; ignored for %s", label)
+        _refuse_topk_options(label, "a SAELens SAE", topk_mode, threshold)
         loaded = load_saelens_dir(directory, device=device, source=label)
     elif layout == LEGACY:
         from sae_mlops.sources.legacy import load_legacy_sae
@@ -175,3 +176,10 @@ def _load_release(spec: SAESourceSpec, source: str, device: str) -> LoadedSAE:
     loaded = load_saelens_release(spec.value, spec.sae_id, device=device, source=label)
     loaded.info.content_hash = sha256_state_dict(loaded.module.state_dict())  # type: ignore[attr-defined]  # a torch module
     return loaded
+
+
+def _refuse_topk_options(label: str, what: str, topk_mode: str | None, threshold: float | None) -> None:
+    if topk_mode is None and threshold is None:
+        return
+    given = " and ".join(o for o, v in (("--topk-mode", topk_mode), ("--threshold", threshold)) if v is not None)
+    raise InputError(f"SAE {label} is {what}, so {given} does not apply; drop it (it is for prior-format BatchTopK SAEs only).")

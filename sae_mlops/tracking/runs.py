@@ -6,8 +6,8 @@
   else the in-process active run if there is one, else a new run in ``experiment`` (default: the
   ``MLFLOW_EXPERIMENT_NAME`` / ``MLFLOW_EXPERIMENT_ID`` environment variables, else ``sae-mlops``),
   in the store named by ``MLFLOW_TRACKING_URI`` or MLflow's default (``sqlite:///mlflow.db`` in the
-  working directory for MLflow 3.x). A run this module creates is ended (FINISHED, or FAILED if
-  logging fails); a run it was handed is left to its owner.
+  working directory for MLflow 3.x). A run this module creates is ended (FINISHED, FAILED if
+  logging fails, KILLED on Ctrl-C); a run it was handed is left to its owner.
 - params: ``result.params``, stringified (None -> "None", containers as JSON), values cut to MLflow's
   length limit, logged in batches. When the run already holds a param of the same name with a
   different value (``mlflow run`` logs its ``-P`` values first, shell-quoted, so "not given" is
@@ -89,9 +89,12 @@ def log_analysis(
     run_id, owned = _resolve_run(client, experiment, run_name)
     try:
         _log_into(client, run_id, result, [Path(f) for f in files], Path(out_dir))
-    except BaseException:
+    except BaseException as e:
+        interrupted = isinstance(e, KeyboardInterrupt)
+        if interrupted:
+            e.mlflow_run_id = run_id  # type: ignore[attr-defined]  # the caller reports it
         if owned:
-            client.set_terminated(run_id, "FAILED")
+            client.set_terminated(run_id, "KILLED" if interrupted else "FAILED")
         raise
     if owned:
         client.set_terminated(run_id, "FINISHED")
