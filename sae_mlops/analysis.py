@@ -153,10 +153,17 @@ def _package_version(name: str) -> str:
 
 
 def resolved_params(inputs: Inputs, stats: PassStats) -> dict[str, Any]:
-    """Every input and resolved value, flat, for MLflow params and the results JSON."""
+    """Every input and resolved value, flat, for MLflow params and the results JSON (None = absent;
+    the tracking layer leaves absent values out of the run's params). ``sae_name`` is the short name
+    of `sae_mlops.naming.sae_name`; ``topk_k`` is the SAE's k for every TopK-style SAE (the prior
+    format's ``top_k``, SAELens ``cfg.json`` ``k``)."""
+    from sae_mlops.naming import sae_name
+
     cfg, info = inputs.cfg, inputs.sae.info
+    k = info.k if info.k is not None else (info.extra or {}).get("k")
     return {
         "sae": cfg.sae,
+        "sae_name": sae_name(cfg.sae, cfg.sae_id),
         "sae_id": cfg.sae_id,
         "sae_format": info.format,
         "sae_architecture": info.architecture,
@@ -168,7 +175,7 @@ def resolved_params(inputs: Inputs, stats: PassStats) -> dict[str, Any]:
         "hook_head_index": info.hook_head_index,
         "hook_path": "start_at_layer" if inputs.site.resume_layer is not None else "hooked_forward",
         "topk_mode": info.topk_mode,
-        "topk_k": info.k,
+        "topk_k": k,
         "topk_threshold": info.threshold,
         "topk_threshold_estimated_on_tokens": info.extra.get("threshold_estimated_on_tokens"),
         "model": inputs.model.name,
@@ -199,6 +206,8 @@ def resolved_params(inputs: Inputs, stats: PassStats) -> dict[str, Any]:
 
 
 def assemble_result(kind: str, inputs: Inputs, stats: PassStats, collectors: list[Collector]) -> AnalysisResult:
+    from sae_mlops.naming import sae_name
+
     metrics: dict[str, float] = {}
     warnings = list(inputs.warnings)
     per_feature: dict[str, list[float]] = {}
@@ -234,7 +243,7 @@ def assemble_result(kind: str, inputs: Inputs, stats: PassStats, collectors: lis
         per_feature=per_feature,
         details={
             "thresholds": {"dead": 0.0, "rare": inputs.cfg.rare_threshold, "dense": inputs.cfg.dense_threshold},
-            "sae_name": info.local_path.name if info.local_path else str(info.source),
+            "sae_name": sae_name(inputs.cfg.sae, inputs.cfg.sae_id),
             "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         },
         warnings=warnings,

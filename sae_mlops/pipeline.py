@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import re
+import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -81,6 +82,7 @@ def run_quick_and_log(
     from sae_mlops.writers.quick import write_quick_outputs
 
     out = Path(out_dir) if out_dir else default_out_dir(cfg)
+    started = _now_ms()
     result = run_quick(cfg)
     out.mkdir(parents=True, exist_ok=True)
     files = [Path(f) for f in write_quick_outputs(result, out)]
@@ -91,9 +93,14 @@ def run_quick_and_log(
 
         from sae_mlops.tracking.runs import log_analysis
 
-        outcome.run_id = log_analysis(result, files, out, experiment=experiment, run_name=run_name)
+        outcome.run_id = log_analysis(result, files, out, experiment=experiment, run_name=run_name, start_time=started)
         outcome.tracking_uri = mlflow.get_tracking_uri()
     return outcome
+
+
+def _now_ms() -> int:
+    """Milliseconds since the epoch: a run's start time is when its analysis started."""
+    return int(time.time() * 1000)
 
 
 @dataclass
@@ -136,6 +143,7 @@ def run_full_and_log(
     opts = opts or FullOptions()
     check_full_options(opts)
     out = Path(out_dir) if out_dir else default_out_dir(cfg, "full")
+    started = _now_ms()
     outputs = run_full(cfg, out, opts)
     files = [Path(f) for f in outputs.files]
     log.info("Wrote %d file(s) under %s", len(files), out)
@@ -153,6 +161,6 @@ def run_full_and_log(
 
         from sae_mlops.tracking.runs import log_analysis
 
-        outcome.run_id = log_analysis(result, files, out, experiment=experiment, run_name=run_name)
+        outcome.run_id = log_analysis(result, files, out, experiment=experiment, run_name=run_name, start_time=started)
         outcome.tracking_uri = mlflow.get_tracking_uri()
     return outcome
