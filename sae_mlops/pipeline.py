@@ -107,9 +107,9 @@ def _now_ms() -> int:
 class FullOutcome(QuickOutcome):
     """A quick outcome plus where the full analysis's main files are (None if not written)."""
 
-    summary: Path | None = None  # SUMMARY_<ts>.json
-    report: Path | None = None  # README_<ts>.md
-    database: Path | None = None  # activation_database/activation_db_<ts>
+    summary: Path | None = None  # SUMMARY.json
+    report: Path | None = None  # README.md
+    database: Path | None = None  # activation_database/activation_db
 
 
 def check_full_options(opts: FullOptions) -> None:
@@ -150,9 +150,9 @@ def run_full_and_log(
     result = outputs.result
     outcome = FullOutcome(result=result, out_dir=out, files=files, warnings=list(result.warnings))
     for f in files:
-        if f.parent == out and f.name.startswith("SUMMARY_") and f.suffix == ".json":
+        if f.parent == out and f.name.startswith("SUMMARY") and f.suffix == ".json":
             outcome.summary = f
-        elif f.parent == out and f.name.startswith("README_") and f.suffix == ".md":
+        elif f.parent == out and f.name.startswith("README") and f.suffix == ".md":
             outcome.report = f
         elif f.name == "manifest.json" and f.parent.parent.name == "activation_database":
             outcome.database = f.parent

@@ -144,4 +144,4 @@ def test_demo_end_to_end(tmp_path, monkeypatch):
         assert run.data.params["model"] == "demo"
         assert int(run.data.params["tokens_analysed"]) == 2000
         assert run.data.metrics["tokens/analysed"] == 2000
-    assert len(list((tmp_path / "analysis").glob("sae_*/quick_*/results/analysis_results_*.json"))) == 3
+    assert len(list((tmp_path / "analysis").glob("sae_*/quick_*/results/analysis_results.json"))) == 3

@@ -108,7 +108,7 @@ def full(**options: Any) -> None:
     database, similarity and co-occurrence matrices, logit lens, feature summaries, plots and reports.
 
     One streaming pass over at most --max-tokens tokens. Writes the prior tool's layout under --out
-    (activation_database/, matrices/, plots/, results/, SUMMARY_<ts>.json, README_<ts>.md) and logs
+    (activation_database/, matrices/, plots/, results/, SUMMARY.json, README.md) and logs
     params, metrics (the same names as quick), lineage tags and every file to MLflow. Query the
     activation database afterwards with `sae-mlops db query OUT_DIR ...`.
     """
@@ -177,7 +177,7 @@ QUESTIONS = "--feature F, --token I, --doc D --position P, --doc D, --feature-do
 def query(
     path: Path = typer.Argument(
         ...,
-        help="An activation database directory (activation_db_<ts>), or an analysis output directory: "
+        help="An activation database directory (activation_database/activation_db), or an analysis output directory: "
         "the newest complete database under it is used.",
         metavar="PATH",
         show_default=False,

@@ -78,6 +78,7 @@ TAG_SOURCE_MODEL_ALIAS = "sae_mlops.source_model_alias"
 TAG_UNLOGGED_METRICS = "sae_mlops.unlogged_metrics"
 TAG_PARAM_CONFLICTS = "sae_mlops.param_conflicts"
 TAG_NOTE = "mlflow.note.content"
+TAG_FINISHED_AT = "sae_mlops.finished_at"  # UTC time the analysis finished (file names carry none)
 
 ML_WORKFLOW = "workflowType=machine_learning"  # MLflow 3 UI: open experiments in the ML (not GenAI) view
 DEFAULT_UI = "http://127.0.0.1:5000"  # where `mlflow ui` serves by default
@@ -255,6 +256,8 @@ def _log_into(client: MlflowClient, run_id: str, result: AnalysisResult, files: 
         tags.update(link.tags)
     tags[TAG_KIND] = result.kind
     tags[TAG_VERSION] = __version__
+    if result.details.get("finished_at"):
+        tags[TAG_FINISHED_AT] = str(result.details["finished_at"])
     sae_hash = _sae_hash(result)
     if sae_hash:
         tags[TAG_SAE_HASH] = sae_hash
