@@ -18,7 +18,7 @@ import typer
 from rich.table import Table
 from rich.text import Text
 
-from sae_mlops.cli import _quiet, app, err_console, out_console, quick, report_input_errors, show_headline
+from sae_mlops.cli import _quiet, app, err_console, out_console, quick, report_input_errors, show_headline, show_links
 from sae_mlops.errors import InputError
 
 if TYPE_CHECKING:
@@ -144,11 +144,7 @@ def show_full_outcome(outcome: FullOutcome, title: str) -> None:
         line("  activation DB:", outcome.database)
         line("  query it with:", f"sae-mlops db query {outcome.out_dir} --feature 0")
     if outcome.run_id:
-        from sae_mlops.tracking.runs import run_url
-
-        line("MLflow run:", f"{outcome.run_id} ({run_url(outcome.run_id)})")
-    if outcome.tracking_uri:
-        line("Open the UI with:", f"mlflow ui --backend-store-uri {outcome.tracking_uri}")
+        show_links(outcome.run_id)
 
 
 # --- db query ---------------------------------------------------------------------------------
@@ -296,7 +292,7 @@ def _table(df: pd.DataFrame) -> Table:
         numeric = pd.api.types.is_numeric_dtype(df[col])
         table.add_column(str(col), justify="right" if numeric else "left", overflow="fold")
     for row in df.itertuples(index=False):
-        table.add_row(*(_cell(col, v) for col, v in zip(df.columns, row)))
+        table.add_row(*(_cell(col, v) for col, v in zip(df.columns, row, strict=True)))
     return table
 
 

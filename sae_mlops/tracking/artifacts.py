@@ -51,7 +51,7 @@ def check_analysis_run(run_id: str, tracking_uri: str | None = None) -> list[str
     try:
         run = client.get_run(run_id)
     except MlflowException as e:
-        raise InputError(f"no MLflow run '{run_id}' in {_store(tracking_uri)} ({e.error_code}); check the run id and MLFLOW_TRACKING_URI.")
+        raise InputError(f"no MLflow run '{run_id}' in {_store(tracking_uri)} ({e.error_code}); check the run id and MLFLOW_TRACKING_URI.") from None
     results = [f.path for f in client.list_artifacts(run_id, "results")]
     if not any(Path(p).name.startswith("feature_summaries") and p.endswith(".jsonl") for p in results):
         kind = run.data.tags.get("sae_mlops.kind")

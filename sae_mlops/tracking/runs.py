@@ -185,7 +185,7 @@ def _resolve_run(
         try:
             run = client.get_run(env_run)
         except MlflowException as e:
-            raise MlflowException(f"MLFLOW_RUN_ID={env_run} names no run in {mlflow.get_tracking_uri()}: {e}")
+            raise MlflowException(f"MLFLOW_RUN_ID={env_run} names no run in {mlflow.get_tracking_uri()}: {e}") from e
         if run.info.status != "RUNNING":
             client.update_run(env_run, status="RUNNING")
         if run_name:

@@ -21,7 +21,7 @@ import pandas as pd
 from sae_mlops.collectors.examples import TopExamplesCollector
 from sae_mlops.results import AnalysisResult, _json_safe
 from sae_mlops.writers.files import atomic_write
-from sae_mlops.writers.quick import md_cell, summary_markdown
+from sae_mlops.writers.quick import summary_markdown
 
 MARK_OPEN, MARK_CLOSE = "[[", "]]"
 
@@ -43,7 +43,7 @@ def context_string(ctx_ids: list[int], vocab: list[str]) -> str:
 
 
 def _lens_tokens(lens: dict[str, np.ndarray], vocab: list[str], feature: int, side: str) -> list[list]:
-    return [[vocab[int(t)], round(float(v), 4)] for t, v in zip(lens[f"{side}_ids"][feature], lens[f"{side}_values"][feature])]
+    return [[vocab[int(t)], round(float(v), 4)] for t, v in zip(lens[f"{side}_ids"][feature], lens[f"{side}_values"][feature], strict=True)]
 
 
 def write_feature_summaries(
@@ -60,7 +60,7 @@ def write_feature_summaries(
 
     def write(tmp: Path) -> None:
         with open(tmp, "w", encoding="utf-8") as fh:
-            for i, kept in zip(fired, examples.all_examples(fired)):
+            for i, kept in zip(fired, examples.all_examples(fired), strict=True):
                 count = counts[i]
                 top = []
                 for ex in kept:

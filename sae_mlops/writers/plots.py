@@ -35,7 +35,7 @@ def training_history(history: dict[str, list[float]], path: Path) -> Path | None
     cols = min(3, len(panels))
     rows = (len(panels) + cols - 1) // cols
     fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.2 * rows), squeeze=False)
-    for ax, key in zip(axes.flat, panels):
+    for ax, key in zip(axes.flat, panels, strict=False):
         ax.plot(range(1, len(history[key]) + 1), history[key], marker="o", label="train")
         if history.get(f"val_{key}"):
             ax.plot(range(1, len(history[f"val_{key}"]) + 1), history[f"val_{key}"], marker="s", label="val")
