@@ -120,13 +120,29 @@ def calibrate_threshold(inputs: Inputs, engine: Engine) -> None:
     log.info("estimated threshold theta=%.6g on %d tokens (%d batches)", theta, n, len(values))
 
 
+def available_tokens(inputs: Inputs, budget: int | None) -> int:
+    """Analysed tokens the pass will take: min(budget, the corpus's analysable tokens), counted by
+    tokenizing the corpus up to the budget (the progress bar's total, so its ETA is right)."""
+    from sae_mlops.tokens import _count_analysed, iter_windows
+
+    special = set(inputs.plan.special_ids)
+    special_ids = torch.tensor(sorted(special), dtype=torch.long)
+    n = 0
+    for window in iter_windows(inputs.corpus.texts, inputs.model.tokenizer, inputs.plan):
+        n += _count_analysed(window, special, special_ids)
+        if budget is not None and n >= budget:
+            return budget
+    return n
+
+
 def run_pass(inputs: Inputs, collectors: list[Collector], downstream: bool = True, on_step=None) -> PassStats:
     """Threshold calibration if needed, then the one streaming pass."""
     engine = Engine(inputs.model.model, inputs.sae.module, inputs.site, inputs.device, downstream=downstream)
     calibrate_threshold(inputs, engine)
     budget = inputs.cfg.max_tokens
+    total = available_tokens(inputs, budget) if inputs.cfg.progress else budget
     stats = engine.run(
-        make_batches(inputs, budget), collectors, total_tokens=budget, progress=inputs.cfg.progress, on_step=on_step
+        make_batches(inputs, budget), collectors, total_tokens=total, progress=inputs.cfg.progress, on_step=on_step
     )
     if stats.tokens_analysed == 0 or (downstream and stats.predictions == 0):
         raise InputError(

@@ -18,7 +18,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from sae_mlops.errors import InputError
+from sae_mlops.errors import AnalysisInterrupted, InputError
 
 if TYPE_CHECKING:
     from sae_mlops.pipeline import QuickOutcome
@@ -72,7 +72,8 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 
 def report_input_errors(fn: F) -> F:
-    """Turn `InputError` into one red sentence on stderr and exit code 2 (no traceback)."""
+    """Turn `InputError` into one red sentence on stderr and exit code 2 (no traceback), and an
+    interrupted analysis into one line saying what it left behind (exit code 130)."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -80,6 +81,9 @@ def report_input_errors(fn: F) -> F:
             return fn(*args, **kwargs)
         except InputError as e:
             fail(str(e), getattr(e, "exit_code", 2))
+        except AnalysisInterrupted as e:
+            err_console.print(f"[yellow]Interrupted:[/yellow] {escape(str(e))}", soft_wrap=True, highlight=False)
+            raise typer.Exit(e.exit_code) from None
 
     return wrapper  # type: ignore[return-value]
 

@@ -12,3 +12,11 @@ class InputError(Exception):
     """Bad input from the user: the message names the input and how to fix it."""
 
     exit_code = 2
+
+
+class AnalysisInterrupted(KeyboardInterrupt):
+    """Ctrl-C during an analysis; the message says in one line what it left behind (complete files,
+    the MLflow run). Still a KeyboardInterrupt for any caller that catches those. The CLI prints the
+    message and exits with code 130."""
+
+    exit_code = 130

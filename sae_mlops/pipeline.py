@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import re
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -83,19 +84,43 @@ def run_quick_and_log(
 
     out = Path(out_dir) if out_dir else default_out_dir(cfg)
     started = _now_ms()
-    result = run_quick(cfg)
-    out.mkdir(parents=True, exist_ok=True)
-    files = [Path(f) for f in write_quick_outputs(result, out)]
-    log.info("Wrote %d file(s) under %s", len(files), out)
-    outcome = QuickOutcome(result=result, out_dir=out, files=files, warnings=list(result.warnings))
-    if track:
-        import mlflow
+    with _interruption_report(out, "quick"):
+        result = run_quick(cfg)
+        out.mkdir(parents=True, exist_ok=True)
+        files = [Path(f) for f in write_quick_outputs(result, out)]
+        log.info("Wrote %d file(s) under %s", len(files), out)
+        outcome = QuickOutcome(result=result, out_dir=out, files=files, warnings=list(result.warnings))
+        if track:
+            import mlflow
 
-        from sae_mlops.tracking.runs import log_analysis
+            from sae_mlops.tracking.runs import log_analysis
 
-        outcome.run_id = log_analysis(result, files, out, experiment=experiment, run_name=run_name, start_time=started)
-        outcome.tracking_uri = mlflow.get_tracking_uri()
+            outcome.run_id = log_analysis(result, files, out, experiment=experiment, run_name=run_name, start_time=started)
+            outcome.tracking_uri = mlflow.get_tracking_uri()
     return outcome
+
+
+@contextmanager
+def _interruption_report(out: Path, kind: str):
+    """Turn Ctrl-C into `AnalysisInterrupted` whose message says in one line what is left: the
+    complete files under `out` (temporary ``.part``/``.partial`` ones are removed by the writers) and
+    whether an MLflow run was made (runs are created only after the work, and end FAILED when
+    logging is interrupted)."""
+    from sae_mlops.errors import AnalysisInterrupted
+
+    try:
+        yield
+    except AnalysisInterrupted:
+        raise
+    except KeyboardInterrupt as exc:
+        done = [p for p in out.rglob("*") if p.is_file() and ".part" not in p.name] if out.is_dir() else []
+        db = any(p.name == "manifest.json" for p in done)
+        if not done:
+            left = f"nothing written under {out} and no MLflow run"
+        else:
+            left = f"{len(done)} complete file(s) under {out}" + (" (the activation database is complete)" if db else "") + \
+                ", no finished MLflow run (a run being logged is marked FAILED)"
+        raise AnalysisInterrupted(f"{kind} analysis interrupted: {left}; run it again to get the full results.") from exc
 
 
 def _now_ms() -> int:
@@ -138,12 +163,21 @@ def run_full_and_log(
     out_dir: None -> `default_out_dir(cfg, "full")`. opts: None -> `FullOptions()` defaults.
     track / experiment / run_name: as for `run_quick_and_log`.
     """
-    from sae_mlops.full import FullOptions, run_full
+    from sae_mlops.full import FullOptions
 
     opts = opts or FullOptions()
     check_full_options(opts)
     out = Path(out_dir) if out_dir else default_out_dir(cfg, "full")
     started = _now_ms()
+    with _interruption_report(out, "full"):
+        return _full_and_log(cfg, out, opts, track, experiment, run_name, started)
+
+
+def _full_and_log(
+    cfg: AnalysisConfig, out: Path, opts: FullOptions, track: bool, experiment: str | None, run_name: str | None, started: int
+) -> FullOutcome:
+    from sae_mlops.full import run_full
+
     outputs = run_full(cfg, out, opts)
     files = [Path(f) for f in outputs.files]
     log.info("Wrote %d file(s) under %s", len(files), out)
