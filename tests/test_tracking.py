@@ -45,10 +45,10 @@ def _result(**overrides) -> AnalysisResult:
             "sae.content_hash": "abc123",
         }
     )
-    kw = dict(
-        kind="quick",
-        params=params,
-        metrics={
+    kw = {
+        "kind": "quick",
+        "params": params,
+        "metrics": {
             "sparsity/l0_mean": 12.5,
             "sparsity/l0_std": 3.25,
             "recon/explained_variance": 0.875,
@@ -58,13 +58,13 @@ def _result(**overrides) -> AnalysisResult:
             "speed/tokens_per_s": float("inf"),
             "tokens/analysed": 20000,
         },
-        tags={
+        "tags": {
             "sae_mlops.source_run_id": "0" * 32,
             "sae_mlops.source_model_name": "my-sae",
             "sae_mlops.source_model_version": "3",
             "sae_mlops.source_model_alias": "prod",
         },
-    )
+    }
     kw.update(overrides)
     return AnalysisResult(**kw)
 
