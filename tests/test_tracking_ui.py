@@ -243,3 +243,17 @@ def test_every_source_fills_architecture_d_sae_and_k(kind, tmp_path):
     p = resolved_params(inputs, PassStats())
     assert p["sae_architecture"] == kind and p["d_sae"] > 0 and p["sae_name"] == f"sae_{kind}"
     assert (p["topk_k"] is not None) == (kind == "batchtopk")
+
+
+def test_mlflow_run_names_generated_ones_replaced(mlflow_store, tmp_path, monkeypatch):
+    """Under `mlflow run` (MLFLOW_RUN_ID): MLflow's random name gives way to the explicit one, a
+    name given with `mlflow run --run-name` stays."""
+    from sae_mlops.tracking.runs import log_analysis
+
+    client = MlflowClient()
+    exp = client.create_experiment("launched")
+    for given, expected in (("overjoyed-slug-911", "quick · sae_two · topk d64 k8"), ("my own name", "my own name")):
+        run = client.create_run(exp, run_name=given)
+        monkeypatch.setenv("MLFLOW_RUN_ID", run.info.run_id)
+        log_analysis(_result("quick", "h3", 3.0, "sae_two"), [], tmp_path)
+        assert client.get_run(run.info.run_id).info.run_name == expected

@@ -43,6 +43,7 @@ import json
 import logging
 import math
 import os
+import re
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -107,6 +108,7 @@ HEADLINE = (
 )
 
 _TRUNCATED = "...[truncated]"
+_RANDOM_NAME = re.compile(r"[a-z]+-[a-z]+-\d{1,4}")  # MLflow's generated run names: overjoyed-slug-911
 
 # Where the SAE's content hash may appear when the analysis did not put it in the tags.
 _HASH_KEYS = ("sae_hash", "sae.content_hash", "sae_content_hash", "sae.hash", "content_hash")
@@ -125,7 +127,7 @@ def log_analysis(
     run_name: None -> `analysis_run_name(result)`. start_time: when the analysis started (ms since
     the epoch), the start of a run created here (default: now)."""
     client = MlflowClient()
-    run_id, owned = _resolve_run(client, experiment, run_name or analysis_run_name(result), start_time=start_time)
+    run_id, owned = _resolve_run(client, experiment, run_name, start_time=start_time, default_name=analysis_run_name(result))
     try:
         _log_into(client, run_id, result, [Path(f) for f in files], Path(out_dir))
     except BaseException:
@@ -177,9 +179,15 @@ def run_url(run_id: str) -> str:
 
 
 def _resolve_run(
-    client: MlflowClient, experiment: str | None, run_name: str | None, start_time: int | None = None
+    client: MlflowClient,
+    experiment: str | None,
+    run_name: str | None,
+    start_time: int | None = None,
+    default_name: str | None = None,
 ) -> tuple[str, bool]:
-    """Return (run_id, created_here)."""
+    """Return (run_id, created_here). A run created here is named `run_name`, else `default_name`; the
+    run of ``MLFLOW_RUN_ID`` is renamed to `run_name`, or to `default_name` when its name is one MLflow
+    generated (``adjective-noun-123``; ``mlflow run --run-name`` names are kept)."""
     env_run = os.environ.get("MLFLOW_RUN_ID")
     if env_run:
         try:
@@ -188,8 +196,9 @@ def _resolve_run(
             raise MlflowException(f"MLFLOW_RUN_ID={env_run} names no run in {mlflow.get_tracking_uri()}: {e}") from e
         if run.info.status != "RUNNING":
             client.update_run(env_run, status="RUNNING")
-        if run_name:
-            client.update_run(env_run, name=run_name)
+        name = run_name or (default_name if _RANDOM_NAME.fullmatch(run.info.run_name or "x-y-0") else None)
+        if name:
+            client.update_run(env_run, name=name)
         log.debug("Logging into the run from MLFLOW_RUN_ID: %s", env_run)
         return env_run, False
     active = mlflow.active_run()
@@ -201,7 +210,7 @@ def _resolve_run(
     from mlflow.tracking.context import registry as context_registry
 
     tags = context_registry.resolve_tags({})  # user, source name/type, git commit
-    run = client.create_run(experiment_id=experiment_id, run_name=run_name, tags=tags, start_time=start_time)
+    run = client.create_run(experiment_id=experiment_id, run_name=run_name or default_name, tags=tags, start_time=start_time)
     log.debug("Created run %s in experiment %s", run.info.run_id, experiment_id)
     return run.info.run_id, True
 
