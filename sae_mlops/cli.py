@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Optional, TypeVar
@@ -104,6 +105,9 @@ def main(
 
     _state["verbose"] = verbose
     setup_logging(verbose=verbose)
+    # MLflow prints its own "View run" link (to the GenAI view) on stdout for a server store; ours
+    # (ML workflow links) are printed instead, and stdout stays clean for --format csv|md.
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
 
 
 # --- quick ------------------------------------------------------------------------------------

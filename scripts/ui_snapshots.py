@@ -109,32 +109,46 @@ def tag(run: dict, key: str) -> str | None:
 
 
 def shoot(page, url: str, path: Path, wait_text: str | None = None, settle: float = 2.5) -> None:
-    page.goto(url)
-    page.wait_for_load_state("networkidle")
+    page.goto(url, wait_until="load")
     if wait_text:
         try:
             page.get_by_text(wait_text, exact=False).first.wait_for(timeout=20000)
         except Exception as exc:  # noqa: BLE001 - a missing text is reported, the shot still taken
             print(f"  (did not see {wait_text!r}: {exc.__class__.__name__})")
     time.sleep(settle)
+    close_assistant(page)
     page.screenshot(path=str(path), full_page=False)
     print(f"saved {path}  <- {url}", flush=True)
 
 
-def add_scatter(page) -> None:
-    """In the chart view: Add chart -> Scatter chart, X = sparsity/l0_mean, Y = downstream/loss_recovered."""
+def close_assistant(page) -> None:
+    """Close MLflow 3.17's "MLflow Assistant" side panel (it hides a third of the page), if open."""
+    close = page.locator("button[data-component-id='mlflow.assistant.chat_panel.close']")
+    if close.count() and close.first.is_visible():
+        close.first.click()
+        time.sleep(0.5)
+
+
+def add_chart(page, kind: str, axes: dict[str, str] | None = None) -> None:
+    """In the chart view: Add chart -> `kind` ("Scatter chart", "Image grid"), axes set by typing the
+    metric into each axis's search box."""
     page.get_by_role("button", name=re.compile("Add chart", re.I)).first.click()
-    page.get_by_text(re.compile("^Scatter chart$", re.I)).first.click()
-    time.sleep(1.0)
-    for axis, metric in (("X axis", "sparsity/l0_mean"), ("Y axis", "downstream/loss_recovered")):
-        box = page.get_by_text(axis, exact=True).first.locator("xpath=following::*[@role='combobox' or self::input][1]")
-        box.click()
-        page.keyboard.type(metric)
-        time.sleep(0.5)
-        page.get_by_role("option", name=re.compile(re.escape(metric))).first.click()
-        time.sleep(0.5)
-    page.get_by_role("button", name=re.compile("^(Add chart|Save changes)$", re.I)).last.click()
+    page.get_by_role("menuitem", name=kind).click()
     time.sleep(1.5)
+    for axis, metric in (axes or {}).items():
+        field = page.locator("[data-testid=experiment-view-compare-runs-config-field]").filter(has_text=axis)
+        field.locator(".du-bois-light-select-selector").first.click()
+        page.keyboard.type(metric)
+        time.sleep(0.8)
+        page.locator(f".du-bois-light-select-item-option[title='{metric}']").first.click()
+        time.sleep(0.8)
+    page.get_by_role("button", name=re.compile("^Add chart$", re.I)).last.click()
+    time.sleep(2.0)
+    # only the charts of the X metric (the new scatter among them)
+    search = page.get_by_placeholder(re.compile("Search metric charts", re.I))
+    if axes and search.count():
+        search.first.fill(axes["X axis"])
+        time.sleep(2.0)
 
 
 def main() -> None:
@@ -145,12 +159,13 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=3000, help="token budget per analysis")
     ap.add_argument("--no-train", action="store_true", help="skip `sae-mlops train` (the slowest step)")
     ap.add_argument("--keep", action="store_true", help="keep the temporary store and print where it is")
+    ap.add_argument("--store", type=Path, default=None, help="reuse a store this script kept (--keep): no filling")
     args = ap.parse_args()
 
     from playwright.sync_api import sync_playwright
 
     args.out.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix="ui_snapshots_"))
+    work = args.store or Path(tempfile.mkdtemp(prefix="ui_snapshots_"))
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     env = {**os.environ, "MLFLOW_TRACKING_URI": base, "WORKDIR": str(work), "PYTHONPATH": str(ROOT)}
@@ -164,7 +179,8 @@ def main() -> None:
     )
     try:
         wait_for(f"{base}/health")
-        fill(args.sae_python, env, args.tokens, not args.no_train)
+        if args.store is None:
+            fill(args.sae_python, env, args.tokens, not args.no_train)
         exp, runs = runs_of(base)
         by_kind: dict[str, list[dict]] = {}
         for r in runs:
@@ -174,31 +190,47 @@ def main() -> None:
         three = [r["info"]["run_id"] for r in (by_kind["quick"] + by_kind["full"])[:3]]
         model_id = tag(quick_alias, "sae_mlops.source_logged_model_id")
         ml = "workflowType=machine_learning"
+        run_page = f"{base}/#/experiments/{exp}/runs"
         pages = [
-            ("1_runs_list.png", f"{base}/#/experiments/{exp}/runs?{ml}", "quick ·"),
-            ("2_run_overview.png", f"{base}/#/experiments/{exp}/runs/{quick_alias['info']['run_id']}?{ml}", "loss recovered"),
-            ("3_artifacts_report.png", f"{base}/#/experiments/{exp}/runs/{full['info']['run_id']}/artifacts/README.html", "README.html"),
-            ("3b_artifacts_readme_md.png", f"{base}/#/experiments/{exp}/runs/{full['info']['run_id']}/artifacts/README.md", "README.md"),
+            ("1_runs_list.png", f"{run_page}?{ml}", "quick ·"),
+            ("2_run_overview.png", f"{run_page}/{quick_alias['info']['run_id']}?{ml}", "loss recovered"),
+            ("3_artifacts_report.png", f"{run_page}/{full['info']['run_id']}/artifacts/README.html?{ml}", "README.html"),
             ("4_compare_three_runs.png",
-             f"{base}/#/compare-runs?runs={urllib.parse.quote(json.dumps(three))}&experiments={urllib.parse.quote(json.dumps([exp]))}",
+             f"{base}/#/compare-runs?runs={urllib.parse.quote(json.dumps(three))}&experiments={urllib.parse.quote(json.dumps([exp]))}&{ml}",
              "sparsity/l0_mean"),
-            ("6_model_version.png", f"{base}/#/models/{MODEL}/versions/1", "Latest analysis"),
-            ("7_logged_model.png", f"{base}/#/experiments/{exp}/models/{model_id}", MODEL),
+            ("6_model_version.png", f"{base}/#/models/{MODEL}/versions/1?{ml}", "Latest analysis"),
+            ("7_logged_model.png", f"{base}/#/experiments/{exp}/models/{model_id}?{ml}", MODEL),
         ]
         with sync_playwright() as pw:
             browser = pw.chromium.launch(executable_path=args.chromium, args=CHROMIUM_ARGS)
             page = browser.new_page(viewport={"width": 1500, "height": 950})
             for name, url, text in pages:
                 shoot(page, url, args.out / name, text)
-            # the chart view, with the scatter the experiment description asks for
-            shoot(page, f"{base}/#/experiments/{exp}/runs?{ml}&compareRunsMode=CHART", args.out / "5a_chart_view.png", "Add chart")
-            try:
-                add_scatter(page)
-            except Exception as exc:  # noqa: BLE001 - the UI changed: keep the plain chart view shot
-                print(f"  could not add the scatter ({exc.__class__.__name__}: {str(exc)[:200]})")
-            time.sleep(2)
-            page.screenshot(path=str(args.out / "5b_chart_view_scatter.png"))
-            print(f"saved {args.out / '5b_chart_view_scatter.png'}")
+                if name.startswith("2_"):  # the whole description
+                    page.screenshot(path=str(args.out / "2b_run_overview_full.png"), full_page=True)
+                if name.startswith("3_"):  # the report's plots (inside the viewer's iframe), then README.md
+                    try:
+                        page.frame_locator("iframe").first.locator("img").first.scroll_into_view_if_needed(timeout=10000)
+                        time.sleep(1)
+                        page.screenshot(path=str(args.out / "3b_artifacts_report_plots.png"))
+                        page.get_by_text("README.md", exact=True).first.click()
+                        time.sleep(2.5)
+                        page.screenshot(path=str(args.out / "3c_artifacts_readme_md.png"))
+                    except Exception as exc:  # noqa: BLE001 - report and keep going
+                        print(f"  report plots/README.md: {exc.__class__.__name__}: {str(exc)[:200]}")
+            # the chart view, with the scatter the experiment description asks for, and the image grid
+            shoot(page, f"{run_page}?{ml}&compareRunsMode=CHART", args.out / "5a_chart_view.png", "Add chart")
+            for shot, kind, axes in (
+                ("5b_chart_view_scatter.png", "Scatter chart", {"X axis": "sparsity/l0_mean", "Y axis": "downstream/loss_recovered"}),
+                ("5c_chart_view_image_grid.png", "Image grid", None),
+            ):
+                try:
+                    add_chart(page, kind, axes)
+                except Exception as exc:  # noqa: BLE001 - the UI changed: keep the plain chart view shot
+                    print(f"  could not add the {kind} ({exc.__class__.__name__}: {str(exc)[:200]})")
+                    page.keyboard.press("Escape")
+                page.screenshot(path=str(args.out / shot))
+                print(f"saved {args.out / shot}")
             browser.close()
     finally:
         os.killpg(server.pid, 15)
@@ -206,7 +238,7 @@ def main() -> None:
             server.wait(timeout=20)
         except subprocess.TimeoutExpired:
             os.killpg(server.pid, 9)
-        if args.keep:
+        if args.keep or args.store:
             print(f"store kept in {work}")
         else:
             shutil.rmtree(work, ignore_errors=True)

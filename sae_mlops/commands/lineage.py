@@ -66,7 +66,7 @@ def train(
     register: Optional[str] = typer.Option(None, "--register", help=_REGISTER_HELP),
     alias: Optional[str] = typer.Option(None, "--alias", help=_ALIAS_HELP),
     experiment: Optional[str] = typer.Option(None, "--experiment", help="MLflow experiment. (default: $MLFLOW_EXPERIMENT_NAME, else sae-mlops)"),
-    run_name: Optional[str] = typer.Option(None, "--run-name", help="MLflow run name. (default: train · <SAE dir name> · <architecture> d<d_sae> k<k>)"),
+    run_name: Optional[str] = typer.Option(None, "--run-name", help="MLflow run name. (default: train · <model>/<hook> · <architecture> d<d_sae> k<k>)"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Only warnings and errors on stderr."),
 ) -> None:
     """Train an SAE with SAELens and log it to MLflow as a training run: config as params; loss, MSE,

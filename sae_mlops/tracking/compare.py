@@ -225,9 +225,11 @@ def compare_and_log(
         for key, value in {TAG_KIND: "compare", **code_version_tags(),
                            "sae_mlops.compared_runs": ",".join(df["run_id"])[:5000]}.items():
             client.set_tag(run_id, key, value)
-        client.log_metric(run_id, "compare/n_analyses", float(len(df)))
+        # counts as params, not metrics: metrics of this run would crowd the experiment's chart view
         for column in ("loss_recovered", "explained_variance"):
-            client.log_metric(run_id, f"compare/frontier_size_{column}", float(df[f"pareto_{column}"].sum()))
+            key = f"frontier_size_{column}"
+            if key not in existing:
+                client.log_param(run_id, key, str(int(df[f"pareto_{column}"].sum())))
         for f in files:
             client.log_artifact(run_id, str(f))
     except BaseException:

@@ -263,7 +263,8 @@ def train_and_log(
     from sae_mlops.naming import run_title
 
     k = cfg.k if cfg.architecture in ("topk", "batchtopk") else None
-    name = run_name or run_title("train", prepared.out.name, cfg.architecture, prepared.d_sae, k)
+    # train · <model>/<hook> · <architecture> d<d_sae> k<k> (the output directory name carries a timestamp)
+    name = run_name or run_title("train", f"{cfg.model}/{prepared.hook}", cfg.architecture, prepared.d_sae, k)
     with SourceRun("train", experiment=experiment, run_name=name) as run:
         run.log_params(cfg.to_dict())
         result = train_sae(cfg, on_metrics=run.log_metrics, prepared=prepared)
