@@ -121,13 +121,29 @@ def calibrate_threshold(inputs: Inputs, engine: Engine) -> None:
     log.info("estimated threshold theta=%.6g on %d tokens (%d batches)", theta, n, len(values))
 
 
+def available_tokens(inputs: Inputs, budget: int | None) -> int:
+    """Analysed tokens the pass will take: min(budget, the corpus's analysable tokens), counted by
+    tokenizing the corpus up to the budget (the progress bar's total, so its ETA is right)."""
+    from sae_mlops.tokens import _count_analysed, iter_windows
+
+    special = set(inputs.plan.special_ids)
+    special_ids = torch.tensor(sorted(special), dtype=torch.long)
+    n = 0
+    for window in iter_windows(inputs.corpus.texts, inputs.model.tokenizer, inputs.plan):
+        n += _count_analysed(window, special, special_ids)
+        if budget is not None and n >= budget:
+            return budget
+    return n
+
+
 def run_pass(inputs: Inputs, collectors: list[Collector], downstream: bool = True, on_step=None) -> PassStats:
     """Threshold calibration if needed, then the one streaming pass."""
     engine = Engine(inputs.model.model, inputs.sae.module, inputs.site, inputs.device, downstream=downstream)
     calibrate_threshold(inputs, engine)
     budget = inputs.cfg.max_tokens
+    total = available_tokens(inputs, budget) if inputs.cfg.progress else budget
     stats = engine.run(
-        make_batches(inputs, budget), collectors, total_tokens=budget, progress=inputs.cfg.progress, on_step=on_step
+        make_batches(inputs, budget), collectors, total_tokens=total, progress=inputs.cfg.progress, on_step=on_step
     )
     if stats.tokens_analysed == 0 or (downstream and stats.predictions == 0):
         raise InputError(
@@ -154,10 +170,17 @@ def _package_version(name: str) -> str:
 
 
 def resolved_params(inputs: Inputs, stats: PassStats) -> dict[str, Any]:
-    """Every input and resolved value, flat, for MLflow params and the results JSON."""
+    """Every input and resolved value, flat, for MLflow params and the results JSON (None = absent;
+    the tracking layer leaves absent values out of the run's params). ``sae_name`` is the short name
+    of `sae_mlops.naming.sae_name`; ``topk_k`` is the SAE's k for every TopK-style SAE (the prior
+    format's ``top_k``, SAELens ``cfg.json`` ``k``)."""
+    from sae_mlops.naming import sae_name
+
     cfg, info = inputs.cfg, inputs.sae.info
+    k = info.k if info.k is not None else (info.extra or {}).get("k")
     return {
         "sae": cfg.sae,
+        "sae_name": sae_name(cfg.sae, cfg.sae_id),
         "sae_id": cfg.sae_id,
         "sae_format": info.format,
         "sae_architecture": info.architecture,
@@ -169,7 +192,7 @@ def resolved_params(inputs: Inputs, stats: PassStats) -> dict[str, Any]:
         "hook_head_index": info.hook_head_index,
         "hook_path": "start_at_layer" if inputs.site.resume_layer is not None else "hooked_forward",
         "topk_mode": info.topk_mode,
-        "topk_k": info.k,
+        "topk_k": k,
         "topk_threshold": info.threshold,
         "topk_threshold_estimated_on_tokens": info.extra.get("threshold_estimated_on_tokens"),
         "model": inputs.model.name,
@@ -200,6 +223,8 @@ def resolved_params(inputs: Inputs, stats: PassStats) -> dict[str, Any]:
 
 
 def assemble_result(kind: str, inputs: Inputs, stats: PassStats, collectors: list[Collector]) -> AnalysisResult:
+    from sae_mlops.naming import sae_name
+
     metrics: dict[str, float] = {}
     warnings = list(inputs.warnings)
     per_feature: dict[str, list[float]] = {}
@@ -235,7 +260,7 @@ def assemble_result(kind: str, inputs: Inputs, stats: PassStats, collectors: lis
         per_feature=per_feature,
         details={
             "thresholds": {"dead": 0.0, "rare": inputs.cfg.rare_threshold, "dense": inputs.cfg.dense_threshold},
-            "sae_name": info.local_path.name if info.local_path else str(info.source),
+            "sae_name": sae_name(inputs.cfg.sae, inputs.cfg.sae_id),
             "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         },
         warnings=warnings,

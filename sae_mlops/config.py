@@ -188,7 +188,10 @@ class RunOptions:
         json_schema_extra={"mlproject": False},
     )
     run_name: str | None = Field(
-        default=None, description="MLflow run name. (default: generated)", json_schema_extra={"mlproject": False}
+        default=None,
+        description="MLflow run name. (default: <kind> · <SAE name> · <architecture> d<d_sae> k<k>, "
+        "e.g. quick · topk_512 · topk d512 k16)",
+        json_schema_extra={"mlproject": False},
     )
     no_track: bool = Field(
         default=False, description="Do not log to MLflow; only write files.", json_schema_extra={"mlproject": False}

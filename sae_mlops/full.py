@@ -66,7 +66,7 @@ def run_full(cfg: AnalysisConfig, out_dir: Path, opts: FullOptions | None = None
     collectors = base_collectors(inputs)
     examples = TopExamplesCollector(d_sae, opts.examples_per_feature, opts.context_window)
     cooc = CooccurrenceCollector(d_sae) if dense else None
-    db = ActivationDBWriter(out_dir / "activation_database" / f"activation_db_{ts}", d_sae, opts.shard_rows)
+    db = ActivationDBWriter(out_dir / "activation_database" / "activation_db", d_sae, opts.shard_rows)
     try:
         stats = run_pass(inputs, [*collectors, examples, *([cooc] if cooc else []), db])
     except BaseException:
@@ -87,21 +87,21 @@ def run_full(cfg: AnalysisConfig, out_dir: Path, opts: FullOptions | None = None
     w_dec = inputs.sae.module.W_dec
     mdir = out_dir / "matrices"
     if dense:
-        files.append(write_dense_blocks(mdir / f"feature_similarity_{ts}.npy", d_sae, similarity_blocks(w_dec)))
-    files.append(write_neighbours(mdir / f"similarity_neighbours_{ts}.parquet", *block_neighbours(similarity_blocks(w_dec), d_sae, opts.neighbours)))
+        files.append(write_dense_blocks(mdir / "feature_similarity.npy", d_sae, similarity_blocks(w_dec)))
+    files.append(write_neighbours(mdir / "similarity_neighbours.parquet", *block_neighbours(similarity_blocks(w_dec), d_sae, opts.neighbours)))
 
     log.info("co-occurrence (%s)", opts.cooccurrence_measure)
     fire = np.asarray(pf["firing_count"])
     if dense:
         cooc_matrix = cooc.matrix(opts.cooccurrence_measure)
-        files.append(write_dense_blocks(mdir / f"feature_cooccurrence_{ts}.npy", d_sae, dense_row_blocks(cooc_matrix)))
+        files.append(write_dense_blocks(mdir / "feature_cooccurrence.npy", d_sae, dense_row_blocks(cooc_matrix)))
         idx, val = block_neighbours(dense_row_blocks(cooc_matrix), d_sae, opts.neighbours)
     else:
         from sae_mlops.actdb.reader import ActivationDB
 
         idx, val = neighbours_from_csr(ActivationDB(db_root).csr(), opts.neighbours, opts.cooccurrence_measure)
         cooc_matrix = None
-    files.append(write_neighbours(mdir / f"cooccurrence_neighbours_{ts}.parquet", idx, val))
+    files.append(write_neighbours(mdir / "cooccurrence_neighbours.parquet", idx, val))
 
     log.info("logit lens")
     w_res = decoder_in_residual(w_dec, inputs.model.model, inputs.site.name, info.hook_head_index)
@@ -111,10 +111,10 @@ def run_full(cfg: AnalysisConfig, out_dir: Path, opts: FullOptions | None = None
 
     log.info("feature summaries")
     rdir = out_dir / "results"
-    files.append(full_writers.write_feature_summaries(rdir / f"feature_summaries_{ts}.jsonl", pf, examples, vocab, lens))
+    files.append(full_writers.write_feature_summaries(rdir / "feature_summaries.jsonl", pf, examples, vocab, lens))
     if lens is not None:
-        files.append(full_writers.write_logit_lens(rdir / f"logit_lens_{ts}.parquet", lens, vocab))
-    files.append(full_writers.write_feature_stats(rdir / f"feature_stats_{ts}.parquet", pf))
+        files.append(full_writers.write_logit_lens(rdir / "logit_lens.parquet", lens, vocab))
+    files.append(full_writers.write_feature_stats(rdir / "feature_stats.parquet", pf))
 
     log.info("plots")
     pdir = out_dir / "plots"
@@ -142,10 +142,12 @@ def run_full(cfg: AnalysisConfig, out_dir: Path, opts: FullOptions | None = None
     files += [p for p in plot_files if p is not None]
 
     log.info("reports")
-    files.append(atomic_write_text(rdir / f"analysis_results_{ts}.json", result.to_json()))
-    files.append(atomic_write_text(out_dir / f"config_{ts}.json", full_writers.config_json(cfg, opts)))
+    files.append(atomic_write_text(rdir / "analysis_results.json", result.to_json()))
+    files.append(atomic_write_text(out_dir / "config.json", full_writers.config_json(cfg, opts)))
     rel = {p.relative_to(out_dir).as_posix(): p for p in files}
     summary = full_writers.summary_dict(result, ts, pf, rel)
-    files.append(atomic_write_text(out_dir / f"SUMMARY_{ts}.json", full_writers.dumps(summary)))
-    files.append(atomic_write_text(out_dir / f"README_{ts}.md", full_writers.report_markdown(result, summary, examples, vocab, lens, out_dir, files)))
+    files.append(atomic_write_text(out_dir / "SUMMARY.json", full_writers.dumps(summary)))
+    readme = full_writers.report_markdown(result, summary, examples, vocab, lens, out_dir, files)
+    files.append(atomic_write_text(out_dir / "README.md", readme))
+    files.append(atomic_write_text(out_dir / "README.html", full_writers.report_html(readme, out_dir, f"SAE full analysis: {result.params.get('sae_name')}")))
     return FullOutputs(result, files, out_dir)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -86,14 +87,15 @@ def run_quick_and_log(
     from sae_mlops.analysis import run_quick
     from sae_mlops.writers.quick import write_quick_outputs
 
-    with interrupt_report(out, track):
+    started = _now_ms()
+    with interrupt_report(out, track, "quick"):
         result = run_quick(cfg)
         out.mkdir(parents=True, exist_ok=True)
         files = [Path(f) for f in write_quick_outputs(result, out)]
         log.info("Wrote %d file(s) under %s", len(files), out)
         outcome = QuickOutcome(result=result, out_dir=out, files=files, warnings=list(result.warnings))
         if track:
-            log_outcome(outcome, experiment, run_name)
+            log_outcome(outcome, experiment, run_name, start_time=started)
     return outcome
 
 
@@ -110,7 +112,7 @@ def preflight(out: Path | None, track: bool) -> None:
         check_tracking_store()
 
 
-def log_outcome(outcome: QuickOutcome, experiment: str | None, run_name: str | None) -> None:
+def log_outcome(outcome: QuickOutcome, experiment: str | None, run_name: str | None, start_time: int | None = None) -> None:
     """Log a written analysis to MLflow; a failure becomes a `TrackingError` that says where the
     results are and how to log them later (`sae-mlops log OUT`)."""
     from sae_mlops.errors import TrackingError
@@ -119,7 +121,9 @@ def log_outcome(outcome: QuickOutcome, experiment: str | None, run_name: str | N
 
     uri = tracking_uri()
     try:
-        outcome.run_id = log_analysis(outcome.result, outcome.files, outcome.out_dir, experiment=experiment, run_name=run_name)
+        outcome.run_id = log_analysis(
+            outcome.result, outcome.files, outcome.out_dir, experiment=experiment, run_name=run_name, start_time=start_time
+        )
     except Exception as e:
         log.debug("logging to MLflow failed", exc_info=True)
         reason = " ".join(str(e).split())[:300] or type(e).__name__
@@ -131,11 +135,11 @@ def log_outcome(outcome: QuickOutcome, experiment: str | None, run_name: str | N
 
 
 @contextmanager
-def interrupt_report(out: Path, track: bool) -> Iterator[None]:
+def interrupt_report(out: Path, track: bool, kind: str = "the") -> Iterator[None]:
     """Turn Ctrl-C (SIGINT) into `Interrupted` with one sentence saying what was left behind: partial
     files under `out` (or none), and the MLflow run, marked KILLED when one exists (the run of
     ``MLFLOW_RUN_ID``, or the run `log_analysis` was logging into; a run is only created after the pass)."""
-    from sae_mlops.errors import Interrupted
+    from sae_mlops.errors import AnalysisInterrupted, Interrupted
 
     try:
         yield
@@ -159,16 +163,16 @@ def interrupt_report(out: Path, track: bool) -> Iterator[None]:
             run = "no MLflow run was created (a run is created only after the analysis)"
         else:
             run = "nothing was tracked (--no-track)"
-        raise Interrupted(f"interrupted: {left}; {run}.") from None
+        raise AnalysisInterrupted(f"{kind} analysis interrupted: {left}; {run}.") from None
 
 
 @dataclass
 class FullOutcome(QuickOutcome):
     """A quick outcome plus where the full analysis's main files are (None if not written)."""
 
-    summary: Path | None = None  # SUMMARY_<ts>.json
-    report: Path | None = None  # README_<ts>.md
-    database: Path | None = None  # activation_database/activation_db_<ts>
+    summary: Path | None = None  # SUMMARY.json
+    report: Path | None = None  # README.md
+    database: Path | None = None  # activation_database/activation_db
 
 
 def run_full_and_log(
@@ -193,12 +197,14 @@ def run_full_and_log(
     from sae_mlops.full import FullOptions
 
     opts = opts or FullOptions()  # bounds are checked when FullOptions is built (sae_mlops.config)
-    with interrupt_report(out, track):
-        return _run_full_and_log(cfg, out, opts, track, experiment, run_name)
+    started = _now_ms()
+    with interrupt_report(out, track, "full"):
+        return _run_full_and_log(cfg, out, opts, track, experiment, run_name, started)
 
 
 def _run_full_and_log(
-    cfg: AnalysisConfig, out: Path, opts: FullOptions, track: bool, experiment: str | None, run_name: str | None
+    cfg: AnalysisConfig, out: Path, opts: FullOptions, track: bool, experiment: str | None, run_name: str | None,
+    started: int,
 ) -> FullOutcome:
     from sae_mlops.full import run_full
 
@@ -208,15 +214,20 @@ def _run_full_and_log(
     result = outputs.result
     outcome = FullOutcome(result=result, out_dir=out, files=files, warnings=list(result.warnings))
     for f in files:
-        if f.parent == out and f.name.startswith("SUMMARY_") and f.suffix == ".json":
+        if f.parent == out and f.name.startswith("SUMMARY") and f.suffix == ".json":
             outcome.summary = f
-        elif f.parent == out and f.name.startswith("README_") and f.suffix == ".md":
+        elif f.parent == out and f.name.startswith("README") and f.suffix == ".md":
             outcome.report = f
         elif f.name == "manifest.json" and f.parent.parent.name == "activation_database":
             outcome.database = f.parent
     if track:
-        log_outcome(outcome, experiment, run_name)
+        log_outcome(outcome, experiment, run_name, start_time=started)
     return outcome
+
+
+def _now_ms() -> int:
+    """Milliseconds since the epoch: a run's start time is when its analysis started."""
+    return int(time.time() * 1000)
 
 
 def log_existing(out_dir: Path | str, *, experiment: str | None = None, run_name: str | None = None) -> QuickOutcome:
@@ -232,9 +243,9 @@ def log_existing(out_dir: Path | str, *, experiment: str | None = None, run_name
     hint = "give the output directory of a finished `sae-mlops quick` or `sae-mlops full`"
     if not out.is_dir():
         raise InputError(f"'{out}' is not a directory; {hint}.")
-    results = sorted((out / "results").glob("analysis_results_*.json"))
-    if not results or not any(out.glob("SUMMARY_*")):
-        raise InputError(f"'{out}' holds no finished analysis (no results/analysis_results_*.json and SUMMARY_*); {hint}.")
+    results = sorted((out / "results").glob("analysis_results*.json"))
+    if not results or not any(out.glob("SUMMARY*")):
+        raise InputError(f"'{out}' holds no finished analysis (no results/analysis_results.json and SUMMARY); {hint}.")
     if any(p.name.endswith((".partial", ".part")) for p in out.rglob("*")):
         raise InputError(f"'{out}' holds partial files of an interrupted analysis; run the analysis again, then log it.")
     try:

@@ -139,8 +139,8 @@ def _csv(r) -> pd.DataFrame:
 def test_full_shows_headline_and_where_things_are(full_run):
     out, stdout = full_run["out"], full_run["stdout"]
     assert "L0 mean (active features per token)" in stdout and "loss recovered" in stdout
-    (summary,) = out.glob("SUMMARY_*.json")
-    (readme,) = out.glob("README_*.md")
+    (summary,) = out.glob("SUMMARY.json")
+    (readme,) = out.glob("README.md")
     for path in (summary, readme, full_run["db"]):
         assert str(path) in stdout
     assert f"sae-mlops db query {out}" in stdout

@@ -1,5 +1,8 @@
 """Full-analysis reports: feature summaries (JSONL), logit lens and feature tables (Parquet), the
-SUMMARY JSON (the prior tool's keys where their meaning is unchanged) and the README report.
+SUMMARY JSON (the prior tool's keys where their meaning is unchanged) and the README report, as
+markdown (``README.md``: table cells escaped, plots as relative image links) and as one
+self-contained HTML page (``README.html``: the same text, the plots embedded as base64 PNG), which
+MLflow's artifact viewer shows with its images.
 
 Pure functions of collected results, vocabulary strings and paths: no model, no MLflow.
 """
@@ -170,13 +173,13 @@ def summary_dict(result: AnalysisResult, ts: str, per_feature: dict[str, list[fl
         "files": {
             kind: next((k for k in files if pattern in k), None)
             for kind, pattern in (
-                ("feature_similarity", "matrices/feature_similarity_"),
-                ("feature_cooccurrence", "matrices/feature_cooccurrence_"),
-                ("similarity_neighbours", "matrices/similarity_neighbours_"),
-                ("cooccurrence_neighbours", "matrices/cooccurrence_neighbours_"),
-                ("analysis_results", "results/analysis_results_"),
-                ("feature_summaries", "results/feature_summaries_"),
-                ("logit_lens", "results/logit_lens_"),
+                ("feature_similarity", "matrices/feature_similarity"),
+                ("feature_cooccurrence", "matrices/feature_cooccurrence"),
+                ("similarity_neighbours", "matrices/similarity_neighbours"),
+                ("cooccurrence_neighbours", "matrices/cooccurrence_neighbours"),
+                ("analysis_results", "results/analysis_results"),
+                ("feature_summaries", "results/feature_summaries"),
+                ("logit_lens", "results/logit_lens"),
                 ("training_history_plot", "plots/training_history"),
             )
         }
@@ -215,9 +218,41 @@ def report_markdown(
             lines.append(f"Logit lens promotes: {top}")
         lines.append("")
         for ex in examples.examples(i)[:5]:
-            ctx = context_string(ex["context_ids"], vocab).replace("\n", "\\n").replace("|", "\\|")
+            ctx = context_string(ex["context_ids"], vocab).replace("\n", "\\n").replace("`", "'")
             lines.append(f"- {ex['activation']:.3f}: `{ctx}` (doc {ex['text_idx']}, pos {ex['position']})")
         lines.append("")
     lines += ["## Files", ""] + [f"- `{os.path.relpath(p, out_dir)}`" for p in files if "activation_database" not in p.parts]
+    lines.append("- `README.html`: this report as one page with the plots embedded")
     lines.append(f"- `{summary['files']['activation_database']}/` (query with `sae-mlops db query`)")
     return "\n".join(lines) + "\n"
+
+
+def report_html(markdown_text: str, out_dir: Path, title: str = "SAE analysis report") -> str:
+    """`markdown_text` as one self-contained HTML page: GitHub-flavoured tables (mistune), each
+    relative ``<img src>`` under `out_dir` replaced by a base64 ``data:image/png`` URI."""
+    import base64
+    import html
+    import re
+
+    import mistune
+
+    body = mistune.create_markdown(plugins=["table", "strikethrough"], escape=True)(markdown_text)
+
+    def embed(m: re.Match) -> str:
+        src = html.unescape(m.group(2))
+        path = (Path(out_dir) / src).resolve()
+        if "://" in src or not path.is_file():
+            return m.group(0)
+        data = base64.b64encode(path.read_bytes()).decode("ascii")
+        return f'{m.group(1)}data:image/png;base64,{data}{m.group(3)}'
+
+    body = re.sub(r'(<img src=")([^"]+)(")', embed, body)
+    style = (
+        "body{font-family:system-ui,sans-serif;max-width:70em;margin:1em auto;padding:0 1em;line-height:1.4}"
+        "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:2px 8px}td:nth-child(2){text-align:right}"
+        "img{max-width:100%;display:block;margin:.5em 0}code{background:#f4f4f4;padding:0 2px}"
+    )
+    return (
+        f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+        f"<style>{style}</style></head><body>{body}</body></html>\n"
+    )
