@@ -59,8 +59,7 @@ def report_input_errors(fn: F) -> F:
         except (InputError, TrackingError) as e:
             fail(str(e), getattr(e, "exit_code", 2))
         except Interrupted as e:  # AnalysisInterrupted included: the message says what was left behind
-            err_console.print(f"[yellow]Interrupted:[/yellow] {escape(' '.join(str(e).split()))}", soft_wrap=True, highlight=False)
-            raise typer.Exit(e.exit_code) from None
+            fail(str(e), e.exit_code)
         except KeyboardInterrupt:
             fail("interrupted by the user (Ctrl-C); the command did not finish.", Interrupted.exit_code)
 

@@ -94,14 +94,14 @@ def test_cli_links_and_interrupt_line(mlflow_store, tmp_path, monkeypatch):
                       terminal_width=300)
     assert r.exit_code == 130
     lines = [ln for ln in r.output.splitlines() if ln.strip()]
-    assert len(lines) == 1 and "quick analysis interrupted: nothing written under" in lines[0] and "no MLflow run" in lines[0]
+    assert len(lines) == 1 and "quick analysis interrupted: nothing was written to" in lines[0] and "no MLflow run" in lines[0]
 
 
 def test_progress_total_is_the_tokens_there(tmp_path):
     from sae_mlops.analysis import available_tokens, prepare, run_pass
 
     corpus = tmp_path / "c.json"
-    corpus.write_text(json.dumps(["def add(a, b):\n    return a + b\n", "Return the sum of two numbers, a and b."] * 3))
+    corpus.write_text(json.dumps(["def add(a, b):\n    return a + b\n", "Return the sum of two numbers, a and b."] * 12))
     cfg = AnalysisConfig(sae=str(demo_sae_path("standard")), model="demo", corpus=str(corpus), max_tokens=1_000_000,
                          progress=False, device="cpu")
     inputs = prepare(cfg)
