@@ -88,15 +88,35 @@ def run_quick_and_log(
     from sae_mlops.writers.quick import write_quick_outputs
 
     started = _now_ms()
+    started_s = time.perf_counter()
     with interrupt_report(out, track, "quick"):
         result = run_quick(cfg)
         out.mkdir(parents=True, exist_ok=True)
+        t_reports = time.perf_counter()
         files = [Path(f) for f in write_quick_outputs(result, out)]
+        result.metrics["time/reports"] = time.perf_counter() - t_reports  # logged to MLflow, not in the JSON
         log.info("Wrote %d file(s) under %s", len(files), out)
         outcome = QuickOutcome(result=result, out_dir=out, files=files, warnings=list(result.warnings))
+        t_log = time.perf_counter()
         if track:
             log_outcome(outcome, experiment, run_name, start_time=started)
+        _log_total(outcome, started_s, time.perf_counter() - t_log if track else 0.0)
     return outcome
+
+
+def _log_total(outcome: QuickOutcome, started: float, logging_seconds: float) -> None:
+    """``time/logging`` (MLflow logging; 0 when tracking is off), ``time/total`` (process start to
+    now; from this call when /proc is missing) and ``time/pass_share`` (``time/pass / time/total``)
+    into the result, and into the run when there is one. They are not in the results JSON, which
+    is written before logging."""
+    m = outcome.result.metrics
+    m["time/logging"] = logging_seconds
+    m["time/total"] = (m.get("time/startup") or 0.0) + (time.perf_counter() - started)
+    m["time/pass_share"] = m.get("time/pass", 0.0) / m["time/total"] if m["time/total"] > 0 else 0.0
+    if outcome.run_id:
+        from sae_mlops.tracking.runs import log_metrics
+
+        log_metrics(outcome.run_id, {k: m[k] for k in ("time/logging", "time/total", "time/pass_share")})
 
 
 def preflight(out: Path | None, track: bool) -> None:
@@ -198,13 +218,15 @@ def run_full_and_log(
 
     opts = opts or FullOptions()  # bounds are checked when FullOptions is built (sae_mlops.config)
     started = _now_ms()
+    started_s = time.perf_counter()
     with interrupt_report(out, track, "full"):
-        return _run_full_and_log(cfg, out, opts, track, experiment, run_name, started)
+        return _run_full_and_log(cfg, out, opts, track, experiment, run_name, started, started_s)
 
 
 def _run_full_and_log(
     cfg: AnalysisConfig, out: Path, opts: FullOptions, track: bool, experiment: str | None, run_name: str | None,
     started: int,
+    started_s: float,
 ) -> FullOutcome:
     from sae_mlops.full import run_full
 
@@ -220,8 +242,11 @@ def _run_full_and_log(
             outcome.report = f
         elif f.name == "manifest.json" and f.parent.parent.name == "activation_database":
             outcome.database = f.parent
+    t_log = time.perf_counter()
+    t_log = time.perf_counter()
     if track:
         log_outcome(outcome, experiment, run_name, start_time=started)
+    _log_total(outcome, started_s, time.perf_counter() - t_log if track else 0.0)
     return outcome
 
 

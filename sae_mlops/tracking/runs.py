@@ -143,6 +143,14 @@ def log_analysis(
     return run_id
 
 
+def log_metrics(run_id: str, metrics: dict[str, float]) -> None:
+    """Add a few metrics to a run already logged (finished runs accept them): the pipeline's cost
+    figures measured after `log_analysis` (``time/logging``, ``time/total``, ``time/pass_share``)."""
+    now = get_current_time_millis()
+    batch = [Metric(k, float(v), now, 0) for k, v in metrics.items() if v is not None and math.isfinite(float(v))]
+    MlflowClient().log_batch(run_id, metrics=batch)
+
+
 def analysis_run_name(result: AnalysisResult) -> str:
     """``<kind> · <sae name> · <architecture> d<d_sae> k<k>`` (`sae_mlops.naming.run_title`)."""
     p = result.params
