@@ -318,3 +318,4 @@ from sae_mlops.commands import serve as _serve_commands  # noqa: E402,F401
 
 if __name__ == "__main__":  # pragma: no cover
     app()
+from sae_mlops.commands import match as _match_commands  # noqa: E402,F401
