@@ -17,6 +17,13 @@ A feature page holds:
 - the most similar features (decoder cosine) and the most co-occurring ones (the analysis's
   co-occurrence measure) from the neighbour lists, linked when they have a page.
 
+``index.html`` is the table of the chosen features (sortable by frequency, mean activation, score;
+searchable by label and token) followed by every feature page as a section shown when its fragment
+(``#f<feature>``) is the target. MLflow's artifact viewer shows HTML in a sandboxed iframe from a
+``blob:`` URL, where links to other files are blocked but fragment links work: so in MLflow one
+``index.html`` browses every page, and the separate ``feature_<n>.html`` files serve a download or
+a static file server.
+
 The default set is bounded: the ``top`` most frequent features that fired (default 200) plus the
 features asked for, so a d_sae 65k analysis does not write 65k pages.
 """
@@ -26,6 +33,7 @@ from __future__ import annotations
 import html
 import json
 import logging
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,6 +59,7 @@ th{background:#f4f4f4;cursor:pointer;user-select:none} td.num,th.num{text-align:
 .tok{border-radius:2px} .hit{outline:2px solid #d9480f;font-weight:bold}
 .label{font-size:1.1em;background:#eef6ff;padding:6px 10px;border-radius:4px;display:inline-block}
 .cols{display:flex;gap:2em;flex-wrap:wrap} .cols>div{min-width:240px}
+section.feature{display:none} section.feature:target,section.feature.on{display:block} body:has(section.feature:target) #index{display:none}
 .pos{color:#1864ab} .neg{color:#c92a2a} .muted{color:#888} input[type=search]{width:22em;padding:4px;margin:6px 0}
 """
 
@@ -62,6 +71,10 @@ var rows=Array.prototype.slice.call(b.rows),num=h.classList.contains('num'),d=h.
 rows.sort(function(x,y){var a=x.cells[i].dataset.v||x.cells[i].textContent,c=y.cells[i].dataset.v||y.cells[i].textContent;
 if(num){a=parseFloat(a);c=parseFloat(c);if(isNaN(a))a=-1e300;if(isNaN(c))c=-1e300;}return a<c?-d:a>c?d:0;});
 rows.forEach(function(r){b.appendChild(r);});});});
+function show(id){document.querySelectorAll('section.feature').forEach(function(s){s.classList.toggle('on',s.id===id);});
+var ix=document.getElementById('index');if(ix)ix.style.display=id?'none':'';window.scrollTo(0,0);}
+document.addEventListener('click',function(e){var a=e.target.closest('a');if(!a)return;var h=a.getAttribute('href')||'';
+if(h==='#'||/^#f[0-9]+$/.test(h)){e.preventDefault();show(h.slice(1));}});
 var q=document.getElementById('q');if(q){q.style.display='';q.addEventListener('input',function(){var s=q.value.toLowerCase();
 Array.prototype.forEach.call(b.rows,function(r){r.style.display=r.textContent.toLowerCase().indexOf(s)>=0?'':'none';});});}})();
 </script>
@@ -202,6 +215,9 @@ def _render_tokens(pieces: list[tuple[str, float, bool]], scale: float) -> str:
     out = []
     for text, v, centre in pieces:
         alpha = 0.0 if scale <= 0 else min(max(v / scale, 0.0), 1.0)
+        if v == 0 and not centre:
+            out.append(html.escape(text))
+            continue
         style = f' style="background:rgba(255,140,0,{alpha:.2f})"' if alpha > 0 else ""
         cls = "tok hit" if centre else "tok"
         out.append(f'<span class="{cls}"{style} title="{v:.3g}">{html.escape(text)}</span>')
@@ -294,6 +310,7 @@ def write_dashboards(
     stats = data.stats.set_index("feature")
     pages_set = set(chosen)
     pages, seconds = [], []
+    bodies: dict[int, str] = {}
     title = f"{Path(str(data.params.get('sae', root))).name} ({data.params.get('hook', '')})"
     for f in chosen:
         t0 = time.perf_counter()
@@ -324,11 +341,12 @@ def write_dashboards(
             f'<div class="cols"><div><h2>Most similar (decoder cosine)</h2>{_neighbour_list(sim_n, f, pages_set, labels)}</div>'
             f'<div><h2>Most co-occurring ({html.escape(data.cooccurrence_measure)})</h2>{_neighbour_list(cooc_n, f, pages_set, labels)}</div></div>'
         )
+        bodies[f] = body
         path = out_dir / f"feature_{f}.html"
         path.write_text(_page(f"Feature {f}", body), encoding="utf-8")
         pages.append(path)
         seconds.append(time.perf_counter() - t0)
-    index = _write_index(out_dir, chosen, data, labels, title, n_tokens)
+    index = _write_index(out_dir, chosen, data, labels, title, n_tokens, bodies)
     outcome = DashboardOutcome(out_dir, index, pages, seconds, time.perf_counter() - t_start, db is not None, sum(1 for f in chosen if f in labels))
     log.info("wrote %d feature pages in %.1f s (%.3f s per page)", len(pages), outcome.seconds_total, float(np.mean(seconds or [0])))
     return outcome
@@ -341,7 +359,13 @@ def _top_tokens(summary: dict[str, Any], n: int = 3) -> str:
     return " ".join(repr(t) for t, _ in sorted(counts.items(), key=lambda kv: -kv[1])[:n])
 
 
-def _write_index(out_dir: Path, chosen: list[int], data: Any, labels: dict[int, dict], title: str, n_tokens: Any) -> Path:
+def _in_page(body: str, pages: set[int]) -> str:
+    """A feature page's body as a section of the index: links to other pages become fragment links."""
+    body = body.replace('<a href="index.html">&larr; all features</a>', '<a href="#">&larr; all features</a>')
+    return re.sub(r'href="feature_(\d+)\.html"', lambda m: f'href="#f{m.group(1)}"' if int(m.group(1)) in pages else m.group(0), body)
+
+
+def _write_index(out_dir: Path, chosen: list[int], data: Any, labels: dict[int, dict], title: str, n_tokens: Any, bodies: dict[int, str]) -> Path:
     stats = data.stats.set_index("feature")
     rows = []
     for f in sorted(chosen, key=lambda f: (-int(stats.loc[f, "firing_count"]), f)):
@@ -349,7 +373,7 @@ def _write_index(out_dir: Path, chosen: list[int], data: Any, labels: dict[int, 
         score = rec.get("interpretability")
         det = rec.get("detection_balanced_accuracy")
         rows.append(
-            f'<tr><td data-v="{f}" class="num"><a href="feature_{f}.html">{f}</a></td>'
+            f'<tr><td data-v="{f}" class="num"><a href="#f{f}">{f}</a></td>'
             f'<td>{html.escape(str(rec.get("label", "")))}</td>'
             f'<td class="num" data-v="{_fmt(score, "{}") or "nan"}">{_fmt(score, "{}")}</td>'
             f'<td class="num" data-v="{_fmt(det, "{}") or "nan"}">{_fmt(det, "{:.2f}")}</td>'
@@ -367,6 +391,9 @@ def _write_index(out_dir: Path, chosen: list[int], data: Any, labels: dict[int, 
         '<th class="num">detection bal. acc.</th><th class="num">frequency</th><th class="num">mean act.</th>'
         '<th class="num">max act.</th><th>top tokens</th></tr></thead><tbody>' + "".join(rows) + "</tbody></table>"
     )
+    pages = set(chosen)
+    sections = "".join(f'<section class="feature" id="f{f}">{_in_page(bodies[f], pages)}</section>' for f in chosen if f in bodies)
+    body = f'<div id="index">{body}</div>{sections}'
     path = out_dir / "index.html"
     path.write_text(_page("Feature dashboards", body, SORT_JS), encoding="utf-8")
     return path
