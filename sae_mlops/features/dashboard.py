@@ -375,8 +375,8 @@ def _write_index(out_dir: Path, chosen: list[int], data: Any, labels: dict[int, 
         rows.append(
             f'<tr><td data-v="{f}" class="num"><a href="#f{f}">{f}</a></td>'
             f'<td>{html.escape(str(rec.get("label", "")))}</td>'
-            f'<td class="num" data-v="{_fmt(score, "{}") or "nan"}">{_fmt(score, "{}")}</td>'
-            f'<td class="num" data-v="{_fmt(det, "{}") or "nan"}">{_fmt(det, "{:.2f}")}</td>'
+            f'<td class="num" data-v="{_fmt(score, "{:g}") or "nan"}">{_fmt(score, "{:g}")}</td>'
+            f'<td class="num" data-v="{_fmt(det, "{:g}") or "nan"}">{_fmt(det, "{:.2f}")}</td>'
             f'<td class="num" data-v="{float(r["frequency"])}">{_fmt(r["frequency"], "{:.3e}")}</td>'
             f'<td class="num" data-v="{float(r["mean_activation"])}">{_fmt(r["mean_activation"], "{:.3f}")}</td>'
             f'<td class="num" data-v="{float(r["max_activation"])}">{_fmt(r["max_activation"], "{:.3f}")}</td>'
