@@ -320,3 +320,4 @@ if __name__ == "__main__":  # pragma: no cover
     app()
 from sae_mlops.commands import match as _match_commands  # noqa: E402,F401
 from sae_mlops.commands import dashboard as _dashboard_commands  # noqa: E402,F401
+from sae_mlops.commands import label as _label_commands  # noqa: E402,F401

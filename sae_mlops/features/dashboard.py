@@ -163,8 +163,9 @@ def _svg_histogram(values: np.ndarray, bins: int = 40, width: int = 520, height:
     return f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" role="img" aria-label="activation histogram">{"".join(bars)}{axis}</svg>'
 
 
-class _Database:
-    """The parts of the activation database a dashboard needs, in memory for the chosen features."""
+class FeatureTokens:
+    """The parts of the activation database the dashboards and labels need: token arrays, the
+    vocabulary, and for the chosen features their non-zero values and the token indices they fired on."""
 
     def __init__(self, root: Path, features: list[int]):
         from sae_mlops.actdb.reader import ActivationDB
@@ -181,12 +182,15 @@ class _Database:
         self.indptr, self.indices, self.data = self.csr.indptr, self.csr.indices, self.csr.data
         indices = np.asarray(self.csr.indices)
         mask = np.isin(indices, np.asarray(features, dtype=indices.dtype))
-        feats, vals = indices[mask], np.asarray(self.csr.data)[mask]
+        pos = np.flatnonzero(mask)
+        feats, vals = indices[pos], np.asarray(self.csr.data)[pos]
+        rows = np.searchsorted(np.asarray(self.indptr), pos, side="right") - 1  # token index of each entry
         order = np.argsort(feats, kind="stable")
-        feats, vals = feats[order], vals[order]
+        feats, vals, rows = feats[order], vals[order], rows[order]
         cuts = np.searchsorted(feats, features)
         ends = np.searchsorted(feats, features, side="right")
         self.values = {f: vals[a:b] for f, a, b in zip(features, cuts, ends, strict=True)}
+        self.rows = {f: rows[a:b] for f, a, b in zip(features, cuts, ends, strict=True)}
 
     def window(self, feature: int, centre: int, width: int) -> list[tuple[str, float, bool]]:
         """(token string, activation of ``feature``, is the centre) for the tokens of the centre's
@@ -300,7 +304,7 @@ def write_dashboards(
     chosen = choose_features(data.stats, features, top)
     labels = read_labels(Path(root))
     try:
-        db: _Database | None = _Database(find_database(root), chosen)
+        db: FeatureTokens | None = FeatureTokens(find_database(root), chosen)
     except InputError as e:
         log.warning("no activation database (%s): histograms from the top examples only, contexts unshaded", e)
         db = None

@@ -128,3 +128,27 @@ def log_to_analysis_run(
     for k, v in (tags or {}).items():
         client.set_tag(run_id, k, v)
     return paths
+
+
+def log_labels(run_id: str, files: list[Path], base_dir: Path, metrics: dict[str, float], model: str, base_url: str | None, prompt_version: str) -> list[str]:
+    """Log the label files under ``labels/`` of the analysis run, the ``label/...`` metrics, the
+    labels as an MLflow table (``labels/labels_table.json``) and tags naming the model and endpoint
+    (the endpoint without any user:password part; the API key is never logged)."""
+    import pandas as pd
+
+    from urllib.parse import urlsplit, urlunsplit
+
+    endpoint = ""
+    if base_url:
+        parts = urlsplit(base_url)
+        endpoint = urlunsplit((parts.scheme, parts.hostname + (f":{parts.port}" if parts.port else "") if parts.hostname else parts.netloc, parts.path, "", ""))
+    paths = log_to_analysis_run(
+        run_id, files, base_dir, "labels", metrics,
+        {TAG_LABELS: "labels/labels.jsonl", "sae_mlops.label_model": model, "sae_mlops.label_endpoint": endpoint or "api.openai.com",
+         "sae_mlops.label_prompt_version": prompt_version},
+    )
+    table = next((f for f in files if Path(f).name == "labels.parquet"), None)
+    if table is not None:
+        MlflowClient().log_table(run_id, data=pd.read_parquet(table), artifact_file="labels/labels_table.json")
+        paths.append("labels/labels_table.json")
+    return paths
