@@ -165,11 +165,16 @@ def parse_json_object(text: str) -> dict[str, Any]:
     return obj
 
 
+def _one_line(text: str) -> str:
+    """Newlines and tabs written as \\n and \\t, so each example or snippet is one line."""
+    return text.replace("\n", "\\n").replace("\t", "\\t")
+
+
 def label_prompt(feature: int, examples: list[dict[str, Any]], lens_top: list[str]) -> str:
     """The user message of a label request."""
     lines = [f"Feature {feature}. Top activating contexts (activation: context):"]
     for i, e in enumerate(examples, 1):
-        ctx = str(e.get("context", "")).replace("[[", "<<").replace("]]", ">>")
+        ctx = _one_line(str(e.get("context", "")).replace("[[", "<<").replace("]]", ">>"))
         lines.append(f"{i}. {float(e['activation']):.2f}: {ctx}")
     if lens_top:
         lines.append("Output tokens promoted by the feature (logit lens): " + ", ".join(repr(t) for t in lens_top))
@@ -180,7 +185,7 @@ def label_prompt(feature: int, examples: list[dict[str, Any]], lens_top: list[st
 def detection_prompt(rec: dict[str, Any], snippets: list[str]) -> str:
     """The user message of a detection request."""
     lines = [f"Feature explanation: {rec['label']}. {rec['description']}", "Snippets:"]
-    lines += [f"{i}. {s}" for i, s in enumerate(snippets, 1)]
+    lines += [f"{i}. {_one_line(s)}" for i, s in enumerate(snippets, 1)]
     lines.append('Answer with {"active": [...]} only.')
     return "\n".join(lines)
 
