@@ -142,3 +142,18 @@ def test_match_end_to_end_known_permutation_logged(tmp_path: Path, mlflow_store:
     # asked not to: no activation correlation, and the command says so
     r = CliRunner().invoke(app, ["match", str(a), str(tmp_path / "B"), "--out", str(tmp_path / "M2"), "--no-track", "--no-activations", "-q"])
     assert r.exit_code == 0 and "not computed" in r.output
+    # compare --match over the two analyses as tracked full runs: the matrix says B is A permuted
+    exp = mlflow.create_experiment("sweep")
+    for name, root in (("A", a), ("B", tmp_path / "B")):
+        with mlflow.start_run(experiment_id=exp, run_name=name):
+            mlflow.set_tag("sae_mlops.kind", "full")
+            mlflow.log_params({"sae": str(src if name == "A" else sae_b), "d_sae": 512})
+            mlflow.log_metric("sparsity/l0_mean", 10.0)
+            mlflow.log_artifacts(str(root))
+    r = CliRunner().invoke(app, ["compare", "-e", "sweep", "--match", "--out", str(tmp_path / "C"), "-q"])
+    assert r.exit_code == 0, r.output
+    matrix = pd.read_csv(tmp_path / "C" / "matches" / "match_matrix.csv", index_col=0)
+    assert matrix.shape == (2, 2) and (matrix.to_numpy() > 0.99).all()
+    compare_run = mlflow.search_runs(experiment_ids=[exp], filter_string="tags.`sae_mlops.kind` = 'compare'", output_format="list")[0]
+    logged = {f.path for f in mlflow.MlflowClient().list_artifacts(compare_run.info.run_id, "matches")}
+    assert {"matches/match_matrix.csv", "matches/0_vs_1", "matches/plots"} <= logged

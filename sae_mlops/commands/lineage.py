@@ -137,6 +137,8 @@ def compare(
     ),
     run_name: Optional[str] = typer.Option(None, "--run-name", help="MLflow run name of the comparison run. (default: compare)"),
     no_track: bool = typer.Option(False, "--no-track", help="Do not log a comparison run; only write files."),
+    match: bool = typer.Option(False, "--match", help="Also match the features of every pair of full analyses compared (see `sae-mlops match`)."),
+    match_limit: int = typer.Option(6, "--match-limit", min=2, help="With --match: at most this many full analyses (the newest)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Only warnings and errors on stderr."),
 ) -> None:
     """Compare tracked analyses: a table (CSV + Markdown) and Pareto plots of L0 vs loss recovered and
@@ -155,6 +157,10 @@ def compare(
         from sae_mlops.tracking.runs import run_url
 
         out_console.print(f"MLflow run: {outcome.run_id} ({run_url(outcome.run_id)})", soft_wrap=True)
+    if match:
+        from sae_mlops.commands.match import match_compared
+
+        match_compared(outcome, match_limit)
 
 
 # --- output -----------------------------------------------------------------------------------

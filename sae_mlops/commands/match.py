@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import tempfile
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import typer
 
@@ -57,3 +57,27 @@ def match(
 
         run_id = log_match(inputs, m, files, out_dir, (refs[0].run_id, refs[1].run_id), experiment, run_name)
         out_console.print(f"MLflow run: {run_id} {run_url(run_id)}", soft_wrap=True, highlight=False)
+
+
+def match_compared(outcome: Any, limit: int) -> None:
+    """`compare --match`: match every pair of the compared full analyses (the newest ``limit``),
+    write under ``<compare out>/matches/`` and log there in the comparison run."""
+    from sae_mlops.errors import InputError
+    from sae_mlops.features.match import match_many
+    from sae_mlops.features.sources import resolve_analysis
+
+    table = outcome.table
+    full = table[table["kind"] == "full"].sort_values("start_time").tail(limit)
+    if len(full) < 2:
+        raise InputError(f"--match needs at least two full analyses among the compared runs; found {len(full)}. Run `sae-mlops full` on another SAE first.")
+    tmp = Path(tempfile.mkdtemp(prefix="sae-mlops-compare-match-"))
+    roots = [(str(r.label), resolve_analysis(r.run_id, activation_db=True, download_to=tmp / r.run_id).root) for r in full.itertuples()]
+    out_dir = Path(outcome.out_dir) / "matches"
+    matrix, files = match_many(roots, out_dir)
+    out_console.print("Mean max decoder cosine (row -> column):", highlight=False)
+    out_console.print(matrix.round(3).to_string(), highlight=False)
+    if outcome.run_id:
+        from sae_mlops.tracking.features import log_to_analysis_run
+
+        log_to_analysis_run(outcome.run_id, files, out_dir, "matches", {"compare/match_pairs": len(full) * (len(full) - 1) / 2})
+        out_console.print(f"Matches logged to MLflow run {outcome.run_id} under matches/", soft_wrap=True, highlight=False)

@@ -313,3 +313,45 @@ def match_analyses(
     result.metrics = summarise(result)
     files = write_match(result, out_dir, inputs)
     return result, files, inputs
+
+
+def match_many(
+    roots: list[tuple[str, Path]],
+    out_dir: Path,
+    **kwargs: Any,
+) -> tuple[pd.DataFrame, list[Path]]:
+    """Match every pair of analyses in ``roots`` (``(name, directory)``); each pair's outputs go to
+    ``out_dir/<i>_vs_<j>/``. Returns the mean-max-cosine matrix (row -> column, 1 on the
+    diagonal) and every file written, including ``match_matrix.csv`` and ``plots/match_matrix.png``."""
+    names = [n for n, _ in roots]
+    matrix = pd.DataFrame(np.eye(len(roots)), index=names, columns=names)
+    files: list[Path] = []
+    for i in range(len(roots)):
+        for j in range(i + 1, len(roots)):
+            sub = out_dir / f"{i}_vs_{j}"
+            result, written, _ = match_analyses(roots[i][1], roots[j][1], sub, given=(names[i], names[j]), **kwargs)
+            matrix.iloc[i, j] = result.metrics["match/mean_max_cos_a_to_b"]
+            matrix.iloc[j, i] = result.metrics["match/mean_max_cos_b_to_a"]
+            files += written
+    out_dir.mkdir(parents=True, exist_ok=True)
+    csv = out_dir / "match_matrix.csv"
+    matrix.to_csv(csv)
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    (out_dir / "plots").mkdir(exist_ok=True)
+    fig, ax = plt.subplots(figsize=(2 + 0.9 * len(names), 1.5 + 0.8 * len(names)))
+    im = ax.imshow(matrix.to_numpy(), vmin=0, vmax=1, cmap="viridis")
+    ax.set_xticks(range(len(names)), names, rotation=45, ha="right", fontsize=8)
+    ax.set_yticks(range(len(names)), names, fontsize=8)
+    for (r, c), v in np.ndenumerate(matrix.to_numpy()):
+        ax.text(c, r, f"{v:.2f}", ha="center", va="center", color="w" if v < 0.6 else "k", fontsize=8)
+    ax.set_title("mean max decoder cosine (row -> column)", fontsize=9)
+    fig.colorbar(im, ax=ax)
+    fig.tight_layout()
+    png = out_dir / "plots" / "match_matrix.png"
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+    return matrix, [*files, csv, png]
