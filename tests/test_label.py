@@ -161,5 +161,20 @@ def test_label_cli_logs_to_run_and_dashboard_shows_labels(root: Path, mlflow_sto
     d = CliRunner().invoke(app, ["dashboard", str(root), "--top", "3", "--no-log", "-q"])
     assert d.exit_code == 0, d.output
     assert f"feature {f}" in (root / "dashboard" / f"feature_{f}.html").read_text()
+    # by run id: the analysis and the earlier labels come from the run; only the new feature is asked
+    client.log_artifacts(run.info.run_id, str(root / "results"), "results")
+    client.log_artifacts(run.info.run_id, str(root / "matrices"), "matrices")
+    client.log_artifacts(run.info.run_id, str(root / "activation_database"), "activation_database")
+    rid = run.info.run_id
+    with StubServer() as server:
+        r = CliRunner().invoke(app, ["label", f"runs:/{rid}", "--base-url", server.url, "--model", "stub", "--top", "4", "--rpm", "0", "-q"])
+    assert r.exit_code == 0, r.output
+    assert {e["feature"] for e in server.log} == set(top_features(root, 4)) - set(top_features(root, 3))
+    assert client.get_run(rid).data.metrics["label/features_labelled"] == 4
+    d = CliRunner().invoke(app, ["dashboard", rid, "--top", "4", "-q"])
+    assert d.exit_code == 0, d.output
+    page = Path("analysis", "runs", rid, "dashboard", f"feature_{top_features(root, 4)[-1]}.html").read_text()
+    assert f"feature {top_features(root, 4)[-1]}" in page
+    assert "dashboard/index.html" in {x.path for x in client.list_artifacts(rid, "dashboard")}
     no_key = CliRunner().invoke(app, ["label", str(root), "--top", "5"], env={"OPENAI_API_KEY": ""})
     assert no_key.exit_code == 2 and "OPENAI_API_KEY" in no_key.output

@@ -28,11 +28,12 @@ def dashboard(
     """Feature dashboards: one self-contained HTML page per chosen feature (histogram, top examples
     shaded by activation, logit lens, similar and co-occurring features, label) and an index page."""
     from sae_mlops.features.dashboard import write_dashboards
-    from sae_mlops.features.sources import resolve_analysis
+    from sae_mlops.features.sources import RUNS_DIR, resolve_analysis, run_id_of
     from sae_mlops.interp.report import parse_features
 
     _quiet(quiet)
-    ref = resolve_analysis(analysis, activation_db=True, run_id=run_id)
+    rid = run_id_of(analysis)
+    ref = resolve_analysis(analysis, activation_db=True, run_id=run_id, download_to=RUNS_DIR / rid if rid else None)
     outcome = write_dashboards(ref.root, out, parse_features(features), top=top, context=context)
     m = outcome.metrics()
     out_console.print(

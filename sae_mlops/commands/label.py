@@ -37,11 +37,12 @@ def label(
     abstraction level) and score each label by detection (held-out activating vs non-activating
     snippets). Resumes: features already in labels/labels.jsonl are skipped."""
     from sae_mlops.features.label import PROMPT_VERSION, LabelOptions, label_features
-    from sae_mlops.features.sources import resolve_analysis
+    from sae_mlops.features.sources import RUNS_DIR, resolve_analysis, run_id_of
     from sae_mlops.interp.report import parse_features
 
     _quiet(quiet)
-    ref = resolve_analysis(analysis, activation_db=not no_detection, run_id=run_id)
+    rid = run_id_of(analysis)
+    ref = resolve_analysis(analysis, activation_db=not no_detection, run_id=run_id, download_to=RUNS_DIR / rid if rid else None)
     opts = LabelOptions(
         model=model, base_url=base_url, api_key_env=api_key_env, concurrency=concurrency, rpm=rpm, max_tries=max_tries,
         http_retries=http_retries, timeout=timeout, examples=examples, n_activating=n_activating, n_non=n_non,

@@ -5,6 +5,7 @@ after reads a directory."""
 
 from __future__ import annotations
 
+import logging
 import re
 import tempfile
 from dataclasses import dataclass
@@ -12,6 +13,9 @@ from pathlib import Path
 
 from sae_mlops.errors import InputError
 
+log = logging.getLogger(__name__)
+
+RUNS_DIR = Path("analysis") / "runs"  # where dashboard and label keep a run's downloaded analysis
 _RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 
 
@@ -44,7 +48,8 @@ def resolve_analysis(
 
     A local directory wins over a run id of the same spelling. ``run_id`` names the MLflow run of a
     local directory (to log to it). A run is downloaded to ``download_to`` (default: a new
-    temporary directory); the activation database only when ``activation_db``.
+    temporary directory); the activation database only when ``activation_db``; its ``labels/``
+    (from `sae-mlops label`) when there are any.
     """
     path = Path(value).expanduser()
     if path.is_dir():
@@ -56,6 +61,10 @@ def resolve_analysis(
             "`sae-mlops full`, a run id or runs:/<run_id>."
         )
     from sae_mlops.tracking.artifacts import download_analysis
+    from sae_mlops.tracking.features import download_labels
 
     dst = Path(download_to) if download_to else Path(tempfile.mkdtemp(prefix=f"sae-mlops-{rid[:8]}-"))
-    return AnalysisRef(given=value, root=download_analysis(rid, dst, tracking_uri, activation_db=activation_db), run_id=rid)
+    root = download_analysis(rid, dst, tracking_uri, activation_db=activation_db)
+    if download_labels(rid, root, tracking_uri):  # earlier labels: shown by dashboards, skipped by label
+        log.info("downloaded the labels of run %s", rid)
+    return AnalysisRef(given=value, root=root, run_id=rid)

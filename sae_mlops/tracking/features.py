@@ -152,3 +152,17 @@ def log_labels(run_id: str, files: list[Path], base_dir: Path, metrics: dict[str
         MlflowClient().log_table(run_id, data=pd.read_parquet(table), artifact_file="labels/labels_table.json")
         paths.append("labels/labels_table.json")
     return paths
+
+
+def download_labels(run_id: str, dst: Path, tracking_uri: str | None = None) -> bool:
+    """Download the run's ``labels/`` artifacts (written by `sae-mlops label`) into ``dst/labels``;
+    False when the run has none."""
+    import mlflow.artifacts
+
+    client = MlflowClient(tracking_uri=tracking_uri)
+    if not any(f.path == "labels/labels.jsonl" for f in client.list_artifacts(run_id, "labels")):
+        return False
+    target = Path(dst) / "labels"
+    target.mkdir(parents=True, exist_ok=True)  # a single file lands directly in dst_path
+    mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="labels/labels.jsonl", dst_path=str(target), tracking_uri=tracking_uri)
+    return True
