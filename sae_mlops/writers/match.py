@@ -30,7 +30,9 @@ def _plot(result: MatchResult, path: Path, label_a: str, label_b: str) -> None:
 
     rows = [("decoder cosine", result.decoder)] + ([("activation correlation", result.activation)] if result.activation is not None else [])
     fig, axes = plt.subplots(len(rows), 2, figsize=(10, 3.2 * len(rows)), squeeze=False)
-    bins = np.linspace(-1, 1, 81)
+    finite = np.concatenate([v[np.isfinite(v)] for _, b in rows for v in (b.a_value, b.b_value)] or [np.zeros(1)])
+    lo = min(0.0, float(np.floor(finite.min() * 10) / 10)) if finite.size else 0.0
+    bins = np.linspace(lo, 1, int(round((1 - lo) * 40)) + 1)  # 0.025 wide
     for r, (what, best) in enumerate(rows):
         for c, (vals, title) in enumerate(((best.a_value, f"{label_a} -> {label_b}"), (best.b_value, f"{label_b} -> {label_a}"))):
             ax = axes[r][c]
