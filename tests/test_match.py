@@ -137,6 +137,8 @@ def test_match_end_to_end_known_permutation_logged(tmp_path: Path, mlflow_store:
     run = runs[0]
     assert run.data.params["sae_a"] == str(src) and run.data.params["sae_b"] == str(sae_b)
     assert run.data.metrics["match/share_b_cos_ge_0.7"] == 1.0 and run.data.metrics["match/mean_max_corr_a_to_b"] > 0.99
+    assert [d.dataset.digest for d in run.inputs.dataset_inputs] == [json.loads((out / "match_summary.json").read_text())["inputs"]["a"]["corpus_digest"][:16]]
+    assert "analysis directory" in run.data.tags["mlflow.note.content"]
     names = {f.path for f in mlflow.MlflowClient().list_artifacts(run.info.run_id)}
     assert {"matched_pairs.parquet", "assignment.parquet", "unmatched.parquet", "MATCH.md", "plots"} <= names
     # asked not to: no activation correlation, and the command says so

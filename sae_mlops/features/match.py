@@ -285,6 +285,7 @@ def match_analyses(
             "sae_hash": d.params.get("sae_hash"),
             "d_sae": int(w.shape[0]),
             "corpus_digest": d.params.get("corpus_digest"),
+            "corpus": d.params.get("corpus"),
         }
     seconds: dict[str, float] = {}
     t0 = time.perf_counter()

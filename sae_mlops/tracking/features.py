@@ -5,7 +5,8 @@
   ``sae_hash_a``, ``sae_hash_b``, ``d_sae_a``, ``d_sae_b``; tags ``sae_mlops.match_a_run_id`` /
   ``sae_mlops.match_b_run_id`` (the analysis runs, when known) and a description linking them; the
   SAEs' LoggedModels (found through the analysis runs' lineage tags, else by content hash) as model
-  inputs; the ``match/...`` metrics; every output file as an artifact.
+  inputs; the corpus as a dataset input (context ``match``); the ``match/...`` metrics; every
+  output file as an artifact.
 - :func:`log_to_analysis_run` logs files under an artifact directory of an existing analysis run,
   plus metrics and tags (dashboards, labels).
 """
@@ -21,7 +22,14 @@ from mlflow.entities import LoggedModelInput
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from sae_mlops.tracking.lineage import TAG_KIND, TAG_LOGGED_MODEL_ID, code_version_tags, find_source_by_hash
+from sae_mlops.tracking.lineage import (
+    TAG_KIND,
+    TAG_LOGGED_MODEL_ID,
+    code_version_tags,
+    corpus_dataset,
+    find_source_by_hash,
+    log_dataset_input,
+)
 from sae_mlops.tracking.resolve import TAG_SOURCE_LOGGED_MODEL_ID
 
 log = logging.getLogger(__name__)
@@ -73,13 +81,16 @@ def log_match(
                 pname = side if key == "given" else f"{key}_{side}"
                 client.log_param(run_id, pname, str(inp.get(key))[:6000])
         tags = {TAG_KIND: "match", **code_version_tags()}
-        note = ["Feature match of two analyses."]
+        note = ["Feature match of two analyses (see MATCH.md and plots/match_histograms.png).", ""]
         for tag, rid, side in ((TAG_MATCH_A, run_ids[0], "A"), (TAG_MATCH_B, run_ids[1], "B")):
+            inp = inputs[side.lower()]
+            sae = f"SAE `{inp.get('sae')}` (d_sae {inp.get('d_sae')})"
             if rid:
                 tags[tag] = rid
-                note.append(f"{side}: analysis run {rid}")
+                exp = client.get_run(rid).info.experiment_id
+                note.append(f"- {side}: analysis run [{rid}](#/experiments/{exp}/runs/{rid}), {sae}")
             else:
-                note.append(f"{side}: analysis directory {inputs[side.lower()].get('dir')}")
+                note.append(f"- {side}: analysis directory `{inp.get('dir')}`, {sae}")
         tags["mlflow.note.content"] = "\n".join(note)
         for k, v in tags.items():
             client.set_tag(run_id, k, v)
@@ -91,6 +102,12 @@ def log_match(
                     client.set_tag(run_id, f"sae_mlops.match_{side}_logged_model_id", model_id)
                 except MlflowException as exc:
                     log.warning("could not link logged model %s: %s", model_id, exc.message)
+        for side in ("a", "b"):  # the corpora as dataset inputs (one when both analyses read the same)
+            if side == "b" and b.get("corpus_digest") == a.get("corpus_digest"):
+                break
+            dataset = corpus_dataset(inputs[side].get("corpus"), inputs[side].get("corpus_digest"))
+            if dataset is not None:
+                log_dataset_input(client, run_id, dataset, "match", inputs[side].get("corpus_digest"))
         for k, v in _finite(metrics).items():
             client.log_metric(run_id, k, v)
         for f in files:
