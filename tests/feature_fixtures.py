@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -48,3 +49,15 @@ def permuted_sae(src: Path, dst: Path, perm: np.ndarray, noise: float = 0.0, see
     cfg = json.loads((dst / "config.json").read_text())
     (dst / "config.json").write_text(json.dumps(cfg))
     return dst
+
+
+def shared_demo_full(tmp_path_factory: Any, max_tokens: int = 1200) -> Path:
+    """One demo full analysis per pytest session, shared by the feature test files (treat it as
+    read-only: copy it before writing into it)."""
+    base = Path(tmp_path_factory.getbasetemp()) / f"shared_demo_full_{max_tokens}"
+    if not (base / ".complete").is_file():
+        if base.exists():
+            shutil.rmtree(base)
+        demo_full(base, max_tokens=max_tokens)
+        (base / ".complete").write_text("")
+    return base

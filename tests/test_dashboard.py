@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from feature_fixtures import demo_full
+from feature_fixtures import shared_demo_full
 from typer.testing import CliRunner
 
 from sae_mlops.cli import app
@@ -22,7 +22,7 @@ from sae_mlops.features import dashboard as D
 
 @pytest.fixture(scope="module")
 def analysis(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return demo_full(tmp_path_factory.mktemp("dash") / "A", max_tokens=1200)
+    return shared_demo_full(tmp_path_factory)
 
 
 def _stats(root: Path) -> pd.DataFrame:

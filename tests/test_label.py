@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from feature_fixtures import demo_full
+from feature_fixtures import shared_demo_full
 from openai_stub import Script, StubServer
 from pydantic import ValidationError
 from typer.testing import CliRunner
@@ -31,7 +31,7 @@ SECRET = "sk-test-not-a-real-key-12345"
 
 @pytest.fixture(scope="module")
 def analysis(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return demo_full(tmp_path_factory.mktemp("label") / "A", max_tokens=1200)
+    return shared_demo_full(tmp_path_factory)
 
 
 @pytest.fixture

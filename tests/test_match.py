@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import scipy.sparse as sp
-from feature_fixtures import demo_full, permuted_sae
+from feature_fixtures import permuted_sae, shared_demo_full
 from scipy.optimize import linear_sum_assignment
 
 from sae_mlops.features import match as M
@@ -107,7 +107,7 @@ def _permuted_analysis(a: Path, b: Path, sae_b: Path, perm: np.ndarray) -> None:
     np.save(csr, inv[np.load(csr)].astype(np.load(csr).dtype))
 
 
-def test_match_end_to_end_known_permutation_logged(tmp_path: Path, mlflow_store: str) -> None:
+def test_match_end_to_end_known_permutation_logged(tmp_path: Path, tmp_path_factory: pytest.TempPathFactory, mlflow_store: str) -> None:
     import mlflow
     from typer.testing import CliRunner
 
@@ -115,7 +115,7 @@ def test_match_end_to_end_known_permutation_logged(tmp_path: Path, mlflow_store:
     from sae_mlops.demo import demo_sae_path
 
     src = demo_sae_path("standard")
-    a = demo_full(tmp_path / "A", max_tokens=1200)
+    a = shared_demo_full(tmp_path_factory)
     perm = np.random.default_rng(4).permutation(512)
     sae_b = permuted_sae(src, tmp_path / "sae_b", perm, noise=0.05)
     _permuted_analysis(a, tmp_path / "B", sae_b, perm)
