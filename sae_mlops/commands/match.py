@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Optional
@@ -36,12 +37,15 @@ def match(
 
     _quiet(quiet)
     tmp = Path(tempfile.mkdtemp(prefix="sae-mlops-match-"))
-    refs = [resolve_analysis(v, activation_db=not no_activations, download_to=tmp / side) for v, side in ((a, "a"), (b, "b"))]
-    out_dir = out or Path("analysis") / "matches" / f"match_{utc_timestamp()}"
-    result, files, inputs = match_analyses(
-        refs[0].root, refs[1].root, out_dir, block=block, assignment_limit=assignment_limit,
-        activations=not no_activations, device=device, given=(a, b),
-    )
+    try:  # downloaded runs (with their activation databases) are removed afterwards
+        refs = [resolve_analysis(v, activation_db=not no_activations, download_to=tmp / side) for v, side in ((a, "a"), (b, "b"))]
+        out_dir = out or Path("analysis") / "matches" / f"match_{utc_timestamp()}"
+        result, files, inputs = match_analyses(
+            refs[0].root, refs[1].root, out_dir, block=block, assignment_limit=assignment_limit,
+            activations=not no_activations, device=device, given=(a, b),
+        )
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     m = result.metrics
     out_console.print(f"Mean max decoder cosine: A->B {m['match/mean_max_cos_a_to_b']:.4f}, B->A {m['match/mean_max_cos_b_to_a']:.4f}", highlight=False)
     for t in (0.9, 0.7):
@@ -71,9 +75,12 @@ def match_compared(outcome: Any, limit: int) -> None:
     if len(full) < 2:
         raise InputError(f"--match needs at least two full analyses among the compared runs; found {len(full)}. Run `sae-mlops full` on another SAE first.")
     tmp = Path(tempfile.mkdtemp(prefix="sae-mlops-compare-match-"))
-    roots = [(str(r.label), resolve_analysis(r.run_id, activation_db=True, download_to=tmp / r.run_id).root) for r in full.itertuples()]
-    out_dir = Path(outcome.out_dir) / "matches"
-    matrix, files = match_many(roots, out_dir)
+    try:
+        roots = [(str(r.label), resolve_analysis(r.run_id, activation_db=True, download_to=tmp / r.run_id).root) for r in full.itertuples()]
+        out_dir = Path(outcome.out_dir) / "matches"
+        matrix, files = match_many(roots, out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     out_console.print("Mean max decoder cosine (row -> column):", highlight=False)
     out_console.print(matrix.round(3).to_string(), highlight=False)
     if outcome.run_id:

@@ -287,6 +287,11 @@ def match_analyses(
             "corpus_digest": d.params.get("corpus_digest"),
             "corpus": d.params.get("corpus"),
         }
+    hooks = [d.params.get("hook") for d in data]
+    if hooks[0] != hooks[1]:
+        log.warning("the two SAEs read different hooks (%s and %s): their decoder directions live in different spaces of the same width", *hooks)
+    for side, d in zip(("a", "b"), data, strict=True):
+        inputs[side]["hook"] = d.params.get("hook")
     seconds: dict[str, float] = {}
     t0 = time.perf_counter()
     best = decoder_best_matches(decoders[0], decoders[1], block=block, device=device)
