@@ -348,7 +348,7 @@ def match_many(
     import matplotlib.pyplot as plt
 
     (out_dir / "plots").mkdir(exist_ok=True)
-    fig, ax = plt.subplots(figsize=(2 + 0.9 * len(names), 1.5 + 0.8 * len(names)))
+    fig, ax = plt.subplots(figsize=(4.5 + 1.0 * len(names), 2.5 + 0.8 * len(names)))
     im = ax.imshow(matrix.to_numpy(), vmin=0, vmax=1, cmap="viridis")
     ax.set_xticks(range(len(names)), names, rotation=45, ha="right", fontsize=8)
     ax.set_yticks(range(len(names)), names, fontsize=8)
