@@ -307,6 +307,9 @@ def label_features(
     labels_file = out_dir / "labels.jsonl"
     done = read_done(labels_file)
     todo = [f for f in chosen if f not in done and data.summary(f).get("top_examples")]
+    never = [f for f in chosen if not data.summary(f).get("top_examples")]
+    if never:
+        log.warning("%d chosen features never fired on the analysed tokens and are not labelled: %s", len(never), ", ".join(map(str, never[:10])))
     log.info("%d features chosen, %d already labelled, %d to label", len(chosen), len([f for f in chosen if f in done]), len(todo))
     db = None
     if opts.detection and todo:
