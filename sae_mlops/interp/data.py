@@ -211,14 +211,15 @@ def load_analysis(path: str | Path) -> AnalysisData:
     root = Path(path).expanduser()
     summaries_path = require_full_analysis(root)
     rdir, mdir = root / "results", root / "matrices"
-    ts = _TS.search(summaries_path.name).group(1)  # type: ignore[union-attr]
+    stamped = _TS.search(summaries_path.name)  # older layouts carry a timestamp in every file name
+    ts = stamped.group(1) if stamped else None
     files: dict[str, Path] = {"feature_summaries": summaries_path}
 
     def newest(key: str, directory: Path, prefix: str, suffix: str) -> Path | None:
         p = find_newest(directory, prefix, suffix)
         if p is not None:
             files[key] = p
-            if ts not in p.name:
+            if ts is not None and ts not in p.name:
                 log.warning("%s is from another analysis than %s", p.name, summaries_path.name)
         return p
 
