@@ -23,7 +23,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterator, Mapping, cast
 
 from sae_mlops.service import tags as T
 from sae_mlops.service.policy import Gate, GateResult, Policy, finite
@@ -305,8 +305,8 @@ class RegistryIO:
                 continue
             token = None
             for _ in range(100_000):
-                page = self.client.search_model_versions(f"name='{name}'", max_results=200, page_token=token)
-                for mv in page:
+                versions = self.client.search_model_versions(f"name='{name}'", max_results=200, page_token=token)
+                for mv in versions:
                     yield VersionInfo(
                         name=mv.name,
                         version=str(mv.version),
@@ -314,7 +314,7 @@ class RegistryIO:
                         tags=dict(getattr(mv, "tags", {}) or {}),
                         aliases=list(getattr(mv, "aliases", []) or []),
                     )
-                token = getattr(page, "token", None)
+                token = getattr(versions, "token", None)
                 if not token:
                     break
 
@@ -344,11 +344,11 @@ class RegistryIO:
             if not token or existing is not None:
                 break
         if existing is None:
-            wh = self.client.create_webhook(name=name, url=url, events=events, secret=secret,
+            wh = self.client.create_webhook(name=name, url=url, events=cast(Any, events), secret=secret,
                                             description="sae-mlops serve: registry-triggered SAE analysis")
             log.info("created MLflow webhook %s (%s) -> %s for %s", wh.name, wh.webhook_id, url, ",".join(events))
             return wh.webhook_id
-        self.client.update_webhook(existing.webhook_id, url=url, events=events, secret=secret, status="ACTIVE")
+        self.client.update_webhook(existing.webhook_id, url=url, events=cast(Any, events), secret=secret, status="ACTIVE")
         log.info("updated MLflow webhook %s (%s) -> %s for %s", name, existing.webhook_id, url, ",".join(events))
         return existing.webhook_id
 
