@@ -60,7 +60,8 @@ def classify(exc: BaseException) -> str:
     Looks through the exception's causes and contexts (the tracking layer rewrites MLflow errors
     into InputError): a connection error, a timeout or an HTTP status >= 500 anywhere in the chain
     is ``unavailable``; 401/403/404 (or MLflow's PERMISSION_DENIED, UNAUTHENTICATED,
-    RESOURCE_DOES_NOT_EXIST) is ``denied``; anything else is ``bug``.
+    RESOURCE_DOES_NOT_EXIST) is ``denied``; a `TrackingError` raised by the tracking preflight
+    (no cause: the store did not answer, or answered 5xx) is ``unavailable``; anything else is ``bug``.
     """
     import requests
     from mlflow.exceptions import MlflowException, RestException
@@ -88,6 +89,10 @@ def classify(exc: BaseException) -> str:
             if from_http and (status >= 500 or code in ("TEMPORARILY_UNAVAILABLE", "REQUEST_LIMIT_EXCEEDED")):
                 return UNAVAILABLE
         e = e.__cause__ or e.__context__
+    from sae_mlops.errors import TrackingError
+
+    if isinstance(exc, TrackingError) and exc.__cause__ is None:
+        return UNAVAILABLE  # the preflight's "not reachable / no answer / HTTP 5xx on /health"
     return found
 
 
