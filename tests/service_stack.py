@@ -152,6 +152,7 @@ def mlflow_webhook_server(workdir: Path, backend_uri: str, artifacts_destination
         "MLFLOW_WEBHOOK_SECRET_ENCRYPTION_KEY": Fernet.generate_key().decode(),
         "MLFLOW_WEBHOOK_REQUEST_MAX_RETRIES": "0",
         "MLFLOW_WEBHOOK_CACHE_TTL": "1",
+        "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",  # no huey job consumers (7 processes) for a test server
         **(extra_env or {}),
     })
     log = workdir / "mlflow-server.log"

@@ -197,6 +197,7 @@ def stack(tmp_path_factory):
                 "MLFLOW_WEBHOOK_SECRET_ENCRYPTION_KEY": Fernet.generate_key().decode(),
                 "MLFLOW_WEBHOOK_REQUEST_MAX_RETRIES": "0",  # a refused delivery fails at once
                 "MLFLOW_WEBHOOK_CACHE_TTL": "1",
+                "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",  # no huey job consumers for a test server
             })
             mlflow_log = tmp / "mlflow-server.log"
             with open(mlflow_log, "ab") as logf:

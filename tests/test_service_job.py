@@ -257,3 +257,23 @@ def test_classify_unreachable_missing_and_local_errors(store, monkeypatch):
             raise InputError("The artifacts of models:/a/1 could not be downloaded") from None
     except InputError as err:
         assert classify(err) == "unavailable"
+
+
+def test_classify_the_tracking_preflight(monkeypatch):
+    from sae_mlops.errors import TrackingError
+    from sae_mlops.service.mlflow_io import classify
+    from sae_mlops.tracking.preflight import check_tracking_store
+
+    with pytest.raises(TrackingError) as e:
+        check_tracking_store(f"http://127.0.0.1:{free_port()}", timeout_s=2)
+    assert classify(e.value) == "unavailable"
+    with _Canned(503, b"down", "text/plain") as uri, pytest.raises(TrackingError) as e:
+        check_tracking_store(uri, timeout_s=2)
+    assert classify(e.value) == "unavailable"
+    try:  # logging failed because of a bug, not the server: a bug
+        try:
+            raise KeyError("metrics")
+        except KeyError as err:
+            raise TrackingError("the analysis finished ... logging them to MLflow failed") from err
+    except TrackingError as err:
+        assert classify(err) == "bug"

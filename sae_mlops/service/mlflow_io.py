@@ -23,7 +23,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterator, Mapping, cast
 
 from sae_mlops.service import tags as T
 from sae_mlops.service.policy import Gate, GateResult, Policy, finite
@@ -60,7 +60,8 @@ def classify(exc: BaseException) -> str:
     Looks through the exception's causes and contexts (the tracking layer rewrites MLflow errors
     into InputError): a connection error, a timeout or an HTTP status >= 500 anywhere in the chain
     is ``unavailable``; 401/403/404 (or MLflow's PERMISSION_DENIED, UNAUTHENTICATED,
-    RESOURCE_DOES_NOT_EXIST) is ``denied``; anything else is ``bug``.
+    RESOURCE_DOES_NOT_EXIST) is ``denied``; a `TrackingError` raised by the tracking preflight
+    (no cause: the store did not answer, or answered 5xx) is ``unavailable``; anything else is ``bug``.
     """
     import requests
     from mlflow.exceptions import MlflowException, RestException
@@ -88,6 +89,10 @@ def classify(exc: BaseException) -> str:
             if from_http and (status >= 500 or code in ("TEMPORARILY_UNAVAILABLE", "REQUEST_LIMIT_EXCEEDED")):
                 return UNAVAILABLE
         e = e.__cause__ or e.__context__
+    from sae_mlops.errors import TrackingError
+
+    if isinstance(exc, TrackingError) and exc.__cause__ is None:
+        return UNAVAILABLE  # the preflight's "not reachable / no answer / HTTP 5xx on /health"
     return found
 
 
@@ -305,8 +310,8 @@ class RegistryIO:
                 continue
             token = None
             for _ in range(100_000):
-                page = self.client.search_model_versions(f"name='{name}'", max_results=200, page_token=token)
-                for mv in page:
+                versions = self.client.search_model_versions(f"name='{name}'", max_results=200, page_token=token)
+                for mv in versions:
                     yield VersionInfo(
                         name=mv.name,
                         version=str(mv.version),
@@ -314,7 +319,7 @@ class RegistryIO:
                         tags=dict(getattr(mv, "tags", {}) or {}),
                         aliases=list(getattr(mv, "aliases", []) or []),
                     )
-                token = getattr(page, "token", None)
+                token = getattr(versions, "token", None)
                 if not token:
                     break
 
@@ -344,11 +349,11 @@ class RegistryIO:
             if not token or existing is not None:
                 break
         if existing is None:
-            wh = self.client.create_webhook(name=name, url=url, events=events, secret=secret,
+            wh = self.client.create_webhook(name=name, url=url, events=cast(Any, events), secret=secret,
                                             description="sae-mlops serve: registry-triggered SAE analysis")
             log.info("created MLflow webhook %s (%s) -> %s for %s", wh.name, wh.webhook_id, url, ",".join(events))
             return wh.webhook_id
-        self.client.update_webhook(existing.webhook_id, url=url, events=events, secret=secret, status="ACTIVE")
+        self.client.update_webhook(existing.webhook_id, url=url, events=cast(Any, events), secret=secret, status="ACTIVE")
         log.info("updated MLflow webhook %s (%s) -> %s for %s", name, existing.webhook_id, url, ",".join(events))
         return existing.webhook_id
 

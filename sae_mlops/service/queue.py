@@ -21,6 +21,7 @@ One connection, shared by the service's threads behind a lock; the job processes
 
 from __future__ import annotations
 
+import builtins
 import json
 import logging
 import sqlite3
@@ -238,6 +239,7 @@ class JobQueue:
             (r.model_name, r.version, r.kind, json.dumps(r.options, sort_keys=True), r.trigger, delivery_id,
              self.max_attempts, now, now, now),
         )
+        assert cur.lastrowid is not None
         job_id = int(cur.lastrowid)
         log.info(
             "enqueued job %d: %s analysis of %s v%s (%s)", job_id, r.kind, r.model_name, r.version, r.trigger,
@@ -393,7 +395,7 @@ class JobQueue:
                 rows = self._db.execute("SELECT * FROM jobs ORDER BY id DESC LIMIT ?", (limit,)).fetchall()
             return [_job(r) for r in rows]
 
-    def jobs_for(self, model_name: str, version: str, kind: str | None = None) -> list[Job]:
+    def jobs_for(self, model_name: str, version: str, kind: str | None = None) -> builtins.list[Job]:
         with self._lock:
             if kind:
                 rows = self._db.execute(
