@@ -127,10 +127,10 @@ def calibrate_threshold(inputs: Inputs, engine: Engine) -> None:
     for batch in make_batches(inputs, inputs.cfg.threshold_calibration_tokens):
         act, _ = engine.hook_activations(batch.tokens.to(inputs.device))
         x = inputs.site.view(act)[batch.analysed.to(inputs.device)]
-        values.append(module.min_kept_value(x.to(engine.sae_dtype)))
+        values.append(module.min_kept_value(x.to(engine.sae_dtype)))  # type: ignore[attr-defined]  # prior-format BatchTopK
         n += x.shape[0]
     theta = float(sum(values) / len(values))
-    module.threshold = theta
+    module.threshold = theta  # type: ignore[attr-defined]
     inputs.sae.info.threshold = theta
     inputs.sae.info.extra["threshold_estimated_on_tokens"] = n
     log.info("estimated threshold theta=%.6g on %d tokens (%d batches)", theta, n, len(values))

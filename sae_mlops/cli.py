@@ -193,7 +193,7 @@ def demo(
     tracked = [o for _, o in outcomes if o.run_id]
     if tracked:
         out_console.print(f"Runs are in MLflow experiment '{experiment}' at {tracked[-1].tracking_uri}", soft_wrap=True, highlight=False)
-        show_links(tracked[-1].run_id)
+        show_links(str(tracked[-1].run_id))
 
 
 # --- shared output ----------------------------------------------------------------------------

@@ -187,7 +187,7 @@ class Engine:
         if self.site.resume_layer is None or not self.constant_zero_ablation or self._zero_row is False:
             return self.continue_to_final(self.site.zero(act), tokens)[analysed]
         if self._zero_row is not None:
-            return self._zero_row
+            return self._zero_row  # type: ignore[return-value]  # a tensor here (False is handled above)
         row = self.continue_to_final(act.new_zeros((1, 1, act.shape[-1])), tokens[:1, :1])[0]
         full = self.continue_to_final(self.site.zero(act), tokens)[analysed]
         scale = float(full.abs().max()) if full.numel() else 0.0

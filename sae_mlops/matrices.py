@@ -34,7 +34,7 @@ import scipy.sparse as sp
 import torch
 
 from sae_mlops.collectors.cooccurrence import measure_from_counts
-from sae_mlops.writers.files import atomic_write
+from sae_mlops.writers.files import atomic_write, umask
 
 #: entries per row block (16M: 64 MB of float32, 128 MB of float64 temporaries)
 BLOCK_ELEMENTS = 1 << 24
@@ -173,7 +173,7 @@ def top_k_rows(m: np.ndarray | torch.Tensor, k: int, exclude_offset: int | None 
         out = work.gather(1, idx)
     finally:
         if diag is not None:
-            t[r, r + exclude_offset] = diag  # the caller's block is left as it was
+            t[r, r + exclude_offset] = diag  # type: ignore[operator]  # the caller's block is left as it was
     return idx.cpu().numpy(), out.cpu().numpy()
 
 
@@ -204,14 +204,17 @@ class DenseWriter:
         fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".part", dir=self.path.parent)
         os.close(fd)
         self.tmp = Path(tmp)
-        self.mm = np.lib.format.open_memmap(self.tmp, mode="w+", dtype=np.float32, shape=(d, d))
+        self.mm: np.memmap | None = np.lib.format.open_memmap(self.tmp, mode="w+", dtype=np.float32, shape=(d, d))
 
     def __call__(self, start: int, stop: int, blk) -> None:
+        assert self.mm is not None, "DenseWriter used after close/abort"
         self.mm[start:stop] = blk.cpu().numpy() if isinstance(blk, torch.Tensor) else blk
 
     def close(self) -> Path:
+        assert self.mm is not None, "DenseWriter closed twice"
         self.mm.flush()
-        del self.mm
+        self.mm = None
+        os.chmod(self.tmp, 0o666 & ~umask())  # mkstemp makes 0600; artifacts are shared (0644 under umask 022)
         os.replace(self.tmp, self.path)
         return self.path
 

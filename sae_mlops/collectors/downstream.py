@@ -37,6 +37,7 @@ class DownstreamCollector:
     def update(self, step: StepData) -> None:
         if step.ce_clean is None:
             return
+        assert step.ce_sae is not None and step.ce_zero is not None and step.kl_sae is not None and step.kl_zero is not None
         self.n_pred += int(step.ce_clean.numel())
         self.sum_ce["clean"] += f64sum(step.ce_clean)
         self.sum_ce["sae"] += f64sum(step.ce_sae)

@@ -55,7 +55,7 @@ def train(**options: Any) -> None:
 
     run = build(TrainRunOptions, options)
     set_quiet(run.quiet)
-    preflight(run.out, track=True)
+    preflight(Path(run.out) if run.out else None, track=True)
     cfg = build(TrainConfig, options)
     outcome = train_and_log(cfg, run.out, register=run.register, alias=run.alias, experiment=run.experiment, run_name=run.run_name)
     show_source(outcome, "Trained SAE")

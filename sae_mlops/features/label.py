@@ -235,7 +235,8 @@ class _Labeler:
         for attempt in range(1, self.opts.max_tries + 1):
             self.limiter.wait()
             resp = self.client.chat.completions.create(
-                model=self.opts.model, messages=messages, temperature=self.opts.temperature, max_tokens=self.opts.max_answer_tokens
+                model=self.opts.model, messages=messages,  # type: ignore[arg-type]  # plain dict messages
+                temperature=self.opts.temperature, max_tokens=self.opts.max_answer_tokens
             )
             self._count(resp)
             text = resp.choices[0].message.content or ""

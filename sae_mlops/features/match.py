@@ -311,6 +311,7 @@ def match_analyses(
     result.same_tokens, result.same_tokens_reason = same_tokens(data[0].params, data[1].params, dbs[0], dbs[1])
     if activations and result.same_tokens:
         t0 = time.perf_counter()
+        assert dbs[0] is not None and dbs[1] is not None  # same_tokens() needs both databases
         result.activation = activation_best_matches(ActivationDB(dbs[0]).csr(), ActivationDB(dbs[1]).csr(), block=max(64, block // 2))
         seconds["activation"] = time.perf_counter() - t0
     elif not activations:

@@ -81,7 +81,7 @@ class AnalysisData:
     """
 
     root: Path
-    timestamp: str
+    timestamp: str | None
     summaries: list[dict[str, Any]]
     stats: pd.DataFrame
     params: dict[str, Any] = field(default_factory=dict)

@@ -108,8 +108,8 @@ def log_match(
             dataset = corpus_dataset(inputs[side].get("corpus"), inputs[side].get("corpus_digest"))
             if dataset is not None:
                 log_dataset_input(client, run_id, dataset, "match", inputs[side].get("corpus_digest"))
-        for k, v in _finite(metrics).items():
-            client.log_metric(run_id, k, v)
+        for name, value in _finite(metrics).items():
+            client.log_metric(run_id, name, value)
         for f in files:
             rel = Path(f).relative_to(out_dir).parent.as_posix()
             client.log_artifact(run_id, str(f), artifact_path=None if rel == "." else rel)
@@ -140,8 +140,8 @@ def log_to_analysis_run(
         sub = (Path(artifact_dir) / rel.parent).as_posix()
         client.log_artifact(run_id, str(f), artifact_path=sub)
         paths.append(f"{sub}/{rel.name}")
-    for k, v in _finite(metrics or {}).items():
-        client.log_metric(run_id, k, v)
+    for name, value in _finite(metrics or {}).items():
+        client.log_metric(run_id, name, value)
     for k, v in (tags or {}).items():
         client.set_tag(run_id, k, v)
     return paths

@@ -140,7 +140,7 @@ def place_labels(fig: Any, ax: Any, points: list[tuple[float, float, str]], font
     renderer = fig.canvas.get_renderer()
     placed: list[Any] = []
     markers = [ax.transData.transform((px, py)) for px, py, _ in points]
-    taken = []
+    taken: list[Any] = []
     for px, py, text in sorted(points, key=lambda t: -t[1]):
         best, best_cost = None, None
         for dx, dy in _OFFSETS:

@@ -87,6 +87,7 @@ def write_feature_summaries(
     contexts = [enc("".join(x)) for x in words.reshape(-1, ctx.shape[2]).tolist()]  # row r*k + e
 
     def side(name: str, i: int) -> str:
+        assert lens is not None
         ids, vals = lens[f"{name}_ids"][i].tolist(), lens[f"{name}_values"][i].tolist()
         return "[" + ", ".join(f"[{vocab_json[t]}, {_num(round(v, 4))}]" for t, v in zip(ids, vals, strict=True)) + "]"
 
@@ -256,7 +257,7 @@ def report_html(markdown_text: str, out_dir: Path, title: str = "SAE analysis re
 
     import mistune
 
-    body = mistune.create_markdown(plugins=["table", "strikethrough"], escape=True)(markdown_text)
+    body = str(mistune.create_markdown(plugins=["table", "strikethrough"], escape=True)(markdown_text))
 
     def embed(m: re.Match) -> str:
         src = html.unescape(m.group(2))
