@@ -223,7 +223,7 @@ CASES = [
     ("log-tracking-closed-port", ["log", "{w}/done"], {"MLFLOW_TRACKING_URI": CLOSED}, "not reachable"),
     # --- train
     ("train-tokens-below-one-batch", ["train", "--training-tokens", "100", "--batch-size-tokens", "1024"], {}, "fewer than one batch"),
-    ("train-negative-lr", ["train", "--lr", "-1"], {}, "learning rate must be positive"),
+    ("train-negative-lr", ["train", "--lr", "-1"], {}, "--lr must be greater than 0"),
     ("train-k-over-d-sae", ["train", "--d-sae", "8", "--k", "16"], {}, "k (16) exceeds d_sae (8)"),
     ("train-architecture-unknown", ["train", "--architecture", "gated"], {}, "Invalid value for '--architecture'"),
     ("train-alias-without-register", ["train", "--alias", "champion"], {}, "--register"),

@@ -238,3 +238,20 @@ def test_sigint_during_a_quick_analysis_under_mlflow_run(tmp_path, mlflow_store,
     assert f"MLflow run {run_id} was marked KILLED" in errors[0]
     assert not out.exists()
     assert client.get_run(run_id).info.status == "KILLED"
+
+
+def test_preflight_failures_keep_their_cause_for_the_service():
+    """The service sorts failures by the exception chain: an unreachable store must read as one."""
+    import requests
+
+    from sae_mlops.service.mlflow_io import UNAVAILABLE, classify
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        closed = f"http://127.0.0.1:{s.getsockname()[1]}"
+    with pytest.raises(TrackingError) as refused:
+        check_tracking_store(closed)
+    assert isinstance(refused.value.__cause__, requests.ConnectionError)
+    with http_server(health=502) as uri, pytest.raises(TrackingError) as bad_gateway:
+        check_tracking_store(uri)
+    assert classify(refused.value) == classify(bad_gateway.value) == UNAVAILABLE

@@ -61,16 +61,18 @@ def _check_server(uri: str, timeout_s: float) -> None:
 
     url = uri.rstrip("/") + "/health"
     fix = "start the server, point MLFLOW_TRACKING_URI at a running one, or pass --no-track"
+    # The cause stays chained (the service sorts a TrackingError by it: connection error or timeout
+    # = unavailable, retried without using an attempt); the CLI shows only the sentence.
     try:
         response = requests.get(url, timeout=timeout_s, allow_redirects=False)
-    except requests.Timeout:
-        raise TrackingError(f"MLflow tracking server {describe_uri(uri)} did not answer within {timeout_s:g} s; {fix}.") from None
+    except requests.Timeout as e:
+        raise TrackingError(f"MLflow tracking server {describe_uri(uri)} did not answer within {timeout_s:g} s; {fix}.") from e
     except requests.RequestException as e:
-        raise TrackingError(f"MLflow tracking server {describe_uri(uri)} is not reachable ({_reason(e)}); {fix}.") from None
+        raise TrackingError(f"MLflow tracking server {describe_uri(uri)} is not reachable ({_reason(e)}); {fix}.") from e
     if response.status_code >= 500:
         raise TrackingError(
             f"MLflow tracking server {describe_uri(uri)} answers HTTP {response.status_code} on /health; {fix}."
-        )
+        ) from ConnectionError(f"HTTP {response.status_code} from {url}")
     log.debug("tracking server %s answered HTTP %d on /health", uri, response.status_code)
 
 
