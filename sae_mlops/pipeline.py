@@ -80,9 +80,9 @@ def run_quick_and_log(
     track: False skips MLflow entirely (files are still written).
     experiment / run_name: for a new MLflow run; ignored when ``MLFLOW_RUN_ID`` is set (``mlflow run``).
     """
-    import sae_mlops.tracking.resolve  # noqa: F401 (registers the resolver of runs:/ and models:/ SAE URIs)
     out = Path(out_dir) if out_dir else default_out_dir(cfg)
     preflight(out, track)
+    import sae_mlops.tracking.resolve  # noqa: F401 (registers the resolver of runs:/ and models:/ SAE URIs)
     from sae_mlops.analysis import run_quick
     from sae_mlops.writers.quick import write_quick_outputs
 
@@ -187,9 +187,9 @@ def run_full_and_log(
     out_dir: None -> `default_out_dir(cfg, "full")`. opts: None -> `FullOptions()` defaults.
     track / experiment / run_name: as for `run_quick_and_log`.
     """
-    import sae_mlops.tracking.resolve  # noqa: F401 (registers the resolver of runs:/ and models:/ SAE URIs)
     out = Path(out_dir) if out_dir else default_out_dir(cfg, "full")
     preflight(out, track)
+    import sae_mlops.tracking.resolve  # noqa: F401 (registers the resolver of runs:/ and models:/ SAE URIs)
     from sae_mlops.full import FullOptions
 
     opts = opts or FullOptions()  # bounds are checked when FullOptions is built (sae_mlops.config)

@@ -225,11 +225,12 @@ def test_sigint_during_a_quick_analysis_under_mlflow_run(tmp_path, mlflow_store,
     time.sleep(1.0)
     proc.send_signal(signal.SIGINT)
     try:
-        stdout, _ = proc.communicate(timeout=60)
+        proc.wait(timeout=60)  # not communicate(): the reader thread owns stderr
     finally:
         if proc.poll() is None:
             proc.kill()
     reader.join(timeout=10)
+    stdout = proc.stdout.read()
     stderr = "".join(lines)
     assert proc.returncode == 130, stderr
     errors = [ln for ln in stderr.splitlines() if ln.startswith("Error:")]
