@@ -97,7 +97,7 @@ def run_quick_and_log(
     return outcome
 
 
-def preflight(out: Path | None, track: bool) -> None:
+def preflight(out: Path | str | None, track: bool) -> None:
     """Before anything loads: the output directory (if given) can be created (`InputError`) and, when
     tracking, the tracking store answers within seconds (`TrackingError`). Leaves nothing behind."""
     from sae_mlops.preflight import check_out_dir

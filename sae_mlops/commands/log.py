@@ -29,4 +29,5 @@ def log_dir(
     from sae_mlops.tracking.runs import run_url
 
     out_console.print(f"Logged {len(outcome.files)} files from {outcome.out_dir}", soft_wrap=True, highlight=False)
-    out_console.print(f"MLflow run: {outcome.run_id} ({run_url(outcome.run_id)})", soft_wrap=True, highlight=False)
+    if outcome.run_id:
+        out_console.print(f"MLflow run: {outcome.run_id} ({run_url(outcome.run_id)})", soft_wrap=True, highlight=False)
