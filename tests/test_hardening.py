@@ -256,3 +256,26 @@ def test_preflight_failures_keep_their_cause_for_the_service():
     with http_server(health=502) as uri, pytest.raises(TrackingError) as bad_gateway:
         check_tracking_store(uri)
     assert classify(refused.value) == classify(bad_gateway.value) == UNAVAILABLE
+
+
+def test_interrupt_while_writing_says_which_files_are_partial(tmp_path, demo_assets, monkeypatch):
+    import sae_mlops.writers.full as writers
+    from sae_mlops.demo import demo_sae_path
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt  # as Ctrl-C would, between the database and the summary
+
+    monkeypatch.setattr(writers, "summary_dict", interrupted)
+    out = tmp_path / "out"
+    r = runner.invoke(
+        app,
+        ["full", "--sae", str(demo_sae_path("standard")), "--model", "demo", "--max-tokens", "1500", "--out", str(out),
+         "--no-track", "-q"],
+        terminal_width=400,
+    )
+    assert r.exit_code == 130, r.output
+    line = _error_line(r)
+    n = sum(1 for p in out.rglob("*") if p.is_file())
+    assert n > 0 and not list(out.glob("SUMMARY_*"))
+    assert f"{out} holds {n} partial file(s) of an unfinished analysis: delete it" in line
+    assert "nothing was tracked (--no-track)" in line
