@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
+import os
 from typing import TYPE_CHECKING, Any, Callable, TypeVar
 
 import typer
@@ -57,7 +58,7 @@ def report_input_errors(fn: F) -> F:
             return fn(*args, **kwargs)
         except (InputError, TrackingError) as e:
             fail(str(e), getattr(e, "exit_code", 2))
-        except Interrupted as e:
+        except Interrupted as e:  # AnalysisInterrupted included: the message says what was left behind
             fail(str(e), e.exit_code)
         except KeyboardInterrupt:
             fail("interrupted by the user (Ctrl-C); the command did not finish.", Interrupted.exit_code)
@@ -81,6 +82,9 @@ def main(
 
     state["verbose"] = verbose
     setup_logging(verbose=verbose)
+    # MLflow prints its own "View run" link (to the GenAI view) on stdout for a server store; ours
+    # (ML workflow links) are printed instead, and stdout stays clean for --format csv|md.
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
 
 
 # --- quick ------------------------------------------------------------------------------------
@@ -128,8 +132,6 @@ def quick(**options: Any) -> None:
     cfg = build(AnalysisConfig, options, progress=not run.quiet)
     outcome = run_quick_and_log(cfg, run.out, track=not run.no_track, experiment=run.experiment, run_name=run.run_name)
     show_outcome(outcome, title=f"Quick analysis: {cfg.sae}")
-    if outcome.tracking_uri:
-        out_console.print(f"Open the UI with: mlflow ui --backend-store-uri {outcome.tracking_uri}", soft_wrap=True)
 
 
 # --- demo -------------------------------------------------------------------------------------
@@ -167,7 +169,7 @@ def demo(
             progress=not quiet,
         )
         log.info("Quick analysis of the %s demo SAE", kind)
-        outcome = run_quick_and_log(cfg, track=not no_track, experiment=experiment, run_name=f"demo-{kind}")
+        outcome = run_quick_and_log(cfg, track=not no_track, experiment=experiment)
         outcomes.append((kind, outcome))
         show_outcome(outcome, title=f"Demo SAE: {kind}")
 
@@ -188,11 +190,10 @@ def demo(
     for kind, o in outcomes:
         run = f"MLflow run {o.run_id}" if o.run_id else "not tracked"
         out_console.print(f"{kind}: results in {o.out_dir} ({run})", soft_wrap=True, highlight=False)
-    uri = next((o.tracking_uri for _, o in outcomes if o.tracking_uri), None)
-    if uri:
-        out_console.print(f"Runs are in MLflow experiment '{experiment}' at {uri}", soft_wrap=True)
-        out_console.print(f"Open the UI with: mlflow ui --backend-store-uri {uri}", soft_wrap=True)
-        out_console.print("then browse to http://127.0.0.1:5000", soft_wrap=True)
+    tracked = [o for _, o in outcomes if o.run_id]
+    if tracked:
+        out_console.print(f"Runs are in MLflow experiment '{experiment}' at {tracked[-1].tracking_uri}", soft_wrap=True, highlight=False)
+        show_links(tracked[-1].run_id)
 
 
 # --- shared output ----------------------------------------------------------------------------
@@ -220,9 +221,27 @@ def show_outcome(outcome: QuickOutcome, title: str) -> None:
     for f in outcome.files:
         out_console.print(f"  {f}", soft_wrap=True, highlight=False)
     if outcome.run_id:
-        from sae_mlops.tracking.runs import run_url
+        show_links(outcome.run_id)
 
-        out_console.print(f"MLflow run: {outcome.run_id} ({run_url(outcome.run_id)})", soft_wrap=True)
+
+def show_links(run_id: str) -> None:
+    """Where the run is: its page, the experiment's runs list and chart view (links that open in
+    the UI's ML workflow), and how to start the UI when the store is not a server."""
+    import mlflow
+
+    from sae_mlops.tracking.runs import run_links, ui_base
+
+    links = run_links(run_id)
+    base, served = ui_base()
+    lines = [
+        ("MLflow run:", f"{run_id}  {links['run']}"),
+        ("runs list:", links["runs"]),
+        ("chart view:", links["charts"] + "  (add a scatter: sparsity/l0_mean vs downstream/loss_recovered)"),
+    ]
+    if not served:
+        lines.append(("open the UI with:", f"mlflow ui --backend-store-uri {mlflow.get_tracking_uri()}  (then the links above)"))
+    for label, value in lines:
+        out_console.print(f"{label:<18}{value}", soft_wrap=True, highlight=False, markup=False)
 
 
 def set_quiet(quiet: bool) -> None:

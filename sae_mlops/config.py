@@ -147,10 +147,11 @@ class FullOptions:
         json_schema_extra={"cli": "cooccurrence"},
     )
     dense_limit: int = Field(
-        default=16384,
+        default=4096,
         ge=0,
-        description="Largest d_sae for which dense d_sae x d_sae .npy matrices are written (neighbour lists are "
-        "always written). Unit: features. (default: 16384)",
+        description="Largest d_sae for which co-occurrence is counted densely in the pass and dense d_sae x d_sae "
+        "float32 .npy matrices are written (4096: 64 MiB per matrix; above it no d_sae x d_sae array exists, "
+        "only neighbour lists, which are always written). Unit: features. (default: 4096)",
     )
     neighbours: int = Field(
         default=32,
@@ -188,7 +189,10 @@ class RunOptions:
         json_schema_extra={"mlproject": False},
     )
     run_name: str | None = Field(
-        default=None, description="MLflow run name. (default: generated)", json_schema_extra={"mlproject": False}
+        default=None,
+        description="MLflow run name. (default: <kind> · <SAE name> · <architecture> d<d_sae> k<k>, "
+        "e.g. quick · topk_512 · topk d512 k16)",
+        json_schema_extra={"mlproject": False},
     )
     no_track: bool = Field(
         default=False, description="Do not log to MLflow; only write files.", json_schema_extra={"mlproject": False}

@@ -33,3 +33,10 @@ class Interrupted(KeyboardInterrupt):
     """
 
     exit_code = 130
+
+
+class AnalysisInterrupted(Interrupted):
+    """Ctrl-C during an analysis; the message says in one line what it left behind (complete files,
+    the MLflow run)."""
+
+    exit_code = 130

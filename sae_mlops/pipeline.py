@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -86,15 +87,36 @@ def run_quick_and_log(
     from sae_mlops.analysis import run_quick
     from sae_mlops.writers.quick import write_quick_outputs
 
-    with interrupt_report(out, track):
+    started = _now_ms()
+    started_s = time.perf_counter()
+    with interrupt_report(out, track, "quick"):
         result = run_quick(cfg)
         out.mkdir(parents=True, exist_ok=True)
+        t_reports = time.perf_counter()
         files = [Path(f) for f in write_quick_outputs(result, out)]
+        result.metrics["time/reports"] = time.perf_counter() - t_reports  # logged to MLflow, not in the JSON
         log.info("Wrote %d file(s) under %s", len(files), out)
         outcome = QuickOutcome(result=result, out_dir=out, files=files, warnings=list(result.warnings))
+        t_log = time.perf_counter()
         if track:
-            log_outcome(outcome, experiment, run_name)
+            log_outcome(outcome, experiment, run_name, start_time=started)
+        _log_total(outcome, started_s, time.perf_counter() - t_log if track else 0.0)
     return outcome
+
+
+def _log_total(outcome: QuickOutcome, started: float, logging_seconds: float) -> None:
+    """``time/logging`` (MLflow logging; 0 when tracking is off), ``time/total`` (process start to
+    now; from this call when /proc is missing) and ``time/pass_share`` (``time/pass / time/total``)
+    into the result, and into the run when there is one. They are not in the results JSON, which
+    is written before logging."""
+    m = outcome.result.metrics
+    m["time/logging"] = logging_seconds
+    m["time/total"] = (m.get("time/startup") or 0.0) + (time.perf_counter() - started)
+    m["time/pass_share"] = m.get("time/pass", 0.0) / m["time/total"] if m["time/total"] > 0 else 0.0
+    if outcome.run_id:
+        from sae_mlops.tracking.runs import log_metrics
+
+        log_metrics(outcome.run_id, {k: m[k] for k in ("time/logging", "time/total", "time/pass_share")})
 
 
 def preflight(out: Path | str | None, track: bool) -> None:
@@ -110,7 +132,7 @@ def preflight(out: Path | str | None, track: bool) -> None:
         check_tracking_store()
 
 
-def log_outcome(outcome: QuickOutcome, experiment: str | None, run_name: str | None) -> None:
+def log_outcome(outcome: QuickOutcome, experiment: str | None, run_name: str | None, start_time: int | None = None) -> None:
     """Log a written analysis to MLflow; a failure becomes a `TrackingError` that says where the
     results are and how to log them later (`sae-mlops log OUT`)."""
     from sae_mlops.errors import TrackingError
@@ -119,7 +141,9 @@ def log_outcome(outcome: QuickOutcome, experiment: str | None, run_name: str | N
 
     uri = tracking_uri()
     try:
-        outcome.run_id = log_analysis(outcome.result, outcome.files, outcome.out_dir, experiment=experiment, run_name=run_name)
+        outcome.run_id = log_analysis(
+            outcome.result, outcome.files, outcome.out_dir, experiment=experiment, run_name=run_name, start_time=start_time
+        )
     except Exception as e:
         log.debug("logging to MLflow failed", exc_info=True)
         reason = " ".join(str(e).split())[:300] or type(e).__name__
@@ -131,11 +155,11 @@ def log_outcome(outcome: QuickOutcome, experiment: str | None, run_name: str | N
 
 
 @contextmanager
-def interrupt_report(out: Path, track: bool) -> Iterator[None]:
+def interrupt_report(out: Path, track: bool, kind: str = "the") -> Iterator[None]:
     """Turn Ctrl-C (SIGINT) into `Interrupted` with one sentence saying what was left behind: partial
     files under `out` (or none), and the MLflow run, marked KILLED when one exists (the run of
     ``MLFLOW_RUN_ID``, or the run `log_analysis` was logging into; a run is only created after the pass)."""
-    from sae_mlops.errors import Interrupted
+    from sae_mlops.errors import AnalysisInterrupted, Interrupted
 
     try:
         yield
@@ -159,16 +183,16 @@ def interrupt_report(out: Path, track: bool) -> Iterator[None]:
             run = "no MLflow run was created (a run is created only after the analysis)"
         else:
             run = "nothing was tracked (--no-track)"
-        raise Interrupted(f"interrupted: {left}; {run}.") from None
+        raise AnalysisInterrupted(f"{kind} analysis interrupted: {left}; {run}.") from None
 
 
 @dataclass
 class FullOutcome(QuickOutcome):
     """A quick outcome plus where the full analysis's main files are (None if not written)."""
 
-    summary: Path | None = None  # SUMMARY_<ts>.json
-    report: Path | None = None  # README_<ts>.md
-    database: Path | None = None  # activation_database/activation_db_<ts>
+    summary: Path | None = None  # SUMMARY.json
+    report: Path | None = None  # README.md
+    database: Path | None = None  # activation_database/activation_db
 
 
 def run_full_and_log(
@@ -193,12 +217,16 @@ def run_full_and_log(
     from sae_mlops.full import FullOptions
 
     opts = opts or FullOptions()  # bounds are checked when FullOptions is built (sae_mlops.config)
-    with interrupt_report(out, track):
-        return _run_full_and_log(cfg, out, opts, track, experiment, run_name)
+    started = _now_ms()
+    started_s = time.perf_counter()
+    with interrupt_report(out, track, "full"):
+        return _run_full_and_log(cfg, out, opts, track, experiment, run_name, started, started_s)
 
 
 def _run_full_and_log(
-    cfg: AnalysisConfig, out: Path, opts: FullOptions, track: bool, experiment: str | None, run_name: str | None
+    cfg: AnalysisConfig, out: Path, opts: FullOptions, track: bool, experiment: str | None, run_name: str | None,
+    started: int,
+    started_s: float,
 ) -> FullOutcome:
     from sae_mlops.full import run_full
 
@@ -208,15 +236,23 @@ def _run_full_and_log(
     result = outputs.result
     outcome = FullOutcome(result=result, out_dir=out, files=files, warnings=list(result.warnings))
     for f in files:
-        if f.parent == out and f.name.startswith("SUMMARY_") and f.suffix == ".json":
+        if f.parent == out and f.name.startswith("SUMMARY") and f.suffix == ".json":
             outcome.summary = f
-        elif f.parent == out and f.name.startswith("README_") and f.suffix == ".md":
+        elif f.parent == out and f.name.startswith("README") and f.suffix == ".md":
             outcome.report = f
         elif f.name == "manifest.json" and f.parent.parent.name == "activation_database":
             outcome.database = f.parent
+    t_log = time.perf_counter()
+    t_log = time.perf_counter()
     if track:
-        log_outcome(outcome, experiment, run_name)
+        log_outcome(outcome, experiment, run_name, start_time=started)
+    _log_total(outcome, started_s, time.perf_counter() - t_log if track else 0.0)
     return outcome
+
+
+def _now_ms() -> int:
+    """Milliseconds since the epoch: a run's start time is when its analysis started."""
+    return int(time.time() * 1000)
 
 
 def log_existing(out_dir: Path | str, *, experiment: str | None = None, run_name: str | None = None) -> QuickOutcome:
@@ -232,9 +268,9 @@ def log_existing(out_dir: Path | str, *, experiment: str | None = None, run_name
     hint = "give the output directory of a finished `sae-mlops quick` or `sae-mlops full`"
     if not out.is_dir():
         raise InputError(f"'{out}' is not a directory; {hint}.")
-    results = sorted((out / "results").glob("analysis_results_*.json"))
-    if not results or not any(out.glob("SUMMARY_*")):
-        raise InputError(f"'{out}' holds no finished analysis (no results/analysis_results_*.json and SUMMARY_*); {hint}.")
+    results = sorted((out / "results").glob("analysis_results*.json"))
+    if not results or not any(out.glob("SUMMARY*")):
+        raise InputError(f"'{out}' holds no finished analysis (no results/analysis_results.json and SUMMARY); {hint}.")
     if any(p.name.endswith((".partial", ".part")) for p in out.rglob("*")):
         raise InputError(f"'{out}' holds partial files of an interrupted analysis; run the analysis again, then log it.")
     try:

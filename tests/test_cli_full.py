@@ -48,7 +48,7 @@ def test_full_help_lists_quick_and_full_options():
     assert _options("full") == quick_opts | set(FULL_ONLY)
     assert "correlation|jaccard|pmi" in r.output
     assert "analysis/<sae dir name>/full_<UTC timestamp>" in r.output
-    for default in ("[default: 1000000; x>=1]", "[default: 25; x>=1]", "[default: 10; x>=0]", "[default: 16384; x>=0]",
+    for default in ("[default: 1000000; x>=1]", "[default: 25; x>=1]", "[default: 10; x>=0]", "[default: 4096; x>=0]",
                     "[default: 32; x>=1]", "[default: 200; x>=2]"):
         assert default in r.output, default
 
@@ -139,8 +139,8 @@ def _csv(r) -> pd.DataFrame:
 def test_full_shows_headline_and_where_things_are(full_run):
     out, stdout = full_run["out"], full_run["stdout"]
     assert "L0 mean (active features per token)" in stdout and "loss recovered" in stdout
-    (summary,) = out.glob("SUMMARY_*.json")
-    (readme,) = out.glob("README_*.md")
+    (summary,) = out.glob("SUMMARY.json")
+    (readme,) = out.glob("README.md")
     for path in (summary, readme, full_run["db"]):
         assert str(path) in stdout
     assert f"sae-mlops db query {out}" in stdout

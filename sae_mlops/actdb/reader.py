@@ -44,14 +44,15 @@ def _is_database(path: Path) -> bool:
 
 
 def find_database(path: str | Path) -> Path:
-    """A database directory itself, or the newest complete ``activation_db_*`` in an analysis
+    """A database directory itself, or the newest complete ``activation_db`` (``activation_db_<ts>`` as
+    older versions named it) in an analysis
     directory (``<dir>/activation_database/``) or in an ``activation_database`` directory."""
     path = Path(path)
     if _is_database(path):
         return path
     if not path.exists():
         raise InputError(f"'{path}' does not exist; point at a full-analysis output directory or its activation database.")
-    pattern = [*path.glob("activation_db_*"), *path.glob("activation_database/activation_db_*")]
+    pattern = [*path.glob("activation_db*"), *path.glob("activation_database/activation_db*")]
     complete = [p for p in pattern if not p.name.endswith(".partial") and _is_database(p)]
     if complete:
         return max(complete, key=lambda p: (p.stat().st_mtime, p.name))

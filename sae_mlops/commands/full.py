@@ -23,6 +23,7 @@ from sae_mlops.cli import (
     report_input_errors,
     set_quiet,
     show_headline,
+    show_links,
     with_signature,
 )
 from sae_mlops.config import FullOptions
@@ -46,7 +47,7 @@ def full(**options: Any) -> None:
     database, similarity and co-occurrence matrices, logit lens, feature summaries, plots and reports.
 
     One streaming pass over at most --max-tokens tokens. Writes the prior tool's layout under --out
-    (activation_database/, matrices/, plots/, results/, SUMMARY_<ts>.json, README_<ts>.md) and logs
+    (activation_database/, matrices/, plots/, results/, SUMMARY.json, README.md) and logs
     params, metrics (the same names as quick), lineage tags and every file to MLflow. Query the
     activation database afterwards with `sae-mlops db query OUT_DIR ...`.
     """
@@ -80,11 +81,7 @@ def show_full_outcome(outcome: FullOutcome, title: str) -> None:
         line("  activation DB:", outcome.database)
         line("  query it with:", f"sae-mlops db query {outcome.out_dir} --feature 0")
     if outcome.run_id:
-        from sae_mlops.tracking.runs import run_url
-
-        line("MLflow run:", f"{outcome.run_id} ({run_url(outcome.run_id)})")
-    if outcome.tracking_uri:
-        line("Open the UI with:", f"mlflow ui --backend-store-uri {outcome.tracking_uri}")
+        show_links(outcome.run_id)
 
 
 # --- db query ---------------------------------------------------------------------------------
@@ -113,7 +110,7 @@ QUESTIONS = "--feature F, --token I, --doc D --position P, --doc D, --feature-do
 def query(
     path: Path = typer.Argument(
         ...,
-        help="An activation database directory (activation_db_<ts>), or an analysis output directory: "
+        help="An activation database directory (activation_database/activation_db), or an analysis output directory: "
         "the newest complete database under it is used.",
         metavar="PATH",
         show_default=False,

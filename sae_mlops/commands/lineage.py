@@ -7,6 +7,7 @@ Each command parses its options and makes one library call: `sae_mlops.training.
 from __future__ import annotations
 
 import inspect
+from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, List, Optional
 
@@ -14,11 +15,17 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from sae_mlops.cli import app, format_value, out_console, report_input_errors, set_quiet, with_signature
+from sae_mlops.cli import app, err_console, format_value, out_console, report_input_errors, set_quiet, show_links, with_signature
 from sae_mlops.training.config import TrainConfig, TrainRunOptions
 
 if TYPE_CHECKING:
     from sae_mlops.tracking.training import SourceOutcome
+
+
+class CompareFormat(str, Enum):
+    table = "table"
+    csv = "csv"
+    md = "md"
 
 
 _REGISTER_HELP = "Register the SAE as a new version of this MLflow registered model (created if needed)."
@@ -64,7 +71,7 @@ def import_(
     register: Optional[str] = typer.Option(None, "--register", help=_REGISTER_HELP),
     alias: Optional[str] = typer.Option(None, "--alias", help=_ALIAS_HELP),
     experiment: Optional[str] = typer.Option(None, "--experiment", help="MLflow experiment. (default: $MLFLOW_EXPERIMENT_NAME, else sae-mlops)"),
-    run_name: Optional[str] = typer.Option(None, "--run-name", help="MLflow run name. (default: import-<dir name>)"),
+    run_name: Optional[str] = typer.Option(None, "--run-name", help="MLflow run name. (default: import · <dir name> · <architecture> d<d_sae> k<k>)"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Only warnings and errors on stderr."),
 ) -> None:
     """Import an SAE trained elsewhere as an MLflow training run + logged model (history.json becomes
@@ -103,6 +110,13 @@ def compare(
     ),
     run_name: Optional[str] = typer.Option(None, "--run-name", help="MLflow run name of the comparison run. (default: compare)"),
     no_track: bool = typer.Option(False, "--no-track", help="Do not log a comparison run; only write files."),
+    all_runs: bool = typer.Option(
+        False, "--all", help="Keep every analysis run. (default: the latest analysis per SAE content hash and kind)"
+    ),
+    fmt: CompareFormat = typer.Option(
+        CompareFormat.table, "--format", case_sensitive=False,
+        help="How the table is printed on stdout: table (for reading; full width when piped), csv or md (Markdown).",
+    ),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Only warnings and errors on stderr."),
 ) -> None:
     """Compare tracked analyses: a table (CSV + Markdown) and Pareto plots of L0 vs loss recovered and
@@ -113,16 +127,24 @@ def compare(
     set_quiet(quiet)
     preflight(out, track=True)  # the analyses are read from MLflow even with --no-track
     outcome = compare_and_log(
-        experiment or None, filter_string, out, track=not no_track, experiment=log_to, run_name=run_name
+        experiment or None, filter_string, out, track=not no_track, experiment=log_to, run_name=run_name, all_runs=all_runs
     )
-    show_table(outcome.table)
-    out_console.print(f"Files: {outcome.out_dir}", soft_wrap=True)
+    if fmt is not CompareFormat.table:
+        print_table(outcome.table, fmt)
+        where = err_console  # stdout holds only the table, for piping
+    else:
+        show_table(outcome.table)
+        where = out_console
+    where.print(f"Files: {outcome.out_dir}", soft_wrap=True, highlight=False)
     for f in outcome.files:
-        out_console.print(f"  {f}", soft_wrap=True, highlight=False)
+        where.print(f"  {f}", soft_wrap=True, highlight=False)
     if outcome.run_id:
-        from sae_mlops.tracking.runs import run_url
+        if where is out_console:
+            show_links(outcome.run_id)
+        else:
+            from sae_mlops.tracking.runs import run_links
 
-        out_console.print(f"MLflow run: {outcome.run_id} ({run_url(outcome.run_id)})", soft_wrap=True)
+            where.print(f"MLflow run: {outcome.run_id}  {run_links(outcome.run_id)['run']}", soft_wrap=True, highlight=False)
 
 
 # --- output -----------------------------------------------------------------------------------
@@ -144,17 +166,41 @@ def show_source(outcome: SourceOutcome, title: str) -> None:
         if key in outcome.metrics:
             table.add_row(key, format_value(outcome.metrics[key], "{:.4g}"))
     out_console.print(table)
+    show_links(outcome.run_id)
     if outcome.model_uri:
         out_console.print(f"Analyse it with: sae-mlops quick --sae {escape(outcome.model_uri)}", soft_wrap=True, highlight=False)
 
 
+_HIDDEN = ("ce_clean", "ce_zero", "tokens")
+
+
 def show_table(df: Any) -> None:
+    """The comparison as a rich table; when stdout is not a terminal it is printed at its natural
+    width (not folded into the 80 columns rich assumes for a pipe)."""
+    from rich.console import Console
+
     from sae_mlops.writers.comparison import table_rows
 
-    headers, rows = table_rows(df.drop(columns=[c for c in ("ce_clean", "ce_zero", "tokens") if c in df.columns]))
+    shown = df.drop(columns=[c for c in _HIDDEN if c in df.columns]).copy()
+    if "run_id" in shown:
+        shown["run_id"] = shown["run_id"].str[:8]
+    headers, rows = table_rows(shown)
     table = Table(title=f"{len(rows)} analyses")
     for h in headers:
-        table.add_column(h, overflow="fold")
+        table.add_column(h, overflow="fold" if out_console.is_terminal else "ignore", no_wrap=not out_console.is_terminal)
     for row in rows:
         table.add_row(*[escape(c) for c in row])
-    out_console.print(table)
+    if out_console.is_terminal:
+        out_console.print(table)
+    else:
+        Console(file=out_console.file, width=1000, color_system=None).print(table, crop=False, overflow="ignore")
+
+
+def print_table(df: Any, fmt: CompareFormat) -> None:
+    """The comparison table on stdout as CSV (every column) or Markdown (the readable columns)."""
+    from sae_mlops.writers.comparison import markdown_table
+
+    if fmt is CompareFormat.csv:
+        typer.echo(df.drop(columns=[c for c in ("label",) if c in df.columns]).to_csv(index=False), nl=False)
+    else:
+        typer.echo(markdown_table(df), nl=False)

@@ -32,6 +32,7 @@ def report(
     no_decoder: bool = typer.Option(False, "--no-decoder", help="Do not load the SAE (skips decoder norms and PCA)."),
     no_log: bool = typer.Option(False, "--no-log", help="With --run-id: do not log the report to the run."),
     notebook: Optional[Path] = typer.Option(None, "--notebook", help="Another notebook to execute with the same parameters. (default: notebooks/interp_analysis.ipynb)"),
+    show_code: bool = typer.Option(False, "--show-code", help="Keep the code cells in the HTML report (hidden by default: readers see results)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Only warnings and errors on stderr."),
 ) -> None:
     """Interpretation report: run notebooks/interp_analysis.ipynb (papermill) on a full analysis,
@@ -62,6 +63,7 @@ def report(
             },
             notebook=notebook,
             log_to_run=not no_log,
+            show_code=show_code,
         )
     except ReportError as e:
         fail(str(e), 1)

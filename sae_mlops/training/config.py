@@ -124,7 +124,7 @@ class TrainRunOptions:
         json_schema_extra={"mlproject": False},
     )
     run_name: str | None = Field(
-        default=None, description="MLflow run name. (default: train-<architecture>-<d_sae>)", json_schema_extra={"mlproject": False}
+        default=None, description="MLflow run name. (default: train · <model>/<hook> · <architecture> d<d_sae> k<k>)", json_schema_extra={"mlproject": False}
     )
     quiet: bool = Field(
         default=False, description="Only warnings and errors on stderr.", json_schema_extra={"mlproject": False, "short": "-q"}

@@ -128,6 +128,40 @@ def write_comparison(df: pd.DataFrame, out_dir: Path, title: str = "SAE comparis
     return files
 
 
+# Label offsets tried in turn (points): right, above, below, left, then further out.
+_OFFSETS = ((5, 3), (5, -9), (-5, 3), (-5, -9), (5, 12), (5, -18), (-5, 12), (-5, -18), (12, 22), (12, -28), (-12, 22), (-12, -28))
+
+
+def place_labels(fig: Any, ax: Any, points: list[tuple[float, float, str]], fontsize: int = 7) -> list[Any]:
+    """Annotate each (x, y, text) at the first offset of `_OFFSETS` whose box overlaps neither an
+    earlier label nor a marker; if none is free, the least-overlapping one.
+    Greedy, in order of decreasing y, measured with the figure's renderer."""
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    placed: list[Any] = []
+    markers = [ax.transData.transform((px, py)) for px, py, _ in points]
+    taken = []
+    for px, py, text in sorted(points, key=lambda t: -t[1]):
+        best, best_cost = None, None
+        for dx, dy in _OFFSETS:
+            ann = ax.annotate(text, (px, py), xytext=(dx, dy), textcoords="offset points", fontsize=fontsize,
+                              ha="left" if dx > 0 else "right")
+            box = ann.get_window_extent(renderer).expanded(1.05, 1.1)
+            cost = sum(box.overlaps(b) for b in taken) + sum(box.contains(mx, my) for mx, my in markers)
+            cost += 0 if ax.bbox.contains(box.x0, box.y0) and ax.bbox.contains(box.x1, box.y1) else 0.5
+            if best is None or cost < best_cost:
+                if best is not None:
+                    best.remove()
+                best, best_cost, best_box = ann, cost, box
+            else:
+                ann.remove()
+            if cost == 0:
+                break
+        taken.append(best_box)
+        placed.append(best)
+    return placed
+
+
 def pareto_plot(df: pd.DataFrame, column: str, label: str, path: Path) -> Path:
     """Scatter of L0 (x) against `column` (y), the Pareto frontier drawn as a step line."""
     x = df["l0"].to_numpy(dtype=float) if "l0" in df else np.array([])
@@ -140,11 +174,10 @@ def pareto_plot(df: pd.DataFrame, column: str, label: str, path: Path) -> Path:
         ax.scatter(x[on], y[on], color="tab:red", zorder=3, label="Pareto frontier")
         order = np.argsort(x[on])
         ax.step(x[on][order], y[on][order], where="post", color="tab:red", alpha=0.6)
-        names = df["label"].tolist() if "label" in df else [str(i) for i in range(len(df))]
-        for i in np.flatnonzero(ok):
-            ax.annotate(str(names[i])[:28], (x[i], y[i]), fontsize=7, xytext=(3, 3), textcoords="offset points")
         if x[ok].min() > 0 and x[ok].max() / x[ok].min() > 20:
             ax.set_xscale("log")
+        names = df["label"].tolist() if "label" in df else [str(i) for i in range(len(df))]
+        place_labels(fig, ax, [(float(x[i]), float(y[i]), str(names[i])[:32]) for i in np.flatnonzero(ok)])
     else:
         ax.text(0.5, 0.5, f"no analysis has both L0 and {label}", ha="center", va="center", transform=ax.transAxes)
     ax.set_xlabel("L0 (mean active features per token; lower is sparser)")

@@ -2,9 +2,13 @@
 
 Pure functions of an :class:`AnalysisResult`: no model, no MLflow. Layout under ``out_dir``::
 
-    results/analysis_results_<ts>.json   params, metrics (the numbers MLflow logs), tags, warnings
-    results/feature_stats_<ts>.parquet   feature, firing_count, frequency, mean_activation, max_activation
-    SUMMARY_<ts>.md                      the headline figures for people
+    results/analysis_results.json   params, metrics (the numbers MLflow logs), tags, warnings
+    results/feature_stats.parquet   feature, firing_count, frequency, mean_activation, max_activation
+    SUMMARY.md                      the headline figures for people
+
+File names are stable (no timestamp), so runs share artifact names and MLflow's compare view can
+show them side by side; when the analysis finished is in the results JSON (``details.finished_at``)
+and the run's tag ``sae_mlops.finished_at``. Markdown table cells are escaped (`md_cell`).
 """
 
 from __future__ import annotations
@@ -31,6 +35,12 @@ def fmt(value) -> str:
     return f"{value:.4g}"
 
 
+def md_cell(text: str) -> str:
+    """Text safe in a markdown table cell: ``|`` escaped (``||`` in "KL(clean || SAE)" would split the
+    row), newlines as spaces."""
+    return str(text).replace("\\", "\\\\").replace("|", "\\|").replace("\n", " ")
+
+
 def summary_markdown(result: AnalysisResult) -> str:
     p = result.params
     lines = [
@@ -48,7 +58,7 @@ def summary_markdown(result: AnalysisResult) -> str:
     for metric in summary_metrics():
         key, label, unit = metric.name, metric.label, metric.unit
         if key in result.metrics:
-            lines.append(f"| {label} | {fmt(result.metrics[key])} | {unit} |")
+            lines.append(f"| {md_cell(label)} | {md_cell(fmt(result.metrics[key]))} | {md_cell(unit)} |")
     if result.warnings:
         lines += ["", "## Warnings", ""] + [f"- {w}" for w in result.warnings]
     lines += ["", "Metric definitions: see the README's metric table.", ""]
@@ -64,9 +74,8 @@ def write_feature_stats(result: AnalysisResult, path: Path) -> Path:
 def write_quick_outputs(result: AnalysisResult, out_dir: Path) -> list[Path]:
     """Write the quick-analysis files under ``out_dir``; returns their paths."""
     out_dir = Path(out_dir)
-    ts = timestamp()
-    files = [atomic_write_text(out_dir / "results" / f"analysis_results_{ts}.json", result.to_json())]
+    files = [atomic_write_text(out_dir / "results" / "analysis_results.json", result.to_json())]
     if result.per_feature:
-        files.append(write_feature_stats(result, out_dir / "results" / f"feature_stats_{ts}.parquet"))
-    files.append(atomic_write_text(out_dir / f"SUMMARY_{ts}.md", summary_markdown(result)))
+        files.append(write_feature_stats(result, out_dir / "results" / "feature_stats.parquet"))
+    files.append(atomic_write_text(out_dir / "SUMMARY.md", summary_markdown(result)))
     return files
