@@ -257,6 +257,9 @@ from sae_mlops.commands import report as _report_commands  # noqa: E402,F401
 from sae_mlops.commands import lineage as _lineage_commands  # noqa: E402,F401
 from sae_mlops.commands import serve as _serve_commands  # noqa: E402,F401
 from sae_mlops.commands import log as _log_commands  # noqa: E402,F401
+from sae_mlops.commands import match as _match_commands  # noqa: E402,F401
+from sae_mlops.commands import dashboard as _dashboard_commands  # noqa: E402,F401
+from sae_mlops.commands import label as _label_commands  # noqa: E402,F401
 
 if __name__ == "__main__":  # pragma: no cover
     app()

@@ -94,6 +94,23 @@ METRICS: tuple[Metric, ...] = (
     Metric("tokens/batches", "batches", "count", "{:,.0f}", summary=False),
     Metric("speed/seconds", "pass wall time", "s", "{:.1f}", False, summary=False),
     Metric("speed/tokens_per_s", "throughput", "tokens/s", "{:,.0f}", True, headline=True),
+    # cost telemetry (sae_mlops.telemetry): where the run's time and memory went
+    Metric("time/startup", "start-up (interpreter, imports)", "s", "{:,.1f}", False, summary=False),
+    Metric("time/import", "imports of model/SAE libraries", "s", "{:,.1f}", False, summary=False),
+    Metric("time/load", "loading SAE, corpus and model", "s", "{:,.1f}", False, summary=False),
+    Metric("time/pass", "the streaming pass", "s", "{:,.1f}", False, summary=False),
+    Metric("time/database", "activation database", "s", "{:,.1f}", False, summary=False),
+    Metric("time/matrices", "matrices and neighbour lists", "s", "{:,.1f}", False, summary=False),
+    Metric("time/logit_lens", "logit lens", "s", "{:,.1f}", False, summary=False),
+    Metric("time/summaries", "feature summaries", "s", "{:,.1f}", False, summary=False),
+    Metric("time/plots", "plots", "s", "{:,.1f}", False, summary=False),
+    Metric("time/reports", "reports", "s", "{:,.1f}", False, summary=False),
+    Metric("time/logging", "MLflow logging", "s", "{:,.1f}", False, summary=False),
+    Metric("time/total", "total seconds (process start to end)", "s", "{:,.1f}", False, headline=True, summary=False),
+    Metric("time/pass_share", "share of the total in the pass", "fraction", "{:.0%}", True, headline=True, summary=False),
+    Metric("memory/peak_rss_mib", "peak resident memory", "MiB", "{:,.0f}", False, summary=False),
+    Metric("memory/peak_gpu_mib", "peak GPU memory (torch)", "MiB", "{:,.0f}", False, summary=False),
+    Metric("artifacts/bytes", "bytes written", "bytes", "{:,.0f}", False, summary=False),
 )
 
 BY_NAME: dict[str, Metric] = {m.name: m for m in METRICS}
@@ -127,11 +144,19 @@ def summary_metrics() -> list[Metric]:
     return [m for m in METRICS if m.summary]
 
 
-def headline_line(metrics: dict[str, Any]) -> str:
-    """One line for people: L0, loss recovered, explained variance, dead fraction (those present)."""
+#: The one-line headline of a run (its description's first line, the version tags): short name -> label.
+HEADLINE_LINE = {"l0": "L0", "loss_recovered": "loss recovered", "explained_variance": "explained variance",
+                 "dead_fraction": "dead fraction"}
+
+
+def headline_line(metrics: dict[str, Any], bold: bool = False) -> str:
+    """One line for people: ``L0 12.34 · loss recovered 0.9512 · explained variance 0.8700 · dead
+    fraction 0.0100`` (values in Markdown bold when `bold`); absent or non-finite metrics are left out."""
     parts = []
-    for short in ("l0", "loss_recovered", "explained_variance", "dead_fraction"):
+    for short, label in HEADLINE_LINE.items():
         m = BY_SHORT[short]
-        if metrics.get(m.name) is not None:
-            parts.append(f"{short.replace('_', ' ')} {m.format(metrics[m.name])}")
+        v = metrics.get(m.name)
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v)):
+            value = m.format(float(v))
+            parts.append(f"{label} **{value}**" if bold else f"{label} {value}")
     return " · ".join(parts)

@@ -42,7 +42,8 @@ def test_lookup_and_formats():
     assert format_value(None, "{:.2f}") == "n/a" and format_value(float("nan"), "{:.2f}") == "n/a"
     assert format_value("x", "{:.2f}") == "x"
     line = headline_line({"sparsity/l0_mean": 12.345, "downstream/loss_recovered": 0.91234})
-    assert line == "l0 12.35 · loss recovered 0.9123"
+    assert line == "L0 12.35 · loss recovered 0.9123"
+    assert headline_line({"sparsity/l0_mean": 3.0, "recon/explained_variance": float("nan")}, bold=True) == "L0 **3.00**"
 
 
 def test_consumers_read_the_registry():

@@ -117,6 +117,8 @@ def compare(
         CompareFormat.table, "--format", case_sensitive=False,
         help="How the table is printed on stdout: table (for reading; full width when piped), csv or md (Markdown).",
     ),
+    match: bool = typer.Option(False, "--match", help="Also match the features of every pair of full analyses compared (see `sae-mlops match`)."),
+    match_limit: int = typer.Option(6, "--match-limit", min=2, help="With --match: at most this many full analyses (the newest)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Only warnings and errors on stderr."),
 ) -> None:
     """Compare tracked analyses: a table (CSV + Markdown) and Pareto plots of L0 vs loss recovered and
@@ -145,6 +147,10 @@ def compare(
             from sae_mlops.tracking.runs import run_links
 
             where.print(f"MLflow run: {outcome.run_id}  {run_links(outcome.run_id)['run']}", soft_wrap=True, highlight=False)
+    if match:
+        from sae_mlops.commands.match import match_compared
+
+        match_compared(outcome, match_limit)
 
 
 # --- output -----------------------------------------------------------------------------------

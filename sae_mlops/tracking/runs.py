@@ -62,6 +62,7 @@ from mlflow.utils.validation import (
 )
 
 from sae_mlops import __version__
+from sae_mlops.metrics import headline_line
 from sae_mlops.naming import run_title
 from sae_mlops.results import AnalysisResult
 
@@ -99,13 +100,6 @@ Run names read `<kind> · <SAE name> · <architecture> d<d_sae> k<k>`; `sae-mlop
 Pareto table and plots as a comparison run.
 """
 
-# The one-line headline at the top of every analysis run's description: (metric, label, format).
-HEADLINE = (
-    ("sparsity/l0_mean", "L0", "{:.2f}"),
-    ("downstream/loss_recovered", "loss recovered", "{:.4f}"),
-    ("recon/explained_variance", "explained variance", "{:.4f}"),
-    ("features/dead_fraction", "dead fraction", "{:.4f}"),
-)
 
 _TRUNCATED = "...[truncated]"
 _RANDOM_NAME = re.compile(r"[a-z]+-[a-z]+-\d{1,4}")  # MLflow's generated run names: overjoyed-slug-911
@@ -364,14 +358,8 @@ def _sae_hash(result: AnalysisResult) -> str | None:
 
 
 def headline(metrics: dict[str, Any]) -> str:
-    """One line: ``L0 12.34 · loss recovered 0.9512 · explained variance 0.8700 · dead fraction 0.0100``
-    (metrics that are absent or not finite are left out)."""
-    parts = []
-    for key, label, fmt in HEADLINE:
-        v = metrics.get(key)
-        if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v)):
-            parts.append(f"{label} **{fmt.format(float(v))}**")
-    return " · ".join(parts)
+    """One line: ``L0 **12.34** · loss recovered **0.9512** · ...`` (`sae_mlops.metrics.headline_line`)."""
+    return headline_line(metrics, bold=True)
 
 
 def run_note(client: MlflowClient, result: AnalysisResult, tags: dict[str, str], link: Any, current: str | None) -> str | None:
