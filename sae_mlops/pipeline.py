@@ -81,9 +81,9 @@ def run_quick_and_log(
     track: False skips MLflow entirely (files are still written).
     experiment / run_name: for a new MLflow run; ignored when ``MLFLOW_RUN_ID`` is set (``mlflow run``).
     """
-    import sae_mlops.tracking.resolve  # noqa: F401 (registers the resolver of runs:/ and models:/ SAE URIs)
     out = Path(out_dir) if out_dir else default_out_dir(cfg)
-    preflight(out, track)
+    preflight(out, track, no_track_option=True)
+    import sae_mlops.tracking.resolve  # noqa: F401 (registers the resolver of runs:/ and models:/ SAE URIs)
     from sae_mlops.analysis import run_quick
     from sae_mlops.writers.quick import write_quick_outputs
 
@@ -119,9 +119,10 @@ def _log_total(outcome: QuickOutcome, started: float, logging_seconds: float) ->
         log_metrics(outcome.run_id, {k: m[k] for k in ("time/logging", "time/total", "time/pass_share")})
 
 
-def preflight(out: Path | None, track: bool) -> None:
+def preflight(out: Path | str | None, track: bool, no_track_option: bool = False) -> None:
     """Before anything loads: the output directory (if given) can be created (`InputError`) and, when
-    tracking, the tracking store answers within seconds (`TrackingError`). Leaves nothing behind."""
+    tracking, the tracking store answers within seconds (`TrackingError`). Leaves nothing behind.
+    no_track_option: the command has --no-track, so the message may offer it."""
     from sae_mlops.preflight import check_out_dir
 
     if out is not None:
@@ -129,7 +130,7 @@ def preflight(out: Path | None, track: bool) -> None:
     if track:
         from sae_mlops.tracking.preflight import check_tracking_store
 
-        check_tracking_store()
+        check_tracking_store(no_track_option=no_track_option)
 
 
 def log_outcome(outcome: QuickOutcome, experiment: str | None, run_name: str | None, start_time: int | None = None) -> None:
@@ -211,9 +212,9 @@ def run_full_and_log(
     out_dir: None -> `default_out_dir(cfg, "full")`. opts: None -> `FullOptions()` defaults.
     track / experiment / run_name: as for `run_quick_and_log`.
     """
-    import sae_mlops.tracking.resolve  # noqa: F401 (registers the resolver of runs:/ and models:/ SAE URIs)
     out = Path(out_dir) if out_dir else default_out_dir(cfg, "full")
-    preflight(out, track)
+    preflight(out, track, no_track_option=True)
+    import sae_mlops.tracking.resolve  # noqa: F401 (registers the resolver of runs:/ and models:/ SAE URIs)
     from sae_mlops.full import FullOptions
 
     opts = opts or FullOptions()  # bounds are checked when FullOptions is built (sae_mlops.config)

@@ -225,11 +225,12 @@ def test_sigint_during_a_quick_analysis_under_mlflow_run(tmp_path, mlflow_store,
     time.sleep(1.0)
     proc.send_signal(signal.SIGINT)
     try:
-        stdout, _ = proc.communicate(timeout=60)
+        proc.wait(timeout=60)  # not communicate(): the reader thread owns stderr
     finally:
         if proc.poll() is None:
             proc.kill()
     reader.join(timeout=10)
+    stdout = proc.stdout.read()
     stderr = "".join(lines)
     assert proc.returncode == 130, stderr
     errors = [ln for ln in stderr.splitlines() if ln.startswith("Error:")]
@@ -238,3 +239,43 @@ def test_sigint_during_a_quick_analysis_under_mlflow_run(tmp_path, mlflow_store,
     assert f"MLflow run {run_id} was marked KILLED" in errors[0]
     assert not out.exists()
     assert client.get_run(run_id).info.status == "KILLED"
+
+
+def test_preflight_failures_keep_their_cause_for_the_service():
+    """The service sorts failures by the exception chain: an unreachable store must read as one."""
+    import requests
+
+    from sae_mlops.service.mlflow_io import UNAVAILABLE, classify
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        closed = f"http://127.0.0.1:{s.getsockname()[1]}"
+    with pytest.raises(TrackingError) as refused:
+        check_tracking_store(closed)
+    assert isinstance(refused.value.__cause__, requests.ConnectionError)
+    with http_server(health=502) as uri, pytest.raises(TrackingError) as bad_gateway:
+        check_tracking_store(uri)
+    assert classify(refused.value) == classify(bad_gateway.value) == UNAVAILABLE
+
+
+def test_interrupt_while_writing_says_which_files_are_partial(tmp_path, demo_assets, monkeypatch):
+    import sae_mlops.writers.full as writers
+    from sae_mlops.demo import demo_sae_path
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt  # as Ctrl-C would, between the database and the summary
+
+    monkeypatch.setattr(writers, "summary_dict", interrupted)
+    out = tmp_path / "out"
+    r = runner.invoke(
+        app,
+        ["full", "--sae", str(demo_sae_path("standard")), "--model", "demo", "--max-tokens", "1500", "--out", str(out),
+         "--no-track", "-q"],
+        terminal_width=400,
+    )
+    assert r.exit_code == 130, r.output
+    line = _error_line(r)
+    n = sum(1 for p in out.rglob("*") if p.is_file())
+    assert n > 0 and not list(out.glob("SUMMARY_*"))
+    assert f"{out} holds {n} partial file(s) of an unfinished analysis: delete it" in line
+    assert "nothing was tracked (--no-track)" in line

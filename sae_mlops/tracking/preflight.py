@@ -39,49 +39,53 @@ def describe_uri(uri: str) -> str:
     return f"{uri} (MLFLOW_TRACKING_URI)" if os.environ.get("MLFLOW_TRACKING_URI") else f"{uri} (MLflow's default)"
 
 
-def check_tracking_store(uri: str | None = None, timeout_s: float = DEFAULT_TIMEOUT_S) -> str:
+def check_tracking_store(uri: str | None = None, timeout_s: float = DEFAULT_TIMEOUT_S, no_track_option: bool = False) -> str:
     """Raise `TrackingError` unless the tracking store at `uri` (default: the current one) is
-    usable; return the URI. Takes at most about `timeout_s` seconds."""
+    usable; return the URI. Takes at most about `timeout_s` seconds. `no_track_option`: the command
+    has --no-track (the message then offers it)."""
     uri = uri or tracking_uri()
+    alternative = ", or pass --no-track" if no_track_option else ""
     parsed = urlparse(uri)
     scheme = parsed.scheme.lower()
     if scheme in ("http", "https"):
-        _check_server(uri, timeout_s)
+        _check_server(uri, timeout_s, alternative)
     elif scheme == "sqlite":
         path = parsed.path
         if path and path != "/:memory:" and not path.startswith("/:memory:"):
-            _check_local(uri, Path(path).parent)
+            _check_local(uri, Path(path).parent, alternative)
     elif scheme in ("", "file"):
-        _check_local(uri, Path(parsed.path if scheme == "file" else uri))
+        _check_local(uri, Path(parsed.path if scheme == "file" else uri), alternative)
     return uri
 
 
-def _check_server(uri: str, timeout_s: float) -> None:
+def _check_server(uri: str, timeout_s: float, alternative: str) -> None:
     import requests
 
     url = uri.rstrip("/") + "/health"
-    fix = "start the server, point MLFLOW_TRACKING_URI at a running one, or pass --no-track"
+    fix = f"start the server or point MLFLOW_TRACKING_URI at a running one{alternative}"
+    # The cause stays chained (the service sorts a TrackingError by it: connection error or timeout
+    # = unavailable, retried without using an attempt); the CLI shows only the sentence.
     try:
         response = requests.get(url, timeout=timeout_s, allow_redirects=False)
-    except requests.Timeout:
-        raise TrackingError(f"MLflow tracking server {describe_uri(uri)} did not answer within {timeout_s:g} s; {fix}.") from None
+    except requests.Timeout as e:
+        raise TrackingError(f"MLflow tracking server {describe_uri(uri)} did not answer within {timeout_s:g} s; {fix}.") from e
     except requests.RequestException as e:
-        raise TrackingError(f"MLflow tracking server {describe_uri(uri)} is not reachable ({_reason(e)}); {fix}.") from None
+        raise TrackingError(f"MLflow tracking server {describe_uri(uri)} is not reachable ({_reason(e)}); {fix}.") from e
     if response.status_code >= 500:
         raise TrackingError(
             f"MLflow tracking server {describe_uri(uri)} answers HTTP {response.status_code} on /health; {fix}."
-        )
+        ) from ConnectionError(f"HTTP {response.status_code} from {url}")
     log.debug("tracking server %s answered HTTP %d on /health", uri, response.status_code)
 
 
-def _check_local(uri: str, directory: Path) -> None:
+def _check_local(uri: str, directory: Path, alternative: str) -> None:
     from sae_mlops.preflight import out_dir_problem
 
     problem = out_dir_problem(directory)
     if problem:
         raise TrackingError(
             f"the MLflow store {describe_uri(uri)} cannot be created or written ({problem}); "
-            "fix MLFLOW_TRACKING_URI or pass --no-track."
+            f"fix MLFLOW_TRACKING_URI{alternative}."
         )
 
 
