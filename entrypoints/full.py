@@ -1,7 +1,7 @@
 """MLproject entry point ``full``: parse the -P parameters and make one library call.
 
 ``mlflow run . -e full -P sae=PATH_OR_URI [-P model=demo ...]`` takes every parameter of ``quick``
-plus the full-analysis ones, runs `sae_mlops.pipeline.run_full_and_log` inside the MLflow run that
+plus the full-analysis ones, runs `sae_mlops.workflows.run_full_and_log` inside the MLflow run that
 ``mlflow run`` created, and logs every output file as an artifact. An empty string means "not given"
 (the library default applies). A user mistake exits with code 2 and one sentence on stderr.
 """
@@ -27,7 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _call(cfg, args: argparse.Namespace) -> None:
     from sae_mlops.config import FullOptions
     from sae_mlops.options import build
-    from sae_mlops.pipeline import run_full_and_log
+    from sae_mlops.workflows import run_full_and_log
 
     run_full_and_log(cfg, args.out, opts=build(FullOptions, vars(args)), track=True)
 

@@ -68,3 +68,10 @@ def _is_num(v: Any) -> bool:
     except (TypeError, ValueError):
         return False
     return True
+
+
+def utc_timestamp() -> str:
+    """Now in UTC as ``YYYYmmddTHHMMSSZ``: the suffix of default output directories (``quick_<ts>``)."""
+    from datetime import datetime, timezone
+
+    return datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")

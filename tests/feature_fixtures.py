@@ -15,7 +15,7 @@ def demo_full(out: Path, sae: Path | None = None, max_tokens: int = 1500) -> Pat
     """Run the full analysis of ``sae`` (default: the demo standard SAE) on the demo corpus into ``out``."""
     from sae_mlops.config import AnalysisConfig
     from sae_mlops.demo import demo_sae_path
-    from sae_mlops.full import FullOptions, run_full
+    from sae_mlops.analyses.full import FullOptions, run_full
 
     cfg = AnalysisConfig(sae=str(sae or demo_sae_path("standard")), model="demo", max_tokens=max_tokens, device="cpu", progress=False)
     run_full(cfg, out, FullOptions(examples_per_feature=8, heatmap_features=20))

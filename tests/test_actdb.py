@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 import torch
 
-from sae_mlops.actdb.reader import ActivationDB
-from sae_mlops.actdb.writer import ActivationDBWriter
-from sae_mlops.collectors.base import StepData
+from sae_mlops.outputs.activation_db.reader import ActivationDB
+from sae_mlops.outputs.activation_db.writer import ActivationDBWriter
+from sae_mlops.core.collectors.base import StepData
 from sae_mlops.errors import InputError
-from sae_mlops.tokens import Window, WindowPlan, collate
+from sae_mlops.core.tokens import Window, WindowPlan, collate
 
 PLAN = WindowPlan(context_size=8, prepend_bos=True, bos_id=0, pad_id=0, special_ids=[0])
 VOCAB = ["<bos>"] + [f" w{i}" for i in range(1, 30)]

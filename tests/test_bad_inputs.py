@@ -33,9 +33,9 @@ def _closed_port() -> int:
 def world(tmp_path_factory):
     """Inputs shared by every case (read-only for the cases): SAEs, corpora, checkpoints, a tiny
     activation database, an interrupted one, finished analysis directories, service files."""
-    from sae_mlops.actdb.writer import ActivationDBWriter
+    from sae_mlops.outputs.activation_db.writer import ActivationDBWriter
     from sae_mlops.demo import demo_corpus_path, demo_sae_path, ensure_demo_assets
-    from sae_mlops.results import AnalysisResult
+    from sae_mlops.core.results import AnalysisResult
     from test_actdb import _build, _steps
 
     ensure_demo_assets()

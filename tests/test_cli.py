@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 from sae_mlops.cli import app
 from sae_mlops.config import AnalysisConfig
 from sae_mlops.errors import InputError
-from sae_mlops.pipeline import default_out_dir, sae_label
+from sae_mlops.workflows import default_out_dir, sae_label
 
 runner = CliRunner()
 
@@ -55,7 +55,7 @@ def test_console_script_help_is_fast_and_light():
 
 @pytest.fixture()
 def failing_run_quick(monkeypatch):
-    import sae_mlops.analysis
+    import sae_mlops.analyses.quick
 
     seen = {}
 
@@ -63,7 +63,7 @@ def failing_run_quick(monkeypatch):
         seen["cfg"] = cfg
         raise InputError("the SAE directory 'nope' does not exist;\n pass --sae with an existing directory.")
 
-    monkeypatch.setattr(sae_mlops.analysis, "run_quick", boom)
+    monkeypatch.setattr(sae_mlops.analyses.quick, "run_quick", boom)
     return seen
 
 

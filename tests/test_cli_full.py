@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 from sae_mlops.cli import app
 from sae_mlops.config import AnalysisConfig
 from sae_mlops.errors import InputError
-from sae_mlops.full import FullOptions
+from sae_mlops.analyses.full import FullOptions
 
 runner = CliRunner()
 MAX_TOKENS = 5000
@@ -54,7 +54,7 @@ def test_full_help_lists_quick_and_full_options():
 
 
 def test_cooccurrence_choices_are_the_measures():
-    from sae_mlops.collectors.cooccurrence import MEASURES
+    from sae_mlops.core.collectors.cooccurrence import MEASURES
     from sae_mlops.config import FullOptions
     from sae_mlops.options import option_specs
 
@@ -63,7 +63,7 @@ def test_cooccurrence_choices_are_the_measures():
 
 
 def test_full_options_reach_config_and_full_options(monkeypatch, tmp_path):
-    import sae_mlops.full
+    import sae_mlops.analyses.full
 
     seen = {}
 
@@ -71,7 +71,7 @@ def test_full_options_reach_config_and_full_options(monkeypatch, tmp_path):
         seen.update(cfg=cfg, out=out_dir, opts=opts)
         raise InputError("the SAE directory 's' does not exist;\n pass --sae with an existing directory.")
 
-    monkeypatch.setattr(sae_mlops.full, "run_full", boom)
+    monkeypatch.setattr(sae_mlops.analyses.full, "run_full", boom)
     args = [
         "full", "--sae", "s", "--model", "demo", "--hook", "blocks.0.hook_resid_post", "--max-tokens", "500",
         "--batch-size", "4", "--no-prepend-bos", "--topk-mode", "threshold", "--threshold", "0.5", "--device", "cpu",

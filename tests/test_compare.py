@@ -17,8 +17,8 @@ from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
 
 from sae_mlops.errors import InputError
-from sae_mlops.results import AnalysisResult
-from sae_mlops.writers.comparison import add_frontiers, markdown_table, pareto_mask, write_comparison
+from sae_mlops.core.results import AnalysisResult
+from sae_mlops.outputs.comparison import add_frontiers, markdown_table, pareto_mask, write_comparison
 
 ROOT = Path(__file__).resolve().parents[1]
 

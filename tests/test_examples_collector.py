@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sae_mlops.collectors.base import StepData
-from sae_mlops.collectors.examples import TopExamplesCollector
-from sae_mlops.tokens import Window, WindowPlan, collate
+from sae_mlops.core.collectors.base import StepData
+from sae_mlops.core.collectors.examples import TopExamplesCollector
+from sae_mlops.core.tokens import Window, WindowPlan, collate
 
 PLAN = WindowPlan(context_size=12, prepend_bos=True, bos_id=0, pad_id=0, special_ids=[0])
 

@@ -14,12 +14,12 @@ import numpy as np
 import pytest
 import torch
 
-from sae_mlops.actdb.reader import ActivationDB
+from sae_mlops.outputs.activation_db.reader import ActivationDB
 from sae_mlops.config import AnalysisConfig
 from sae_mlops.demo import demo_corpus_path, demo_sae_path, load_demo_model
-from sae_mlops.full import FullOptions, run_full
+from sae_mlops.analyses.full import FullOptions, run_full
 from sae_mlops.sources.sae import load_sae
-from sae_mlops.tokens import iter_batches, make_plan
+from sae_mlops.core.tokens import iter_batches, make_plan
 
 HOOK = "blocks.0.hook_resid_post"
 K = 5

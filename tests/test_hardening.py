@@ -175,7 +175,7 @@ def test_interrupt_during_the_full_pass_leaves_nothing_and_creates_no_run(tmp_pa
     from mlflow.tracking import MlflowClient
 
     from sae_mlops.demo import demo_sae_path
-    from sae_mlops.engine import Engine
+    from sae_mlops.core.engine import Engine
 
     real_step, calls = Engine.step, {"n": 0}
 
@@ -259,7 +259,7 @@ def test_preflight_failures_keep_their_cause_for_the_service():
 
 
 def test_interrupt_while_writing_says_which_files_are_partial(tmp_path, demo_assets, monkeypatch):
-    import sae_mlops.writers.full as writers
+    import sae_mlops.outputs.full_reports as writers
     from sae_mlops.demo import demo_sae_path
 
     def interrupted(*args, **kwargs):

@@ -12,10 +12,10 @@ import pytest
 
 from sae_mlops.errors import InputError
 from sae_mlops.interp import clusters as K
-from sae_mlops.interp import cooccurrence as C
+from sae_mlops.interp import cooccurrence_views as C
 from sae_mlops.interp import density as D
 from sae_mlops.interp import features as F
-from sae_mlops.interp import plots as P
+from sae_mlops.interp import figures as P
 from sae_mlops.interp import position as Pos
 from sae_mlops.interp.data import AnalysisData, analysis_overview, find_newest, load_analysis, open_analysis
 

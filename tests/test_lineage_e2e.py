@@ -65,7 +65,7 @@ def _cli(*args: str):
 
 def test_train_register_analyse_compare(server, demo_assets, tmp_path):
     from sae_mlops.config import AnalysisConfig
-    from sae_mlops.pipeline import run_quick_and_log
+    from sae_mlops.workflows import run_quick_and_log
     from sae_mlops.tracking.compare import compare_and_log
     from sae_mlops.training import TrainConfig, train_and_log
 

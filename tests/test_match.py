@@ -89,7 +89,7 @@ def test_same_tokens_needs_equal_plan() -> None:
 
 def _permuted_analysis(a: Path, b: Path, sae_b: Path, perm: np.ndarray) -> None:
     """B's analysis = A's files with the features renamed by perm (B's j = A's perm[j]) and B's SAE."""
-    from sae_mlops.actdb.reader import find_database
+    from sae_mlops.outputs.activation_db.reader import find_database
     from sae_mlops.sources.sae import load_sae
 
     shutil.copytree(a, b)

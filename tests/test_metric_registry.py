@@ -49,7 +49,7 @@ def test_lookup_and_formats():
 def test_consumers_read_the_registry():
     from sae_mlops.service import tags
     from sae_mlops.tracking.compare import METRICS as COMPARE_METRICS
-    from sae_mlops.writers.comparison import COLUMNS
+    from sae_mlops.outputs.comparison import COLUMNS
 
     assert tags.metric_name("kl_score") == "downstream/kl_score" and tags.metric_name("l0_mean") == "sparsity/l0_mean"
     assert set(tags.HEADLINE_METRICS.values()) <= set(BY_NAME)

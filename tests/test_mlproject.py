@@ -13,7 +13,7 @@ from mlflow.projects import _project_spec
 import pytest
 
 from sae_mlops.config import AnalysisConfig
-from sae_mlops.full import FullOptions
+from sae_mlops.analyses.full import FullOptions
 from sae_mlops.options import option_specs
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -20,7 +20,7 @@ from typer.testing import CliRunner
 
 from sae_mlops.cli import app
 from sae_mlops.errors import InputError
-from sae_mlops.interp.report import ReportError, execute_notebook, generate_report, parse_features
+from sae_mlops.interp.notebook_report import ReportError, execute_notebook, generate_report, parse_features
 
 ROOT = Path(__file__).resolve().parents[1]
 MAX_TOKENS = 8000
@@ -39,7 +39,7 @@ def store(tmp_path_factory, mlflow_store_at):
 def full_analysis(tmp_path_factory):
     from sae_mlops.config import AnalysisConfig
     from sae_mlops.demo import demo_sae_path, ensure_demo_assets
-    from sae_mlops.full import run_full
+    from sae_mlops.analyses.full import run_full
 
     ensure_demo_assets()
     out = tmp_path_factory.mktemp("report_full") / "out"

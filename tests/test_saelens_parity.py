@@ -10,11 +10,11 @@ from sae_lens.evals import EvalConfig, run_evals
 from sae_lens.training.activation_scaler import ActivationScaler
 
 from core_fixtures import random_standard_sae, tiny_model
-from sae_mlops.collectors.downstream import DownstreamCollector
-from sae_mlops.collectors.reconstruction import ReconstructionCollector
-from sae_mlops.collectors.sparsity import SparsityCollector
-from sae_mlops.engine import Engine, HookSite
-from sae_mlops.tokens import Window, collate, make_plan
+from sae_mlops.core.collectors.downstream import DownstreamCollector
+from sae_mlops.core.collectors.reconstruction import ReconstructionCollector
+from sae_mlops.core.collectors.sparsity import SparsityCollector
+from sae_mlops.core.engine import Engine, HookSite
+from sae_mlops.core.tokens import Window, collate, make_plan
 
 
 class FixedTokenStore:

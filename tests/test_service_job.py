@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from mlflow_servers import free_port
-from sae_mlops import pipeline
+from sae_mlops import workflows as pipeline
 from sae_mlops.errors import InputError
 from sae_mlops.service import job as job_module
 from sae_mlops.service.mlflow_io import RegistryIO

@@ -7,9 +7,9 @@ import json
 import numpy as np
 import torch
 
-from sae_mlops.collectors.examples import TopExamplesCollector
-from sae_mlops.results import _json_safe
-from sae_mlops.writers.full import context_string, write_feature_summaries
+from sae_mlops.core.collectors.examples import TopExamplesCollector
+from sae_mlops.core.results import _json_safe
+from sae_mlops.outputs.full_reports import context_string, write_feature_summaries
 
 
 def _reference_line(i, pf, kept, vocab, lens):

@@ -10,7 +10,7 @@ import mlflow
 import pytest
 from mlflow.tracking import MlflowClient
 
-from sae_mlops.results import AnalysisResult
+from sae_mlops.core.results import AnalysisResult
 from sae_mlops.tracking import runs
 from sae_mlops.tracking.runs import log_analysis
 

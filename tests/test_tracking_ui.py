@@ -19,14 +19,14 @@ from sae_mlops.cli import app
 from sae_mlops.config import AnalysisConfig
 from sae_mlops.demo import demo_corpus_path, demo_sae_path
 from sae_mlops.naming import run_title, sae_name
-from sae_mlops.results import AnalysisResult
+from sae_mlops.core.results import AnalysisResult
 
 runner = CliRunner()
 TOKENS = 600  # a few hundred tokens: enough for every metric, seconds on a CPU
 
 
 def _quick(sae: str, out: Path, **kw):
-    from sae_mlops.pipeline import run_quick_and_log
+    from sae_mlops.workflows import run_quick_and_log
 
     cfg = AnalysisConfig(sae=sae, model="demo", max_tokens=TOKENS, batch_size=8, progress=False, device="cpu")
     return run_quick_and_log(cfg, out, experiment="ui", **kw)
@@ -84,7 +84,7 @@ def test_cli_links_and_interrupt_line(mlflow_store, tmp_path, monkeypatch):
     assert f"/#/experiments/{exp}/runs?workflowType=machine_learning&compareRunsMode=CHART" in r.output
     assert "mlflow ui --backend-store-uri" in r.output
 
-    from sae_mlops.engine import Engine
+    from sae_mlops.core.engine import Engine
 
     def interrupted(self, batch):
         raise KeyboardInterrupt
@@ -98,7 +98,7 @@ def test_cli_links_and_interrupt_line(mlflow_store, tmp_path, monkeypatch):
 
 
 def test_progress_total_is_the_tokens_there(tmp_path):
-    from sae_mlops.analysis import available_tokens, prepare, run_pass
+    from sae_mlops.analyses.quick import available_tokens, prepare, run_pass
 
     corpus = tmp_path / "c.json"
     corpus.write_text(json.dumps(["def add(a, b):\n    return a + b\n", "Return the sum of two numbers, a and b."] * 12))
@@ -196,8 +196,8 @@ def test_plots_logged_as_images_and_report_html(mlflow_store, tmp_path):
     import matplotlib.pyplot as plt
 
     from sae_mlops.tracking.runs import log_analysis
-    from sae_mlops.writers.files import atomic_write_text
-    from sae_mlops.writers.full import report_html
+    from sae_mlops.files import atomic_write_text
+    from sae_mlops.outputs.full_reports import report_html
 
     out = tmp_path / "o"
     (out / "plots").mkdir(parents=True)
@@ -220,7 +220,7 @@ def test_plots_logged_as_images_and_report_html(mlflow_store, tmp_path):
 def test_notebook_html_hides_code_unless_asked(tmp_path):
     import nbformat
 
-    from sae_mlops.interp.report import notebook_to_html
+    from sae_mlops.interp.notebook_report import notebook_to_html
 
     nb = nbformat.v4.new_notebook()
     cell = nbformat.v4.new_code_cell("secret_code_line = 41 + 1\nprint(secret_code_line)")
@@ -236,8 +236,8 @@ def test_notebook_html_hides_code_unless_asked(tmp_path):
 
 @pytest.mark.parametrize("kind", ["standard", "batchtopk"])
 def test_every_source_fills_architecture_d_sae_and_k(kind, tmp_path):
-    from sae_mlops.analysis import prepare, resolved_params
-    from sae_mlops.engine import PassStats
+    from sae_mlops.analyses.quick import prepare, resolved_params
+    from sae_mlops.core.engine import PassStats
 
     inputs = prepare(AnalysisConfig(sae=str(demo_sae_path(kind)), model="demo", corpus=str(demo_corpus_path()), progress=False))
     p = resolved_params(inputs, PassStats())

@@ -8,9 +8,9 @@ import math
 import pandas as pd
 import pytest
 
-from sae_mlops.results import AnalysisResult
-from sae_mlops.writers.files import _umask, atomic_write
-from sae_mlops.writers.quick import summary_markdown, write_quick_outputs
+from sae_mlops.core.results import AnalysisResult
+from sae_mlops.files import _umask, atomic_write
+from sae_mlops.outputs.summaries import summary_markdown, write_quick_outputs
 
 
 def _result():

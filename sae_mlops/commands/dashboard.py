@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from sae_mlops.cli import app, out_console, report_input_errors, set_quiet
+from sae_mlops.commands.app import app, out_console, report_input_errors, set_quiet
 
 DASHBOARD_DIR = "dashboard"
 
@@ -29,7 +29,7 @@ def dashboard(
     shaded by activation, logit lens, similar and co-occurring features, label) and an index page."""
     from sae_mlops.features.dashboard import write_dashboards
     from sae_mlops.features.sources import RUNS_DIR, resolve_analysis, run_id_of
-    from sae_mlops.interp.report import parse_features
+    from sae_mlops.interp.notebook_report import parse_features
 
     set_quiet(quiet)
     rid = run_id_of(analysis)

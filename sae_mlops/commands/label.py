@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from sae_mlops.cli import app, out_console, report_input_errors, set_quiet
+from sae_mlops.commands.app import app, out_console, report_input_errors, set_quiet
 
 
 @app.command()
@@ -38,7 +38,7 @@ def label(
     snippets). Resumes: features already in labels/labels.jsonl are skipped."""
     from sae_mlops.features.label import PROMPT_VERSION, LabelOptions, label_features
     from sae_mlops.features.sources import RUNS_DIR, resolve_analysis, run_id_of
-    from sae_mlops.interp.report import parse_features
+    from sae_mlops.interp.notebook_report import parse_features
 
     set_quiet(quiet)
     rid = run_id_of(analysis)

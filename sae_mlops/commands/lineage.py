@@ -15,7 +15,8 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from sae_mlops.cli import app, err_console, format_value, out_console, report_input_errors, set_quiet, show_links, with_signature
+from sae_mlops.commands.app import app, err_console, out_console, report_input_errors, set_quiet, show_links, with_signature
+from sae_mlops.metrics import format_value
 from sae_mlops.training.config import TrainConfig, TrainRunOptions
 
 if TYPE_CHECKING:
@@ -50,7 +51,7 @@ def train(**options: Any) -> None:
     L0 and dead features per step as metrics; the SAE as artifacts and as a logged model
     (optionally registered)."""
     from sae_mlops.options import build
-    from sae_mlops.pipeline import preflight
+    from sae_mlops.workflows import preflight
     from sae_mlops.training import train_and_log
 
     run = build(TrainRunOptions, options)
@@ -76,7 +77,7 @@ def import_(
 ) -> None:
     """Import an SAE trained elsewhere as an MLflow training run + logged model (history.json becomes
     per-epoch metrics). The same SAE imported twice (same content hash) is recognised, not duplicated."""
-    from sae_mlops.pipeline import preflight
+    from sae_mlops.workflows import preflight
     from sae_mlops.tracking.training import import_sae
 
     set_quiet(quiet)
@@ -123,7 +124,7 @@ def compare(
 ) -> None:
     """Compare tracked analyses: a table (CSV + Markdown) and Pareto plots of L0 vs loss recovered and
     vs explained variance, written under --out and logged as artifacts of a comparison run."""
-    from sae_mlops.pipeline import preflight
+    from sae_mlops.workflows import preflight
     from sae_mlops.tracking.compare import compare_and_log
 
     set_quiet(quiet)
@@ -185,7 +186,7 @@ def show_table(df: Any) -> None:
     width (not folded into the 80 columns rich assumes for a pipe)."""
     from rich.console import Console
 
-    from sae_mlops.writers.comparison import table_rows
+    from sae_mlops.outputs.comparison import table_rows
 
     shown = df.drop(columns=[c for c in _HIDDEN if c in df.columns]).copy()
     if "run_id" in shown:
@@ -204,7 +205,7 @@ def show_table(df: Any) -> None:
 
 def print_table(df: Any, fmt: CompareFormat) -> None:
     """The comparison table on stdout as CSV (every column) or Markdown (the readable columns)."""
-    from sae_mlops.writers.comparison import markdown_table
+    from sae_mlops.outputs.comparison import markdown_table
 
     if fmt is CompareFormat.csv:
         typer.echo(df.drop(columns=[c for c in ("label",) if c in df.columns]).to_csv(index=False), nl=False)

@@ -1,5 +1,5 @@
 """`sae-mlops log DIR`: log an analysis output directory written earlier to MLflow (one call:
-`sae_mlops.pipeline.log_existing`)."""
+`sae_mlops.workflows.log_existing`)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from sae_mlops.cli import app, out_console, report_input_errors, set_quiet
+from sae_mlops.commands.app import app, out_console, report_input_errors, set_quiet
 
 
 @app.command("log")
@@ -22,7 +22,7 @@ def log_dir(
     """Log a finished analysis directory to MLflow as a new run: the params, metrics and tags of its
     results JSON and every file under it as artifacts. For analyses run with --no-track, or whose
     tracking failed (the error message names this command)."""
-    from sae_mlops.pipeline import log_existing
+    from sae_mlops.workflows import log_existing
 
     set_quiet(quiet)
     outcome = log_existing(out_dir, experiment=experiment, run_name=run_name)

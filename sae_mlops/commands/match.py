@@ -10,7 +10,7 @@ from typing import Any, Optional
 
 import typer
 
-from sae_mlops.cli import app, out_console, report_input_errors, set_quiet
+from sae_mlops.commands.app import app, out_console, report_input_errors, set_quiet
 
 
 @app.command()
@@ -33,7 +33,7 @@ def match(
     unmatched features, and log them as a `match` run."""
     from sae_mlops.features.match import match_analyses
     from sae_mlops.features.sources import resolve_analysis
-    from sae_mlops.pipeline import utc_timestamp
+    from sae_mlops.naming import utc_timestamp
 
     set_quiet(quiet)
     tmp = Path(tempfile.mkdtemp(prefix="sae-mlops-match-"))

@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from sae_mlops.cli import state, app, report_input_errors
+from sae_mlops.commands.app import state, app, report_input_errors
 
 
 @app.command()

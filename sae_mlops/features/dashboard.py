@@ -168,7 +168,7 @@ class FeatureTokens:
     vocabulary, and for the chosen features their non-zero values and the token indices they fired on."""
 
     def __init__(self, root: Path, features: list[int]):
-        from sae_mlops.actdb.reader import ActivationDB
+        from sae_mlops.outputs.activation_db.reader import ActivationDB
 
         db = ActivationDB(root)
         self.csr = db.csr()
@@ -294,7 +294,7 @@ def write_dashboards(
     """Write the pages of the chosen features and ``index.html`` under ``out_dir`` (default:
     ``<root>/dashboard``). ``context``: tokens either side of an example; ``examples``: examples
     shown per feature (default: all that the analysis kept)."""
-    from sae_mlops.actdb.reader import find_database
+    from sae_mlops.outputs.activation_db.reader import find_database
     from sae_mlops.interp.data import load_analysis
 
     t_start = time.perf_counter()

@@ -297,7 +297,7 @@ def label_features(
 ) -> LabelOutcome:
     """Label the chosen features of the analysis at ``root`` (the ``top`` most frequent that fired,
     plus ``features``), skipping those already in ``<root>/labels/labels.jsonl``."""
-    from sae_mlops.actdb.reader import find_database
+    from sae_mlops.outputs.activation_db.reader import find_database
     from sae_mlops.features.dashboard import FeatureTokens, choose_features
     from sae_mlops.interp.data import load_analysis
 

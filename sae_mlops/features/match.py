@@ -256,11 +256,11 @@ def match_analyses(
     """
     import time
 
-    from sae_mlops.actdb.reader import ActivationDB, find_database
+    from sae_mlops.outputs.activation_db.reader import ActivationDB, find_database
     from sae_mlops.errors import InputError
     from sae_mlops.interp.data import load_analysis
     from sae_mlops.interp.decoder import load_decoder
-    from sae_mlops.writers.match import write_match
+    from sae_mlops.features.match_files import write_match
 
     data, decoders, dbs, inputs = [], [], [], {}
     for side, root in (("a", root_a), ("b", root_b)):

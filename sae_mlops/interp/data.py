@@ -1,4 +1,4 @@
-"""Loading a full analysis directory (as written by :func:`sae_mlops.full.run_full`) into one typed
+"""Loading a full analysis directory (as written by :func:`sae_mlops.analyses.full.run_full`) into one typed
 object for interpretation.
 
 Layout read (file names as written now, ``results/feature_summaries.jsonl``...; directories written

@@ -18,5 +18,5 @@ A new SAE version registered in MLflow gets analysed without anyone running a co
   environment variables.
 - `service`: wires the above together (start/stop), used by the app's lifespan.
 
-Only `mlflow_io` (and the job process, through `sae_mlops.pipeline`) talks to MLflow.
+Only `mlflow_io` (and the job process, through `sae_mlops.workflows`) talks to MLflow.
 """

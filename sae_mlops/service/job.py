@@ -3,7 +3,7 @@
 The worker writes the spec (model name, version, kind, options, device, experiment, output and
 result paths, the job's key and attempt) and starts this module; a crash or an out-of-memory kill
 here leaves the service running. The job analyses ``models:/<name>/<version>`` with the same library
-call as the CLI (`sae_mlops.pipeline.run_quick_and_log`, or `run_full_and_log` for a full analysis),
+call as the CLI (`sae_mlops.workflows.run_quick_and_log`, or `run_full_and_log` for a full analysis),
 so the run carries the lineage tags of the version, and writes ``result.json`` (run id, finite
 metrics, warnings) atomically.
 
@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
             return EXIT_DENIED
         log.exception("job %s failed", spec.get("job_id"), extra=extra)
         return EXIT_FAILED
-    from sae_mlops.writers.files import atomic_write_text
+    from sae_mlops.files import atomic_write_text
 
     atomic_write_text(Path(spec["result_path"]), json.dumps(result, indent=2, sort_keys=True))
     log.info("job %s done: run %s", spec.get("job_id"), result.get("run_id"), extra={"job_id": spec.get("job_id")})
@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def run_job(spec: dict[str, Any]) -> dict[str, Any]:
     """Run the analysis the spec describes; return what goes into result.json."""
-    from sae_mlops import pipeline
+    from sae_mlops import workflows as pipeline
     from sae_mlops.config import AnalysisConfig
     from sae_mlops.errors import InputError
 
@@ -159,7 +159,7 @@ def _full_options(given: dict[str, Any] | None):
     if not given:
         return None
     from sae_mlops.errors import InputError
-    from sae_mlops.full import FullOptions
+    from sae_mlops.analyses.full import FullOptions
 
     try:
         return FullOptions(**given)

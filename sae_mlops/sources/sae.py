@@ -52,7 +52,7 @@ def resolve_mlflow_uri(uri: str) -> tuple[Path, dict[str, str]]:
     if not _URI_RESOLVER:
         raise InputError(
             f"SAE {uri} is an MLflow URI, which the tracking layer resolves; import sae_mlops.tracking.resolve "
-            "first (the CLI, the entry points and sae_mlops.pipeline do), or give a local directory."
+            "first (the CLI, the entry points and sae_mlops.workflows do), or give a local directory."
         )
     return _URI_RESOLVER[0](uri)
 

@@ -3,7 +3,7 @@
 :func:`collect_analyses` searches quick/full analysis runs (``sae_mlops.kind``) in the named
 experiments (default: every active experiment) that match an optional MLflow filter string (e.g.
 ``"metrics.`sparsity/l0_mean` < 50"`` or ``"params.sae_architecture = 'topk'"``) and builds one
-row per run from the metric names of `sae_mlops.results` (``sparsity/l0_mean``,
+row per run from the metric names of `sae_mlops.core.results` (``sparsity/l0_mean``,
 ``downstream/loss_recovered``, ``recon/explained_variance``, ``features/dead_fraction``,
 ``downstream/ce_*``, ``downstream/kl_sae``) and the params ``sae``, ``sae_name``,
 ``sae_architecture``, ``d_sae``, ``topk_k`` (when a run lacks it, the ``k`` of its source training
@@ -11,7 +11,7 @@ run for a TopK SAE). By default only the latest analysis per SAE content hash an
 (a quick and a full analysis of one SAE are two rows; two quick analyses of it, one); ``all_runs``
 keeps every run. A run without a hash is always kept.
 
-:func:`compare_and_log` writes the table and plots (`sae_mlops.writers.comparison`) under `out_dir`
+:func:`compare_and_log` writes the table and plots (`sae_mlops.outputs.comparison`) under `out_dir`
 and logs them as artifacts of a new run tagged ``sae_mlops.kind=compare`` (or of the run named by
 ``MLFLOW_RUN_ID`` under ``mlflow run . -e compare``).
 """
@@ -193,9 +193,9 @@ def compare_and_log(
 ) -> CompareOutcome:
     """Collect the analyses, write the table and the Pareto plots under `out_dir`, and log them as a
     comparison run (in `experiment`; default: the single compared experiment, else the default)."""
-    from sae_mlops.pipeline import utc_timestamp
+    from sae_mlops.naming import utc_timestamp
     from sae_mlops.tracking.lineage import code_version_tags
-    from sae_mlops.writers.comparison import add_frontiers, write_comparison
+    from sae_mlops.outputs.comparison import add_frontiers, write_comparison
 
     client = MlflowClient()
     df = add_frontiers(collect_analyses(experiments, filter_string, client, all_runs=all_runs))
@@ -206,10 +206,10 @@ def compare_and_log(
     outcome = CompareOutcome(table=df, out_dir=out, files=files, experiments=list(experiments or []))
     if not track:
         return outcome
-    from sae_mlops.tracking.runs import _resolve_run
+    from sae_mlops.tracking.runs import resolve_run
 
     target = experiment or (experiments[0] if experiments and len(experiments) == 1 else None)
-    run_id, owned = _resolve_run(client, target, run_name or f"compare · {len(df)} analyses")
+    run_id, owned = resolve_run(client, target, run_name or f"compare · {len(df)} analyses")
     try:
         existing = client.get_run(run_id).data.params
         params = {"experiments": scope, "filter": filter_string or None, "n_analyses": str(len(df)), "all_runs": str(all_runs)}

@@ -69,12 +69,12 @@ def log_match(
     run_name: str | None = None,
 ) -> str:
     """Log a match to a new (or the ``MLFLOW_RUN_ID``) run; return its id."""
-    from sae_mlops.tracking.runs import _resolve_run
+    from sae_mlops.tracking.runs import resolve_run
 
     client = MlflowClient()
     a, b = inputs["a"], inputs["b"]
     name = run_name or f"match {Path(str(a.get('sae'))).name} vs {Path(str(b.get('sae'))).name}"
-    run_id, owned = _resolve_run(client, experiment, name)
+    run_id, owned = resolve_run(client, experiment, name)
     try:
         for side, inp in (("a", a), ("b", b)):
             for key in ("given", "sae", "sae_hash", "d_sae", "corpus_digest"):

@@ -379,11 +379,11 @@ def find_analyses(model_name: str, version: str | int, client: MlflowClient | No
     Matches runs tagged with that name and version, and runs of the same LoggedModel (analyses given
     ``runs:/`` or ``models:/m-...`` URIs, or a local copy recognised by hash, before it was registered).
     """
-    from sae_mlops.tracking.resolve import _call
+    from sae_mlops.tracking.resolve import call_mlflow
 
     client = client or MlflowClient()
     version = str(version)
-    mv = _call(
+    mv = call_mlflow(
         lambda: client.get_model_version(model_name, version),
         f"Registered model {model_name!r} has no version {version} in this tracking store; check the name and version.",
     )
@@ -403,10 +403,10 @@ def find_analyses(model_name: str, version: str | int, client: MlflowClient | No
 def lineage_of(analysis_run_id: str, client: MlflowClient | None = None) -> dict[str, str | None]:
     """What analysis run `analysis_run_id` links to: source run, logged model, model name/version,
     SAE hash, dataset digest, code version, and how the source was resolved."""
-    from sae_mlops.tracking.resolve import _call
+    from sae_mlops.tracking.resolve import call_mlflow
 
     client = client or MlflowClient()
-    run = _call(
+    run = call_mlflow(
         lambda: client.get_run(analysis_run_id),
         f"MLflow run {analysis_run_id} does not exist in this tracking store; check the run id and MLFLOW_TRACKING_URI.",
     )

@@ -125,7 +125,7 @@ def _resolve_run(client: Any, uri: str) -> tuple[str, dict[str, str | None]]:
     run_id, _, artifact_path = body.partition("/")
     if not run_id:
         raise InputError(f"SAE URI {uri} names no run; give runs:/<run_id>/<artifact_path>.")
-    _call(
+    call_mlflow(
         lambda: client.get_run(run_id),
         f"MLflow run {run_id} (from {uri}) does not exist in the tracking store {_tracking_uri()}; check the run id and MLFLOW_TRACKING_URI.",
     )
@@ -137,7 +137,7 @@ def _resolve_model(client: Any, uri: str) -> tuple[str, dict[str, str | None]]:
     if "@" in body:
         name, alias = body.rsplit("@", 1)
         _check_registered_model(client, name, uri)
-        version = _call(
+        version = call_mlflow(
             lambda: client.get_model_version_by_alias(name, alias),
             f"Registered model {name} has no alias {alias!r} (from {uri}); check the alias or use models:/{name}/<version>.",
         )
@@ -146,13 +146,13 @@ def _resolve_model(client: Any, uri: str) -> tuple[str, dict[str, str | None]]:
         name, version_str = body.rsplit("/", 1)
         _check_registered_model(client, name, uri)
         version_str = _resolve_version(client, name, version_str, uri)
-        version = _call(
+        version = call_mlflow(
             lambda: client.get_model_version(name, version_str),
             f"Registered model {name} has no version {version_str} (from {uri}); check the version number.",
         )
         return f"models:/{name}/{version.version}", _version_lineage(version)
     if _LOGGED_MODEL_ID.match(body):
-        logged = _call(
+        logged = call_mlflow(
             lambda: client.get_logged_model(body),
             f"MLflow logged model {body} (from {uri}) does not exist in {_tracking_uri()}; check the model id.",
         )
@@ -163,7 +163,7 @@ def _resolve_model(client: Any, uri: str) -> tuple[str, dict[str, str | None]]:
 
 
 def _check_registered_model(client: Any, name: str, uri: str) -> None:
-    _call(
+    call_mlflow(
         lambda: client.get_registered_model(name),
         f"Registered model {name!r} (from {uri}) does not exist in {_tracking_uri()}; check the name and MLFLOW_TRACKING_URI.",
     )
@@ -171,7 +171,7 @@ def _check_registered_model(client: Any, name: str, uri: str) -> None:
 
 def _resolve_version(client: Any, name: str, version: str, uri: str) -> str:
     if version.lower() == "latest":
-        versions = _call(
+        versions = call_mlflow(
             lambda: client.search_model_versions(f"name='{name}'"),
             f"Could not list the versions of model {name} ({uri}).",
         )
@@ -203,14 +203,14 @@ def _version_lineage(version: Any) -> dict[str, str | None]:
 def _download(download_uri: str, target: Path, uri: str) -> Path:
     import mlflow
 
-    path = _call(
+    path = call_mlflow(
         lambda: mlflow.artifacts.download_artifacts(artifact_uri=download_uri, dst_path=str(target)),
         f"The artifacts of {uri} could not be downloaded (no such artifact path?); check the path after the run id.",
     )
     return Path(path)
 
 
-def _call(func: Any, message: str) -> Any:
+def call_mlflow(func: Any, message: str) -> Any:
     """Run an MLflow call; a missing resource or a bad parameter becomes InputError(message)."""
     from mlflow.exceptions import MlflowException
 

@@ -17,7 +17,7 @@
   different value (``mlflow run`` logs its ``-P`` values first, shell-quoted, so "not given" is
   ``''``), ours is logged as ``resolved.<name>`` and the names are listed in the tag
   ``sae_mlops.param_conflicts``; ``''`` resolved to None is not a conflict.
-- metrics: ``result.metrics`` exactly as named (see `sae_mlops.results`); None, NaN and inf are not
+- metrics: ``result.metrics`` exactly as named (see `sae_mlops.core.results`); None, NaN and inf are not
   logged (MLflow cannot hold them) and their names go in the tag ``sae_mlops.unlogged_metrics``
   (the results JSON holds them as null).
 - tags: ``result.tags`` (lineage from `sae_mlops.tracking.resolve`: ``sae_mlops.source_uri``,
@@ -64,7 +64,7 @@ from mlflow.utils.validation import (
 from sae_mlops import __version__
 from sae_mlops.metrics import headline_line
 from sae_mlops.naming import run_title
-from sae_mlops.results import AnalysisResult
+from sae_mlops.core.results import AnalysisResult
 
 log = logging.getLogger(__name__)
 
@@ -121,7 +121,7 @@ def log_analysis(
     run_name: None -> `analysis_run_name(result)`. start_time: when the analysis started (ms since
     the epoch), the start of a run created here (default: now)."""
     client = MlflowClient()
-    run_id, owned = _resolve_run(client, experiment, run_name, start_time=start_time, default_name=analysis_run_name(result))
+    run_id, owned = resolve_run(client, experiment, run_name, start_time=start_time, default_name=analysis_run_name(result))
     try:
         _log_into(client, run_id, result, [Path(f) for f in files], Path(out_dir))
     except BaseException as e:
@@ -183,7 +183,7 @@ def run_url(run_id: str) -> str:
 # --- run resolution -------------------------------------------------------------------------
 
 
-def _resolve_run(
+def resolve_run(
     client: MlflowClient,
     experiment: str | None,
     run_name: str | None,
@@ -249,8 +249,8 @@ def _experiment_id(client: MlflowClient, experiment: str | None) -> str:
 def _log_into(client: MlflowClient, run_id: str, result: AnalysisResult, files: list[Path], out_dir: Path) -> None:
     existing = client.get_run(run_id)
 
-    params, conflicts = _params(result.params, existing.data.params)
-    for chunk in _chunks(params, MAX_PARAMS_TAGS_PER_BATCH):
+    params, conflicts = flat_params(result.params, existing.data.params)
+    for chunk in chunks(params, MAX_PARAMS_TAGS_PER_BATCH):
         client.log_batch(run_id, params=chunk)
 
     link = _record_lineage(client, run_id, result)
@@ -262,7 +262,7 @@ def _log_into(client: MlflowClient, run_id: str, result: AnalysisResult, files: 
                    dataset_name=link.dataset_name, dataset_digest=link.dataset_digest)
             for m in metrics
         ]
-    for chunk in _chunks(metrics, MAX_METRICS_PER_BATCH):
+    for chunk in chunks(metrics, MAX_METRICS_PER_BATCH):
         client.log_batch(run_id, metrics=chunk)
 
     tags = {str(k): str(v) for k, v in result.tags.items()}
@@ -282,8 +282,8 @@ def _log_into(client: MlflowClient, run_id: str, result: AnalysisResult, files: 
     note = run_note(client, result, tags, link, existing.data.tags.get(TAG_NOTE))
     if note is not None:
         tags[TAG_NOTE] = note
-    tag_list = [RunTag(_key(k), _cut(v, MAX_TAG_VAL_LENGTH)) for k, v in tags.items()]
-    for chunk in _chunks(tag_list, MAX_PARAMS_TAGS_PER_BATCH):
+    tag_list = [RunTag(metric_key(k), _cut(v, MAX_TAG_VAL_LENGTH)) for k, v in tags.items()]
+    for chunk in chunks(tag_list, MAX_PARAMS_TAGS_PER_BATCH):
         client.log_batch(run_id, tags=chunk)
 
     _log_files(client, run_id, files, out_dir)
@@ -308,11 +308,11 @@ def _record_lineage(client: MlflowClient, run_id: str, result: AnalysisResult):
         return None
 
 
-def _params(given: dict[str, Any], existing: dict[str, str]) -> tuple[list[Param], list[str]]:
+def flat_params(given: dict[str, Any], existing: dict[str, str]) -> tuple[list[Param], list[str]]:
     out: list[Param] = []
     conflicts: list[str] = []
     for k, v in given.items():
-        key = _key(str(k))
+        key = metric_key(str(k))
         if v is None:  # absent: left out (a "None" string would compare as a value)
             continue
         value = _cut(_stringify(v), MAX_PARAM_VAL_LENGTH)
@@ -320,7 +320,7 @@ def _params(given: dict[str, Any], existing: dict[str, str]) -> tuple[list[Param
             if existing[key] == value:
                 continue
             conflicts.append(key)
-            key = _key(f"resolved.{key}")
+            key = metric_key(f"resolved.{key}")
             if existing.get(key) == value:
                 continue
         out.append(Param(key, value))
@@ -341,7 +341,7 @@ def _metrics(given: dict[str, Any]) -> tuple[list[Metric], list[str]]:
         if value is None or not math.isfinite(value):
             unlogged.append(str(k))
             continue
-        out.append(Metric(_key(str(k)), value, now, 0))
+        out.append(Metric(metric_key(str(k)), value, now, 0))
     return out, unlogged
 
 
@@ -460,10 +460,10 @@ def _cut(s: str, limit: int) -> str:
     return s if len(s) <= limit else s[: limit - len(_TRUNCATED)] + _TRUNCATED
 
 
-def _key(k: str) -> str:
+def metric_key(k: str) -> str:
     return k[:MAX_ENTITY_KEY_LENGTH]
 
 
-def _chunks(items: list, n: int):
+def chunks(items: list, n: int):
     for i in range(0, len(items), n):
         yield items[i : i + n]

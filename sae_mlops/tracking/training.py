@@ -39,7 +39,7 @@ from sae_mlops.tracking.lineage import (
     TAG_SAE_SOURCE,
 )
 from sae_mlops.tracking.registry import Registration, log_sae_model, register_sae_model, version_tags
-from sae_mlops.tracking.runs import _chunks, _key, _params, _resolve_run
+from sae_mlops.tracking.runs import chunks, metric_key, flat_params, resolve_run
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +83,7 @@ class SourceRun:
     def __init__(self, kind: str, experiment: str | None = None, run_name: str | None = None):
         self.kind = kind
         self.client = MlflowClient()
-        self.run_id, self._owned = _resolve_run(self.client, experiment, run_name)
+        self.run_id, self._owned = resolve_run(self.client, experiment, run_name)
         self._buffer: list[Metric] = []
         self._last_flush = time.monotonic()
         self._last: dict[str, float] = {}
@@ -104,15 +104,15 @@ class SourceRun:
 
     def log_params(self, params: dict[str, Any]) -> None:
         existing = self.client.get_run(self.run_id).data.params
-        given, conflicts = _params(params, existing)
-        for chunk in _chunks(given, MAX_PARAMS_TAGS_PER_BATCH):
+        given, conflicts = flat_params(params, existing)
+        for chunk in chunks(given, MAX_PARAMS_TAGS_PER_BATCH):
             self.client.log_batch(self.run_id, params=chunk)
         if conflicts:  # given first (e.g. None = "default"), then the resolved value: resolved.<name>
             self.set_tags({"sae_mlops.resolved_params": ",".join(conflicts)})
 
     def set_tags(self, tags: dict[str, Any]) -> None:
-        items = [RunTag(_key(str(k)), str(v)) for k, v in tags.items() if v is not None]
-        for chunk in _chunks(items, MAX_PARAMS_TAGS_PER_BATCH):
+        items = [RunTag(metric_key(str(k)), str(v)) for k, v in tags.items() if v is not None]
+        for chunk in chunks(items, MAX_PARAMS_TAGS_PER_BATCH):
             self.client.log_batch(self.run_id, tags=chunk)
 
     def log_corpus(self, path: str, sha256: str | None, documents: int | None = None) -> None:
@@ -134,14 +134,14 @@ class SourceRun:
                 continue
             if not math.isfinite(value):
                 continue
-            self._buffer.append(Metric(_key(str(k)), value, now, int(step)))
+            self._buffer.append(Metric(metric_key(str(k)), value, now, int(step)))
             self._last[str(k)] = value
         if len(self._buffer) >= MAX_METRICS_PER_BATCH or time.monotonic() - self._last_flush > _FLUSH_EVERY_S:
             self.flush()
 
     def flush(self) -> None:
         buffer, self._buffer = self._buffer, []
-        for chunk in _chunks(buffer, MAX_METRICS_PER_BATCH):
+        for chunk in chunks(buffer, MAX_METRICS_PER_BATCH):
             self.client.log_batch(self.run_id, metrics=chunk)
         self._last_flush = time.monotonic()
 
@@ -176,11 +176,11 @@ class SourceRun:
         if summary:
             now = get_current_time_millis()
             metrics = [
-                Metric(_key(k), float(v), now, 0, model_id=model_id)
+                Metric(metric_key(k), float(v), now, 0, model_id=model_id)
                 for k, v in summary.items()
                 if v is not None and math.isfinite(float(v))
             ]
-            for chunk in _chunks(metrics, MAX_METRICS_PER_BATCH):
+            for chunk in chunks(metrics, MAX_METRICS_PER_BATCH):
                 self.client.log_batch(self.run_id, metrics=chunk)
         registration = None
         if register:

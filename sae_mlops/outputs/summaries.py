@@ -20,8 +20,8 @@ from pathlib import Path
 import pandas as pd
 
 from sae_mlops.metrics import summary_metrics
-from sae_mlops.results import AnalysisResult
-from sae_mlops.writers.files import atomic_write, atomic_write_text
+from sae_mlops.core.results import AnalysisResult
+from sae_mlops.files import atomic_write, atomic_write_text
 
 def timestamp() -> str:
     return time.strftime("%Y%m%d_%H%M%S", time.gmtime())

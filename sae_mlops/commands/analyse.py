@@ -1,4 +1,5 @@
-"""`sae-mlops full` and `sae-mlops db query` (full analysis and its activation database).
+"""`sae-mlops quick`, `sae-mlops full`, `sae-mlops demo` and `sae-mlops db query`: the analyses and
+the activation database a full analysis writes.
 
 `full` takes every option of `quick` by construction: both signatures are generated from the option
 declarations (`AnalysisConfig`, `FullOptions`, `RunOptions` in `sae_mlops.config`).
@@ -6,6 +7,7 @@ declarations (`AnalysisConfig`, `FullOptions`, `RunOptions` in `sae_mlops.config
 
 from __future__ import annotations
 
+import logging
 import numbers
 from enum import Enum
 from pathlib import Path
@@ -15,7 +17,7 @@ import typer
 from rich.table import Table
 from rich.text import Text
 
-from sae_mlops.cli import (
+from sae_mlops.commands.app import (
     analysis_parameters,
     app,
     err_console,
@@ -24,16 +26,112 @@ from sae_mlops.cli import (
     set_quiet,
     show_headline,
     show_links,
+    show_outcome,
     with_signature,
 )
 from sae_mlops.config import FullOptions
 from sae_mlops.errors import InputError
+from sae_mlops.metrics import format_value
 
 if TYPE_CHECKING:
     import pandas as pd
 
-    from sae_mlops.full import FullOptions
-    from sae_mlops.pipeline import FullOutcome
+    from sae_mlops.workflows import FullOutcome, QuickOutcome
+
+
+log = logging.getLogger("sae_mlops.cli")
+
+
+# --- quick ------------------------------------------------------------------------------------
+
+
+DEMO_EXPERIMENT = "sae-mlops-demo"
+DEMO_KINDS = ("standard", "batchtopk", "saelens")
+DEMO_MAX_TOKENS = 100_000  # keeps `make demo` to a few minutes on a laptop CPU
+
+
+@app.command()
+@report_input_errors
+@with_signature(analysis_parameters("quick"))
+def quick(**options: Any) -> None:
+    """Quick analysis of one SAE: sparsity, dead/rare/dense features, reconstruction, CE/KL downstream.
+
+    One streaming pass over at most --max-tokens tokens. Writes a results JSON and a readable
+    summary under --out and logs params, metrics, lineage tags and those files to MLflow
+    (MLFLOW_TRACKING_URI, else MLflow's default local store).
+    """
+    from sae_mlops.config import AnalysisConfig, RunOptions
+    from sae_mlops.options import build
+    from sae_mlops.workflows import run_quick_and_log
+
+    run = build(RunOptions, options)
+    set_quiet(run.quiet)
+    cfg = build(AnalysisConfig, options, progress=not run.quiet)
+    outcome = run_quick_and_log(cfg, run.out, track=not run.no_track, experiment=run.experiment, run_name=run.run_name)
+    show_outcome(outcome, title=f"Quick analysis: {cfg.sae}")
+
+
+# --- demo -------------------------------------------------------------------------------------
+
+
+@app.command()
+@report_input_errors
+def demo(
+    max_tokens: int = typer.Option(
+        DEMO_MAX_TOKENS, "--max-tokens", min=1, help="Token budget per SAE (the demo corpus holds about 470k tokens). Unit: tokens."
+    ),
+    device: str = typer.Option("auto", "--device", help="Torch device: auto, cpu, cuda, mps."),
+    experiment: str = typer.Option(DEMO_EXPERIMENT, "--experiment", help="MLflow experiment for the demo runs."),
+    no_track: bool = typer.Option(False, "--no-track", help="Do not log to MLflow; only write files."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Only warnings and errors on stderr; no progress bars."),
+) -> None:
+    """Offline end-to-end demo: builds (or reuses) the demo model, corpus and three SAEs, runs the
+    quick analysis on each (standard, BatchTopK and SAELens formats) and logs each to MLflow."""
+    from sae_mlops.config import AnalysisConfig
+    from sae_mlops.demo import demo_corpus_path, demo_sae_path, ensure_demo_assets
+    from sae_mlops.workflows import run_quick_and_log
+
+    set_quiet(quiet)
+    log.info("Preparing demo assets (built once, then cached)...")
+    ensure_demo_assets()
+    corpus = str(demo_corpus_path())
+    outcomes: list[tuple[str, QuickOutcome]] = []
+    for kind in DEMO_KINDS:
+        cfg = AnalysisConfig(
+            sae=str(demo_sae_path(kind)),
+            model="demo",
+            corpus=corpus,
+            max_tokens=max_tokens,
+            device=device,
+            progress=not quiet,
+        )
+        log.info("Quick analysis of the %s demo SAE", kind)
+        outcome = run_quick_and_log(cfg, track=not no_track, experiment=experiment)
+        outcomes.append((kind, outcome))
+        show_outcome(outcome, title=f"Demo SAE: {kind}")
+
+    summary = Table(title="Demo results")
+    summary.add_column("SAE")
+    summary.add_column("L0", justify="right")
+    summary.add_column("explained variance", justify="right")
+    summary.add_column("loss recovered", justify="right")
+    for kind, o in outcomes:
+        m = o.result.metrics
+        summary.add_row(
+            kind,
+            format_value(m.get("sparsity/l0_mean"), "{:.2f}"),
+            format_value(m.get("recon/explained_variance"), "{:.4f}"),
+            format_value(m.get("downstream/loss_recovered"), "{:.4f}"),
+        )
+    out_console.print(summary)
+    for kind, o in outcomes:
+        run = f"MLflow run {o.run_id}" if o.run_id else "not tracked"
+        out_console.print(f"{kind}: results in {o.out_dir} ({run})", soft_wrap=True, highlight=False)
+    tracked = [o for _, o in outcomes if o.run_id]
+    if tracked:
+        out_console.print(f"Runs are in MLflow experiment '{experiment}' at {tracked[-1].tracking_uri}", soft_wrap=True, highlight=False)
+        show_links(str(tracked[-1].run_id))
+
 
 
 # --- full -------------------------------------------------------------------------------------
@@ -53,7 +151,7 @@ def full(**options: Any) -> None:
     """
     from sae_mlops.config import AnalysisConfig, RunOptions
     from sae_mlops.options import build
-    from sae_mlops.pipeline import run_full_and_log
+    from sae_mlops.workflows import run_full_and_log
 
     run = build(RunOptions, options)
     set_quiet(run.quiet)
@@ -135,7 +233,7 @@ def query(
     _check_question(feature=feature, top=top, context=context, token=token, doc=doc, position=position, feature_docs=feature_docs, sql=sql, limit=limit)
     if not path.exists():
         raise InputError(f"'{path}' does not exist; give an activation database directory or the output directory of `sae-mlops full`.")
-    from sae_mlops.actdb.reader import ActivationDB
+    from sae_mlops.outputs.activation_db.reader import ActivationDB
 
     db = ActivationDB(path)
     title, df = _answer(db, feature=feature, top=top, context=context, token=token, doc=doc, position=position, feature_docs=feature_docs, sql=sql, limit=limit)

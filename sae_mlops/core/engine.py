@@ -30,9 +30,9 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
-from sae_mlops.collectors.base import Collector, StepData
+from sae_mlops.core.collectors.base import Collector, StepData
 from sae_mlops.errors import InputError
-from sae_mlops.tokens import TokenBatch
+from sae_mlops.core.tokens import TokenBatch
 
 log = logging.getLogger(__name__)
 

@@ -20,16 +20,16 @@ import numpy as np
 import pandas as pd
 import torch
 
-from sae_mlops.collectors.examples import TopExamplesCollector
-from sae_mlops.results import AnalysisResult, _json_safe
-from sae_mlops.writers.files import atomic_write
-from sae_mlops.writers.quick import summary_markdown
+from sae_mlops.core.collectors.examples import TopExamplesCollector
+from sae_mlops.core.results import AnalysisResult, json_safe
+from sae_mlops.files import atomic_write
+from sae_mlops.outputs.summaries import summary_markdown
 
 MARK_OPEN, MARK_CLOSE = "[[", "]]"
 
 
 def dumps(obj: Any) -> str:
-    return json.dumps(_json_safe(obj), indent=2)
+    return json.dumps(json_safe(obj), indent=2)
 
 
 def context_string(ctx_ids: list[int], vocab: list[str]) -> str:
@@ -49,7 +49,7 @@ def _lens_tokens(lens: dict[str, np.ndarray], vocab: list[str], feature: int, si
 
 
 def _num(x: float) -> str:
-    """A float as ``json.dumps`` writes it; non-finite as null (as ``_json_safe`` does)."""
+    """A float as ``json.dumps`` writes it; non-finite as null (as ``json_safe`` does)."""
     x = float(x)
     return repr(x) if math.isfinite(x) else "null"
 

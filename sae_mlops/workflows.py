@@ -15,15 +15,15 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from sae_mlops.config import AnalysisConfig
+from sae_mlops.naming import utc_timestamp
 
 if TYPE_CHECKING:
-    from sae_mlops.full import FullOptions
-    from sae_mlops.results import AnalysisResult
+    from sae_mlops.analyses.full import FullOptions
+    from sae_mlops.core.results import AnalysisResult
 
 log = logging.getLogger(__name__)
 
@@ -38,10 +38,6 @@ class QuickOutcome:
     run_id: str | None = None  # None when tracking was off
     tracking_uri: str | None = None
     warnings: list[str] = field(default_factory=list)
-
-
-def utc_timestamp() -> str:
-    return datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
 
 
 def sae_label(sae: str, sae_id: str | None = None) -> str:
@@ -84,8 +80,8 @@ def run_quick_and_log(
     out = Path(out_dir) if out_dir else default_out_dir(cfg)
     preflight(out, track, no_track_option=True)
     import sae_mlops.tracking.resolve  # noqa: F401 (registers the resolver of runs:/ and models:/ SAE URIs)
-    from sae_mlops.analysis import run_quick
-    from sae_mlops.writers.quick import write_quick_outputs
+    from sae_mlops.analyses.quick import run_quick
+    from sae_mlops.outputs.summaries import write_quick_outputs
 
     started = _now_ms()
     started_s = time.perf_counter()
@@ -215,7 +211,7 @@ def run_full_and_log(
     out = Path(out_dir) if out_dir else default_out_dir(cfg, "full")
     preflight(out, track, no_track_option=True)
     import sae_mlops.tracking.resolve  # noqa: F401 (registers the resolver of runs:/ and models:/ SAE URIs)
-    from sae_mlops.full import FullOptions
+    from sae_mlops.analyses.full import FullOptions
 
     opts = opts or FullOptions()  # bounds are checked when FullOptions is built (sae_mlops.config)
     started = _now_ms()
@@ -229,7 +225,7 @@ def _run_full_and_log(
     started: int,
     started_s: float,
 ) -> FullOutcome:
-    from sae_mlops.full import run_full
+    from sae_mlops.analyses.full import run_full
 
     outputs = run_full(cfg, out, opts)
     files = [Path(f) for f in outputs.files]
@@ -263,7 +259,7 @@ def log_existing(out_dir: Path | str, *, experiment: str | None = None, run_name
     import json
 
     from sae_mlops.errors import InputError
-    from sae_mlops.results import AnalysisResult
+    from sae_mlops.core.results import AnalysisResult
 
     out = Path(out_dir)
     hint = "give the output directory of a finished `sae-mlops quick` or `sae-mlops full`"

@@ -22,7 +22,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from sae_mlops.metrics import BY_SHORT  # noqa: E402
-from sae_mlops.writers.files import atomic_write, atomic_write_text  # noqa: E402
+from sae_mlops.files import atomic_write, atomic_write_text  # noqa: E402
 
 #: (column, header, format) of the table, in order.
 COLUMNS: tuple[tuple[str, str, str], ...] = (
@@ -116,7 +116,7 @@ def write_comparison(df: pd.DataFrame, out_dir: Path, title: str = "SAE comparis
     md += [
         "Lower L0 and higher quality are better; `frontier` marks the Pareto-optimal analyses.",
         "Loss recovered = 1 - (CE_SAE - CE_clean) / (CE_zero - CE_clean); explained variance is per",
-        "dimension about the mean (see `sae_mlops.results`).",
+        "dimension about the mean (see `sae_mlops.core.results`).",
         "",
         markdown_table(df),
     ]

@@ -14,7 +14,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from sae_mlops.writers.files import atomic_write  # noqa: E402
+from sae_mlops.files import atomic_write  # noqa: E402
 
 
 def _save(fig, path: Path) -> Path:

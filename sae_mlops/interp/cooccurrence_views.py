@@ -26,7 +26,7 @@ import scipy.sparse as sp
 from scipy.sparse.csgraph import connected_components
 
 from sae_mlops.interp.data import AnalysisData
-from sae_mlops.writers.plots import cluster_order, variable_subsample
+from sae_mlops.outputs.plots import cluster_order, variable_subsample
 
 log = logging.getLogger(__name__)
 

@@ -34,7 +34,7 @@ class AnalysisResult:
 
     def to_json_dict(self) -> dict[str, Any]:
         """JSON-safe dict: NaN/inf become None."""
-        return _json_safe(
+        return json_safe(
             {
                 "kind": self.kind,
                 "params": self.params,
@@ -62,11 +62,11 @@ class AnalysisResult:
         )
 
 
-def _json_safe(obj: Any) -> Any:
+def json_safe(obj: Any) -> Any:
     if isinstance(obj, float):
         return obj if math.isfinite(obj) else None
     if isinstance(obj, dict):
-        return {str(k): _json_safe(v) for k, v in obj.items()}
+        return {str(k): json_safe(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_json_safe(v) for v in obj]
+        return [json_safe(v) for v in obj]
     return obj

@@ -16,17 +16,17 @@ from typing import Any
 import torch
 
 from sae_mlops import __version__
-from sae_mlops.collectors.base import Collector
-from sae_mlops.collectors.downstream import DownstreamCollector
-from sae_mlops.collectors.reconstruction import ReconstructionCollector
-from sae_mlops.collectors.sparsity import SparsityCollector
+from sae_mlops.core.collectors.base import Collector
+from sae_mlops.core.collectors.downstream import DownstreamCollector
+from sae_mlops.core.collectors.reconstruction import ReconstructionCollector
+from sae_mlops.core.collectors.sparsity import SparsityCollector
 from sae_mlops.config import AnalysisConfig
-from sae_mlops.engine import Engine, HookSite, PassStats, resolve_device
+from sae_mlops.core.engine import Engine, HookSite, PassStats, resolve_device
 from sae_mlops.errors import InputError
-from sae_mlops.results import AnalysisResult
+from sae_mlops.core.results import AnalysisResult
 from sae_mlops.sources.types import Corpus, LoadedModel, LoadedSAE
 from sae_mlops.telemetry import Stages, device_params
-from sae_mlops.tokens import WindowPlan, check_enough_tokens, iter_batches, make_plan
+from sae_mlops.core.tokens import WindowPlan, check_enough_tokens, iter_batches, make_plan
 
 log = logging.getLogger(__name__)
 
@@ -139,7 +139,7 @@ def calibrate_threshold(inputs: Inputs, engine: Engine) -> None:
 def available_tokens(inputs: Inputs, budget: int | None) -> int:
     """Analysed tokens the pass will take: min(budget, the corpus's analysable tokens), counted by
     tokenizing the corpus up to the budget (the progress bar's total, so its ETA is right)."""
-    from sae_mlops.tokens import _count_analysed, iter_windows
+    from sae_mlops.core.tokens import _count_analysed, iter_windows
 
     special = set(inputs.plan.special_ids)
     special_ids = torch.tensor(sorted(special), dtype=torch.long)

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from sae_mlops.collectors.base import StepData
+from sae_mlops.core.collectors.base import StepData
 
 
 @dataclass

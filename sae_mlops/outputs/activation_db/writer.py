@@ -28,7 +28,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from sae_mlops.collectors.base import StepData
+from sae_mlops.core.collectors.base import StepData
 
 FORMAT = "sae-mlops activation database v1"  # the reader checks this in manifest.json
 

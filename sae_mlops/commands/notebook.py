@@ -1,5 +1,5 @@
 """`sae-mlops report`: execute the interpretation notebook on a full analysis, render it as HTML and
-log both to the analysis's MLflow run (one call: `sae_mlops.interp.report.generate_report`)."""
+log both to the analysis's MLflow run (one call: `sae_mlops.interp.notebook_report.generate_report`)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from sae_mlops.cli import set_quiet, app, fail, out_console, report_input_errors
+from sae_mlops.commands.app import set_quiet, app, fail, out_console, report_input_errors
 
 
 @app.command()
@@ -37,7 +37,7 @@ def report(
 ) -> None:
     """Interpretation report: run notebooks/interp_analysis.ipynb (papermill) on a full analysis,
     write the executed notebook and a self-contained HTML page, and log both to the MLflow run."""
-    from sae_mlops.interp.report import ReportError, generate_report, parse_features
+    from sae_mlops.interp.notebook_report import ReportError, generate_report, parse_features
     from sae_mlops.preflight import check_out_dir
 
     set_quiet(quiet)

@@ -2,7 +2,7 @@
 
 - Decoder similarity: ``sim_ij = cos(W_dec[i], W_dec[j])`` (rows are features), on the device
   that holds ``W_dec``.
-- Co-occurrence: counts ``n_ij`` and the measures of :mod:`sae_mlops.collectors.cooccurrence`,
+- Co-occurrence: counts ``n_ij`` and the measures of :mod:`sae_mlops.core.collectors.cooccurrence`,
   either from a dense count matrix (``d_sae <= dense_limit``: the pass counted the pairs) or, block
   by block, from the binary firing CSR [tokens, d_sae] of the activation database:
   ``n_ij`` for the features i of a block = ``B[:, block]^T B`` (a sparse product; cost ~ the
@@ -33,8 +33,8 @@ import pandas as pd
 import scipy.sparse as sp
 import torch
 
-from sae_mlops.collectors.cooccurrence import measure_from_counts
-from sae_mlops.writers.files import atomic_write, umask
+from sae_mlops.core.collectors.cooccurrence import measure_from_counts
+from sae_mlops.files import atomic_write, umask
 
 #: entries per row block (16M: 64 MB of float32, 128 MB of float64 temporaries)
 BLOCK_ELEMENTS = 1 << 24

@@ -13,7 +13,7 @@ from typing import Any, Protocol
 
 import torch
 
-from sae_mlops.tokens import TokenBatch
+from sae_mlops.core.tokens import TokenBatch
 
 
 @dataclass

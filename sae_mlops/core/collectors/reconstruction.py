@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from sae_mlops.collectors.base import StepData, f64sum
+from sae_mlops.core.collectors.base import StepData, f64sum
 
 
 class ReconstructionCollector:

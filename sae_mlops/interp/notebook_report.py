@@ -19,7 +19,7 @@ from typing import Any
 
 from sae_mlops.errors import InputError
 from sae_mlops.interp.data import require_full_analysis
-from sae_mlops.writers.files import atomic_write_text
+from sae_mlops.files import atomic_write_text
 
 log = logging.getLogger(__name__)
 

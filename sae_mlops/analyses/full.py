@@ -15,15 +15,15 @@ from pathlib import Path
 
 import numpy as np
 
-from sae_mlops.actdb.writer import ActivationDBWriter
-from sae_mlops.analysis import Inputs, assemble_result, base_collectors, prepare, run_pass
-from sae_mlops.collectors.cooccurrence import CooccurrenceCollector, measure_from_counts
-from sae_mlops.collectors.examples import TopExamplesCollector
-from sae_mlops.collectors.sparsity import SparsityCollector
+from sae_mlops.outputs.activation_db.writer import ActivationDBWriter
+from sae_mlops.analyses.quick import Inputs, assemble_result, base_collectors, prepare, run_pass
+from sae_mlops.core.collectors.cooccurrence import CooccurrenceCollector, measure_from_counts
+from sae_mlops.core.collectors.examples import TopExamplesCollector
+from sae_mlops.core.collectors.sparsity import SparsityCollector
 from sae_mlops.config import AnalysisConfig, FullOptions
 from sae_mlops.errors import InputError
-from sae_mlops.logit_lens import decoder_in_residual, logit_lens
-from sae_mlops.matrices import (
+from sae_mlops.core.logit_lens import decoder_in_residual, logit_lens
+from sae_mlops.core.matrices import (
     DenseWriter,
     block_neighbours,
     cooccurrence_submatrix,
@@ -33,11 +33,11 @@ from sae_mlops.matrices import (
     similarity_submatrix,
     write_neighbours,
 )
-from sae_mlops.results import AnalysisResult
-from sae_mlops.writers import full as full_writers
-from sae_mlops.writers import plots
-from sae_mlops.writers.files import atomic_write_text
-from sae_mlops.writers.quick import timestamp
+from sae_mlops.core.results import AnalysisResult
+from sae_mlops.outputs import full_reports as full_writers
+from sae_mlops.outputs import plots
+from sae_mlops.files import atomic_write_text
+from sae_mlops.outputs.summaries import timestamp
 
 log = logging.getLogger(__name__)
 
@@ -161,7 +161,7 @@ def run_full(cfg: AnalysisConfig, out_dir: Path, opts: FullOptions | None = None
 
 
 def _csr(db_root: Path):
-    from sae_mlops.actdb.reader import ActivationDB
+    from sae_mlops.outputs.activation_db.reader import ActivationDB
 
     return ActivationDB(db_root).csr()
 
@@ -169,7 +169,7 @@ def _csr(db_root: Path):
 def write_matrices(mdir: Path, ts: str, w_dec, cooc: CooccurrenceCollector | None, db_root: Path,
                    opts: FullOptions, dense: bool) -> list[Path]:
     """Neighbour lists (always) and dense matrices (``dense``) of decoder similarity and
-    co-occurrence, each in one sweep over row blocks (see :mod:`sae_mlops.matrices`)."""
+    co-occurrence, each in one sweep over row blocks (see :mod:`sae_mlops.core.matrices`)."""
     d_sae = int(w_dec.shape[0])
     files: list[Path] = []
     log.info("decoder similarity")

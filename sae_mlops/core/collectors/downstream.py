@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from sae_mlops.collectors.base import StepData, f64sum
+from sae_mlops.core.collectors.base import StepData, f64sum
 
 
 class DownstreamCollector:

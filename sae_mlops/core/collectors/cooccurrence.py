@@ -20,7 +20,7 @@ it is used only up to the dense limit (``--dense-limit``, default 4096: 128 MiB 
   matrix on the device; the dense codes never leave the device.
 
 Beyond the dense limit no pair is counted in the pass: neighbours are computed after it, block-wise,
-from the activation database's CSR (:func:`sae_mlops.matrices.csr_count_blocks`).
+from the activation database's CSR (:func:`sae_mlops.core.matrices.csr_count_blocks`).
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-from sae_mlops.collectors.base import StepData
+from sae_mlops.core.collectors.base import StepData
 
 MEASURES = ("correlation", "jaccard", "pmi")
 
@@ -178,6 +178,6 @@ def neighbours_from_csr(
     Returns (indices [d_sae, k] int64, values [d_sae, k] float32), self excluded, best first,
     ties by the lower feature index.
     """
-    from sae_mlops.matrices import block_neighbours, csr_count_blocks
+    from sae_mlops.core.matrices import block_neighbours, csr_count_blocks
 
     return block_neighbours(csr_count_blocks(csr, measure, block), csr.shape[1], k)

@@ -1,7 +1,7 @@
 """Reading the activation database with DuckDB: the questions researchers ask of it.
 
 Views available to :meth:`ActivationDB.sql`: ``tokens``, ``activations``, ``features``, ``vocab``
-(see :mod:`sae_mlops.actdb.writer` for their columns). Contexts are rebuilt from the token table
+(see :mod:`sae_mlops.outputs.activation_db.writer` for their columns). Contexts are rebuilt from the token table
 by document and position, the activating token marked ``[[like this]]``.
 
 The query surface is read-only and confined to the database directory:
@@ -25,7 +25,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from sae_mlops.actdb.writer import FORMAT
+from sae_mlops.outputs.activation_db.writer import FORMAT
 from sae_mlops.errors import InputError
 
 MARK_OPEN, MARK_CLOSE = "[[", "]]"
