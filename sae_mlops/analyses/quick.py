@@ -139,13 +139,13 @@ def calibrate_threshold(inputs: Inputs, engine: Engine) -> None:
 def available_tokens(inputs: Inputs, budget: int | None) -> int:
     """Analysed tokens the pass will take: min(budget, the corpus's analysable tokens), counted by
     tokenizing the corpus up to the budget (the progress bar's total, so its ETA is right)."""
-    from sae_mlops.core.tokens import _count_analysed, iter_windows
+    from sae_mlops.core.tokens import count_analysed, iter_windows
 
     special = set(inputs.plan.special_ids)
     special_ids = torch.tensor(sorted(special), dtype=torch.long)
     n = 0
     for window in iter_windows(inputs.corpus.texts, inputs.model.tokenizer, inputs.plan):
-        n += _count_analysed(window, special, special_ids)
+        n += count_analysed(window, special, special_ids)
         if budget is not None and n >= budget:
             return budget
     return n

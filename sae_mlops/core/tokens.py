@@ -130,7 +130,7 @@ def collate(windows: list[Window], plan: WindowPlan) -> TokenBatch:
     return TokenBatch(tokens, valid, analysed, predicts, doc_index, doc_pos)
 
 
-def _count_analysed(window: Window, special: set[int], special_ids: torch.Tensor) -> int:
+def count_analysed(window: Window, special: set[int], special_ids: torch.Tensor) -> int:
     """Tokens of the window that are analysed: not the prepended BOS, not special (no Python loop
     over tokens: ``list.count`` per special id when there are few, else ``torch.isin``)."""
     body = window.tokens[1:] if window.has_bos else window.tokens
@@ -177,7 +177,7 @@ def iter_batches(
             yield collate(ordered[i : i + batch_size], plan)
 
     for window in iter_windows(texts, tokenizer, plan):
-        n = _count_analysed(window, special, special_ids)
+        n = count_analysed(window, special, special_ids)
         if n == 0:
             continue
         if max_tokens is not None and taken + n >= max_tokens:

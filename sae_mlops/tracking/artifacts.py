@@ -72,7 +72,7 @@ def download_analysis(run_id: str, dst: Path, tracking_uri: str | None = None, a
     dst = Path(dst)
     dst.mkdir(parents=True, exist_ok=True)
     wanted = set(DOWNLOADED) | ({"activation_database"} if activation_db else set())
-    with _no_progress_bars():
+    with no_progress_bars():
         for entry in _client(tracking_uri).list_artifacts(run_id):
             if entry.is_dir and entry.path not in wanted:
                 continue
@@ -82,7 +82,7 @@ def download_analysis(run_id: str, dst: Path, tracking_uri: str | None = None, a
 
 
 @contextmanager
-def _no_progress_bars():
+def no_progress_bars():
     """MLflow's per-download progress bars, off for a handful of small files (restored after)."""
     name = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
     before = os.environ.get(name)

@@ -181,8 +181,8 @@ def download_labels(run_id: str, dst: Path, tracking_uri: str | None = None) -> 
         return False
     target = Path(dst) / "labels"
     target.mkdir(parents=True, exist_ok=True)  # a single file lands directly in dst_path
-    from sae_mlops.tracking.artifacts import _no_progress_bars
+    from sae_mlops.tracking.artifacts import no_progress_bars
 
-    with _no_progress_bars():
+    with no_progress_bars():
         mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="labels/labels.jsonl", dst_path=str(target), tracking_uri=tracking_uri)
     return True
