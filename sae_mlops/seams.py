@@ -62,8 +62,11 @@ SEAMS: tuple[Seam, ...] = (
          "model names recorded in SAE metadata"),
     Seam("MLflow model-name rule (private)", "mlflow.utils.validation:_validate_model_name",
          "--register NAME is checked before training; MLflow has no public validator"),
-    Seam("MLflow batch limits", "mlflow.utils.validation:MAX_METRICS_PER_BATCH", "per-step training metrics in batches"),
-    Seam("MLflow batch limits", "mlflow.utils.validation:MAX_PARAMS_TAGS_PER_BATCH", "params and tags in batches"),
+    Seam("MLflow value limits", "mlflow.utils.validation:MAX_PARAM_VAL_LENGTH", "long param values are cut to fit"),
+    Seam("MLflow value limits", "mlflow.utils.validation:MAX_TAG_VAL_LENGTH", "long tag values are cut to fit"),
+    Seam("MLflow run context tags (internal)", "mlflow.tracking.context.registry:resolve_tags",
+         "user, source and git tags on runs created with an explicit start time (mlflow.start_run has no "
+         "start_time, and the run's start must be when the analysis started)"),
 )
 
 

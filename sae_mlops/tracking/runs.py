@@ -55,9 +55,7 @@ from mlflow.tracking import MlflowClient
 from mlflow.utils.time import get_current_time_millis
 from mlflow.utils.validation import (
     MAX_ENTITY_KEY_LENGTH,
-    MAX_METRICS_PER_BATCH,
     MAX_PARAM_VAL_LENGTH,
-    MAX_PARAMS_TAGS_PER_BATCH,
     MAX_TAG_VAL_LENGTH,
 )
 
@@ -250,8 +248,7 @@ def _log_into(client: MlflowClient, run_id: str, result: AnalysisResult, files: 
     existing = client.get_run(run_id)
 
     params, conflicts = flat_params(result.params, existing.data.params)
-    for chunk in chunks(params, MAX_PARAMS_TAGS_PER_BATCH):
-        client.log_batch(run_id, params=chunk)
+    client.log_batch(run_id, params=params)  # log_batch splits into MLflow\'s batch limits itself
 
     link = _record_lineage(client, run_id, result)
     metrics, unlogged = _metrics(result.metrics)
@@ -262,8 +259,7 @@ def _log_into(client: MlflowClient, run_id: str, result: AnalysisResult, files: 
                    dataset_name=link.dataset_name, dataset_digest=link.dataset_digest)
             for m in metrics
         ]
-    for chunk in chunks(metrics, MAX_METRICS_PER_BATCH):
-        client.log_batch(run_id, metrics=chunk)
+    client.log_batch(run_id, metrics=metrics)  # log_batch splits into MLflow\'s batch limits itself
 
     tags = {str(k): str(v) for k, v in result.tags.items()}
     if link is not None:
@@ -283,8 +279,7 @@ def _log_into(client: MlflowClient, run_id: str, result: AnalysisResult, files: 
     if note is not None:
         tags[TAG_NOTE] = note
     tag_list = [RunTag(metric_key(k), _cut(v, MAX_TAG_VAL_LENGTH)) for k, v in tags.items()]
-    for chunk in chunks(tag_list, MAX_PARAMS_TAGS_PER_BATCH):
-        client.log_batch(run_id, tags=chunk)
+    client.log_batch(run_id, tags=tag_list)  # log_batch splits into MLflow\'s batch limits itself
 
     _log_files(client, run_id, files, out_dir)
     _log_plot_images(client, run_id, files)
@@ -462,8 +457,3 @@ def _cut(s: str, limit: int) -> str:
 
 def metric_key(k: str) -> str:
     return k[:MAX_ENTITY_KEY_LENGTH]
-
-
-def chunks(items: list, n: int):
-    for i in range(0, len(items), n):
-        yield items[i : i + n]

@@ -27,7 +27,6 @@ import mlflow
 from mlflow.entities import Metric, RunTag
 from mlflow.tracking import MlflowClient
 from mlflow.utils.time import get_current_time_millis
-from mlflow.utils.validation import MAX_METRICS_PER_BATCH, MAX_PARAMS_TAGS_PER_BATCH
 
 from sae_mlops.tracking import lineage
 from sae_mlops.tracking.lineage import (
@@ -39,7 +38,7 @@ from sae_mlops.tracking.lineage import (
     TAG_SAE_SOURCE,
 )
 from sae_mlops.tracking.registry import Registration, log_sae_model, register_sae_model, version_tags
-from sae_mlops.tracking.runs import chunks, metric_key, flat_params, resolve_run
+from sae_mlops.tracking.runs import flat_params, metric_key, resolve_run
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +49,7 @@ HISTORY_NAMES = {
     "sparsity": "train/l0",
     "dead_features": "train/dead_features",
 }
+_FLUSH_METRICS = 1000  # buffered training metrics sent in one log_batch (MLflow's per-request limit)
 _FLUSH_EVERY_S = 5.0
 
 
@@ -105,15 +105,13 @@ class SourceRun:
     def log_params(self, params: dict[str, Any]) -> None:
         existing = self.client.get_run(self.run_id).data.params
         given, conflicts = flat_params(params, existing)
-        for chunk in chunks(given, MAX_PARAMS_TAGS_PER_BATCH):
-            self.client.log_batch(self.run_id, params=chunk)
+        self.client.log_batch(self.run_id, params=given)  # log_batch splits into MLflow\'s batch limits itself
         if conflicts:  # given first (e.g. None = "default"), then the resolved value: resolved.<name>
             self.set_tags({"sae_mlops.resolved_params": ",".join(conflicts)})
 
     def set_tags(self, tags: dict[str, Any]) -> None:
         items = [RunTag(metric_key(str(k)), str(v)) for k, v in tags.items() if v is not None]
-        for chunk in chunks(items, MAX_PARAMS_TAGS_PER_BATCH):
-            self.client.log_batch(self.run_id, tags=chunk)
+        self.client.log_batch(self.run_id, tags=items)  # log_batch splits into MLflow\'s batch limits itself
 
     def log_corpus(self, path: str, sha256: str | None, documents: int | None = None) -> None:
         """The training corpus as an ``mlflow.data`` dataset input (context ``training``)."""
@@ -136,13 +134,12 @@ class SourceRun:
                 continue
             self._buffer.append(Metric(metric_key(str(k)), value, now, int(step)))
             self._last[str(k)] = value
-        if len(self._buffer) >= MAX_METRICS_PER_BATCH or time.monotonic() - self._last_flush > _FLUSH_EVERY_S:
+        if len(self._buffer) >= _FLUSH_METRICS or time.monotonic() - self._last_flush > _FLUSH_EVERY_S:
             self.flush()
 
     def flush(self) -> None:
         buffer, self._buffer = self._buffer, []
-        for chunk in chunks(buffer, MAX_METRICS_PER_BATCH):
-            self.client.log_batch(self.run_id, metrics=chunk)
+        self.client.log_batch(self.run_id, metrics=buffer)  # log_batch splits into MLflow\'s batch limits itself
         self._last_flush = time.monotonic()
 
     @property
@@ -180,8 +177,7 @@ class SourceRun:
                 for k, v in summary.items()
                 if v is not None and math.isfinite(float(v))
             ]
-            for chunk in chunks(metrics, MAX_METRICS_PER_BATCH):
-                self.client.log_batch(self.run_id, metrics=chunk)
+            self.client.log_batch(self.run_id, metrics=metrics)  # log_batch splits into MLflow\'s batch limits itself
         registration = None
         if register:
             registration = register_sae_model(self.client, model_id, self.run_id, register, alias, tags=model_tags)
