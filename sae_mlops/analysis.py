@@ -25,7 +25,8 @@ from sae_mlops.engine import Engine, HookSite, PassStats, resolve_device
 from sae_mlops.errors import InputError
 from sae_mlops.results import AnalysisResult
 from sae_mlops.sources.types import Corpus, LoadedModel, LoadedSAE
-from sae_mlops.tokens import WindowPlan, iter_batches, make_plan
+from sae_mlops.telemetry import Stages, device_params
+from sae_mlops.tokens import WindowPlan, check_enough_tokens, iter_batches, make_plan
 
 log = logging.getLogger(__name__)
 
@@ -44,19 +45,33 @@ class Inputs:
     plan: WindowPlan
     device: str
     warnings: list[str] = field(default_factory=list)
+    stages: Stages = field(default_factory=Stages)  # seconds per stage (cost telemetry)
 
 
 def prepare(cfg: AnalysisConfig) -> Inputs:
-    """Load SAE, model and corpus and check they fit together (hook, d_in, tokenizer, context)."""
-    from sae_mlops.sources.corpus import load_corpus
-    from sae_mlops.sources.model import load_model
-    from sae_mlops.sources.sae import load_sae
-    from sae_mlops.sources.validate import check_compatible
+    """Load SAE, model and corpus and check they fit together (hook, d_in, tokenizer, context).
 
+    Timed as ``time/import`` (the loaders and TransformerLens) and ``time/load`` (the rest)."""
     if cfg.max_tokens is not None and cfg.max_tokens < 1:
         raise InputError(f"token budget {cfg.max_tokens} must be at least 1; pass --max-tokens 1 or more.")
     if cfg.topk_mode not in (None, "batch", "threshold"):
         raise InputError(f"unknown top-k mode '{cfg.topk_mode}'; use --topk-mode batch or --topk-mode threshold.")
+    stages = Stages()
+    with stages.stage("import"):
+        import transformer_lens  # noqa: F401 - every model runs as a HookedTransformer; timed here
+
+        from sae_mlops.sources.corpus import load_corpus
+        from sae_mlops.sources.model import load_model
+        from sae_mlops.sources.sae import load_sae
+        from sae_mlops.sources.validate import check_compatible
+
+    with stages.stage("load"):
+        inputs = _prepare(cfg, load_corpus, load_model, load_sae, check_compatible)
+    inputs.stages = stages
+    return inputs
+
+
+def _prepare(cfg: AnalysisConfig, load_corpus, load_model, load_sae, check_compatible) -> Inputs:
     device = resolve_device(cfg.device)
     sae = load_sae(cfg.sae, sae_id=cfg.sae_id, device=device, topk_mode=cfg.topk_mode, threshold=cfg.threshold)
     model_name = cfg.model or sae.info.model_name
@@ -91,6 +106,7 @@ def prepare(cfg: AnalysisConfig) -> Inputs:
     if prepend_bos is None:
         prepend_bos = bool(getattr(model.model.cfg, "default_prepend_bos", True))
     plan = make_plan(model.tokenizer, context_size, prepend_bos)
+    check_enough_tokens(corpus.texts, model.tokenizer, plan, cfg.max_tokens, corpus.path)
     for w in warnings:
         log.warning(w)
     return Inputs(cfg, sae, model, corpus, site, plan, device, warnings)
@@ -120,14 +136,34 @@ def calibrate_threshold(inputs: Inputs, engine: Engine) -> None:
     log.info("estimated threshold theta=%.6g on %d tokens (%d batches)", theta, n, len(values))
 
 
+def available_tokens(inputs: Inputs, budget: int | None) -> int:
+    """Analysed tokens the pass will take: min(budget, the corpus's analysable tokens), counted by
+    tokenizing the corpus up to the budget (the progress bar's total, so its ETA is right)."""
+    from sae_mlops.tokens import _count_analysed, iter_windows
+
+    special = set(inputs.plan.special_ids)
+    special_ids = torch.tensor(sorted(special), dtype=torch.long)
+    n = 0
+    for window in iter_windows(inputs.corpus.texts, inputs.model.tokenizer, inputs.plan):
+        n += _count_analysed(window, special, special_ids)
+        if budget is not None and n >= budget:
+            return budget
+    return n
+
+
 def run_pass(inputs: Inputs, collectors: list[Collector], downstream: bool = True, on_step=None) -> PassStats:
     """Threshold calibration if needed, then the one streaming pass."""
     engine = Engine(inputs.model.model, inputs.sae.module, inputs.site, inputs.device, downstream=downstream)
-    calibrate_threshold(inputs, engine)
+    with inputs.stages.stage("calibration"):
+        calibrate_threshold(inputs, engine)
     budget = inputs.cfg.max_tokens
-    stats = engine.run(
-        make_batches(inputs, budget), collectors, total_tokens=budget, progress=inputs.cfg.progress, on_step=on_step
-    )
+    total = available_tokens(inputs, budget) if inputs.cfg.progress else budget
+    if str(inputs.device).startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats(torch.device(inputs.device))
+    with inputs.stages.stage("pass"):
+        stats = engine.run(
+            make_batches(inputs, budget), collectors, total_tokens=total, progress=inputs.cfg.progress, on_step=on_step
+        )
     if stats.tokens_analysed == 0 or (downstream and stats.predictions == 0):
         raise InputError(
             f"the corpus '{inputs.corpus.path}' is too short: {stats.tokens_analysed} analysable tokens and "
@@ -153,10 +189,17 @@ def _package_version(name: str) -> str:
 
 
 def resolved_params(inputs: Inputs, stats: PassStats) -> dict[str, Any]:
-    """Every input and resolved value, flat, for MLflow params and the results JSON."""
+    """Every input and resolved value, flat, for MLflow params and the results JSON (None = absent;
+    the tracking layer leaves absent values out of the run's params). ``sae_name`` is the short name
+    of `sae_mlops.naming.sae_name`; ``topk_k`` is the SAE's k for every TopK-style SAE (the prior
+    format's ``top_k``, SAELens ``cfg.json`` ``k``)."""
+    from sae_mlops.naming import sae_name
+
     cfg, info = inputs.cfg, inputs.sae.info
+    k = info.k if info.k is not None else (info.extra or {}).get("k")
     return {
         "sae": cfg.sae,
+        "sae_name": sae_name(cfg.sae, cfg.sae_id),
         "sae_id": cfg.sae_id,
         "sae_format": info.format,
         "sae_architecture": info.architecture,
@@ -168,7 +211,7 @@ def resolved_params(inputs: Inputs, stats: PassStats) -> dict[str, Any]:
         "hook_head_index": info.hook_head_index,
         "hook_path": "start_at_layer" if inputs.site.resume_layer is not None else "hooked_forward",
         "topk_mode": info.topk_mode,
-        "topk_k": info.k,
+        "topk_k": k,
         "topk_threshold": info.threshold,
         "topk_threshold_estimated_on_tokens": info.extra.get("threshold_estimated_on_tokens"),
         "model": inputs.model.name,
@@ -189,6 +232,7 @@ def resolved_params(inputs: Inputs, stats: PassStats) -> dict[str, Any]:
         "rare_threshold": cfg.rare_threshold,
         "dense_threshold": cfg.dense_threshold,
         "device": inputs.device,
+        **device_params(inputs.device),
         "dtype": cfg.dtype,
         "version_sae_mlops": __version__,
         "version_torch": torch.__version__,
@@ -199,6 +243,8 @@ def resolved_params(inputs: Inputs, stats: PassStats) -> dict[str, Any]:
 
 
 def assemble_result(kind: str, inputs: Inputs, stats: PassStats, collectors: list[Collector]) -> AnalysisResult:
+    from sae_mlops.naming import sae_name
+
     metrics: dict[str, float] = {}
     warnings = list(inputs.warnings)
     per_feature: dict[str, list[float]] = {}
@@ -220,6 +266,8 @@ def assemble_result(kind: str, inputs: Inputs, stats: PassStats, collectors: lis
             "speed/tokens_per_s": stats.tokens_analysed / stats.seconds if stats.seconds > 0 else 0.0,
         }
     )
+    metrics.update(inputs.stages.metrics(inputs.device))
+    metrics.update({f"time/pass/{k}": v for k, v in stats.part_seconds.items()})
     for w in warnings[len(inputs.warnings) :]:
         log.warning(w)
     tags = dict(info.lineage)
@@ -234,7 +282,7 @@ def assemble_result(kind: str, inputs: Inputs, stats: PassStats, collectors: lis
         per_feature=per_feature,
         details={
             "thresholds": {"dead": 0.0, "rare": inputs.cfg.rare_threshold, "dense": inputs.cfg.dense_threshold},
-            "sae_name": info.local_path.name if info.local_path else str(info.source),
+            "sae_name": sae_name(inputs.cfg.sae, inputs.cfg.sae_id),
             "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         },
         warnings=warnings,

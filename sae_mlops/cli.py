@@ -8,17 +8,18 @@ and exit code 2, without a traceback.
 from __future__ import annotations
 
 import functools
+import inspect
 import logging
-from enum import Enum
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Optional, TypeVar
+import os
+from typing import TYPE_CHECKING, Any, Callable, TypeVar
 
 import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from sae_mlops.errors import InputError
+from sae_mlops.errors import InputError, Interrupted, TrackingError
+from sae_mlops.metrics import format_value, headline_metrics
 
 if TYPE_CHECKING:
     from sae_mlops.pipeline import QuickOutcome
@@ -36,50 +37,31 @@ app = typer.Typer(
 )
 
 out_console = Console()
-_state: dict[str, bool] = {"verbose": False}
+state: dict[str, bool] = {"verbose": False}
 err_console = Console(stderr=True)
 
 DEMO_EXPERIMENT = "sae-mlops-demo"
 DEMO_KINDS = ("standard", "batchtopk", "saelens")
 DEMO_MAX_TOKENS = 100_000  # keeps `make demo` to a few minutes on a laptop CPU
 
-# Headline metrics shown after a run (all are logged; see sae_mlops.results for the scheme).
-HEADLINE = (
-    ("tokens/analysed", "analysed tokens", "{:,.0f}"),
-    ("sparsity/l0_mean", "L0 (mean active features / token)", "{:.2f}"),
-    ("sparsity/l1_mean", "L1 (mean sum |f| / token)", "{:.4g}"),
-    ("features/dead_count", "dead features", "{:,.0f}"),
-    ("features/dead_fraction", "dead fraction", "{:.4f}"),
-    ("features/dense_count", "dense features", "{:,.0f}"),
-    ("recon/explained_variance", "explained variance", "{:.4f}"),
-    ("recon/cosine", "cosine(x, x_hat)", "{:.4f}"),
-    ("recon/mse_per_token", "MSE per token", "{:.4g}"),
-    ("downstream/ce_clean", "CE clean (nats)", "{:.4f}"),
-    ("downstream/ce_sae", "CE with SAE (nats)", "{:.4f}"),
-    ("downstream/ce_zero", "CE zero-ablated (nats)", "{:.4f}"),
-    ("downstream/loss_recovered", "loss recovered", "{:.4f}"),
-    ("downstream/kl_sae", "KL(clean || SAE) (nats)", "{:.4g}"),
-    ("speed/tokens_per_s", "tokens / s", "{:,.0f}"),
-)
-
-
-class TopkMode(str, Enum):
-    batch = "batch"
-    threshold = "threshold"
-
-
 F = TypeVar("F", bound=Callable[..., Any])
 
 
 def report_input_errors(fn: F) -> F:
-    """Turn `InputError` into one red sentence on stderr and exit code 2 (no traceback)."""
+    """Turn `InputError` and `TrackingError` into one red sentence on stderr and exit code 2, and
+    Ctrl-C into one sentence (what was left behind, when the command knows) and exit code 130;
+    no traceback."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
-        except InputError as e:
+        except (InputError, TrackingError) as e:
             fail(str(e), getattr(e, "exit_code", 2))
+        except Interrupted as e:  # AnalysisInterrupted included: the message says what was left behind
+            fail(str(e), e.exit_code)
+        except KeyboardInterrupt:
+            fail("interrupted by the user (Ctrl-C); the command did not finish.", Interrupted.exit_code)
 
     return wrapper  # type: ignore[return-value]
 
@@ -98,107 +80,58 @@ def main(
     """Analyse SAEs, write results under analysis/, and track every run in MLflow."""
     from sae_mlops.logging_setup import setup_logging
 
-    _state["verbose"] = verbose
+    state["verbose"] = verbose
     setup_logging(verbose=verbose)
+    # MLflow prints its own "View run" link (to the GenAI view) on stdout for a server store; ours
+    # (ML workflow links) are printed instead, and stdout stays clean for --format csv|md.
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
 
 
 # --- quick ------------------------------------------------------------------------------------
 
 
+def analysis_parameters(kind: str, *extra: type) -> list[inspect.Parameter]:
+    """The Typer parameters of an analysis command: every `AnalysisConfig` option, then the options of
+    each class in `extra` (e.g. `FullOptions`), then the `RunOptions` (output and tracking)."""
+    from sae_mlops.config import AnalysisConfig, RunOptions
+    from sae_mlops.options import typer_parameters
+
+    out_help = {"out": f"Output directory. (default: analysis/<sae dir name>/{kind}_<UTC timestamp>)"}
+    params = typer_parameters(AnalysisConfig)
+    for cls in extra:
+        params += typer_parameters(cls)
+    return params + typer_parameters(RunOptions, overrides=out_help)
+
+
+def with_signature(params: list[inspect.Parameter]) -> Callable[[F], F]:
+    """Give a ``**options`` command the generated signature (Typer reads ``__signature__``)."""
+
+    def apply(fn: F) -> F:
+        fn.__signature__ = inspect.Signature(params, return_annotation=None)  # type: ignore[attr-defined]
+        return fn
+
+    return apply
+
+
 @app.command()
 @report_input_errors
-def quick(
-    sae: str = typer.Option(
-        ...,
-        "--sae",
-        help="The SAE: a directory in the prior tool's format (config.json + weights.pt), a SAELens "
-        "directory (cfg.json + sae_weights.safetensors), a SAELens release (with --sae-id), "
-        "runs:/<run_id>/<path>, models:/<name>/<version> or models:/<name>@<alias>.",
-    ),
-    sae_id: Optional[str] = typer.Option(None, "--sae-id", help="SAE id within a SAELens release given as --sae."),
-    model: Optional[str] = typer.Option(
-        None,
-        "--model",
-        help="Base model: a TransformerLens name (e.g. gpt2), a local Hugging Face checkpoint directory, "
-        "or 'demo'. (default: the model recorded in the SAE's metadata)",
-    ),
-    corpus: Optional[str] = typer.Option(
-        None,
-        "--corpus",
-        help="Texts to analyse: JSON list of strings, JSONL (see --text-field), Parquet (column --text-field) "
-        "or a plain-text file. (default: the demo corpus when --model is demo)",
-    ),
-    text_field: str = typer.Option("text", "--text-field", help="Field (JSONL) or column (Parquet) holding the text."),
-    hook: Optional[str] = typer.Option(
-        None, "--hook", help="TransformerLens hook name, e.g. blocks.9.hook_resid_post. (default: the SAE's recorded hook)"
-    ),
-    max_tokens: int = typer.Option(
-        1_000_000, "--max-tokens", min=1, help="Token budget: analysed (non-special) tokens to process, or the whole corpus if smaller. Unit: tokens."
-    ),
-    context_size: Optional[int] = typer.Option(
-        None, "--context-size", min=2, help="Tokens per window. (default: the SAE's training context size, else 128)"
-    ),
-    batch_size: int = typer.Option(16, "--batch-size", min=1, help="Windows per batch (batch-global BatchTopK depends on it)."),
-    prepend_bos: Optional[bool] = typer.Option(
-        None, "--prepend-bos/--no-prepend-bos", help="Start each window with BOS. (default: as the SAE's metadata says, else the model's default)"
-    ),
-    topk_mode: Optional[TopkMode] = typer.Option(
-        None,
-        "--topk-mode",
-        case_sensitive=False,
-        help="Prior-format BatchTopK SAEs only: 'batch' (the batch-global top-k rule) or 'threshold' "
-        "(JumpReLU with one threshold). (default: batch)",
-    ),
-    threshold: Optional[float] = typer.Option(
-        None, "--threshold", help="Activation threshold theta for --topk-mode threshold. (default: estimated on the corpus)"
-    ),
-    rare_threshold: float = typer.Option(1e-5, "--rare-threshold", help="A feature firing on a fraction of analysed tokens in (0, this) is rare."),
-    dense_threshold: float = typer.Option(0.1, "--dense-threshold", help="A feature firing on more than this fraction of analysed tokens is dense."),
-    device: str = typer.Option("auto", "--device", help="Torch device: auto (cuda if available, else cpu), cpu, cuda, cuda:1, mps."),
-    dtype: str = typer.Option("float32", "--dtype", help="Model and SAE dtype: float32, float16 or bfloat16."),
-    out: Optional[Path] = typer.Option(
-        None, "--out", help="Output directory. (default: analysis/<sae dir name>/quick_<UTC timestamp>)"
-    ),
-    experiment: Optional[str] = typer.Option(
-        None, "--experiment", help="MLflow experiment for the run. (default: $MLFLOW_EXPERIMENT_NAME, else sae-mlops)"
-    ),
-    run_name: Optional[str] = typer.Option(None, "--run-name", help="MLflow run name. (default: generated by MLflow)"),
-    no_track: bool = typer.Option(False, "--no-track", help="Do not log to MLflow; only write files."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="Only warnings and errors on stderr; no progress bars."),
-) -> None:
+@with_signature(analysis_parameters("quick"))
+def quick(**options: Any) -> None:
     """Quick analysis of one SAE: sparsity, dead/rare/dense features, reconstruction, CE/KL downstream.
 
     One streaming pass over at most --max-tokens tokens. Writes a results JSON and a readable
     summary under --out and logs params, metrics, lineage tags and those files to MLflow
     (MLFLOW_TRACKING_URI, else MLflow's default local store).
     """
-    from sae_mlops.config import AnalysisConfig
+    from sae_mlops.config import AnalysisConfig, RunOptions
+    from sae_mlops.options import build
     from sae_mlops.pipeline import run_quick_and_log
 
-    _quiet(quiet)
-    cfg = AnalysisConfig(
-        sae=sae,
-        sae_id=sae_id,
-        model=model,
-        corpus=corpus,
-        text_field=text_field,
-        hook=hook,
-        max_tokens=max_tokens,
-        context_size=context_size,
-        batch_size=batch_size,
-        prepend_bos=prepend_bos,
-        topk_mode=topk_mode.value if topk_mode is not None else None,
-        threshold=threshold,
-        rare_threshold=rare_threshold,
-        dense_threshold=dense_threshold,
-        device=device,
-        dtype=dtype,
-        progress=not quiet,
-    )
-    outcome = run_quick_and_log(cfg, out, track=not no_track, experiment=experiment, run_name=run_name)
-    show_outcome(outcome, title=f"Quick analysis: {sae}")
-    if outcome.tracking_uri:
-        out_console.print(f"Open the UI with: mlflow ui --backend-store-uri {outcome.tracking_uri}", soft_wrap=True)
+    run = build(RunOptions, options)
+    set_quiet(run.quiet)
+    cfg = build(AnalysisConfig, options, progress=not run.quiet)
+    outcome = run_quick_and_log(cfg, run.out, track=not run.no_track, experiment=run.experiment, run_name=run.run_name)
+    show_outcome(outcome, title=f"Quick analysis: {cfg.sae}")
 
 
 # --- demo -------------------------------------------------------------------------------------
@@ -221,7 +154,7 @@ def demo(
     from sae_mlops.demo import demo_corpus_path, demo_sae_path, ensure_demo_assets
     from sae_mlops.pipeline import run_quick_and_log
 
-    _quiet(quiet)
+    set_quiet(quiet)
     log.info("Preparing demo assets (built once, then cached)...")
     ensure_demo_assets()
     corpus = str(demo_corpus_path())
@@ -236,7 +169,7 @@ def demo(
             progress=not quiet,
         )
         log.info("Quick analysis of the %s demo SAE", kind)
-        outcome = run_quick_and_log(cfg, track=not no_track, experiment=experiment, run_name=f"demo-{kind}")
+        outcome = run_quick_and_log(cfg, track=not no_track, experiment=experiment)
         outcomes.append((kind, outcome))
         show_outcome(outcome, title=f"Demo SAE: {kind}")
 
@@ -249,19 +182,18 @@ def demo(
         m = o.result.metrics
         summary.add_row(
             kind,
-            _fmt(m.get("sparsity/l0_mean"), "{:.2f}"),
-            _fmt(m.get("recon/explained_variance"), "{:.4f}"),
-            _fmt(m.get("downstream/loss_recovered"), "{:.4f}"),
+            format_value(m.get("sparsity/l0_mean"), "{:.2f}"),
+            format_value(m.get("recon/explained_variance"), "{:.4f}"),
+            format_value(m.get("downstream/loss_recovered"), "{:.4f}"),
         )
     out_console.print(summary)
     for kind, o in outcomes:
         run = f"MLflow run {o.run_id}" if o.run_id else "not tracked"
         out_console.print(f"{kind}: results in {o.out_dir} ({run})", soft_wrap=True, highlight=False)
-    uri = next((o.tracking_uri for _, o in outcomes if o.tracking_uri), None)
-    if uri:
-        out_console.print(f"Runs are in MLflow experiment '{experiment}' at {uri}", soft_wrap=True)
-        out_console.print(f"Open the UI with: mlflow ui --backend-store-uri {uri}", soft_wrap=True)
-        out_console.print("then browse to http://127.0.0.1:5000", soft_wrap=True)
+    tracked = [o for _, o in outcomes if o.run_id]
+    if tracked:
+        out_console.print(f"Runs are in MLflow experiment '{experiment}' at {tracked[-1].tracking_uri}", soft_wrap=True, highlight=False)
+        show_links(tracked[-1].run_id)
 
 
 # --- shared output ----------------------------------------------------------------------------
@@ -274,9 +206,9 @@ def show_headline(outcome: QuickOutcome, title: str) -> None:
     table.add_column("metric")
     table.add_column("name", style="dim")
     table.add_column("value", justify="right")
-    for key, label, fmt in HEADLINE:
-        if key in m:
-            table.add_row(label, key, _fmt(m[key], fmt))
+    for metric in headline_metrics():
+        if metric.name in m:
+            table.add_row(metric.label, metric.name, metric.format(m[metric.name]))
     out_console.print(table)
     for w in outcome.warnings:
         err_console.print(f"[yellow]Warning:[/yellow] {escape(w)}", soft_wrap=True)
@@ -289,25 +221,34 @@ def show_outcome(outcome: QuickOutcome, title: str) -> None:
     for f in outcome.files:
         out_console.print(f"  {f}", soft_wrap=True, highlight=False)
     if outcome.run_id:
-        from sae_mlops.tracking.runs import run_url
-
-        out_console.print(f"MLflow run: {outcome.run_id} ({run_url(outcome.run_id)})", soft_wrap=True)
+        show_links(outcome.run_id)
 
 
-def _fmt(v: Any, fmt: str) -> str:
-    if v is None:
-        return "n/a"
-    try:
-        return fmt.format(v)
-    except (TypeError, ValueError):
-        return str(v)
+def show_links(run_id: str) -> None:
+    """Where the run is: its page, the experiment's runs list and chart view (links that open in
+    the UI's ML workflow), and how to start the UI when the store is not a server."""
+    import mlflow
+
+    from sae_mlops.tracking.runs import run_links, ui_base
+
+    links = run_links(run_id)
+    base, served = ui_base()
+    lines = [
+        ("MLflow run:", f"{run_id}  {links['run']}"),
+        ("runs list:", links["runs"]),
+        ("chart view:", links["charts"] + "  (add a scatter: sparsity/l0_mean vs downstream/loss_recovered)"),
+    ]
+    if not served:
+        lines.append(("open the UI with:", f"mlflow ui --backend-store-uri {mlflow.get_tracking_uri()}  (then the links above)"))
+    for label, value in lines:
+        out_console.print(f"{label:<18}{value}", soft_wrap=True, highlight=False, markup=False)
 
 
-def _quiet(quiet: bool) -> None:
+def set_quiet(quiet: bool) -> None:
     if quiet:
         from sae_mlops.logging_setup import setup_logging
 
-        setup_logging(verbose=_state["verbose"], quiet=not _state["verbose"])
+        setup_logging(verbose=state["verbose"], quiet=not state["verbose"])
 
 
 # Command modules register themselves on `app` (they import the helpers above).
@@ -315,6 +256,7 @@ from sae_mlops.commands import full as _full_commands  # noqa: E402,F401
 from sae_mlops.commands import report as _report_commands  # noqa: E402,F401
 from sae_mlops.commands import lineage as _lineage_commands  # noqa: E402,F401
 from sae_mlops.commands import serve as _serve_commands  # noqa: E402,F401
+from sae_mlops.commands import log as _log_commands  # noqa: E402,F401
 from sae_mlops.commands import match as _match_commands  # noqa: E402,F401
 from sae_mlops.commands import dashboard as _dashboard_commands  # noqa: E402,F401
 from sae_mlops.commands import label as _label_commands  # noqa: E402,F401

@@ -25,7 +25,7 @@ import logging
 import re
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from tqdm.auto import tqdm
@@ -99,6 +99,11 @@ class PassStats:
     tokens_in_batches: int = 0  # real (non-padding) tokens, specials included
     predictions: int = 0  # next-token predictions (analysed t, real t+1)
     seconds: float = 0.0
+    cpu_seconds: float = 0.0  # CPU time of the process during the pass (all threads)
+    #: seconds inside the pass: "batches" (tokenising and collating), "model" (model, SAE and
+    #: CE/KL: :meth:`Engine.step`), "sparse_codes" (finding the codes' non-zeros once per batch),
+    #: then one entry per collector (its ``update``); on CUDA each part is synchronised first
+    part_seconds: dict[str, float] = field(default_factory=dict)
 
 
 class Engine:
@@ -321,14 +326,30 @@ class Engine:
         on_step: Callable[[StepData], None] | None = None,
     ) -> PassStats:
         stats = PassStats()
-        start = time.perf_counter()
+        parts = stats.part_seconds
+        sync = torch.cuda.synchronize if str(self.device).startswith("cuda") else (lambda: None)
+
+        def timed(name: str, t0: float) -> float:
+            sync()
+            t1 = time.perf_counter()
+            parts[name] = parts.get(name, 0.0) + (t1 - t0)
+            return t1
+
+        start, cpu_start = time.perf_counter(), time.process_time()
         bar = tqdm(total=total_tokens, unit="tok", unit_scale=True, desc=desc, disable=not progress)
         try:
+            t = time.perf_counter()
             for batch in batches:
+                t = timed("batches", t)
                 step = self.step(batch)
+                t = timed("model", t)
                 step.token_start = stats.tokens_analysed
+                if collectors:
+                    step.sparse  # noqa: B018 - found once here so that its cost is named
+                    t = timed("sparse_codes", t)
                 for c in collectors:
                     c.update(step)
+                    t = timed(getattr(c, "name", type(c).__name__), t)
                 if on_step is not None:
                     on_step(step)
                 stats.batches += 1
@@ -337,9 +358,11 @@ class Engine:
                 stats.tokens_in_batches += int(batch.valid.sum())
                 stats.predictions += int(batch.predicts.sum())
                 bar.update(int(step.x.shape[0]))
+                t = time.perf_counter()
         finally:
             bar.close()
         stats.seconds = time.perf_counter() - start
+        stats.cpu_seconds = time.process_time() - cpu_start
         return stats
 
 
@@ -365,6 +388,12 @@ def _replace_with(value: torch.Tensor):
 
 
 def vocab_chunk_elements(device: str) -> int:
-    """Elements per [rows, vocab] logits chunk: about 2 MB of float32 on a CPU (fits in cache),
-    256 MB on an accelerator (few, large kernels)."""
-    return 1 << 19 if str(device).startswith("cpu") else 1 << 26
+    """Elements per [rows, vocab] logits chunk: about 2 MB of float32 on a CPU (fits in cache);
+    on an accelerator up to 2^26 (256 MB; few, large kernels), at most 1/32 of the device's free
+    memory (the four float32 scratch buffers then take at most half of it)."""
+    if str(device).startswith("cpu"):
+        return 1 << 19
+    if str(device).startswith("cuda") and torch.cuda.is_available():
+        free, _total = torch.cuda.mem_get_info(torch.device(device))
+        return int(max(1 << 20, min(1 << 26, free // 32 // 4)))
+    return 1 << 26

@@ -32,7 +32,7 @@ def logit_lens(w_res: torch.Tensor, w_u: torch.Tensor, n: int = 10) -> dict[str,
     vocab = w_u.shape[1]
     n = min(n, vocab)
     block = max(1, (1 << 25) // vocab)
-    out = {k: [] for k in ("top_ids", "top_values", "bottom_ids", "bottom_values")}
+    out: dict[str, list[torch.Tensor]] = {k: [] for k in ("top_ids", "top_values", "bottom_ids", "bottom_values")}
     for start in range(0, w_res.shape[0], block):
         logits = w_res[start : start + block] @ w_u
         top = torch.topk(logits, n, dim=1)

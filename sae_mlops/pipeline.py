@@ -9,7 +9,11 @@ decide where outputs go and wire the steps together.
 from __future__ import annotations
 
 import logging
+import os
 import re
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -77,42 +81,118 @@ def run_quick_and_log(
     track: False skips MLflow entirely (files are still written).
     experiment / run_name: for a new MLflow run; ignored when ``MLFLOW_RUN_ID`` is set (``mlflow run``).
     """
+    import sae_mlops.tracking.resolve  # noqa: F401 (registers the resolver of runs:/ and models:/ SAE URIs)
+    out = Path(out_dir) if out_dir else default_out_dir(cfg)
+    preflight(out, track)
     from sae_mlops.analysis import run_quick
     from sae_mlops.writers.quick import write_quick_outputs
 
-    out = Path(out_dir) if out_dir else default_out_dir(cfg)
-    result = run_quick(cfg)
-    out.mkdir(parents=True, exist_ok=True)
-    files = [Path(f) for f in write_quick_outputs(result, out)]
-    log.info("Wrote %d file(s) under %s", len(files), out)
-    outcome = QuickOutcome(result=result, out_dir=out, files=files, warnings=list(result.warnings))
-    if track:
-        import mlflow
-
-        from sae_mlops.tracking.runs import log_analysis
-
-        outcome.run_id = log_analysis(result, files, out, experiment=experiment, run_name=run_name)
-        outcome.tracking_uri = mlflow.get_tracking_uri()
+    started = _now_ms()
+    started_s = time.perf_counter()
+    with interrupt_report(out, track, "quick"):
+        result = run_quick(cfg)
+        out.mkdir(parents=True, exist_ok=True)
+        t_reports = time.perf_counter()
+        files = [Path(f) for f in write_quick_outputs(result, out)]
+        result.metrics["time/reports"] = time.perf_counter() - t_reports  # logged to MLflow, not in the JSON
+        log.info("Wrote %d file(s) under %s", len(files), out)
+        outcome = QuickOutcome(result=result, out_dir=out, files=files, warnings=list(result.warnings))
+        t_log = time.perf_counter()
+        if track:
+            log_outcome(outcome, experiment, run_name, start_time=started)
+        _log_total(outcome, started_s, time.perf_counter() - t_log if track else 0.0)
     return outcome
+
+
+def _log_total(outcome: QuickOutcome, started: float, logging_seconds: float) -> None:
+    """``time/logging`` (MLflow logging; 0 when tracking is off), ``time/total`` (process start to
+    now; from this call when /proc is missing) and ``time/pass_share`` (``time/pass / time/total``)
+    into the result, and into the run when there is one. They are not in the results JSON, which
+    is written before logging."""
+    m = outcome.result.metrics
+    m["time/logging"] = logging_seconds
+    m["time/total"] = (m.get("time/startup") or 0.0) + (time.perf_counter() - started)
+    m["time/pass_share"] = m.get("time/pass", 0.0) / m["time/total"] if m["time/total"] > 0 else 0.0
+    if outcome.run_id:
+        from sae_mlops.tracking.runs import log_metrics
+
+        log_metrics(outcome.run_id, {k: m[k] for k in ("time/logging", "time/total", "time/pass_share")})
+
+
+def preflight(out: Path | None, track: bool) -> None:
+    """Before anything loads: the output directory (if given) can be created (`InputError`) and, when
+    tracking, the tracking store answers within seconds (`TrackingError`). Leaves nothing behind."""
+    from sae_mlops.preflight import check_out_dir
+
+    if out is not None:
+        check_out_dir(out)
+    if track:
+        from sae_mlops.tracking.preflight import check_tracking_store
+
+        check_tracking_store()
+
+
+def log_outcome(outcome: QuickOutcome, experiment: str | None, run_name: str | None, start_time: int | None = None) -> None:
+    """Log a written analysis to MLflow; a failure becomes a `TrackingError` that says where the
+    results are and how to log them later (`sae-mlops log OUT`)."""
+    from sae_mlops.errors import TrackingError
+    from sae_mlops.tracking.preflight import describe_uri, tracking_uri
+    from sae_mlops.tracking.runs import log_analysis
+
+    uri = tracking_uri()
+    try:
+        outcome.run_id = log_analysis(
+            outcome.result, outcome.files, outcome.out_dir, experiment=experiment, run_name=run_name, start_time=start_time
+        )
+    except Exception as e:
+        log.debug("logging to MLflow failed", exc_info=True)
+        reason = " ".join(str(e).split())[:300] or type(e).__name__
+        raise TrackingError(
+            f"the analysis finished and its files are in {outcome.out_dir}, but logging them to MLflow at "
+            f"{describe_uri(uri)} failed ({type(e).__name__}: {reason}); log them later with `sae-mlops log {outcome.out_dir}`."
+        ) from e
+    outcome.tracking_uri = uri
+
+
+@contextmanager
+def interrupt_report(out: Path, track: bool, kind: str = "the") -> Iterator[None]:
+    """Turn Ctrl-C (SIGINT) into `Interrupted` with one sentence saying what was left behind: partial
+    files under `out` (or none), and the MLflow run, marked KILLED when one exists (the run of
+    ``MLFLOW_RUN_ID``, or the run `log_analysis` was logging into; a run is only created after the pass)."""
+    from sae_mlops.errors import AnalysisInterrupted, Interrupted
+
+    try:
+        yield
+    except Interrupted:
+        raise
+    except KeyboardInterrupt as e:
+        run_id = getattr(e, "mlflow_run_id", None) or (os.environ.get("MLFLOW_RUN_ID") if track else None)
+        files = sorted(p for p in out.rglob("*") if p.is_file()) if out.is_dir() else []
+        if not files:
+            left = f"nothing was written to {out}"
+        elif getattr(e, "mlflow_run_id", None):
+            left = f"the files in {out} are complete; log them again with `sae-mlops log {out}`"
+        else:
+            left = f"{out} holds {len(files)} partial file(s) of an unfinished analysis: delete it"
+        if run_id:
+            from sae_mlops.tracking.preflight import mark_killed
+
+            killed = mark_killed(run_id)
+            run = f"MLflow run {run_id} was marked KILLED" if killed else f"MLflow run {run_id} could not be marked KILLED"
+        elif track:
+            run = "no MLflow run was created (a run is created only after the analysis)"
+        else:
+            run = "nothing was tracked (--no-track)"
+        raise AnalysisInterrupted(f"{kind} analysis interrupted: {left}; {run}.") from None
 
 
 @dataclass
 class FullOutcome(QuickOutcome):
     """A quick outcome plus where the full analysis's main files are (None if not written)."""
 
-    summary: Path | None = None  # SUMMARY_<ts>.json
-    report: Path | None = None  # README_<ts>.md
-    database: Path | None = None  # activation_database/activation_db_<ts>
-
-
-def check_full_options(opts: FullOptions) -> None:
-    """Sizes `run_full` does not check itself; raise `InputError` before any work."""
-    from sae_mlops.errors import InputError
-
-    for name, low in (("neighbours", 1), ("logit_lens_tokens", 1), ("heatmap_features", 2), ("dense_limit", 0), ("shard_rows", 1)):
-        value = getattr(opts, name)
-        if value < low:
-            raise InputError(f"{name.replace('_', ' ')} must be at least {low}, got {value}.")
+    summary: Path | None = None  # SUMMARY.json
+    report: Path | None = None  # README.md
+    database: Path | None = None  # activation_database/activation_db
 
 
 def run_full_and_log(
@@ -131,28 +211,76 @@ def run_full_and_log(
     out_dir: None -> `default_out_dir(cfg, "full")`. opts: None -> `FullOptions()` defaults.
     track / experiment / run_name: as for `run_quick_and_log`.
     """
-    from sae_mlops.full import FullOptions, run_full
-
-    opts = opts or FullOptions()
-    check_full_options(opts)
+    import sae_mlops.tracking.resolve  # noqa: F401 (registers the resolver of runs:/ and models:/ SAE URIs)
     out = Path(out_dir) if out_dir else default_out_dir(cfg, "full")
+    preflight(out, track)
+    from sae_mlops.full import FullOptions
+
+    opts = opts or FullOptions()  # bounds are checked when FullOptions is built (sae_mlops.config)
+    started = _now_ms()
+    started_s = time.perf_counter()
+    with interrupt_report(out, track, "full"):
+        return _run_full_and_log(cfg, out, opts, track, experiment, run_name, started, started_s)
+
+
+def _run_full_and_log(
+    cfg: AnalysisConfig, out: Path, opts: FullOptions, track: bool, experiment: str | None, run_name: str | None,
+    started: int,
+    started_s: float,
+) -> FullOutcome:
+    from sae_mlops.full import run_full
+
     outputs = run_full(cfg, out, opts)
     files = [Path(f) for f in outputs.files]
     log.info("Wrote %d file(s) under %s", len(files), out)
     result = outputs.result
     outcome = FullOutcome(result=result, out_dir=out, files=files, warnings=list(result.warnings))
     for f in files:
-        if f.parent == out and f.name.startswith("SUMMARY_") and f.suffix == ".json":
+        if f.parent == out and f.name.startswith("SUMMARY") and f.suffix == ".json":
             outcome.summary = f
-        elif f.parent == out and f.name.startswith("README_") and f.suffix == ".md":
+        elif f.parent == out and f.name.startswith("README") and f.suffix == ".md":
             outcome.report = f
         elif f.name == "manifest.json" and f.parent.parent.name == "activation_database":
             outcome.database = f.parent
+    t_log = time.perf_counter()
+    t_log = time.perf_counter()
     if track:
-        import mlflow
+        log_outcome(outcome, experiment, run_name, start_time=started)
+    _log_total(outcome, started_s, time.perf_counter() - t_log if track else 0.0)
+    return outcome
 
-        from sae_mlops.tracking.runs import log_analysis
 
-        outcome.run_id = log_analysis(result, files, out, experiment=experiment, run_name=run_name)
-        outcome.tracking_uri = mlflow.get_tracking_uri()
+def _now_ms() -> int:
+    """Milliseconds since the epoch: a run's start time is when its analysis started."""
+    return int(time.time() * 1000)
+
+
+def log_existing(out_dir: Path | str, *, experiment: str | None = None, run_name: str | None = None) -> QuickOutcome:
+    """Log an analysis output directory written earlier (e.g. with --no-track, or when tracking failed)
+    to MLflow as a new run: its results JSON as params, metrics and tags, every file under it as an
+    artifact at its relative path. `InputError` when the directory is not a finished analysis."""
+    import json
+
+    from sae_mlops.errors import InputError
+    from sae_mlops.results import AnalysisResult
+
+    out = Path(out_dir)
+    hint = "give the output directory of a finished `sae-mlops quick` or `sae-mlops full`"
+    if not out.is_dir():
+        raise InputError(f"'{out}' is not a directory; {hint}.")
+    results = sorted((out / "results").glob("analysis_results*.json"))
+    if not results or not any(out.glob("SUMMARY*")):
+        raise InputError(f"'{out}' holds no finished analysis (no results/analysis_results.json and SUMMARY); {hint}.")
+    if any(p.name.endswith((".partial", ".part")) for p in out.rglob("*")):
+        raise InputError(f"'{out}' holds partial files of an interrupted analysis; run the analysis again, then log it.")
+    try:
+        result = AnalysisResult.from_json_dict(json.loads(results[-1].read_text(encoding="utf-8")))
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise InputError(f"'{results[-1]}' is not a readable results file ({type(e).__name__}); {hint}.") from None
+    from sae_mlops.tracking.preflight import check_tracking_store
+
+    check_tracking_store()
+    files = sorted(p for p in out.rglob("*") if p.is_file())
+    outcome = QuickOutcome(result=result, out_dir=out, files=files, warnings=list(result.warnings))
+    log_outcome(outcome, experiment, run_name)
     return outcome

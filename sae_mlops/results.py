@@ -48,6 +48,19 @@ class AnalysisResult:
     def to_json(self) -> str:
         return json.dumps(self.to_json_dict(), indent=2, sort_keys=False)
 
+    @classmethod
+    def from_json_dict(cls, data: dict[str, Any]) -> AnalysisResult:
+        """The result a results JSON (`to_json_dict`) holds; ``per_feature`` is not in it (empty).
+        KeyError / TypeError when `data` is not such a dict."""
+        return cls(
+            kind=str(data["kind"]),
+            params=dict(data["params"]),
+            metrics=dict(data["metrics"]),
+            tags={str(k): str(v) for k, v in (data.get("tags") or {}).items()},
+            details=dict(data.get("details") or {}),
+            warnings=[str(w) for w in data.get("warnings") or []],
+        )
+
 
 def _json_safe(obj: Any) -> Any:
     if isinstance(obj, float):

@@ -103,7 +103,7 @@ def iter_windows(texts: Sequence[str], tokenizer, plan: WindowPlan) -> Iterator[
             doc = chunk_start + offset
             for start in range(0, len(ids), body):
                 piece = ids[start : start + body]
-                if plan.prepend_bos:
+                if plan.prepend_bos and plan.bos_id is not None:  # bos_id is set whenever prepend_bos is
                     yield Window(doc, start, [plan.bos_id, *piece], True)
                 else:
                     yield Window(doc, start, list(piece), False)
@@ -192,3 +192,39 @@ def iter_batches(
             pool = []
     if pool:
         yield from flush(pool)
+
+
+def minimum_tokens(plan: WindowPlan, max_tokens: int | None) -> int:
+    """The fewest analysable tokens worth an analysis: one full window of document tokens
+    (``context_size``, minus one for the BOS), or the token budget when that is smaller."""
+    window = plan.context_size - (1 if plan.prepend_bos else 0)
+    return min(window, max_tokens) if max_tokens else window
+
+
+def count_analysable(texts: Sequence[str], tokenizer, plan: WindowPlan, enough: int) -> int:
+    """Analysable (non-special) tokens in `texts`, counted document by document until `enough` is
+    reached (so a long corpus costs one small tokenizer call). Unit: tokens."""
+    special = set(plan.special_ids)
+    n, start, chunk = 0, 0, 8
+    while start < len(texts) and n < enough:
+        encoded = tokenizer(list(texts[start : start + chunk]), add_special_tokens=False)["input_ids"]
+        n += sum(sum(1 for t in ids if t not in special) for ids in encoded)
+        start, chunk = start + chunk, TOKENIZE_CHUNK_DOCS
+    return n
+
+
+def check_enough_tokens(texts: Sequence[str], tokenizer, plan: WindowPlan, max_tokens: int | None, corpus: str) -> None:
+    """`InputError` stating the numbers when the corpus holds fewer analysable tokens than
+    `minimum_tokens` (metrics over a handful of tokens would look like results but mean nothing)."""
+    needed = minimum_tokens(plan, max_tokens)
+    n = count_analysable(texts, tokenizer, plan, needed)
+    if n < needed:
+        what = (
+            f"the --max-tokens budget of {needed}"
+            if max_tokens and needed == max_tokens < plan.context_size - (1 if plan.prepend_bos else 0)
+            else f"one window of {needed} (context size {plan.context_size}{' with a BOS' if plan.prepend_bos else ''})"
+        )
+        raise InputError(
+            f"the corpus '{corpus}' holds {n} analysable tokens, fewer than {what}; "
+            "give a longer corpus or a smaller --context-size."
+        )

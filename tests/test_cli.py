@@ -138,10 +138,12 @@ def test_demo_end_to_end(tmp_path, monkeypatch):
     client = MlflowClient(uri)
     exp = client.get_experiment_by_name("sae-mlops-demo")
     runs = client.search_runs([exp.experiment_id])
-    assert sorted(run.info.run_name for run in runs) == ["demo-batchtopk", "demo-saelens", "demo-standard"]
+    names = sorted(run.info.run_name for run in runs)  # <kind> · <SAE name> · <architecture> d<d_sae> k<k>
+    assert [n.split(" · ")[:2] for n in names] == [["quick", "sae_batchtopk"], ["quick", "sae_saelens"], ["quick", "sae_standard"]]
+    assert names[1].endswith("topk d512 k16") and names[2].endswith("standard d512")
     for run in runs:
         assert run.info.status == "FINISHED"
         assert run.data.params["model"] == "demo"
         assert int(run.data.params["tokens_analysed"]) == 2000
         assert run.data.metrics["tokens/analysed"] == 2000
-    assert len(list((tmp_path / "analysis").glob("sae_*/quick_*/results/analysis_results_*.json"))) == 3
+    assert len(list((tmp_path / "analysis").glob("sae_*/quick_*/results/analysis_results.json"))) == 3

@@ -26,7 +26,7 @@ def analysis(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _stats(root: Path) -> pd.DataFrame:
-    return pd.read_parquet(next((root / "results").glob("feature_stats_*.parquet"))).sort_values("feature")
+    return pd.read_parquet(next((root / "results").glob("feature_stats*.parquet"))).sort_values("feature")
 
 
 def test_choose_features_is_bounded() -> None:
@@ -53,11 +53,11 @@ def test_feature_page_has_every_section(analysis: Path, tmp_path: Path) -> None:
     # the histogram counts every non-zero activation of the feature (from the CSR)
     assert f"activation ({int(row.firing_count):,} non-zero tokens)" in page
     # examples: the activating token boxed, shaded neighbours carry their activation
-    summary = next(json.loads(line) for line in next((analysis / "results").glob("feature_summaries_*.jsonl")).read_text().splitlines() if json.loads(line)["feature"] == top)
+    summary = next(json.loads(line) for line in next((analysis / "results").glob("feature_summaries*.jsonl")).read_text().splitlines() if json.loads(line)["feature"] == top)
     first = summary["top_examples"][0]
     assert page.count('class="tok hit"') == len(summary["top_examples"])
     assert f'title="{first["activation"]:.3g}"' in page
-    lens = pd.read_parquet(next((analysis / "results").glob("logit_lens_*.parquet")))
+    lens = pd.read_parquet(next((analysis / "results").glob("logit_lens*.parquet")))
     assert repr(str(lens[(lens.feature == top) & (lens.side == "top")].sort_values("rank").token.iloc[0])) in html.unescape(page)
     # neighbours that have a page are links, the others plain
     assert re.search(r'<a href="feature_\d+\.html">', page) or "none" in page

@@ -43,6 +43,6 @@ def test_interrupt_while_writing_reports_leaves_no_summary(tmp_path, monkeypatch
     with pytest.raises(KeyboardInterrupt):
         run_full(cfg, tmp_path, FullOptions())
     names = [p.name for p in tmp_path.rglob("*") if p.is_file()]
-    assert not any(n.startswith(("SUMMARY_", "README_")) for n in names)
+    assert not any(n.startswith(("SUMMARY", "README")) for n in names)
     assert not any(n.endswith(".part") for n in names)
     ActivationDB(tmp_path)  # the database itself was finished before the interrupt: complete and readable

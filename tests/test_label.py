@@ -42,7 +42,7 @@ def root(analysis: Path, tmp_path: Path) -> Path:
 
 
 def top_features(root: Path, n: int) -> list[int]:
-    stats = pd.read_parquet(next((root / "results").glob("feature_stats_*.parquet")))
+    stats = pd.read_parquet(next((root / "results").glob("feature_stats*.parquet")))
     fired = stats[stats.firing_count > 0].sort_values(["firing_count", "feature"], ascending=[False, True])
     return sorted(fired.feature.head(n).astype(int).tolist())
 

@@ -94,12 +94,12 @@ def _permuted_analysis(a: Path, b: Path, sae_b: Path, perm: np.ndarray) -> None:
 
     shutil.copytree(a, b)
     inv = np.argsort(perm)
-    res = next((b / "results").glob("analysis_results_*.json"))
+    res = next((b / "results").glob("analysis_results*.json"))
     doc = json.loads(res.read_text())
     doc["params"]["sae"] = str(sae_b)
     doc["params"]["sae_hash"] = load_sae(str(sae_b)).info.content_hash
     res.write_text(json.dumps(doc))
-    stats = next((b / "results").glob("feature_stats_*.parquet"))
+    stats = next((b / "results").glob("feature_stats*.parquet"))
     frame = pd.read_parquet(stats).sort_values("feature")
     frame = frame.iloc[perm].assign(feature=np.arange(len(perm)))
     frame.to_parquet(stats, index=False)

@@ -97,6 +97,14 @@ def test_metrics_match_run_evals(hook, n_batches):
     }
     if n_batches == 1:  # SAELens averages this ratio per batch; one batch makes the two equal
         pairs["recon/relative_reconstruction_bias"] = theirs["shrinkage"]["relative_reconstruction_bias"]
+    # the metric registry names the same SAELens keys (it is what people read as "SAELens equivalent")
+    from sae_mlops.metrics import METRICS
+
+    registry = {m.name: m.saelens.split("/") for m in METRICS if m.saelens}
+    for name, ref in pairs.items():
+        group, key = registry[name]
+        assert theirs[group][key] == ref, name
+    assert set(registry) - set(pairs) <= {"downstream/loss_recovered", "recon/relative_reconstruction_bias"}
     for name, ref in pairs.items():
         assert ours[name] == pytest.approx(ref, rel=2e-4, abs=1e-5), name
     score = theirs["model_performance_preservation"]["ce_loss_score"]

@@ -3,6 +3,17 @@
 Views available to :meth:`ActivationDB.sql`: ``tokens``, ``activations``, ``features``, ``vocab``
 (see :mod:`sae_mlops.actdb.writer` for their columns). Contexts are rebuilt from the token table
 by document and position, the activating token marked ``[[like this]]``.
+
+The query surface is read-only and confined to the database directory:
+
+- :meth:`ActivationDB.sql` runs exactly one statement, and only a ``SELECT`` (``WITH ... SELECT``,
+  ``FROM t``, ``VALUES``, ``DESCRIBE``/``SHOW``/``SUMMARIZE`` included) as DuckDB's own parser
+  classifies it (`duckdb.extract_statements`); several statements, DDL, ``COPY``, ``SET``,
+  ``PRAGMA``, ``ATTACH``, ``INSTALL``/``LOAD``, ``EXPLAIN``, ``PIVOT`` raise `InputError`.
+- the DuckDB connection is in memory, may open files only under the database directory
+  (``allowed_directories``) with external access otherwise off (``enable_external_access=false``:
+  no ``read_csv('/etc/passwd')``, no ``COPY ... TO`` elsewhere, no extensions), and its configuration
+  is locked (``lock_configuration=true``) so a query cannot switch that back.
 """
 
 from __future__ import annotations
@@ -18,6 +29,8 @@ from sae_mlops.actdb.writer import FORMAT
 from sae_mlops.errors import InputError
 
 MARK_OPEN, MARK_CLOSE = "[[", "]]"
+VIEWS = ("tokens", "activations", "features", "vocab")
+_SQL_HINT = "give one SELECT over the views tokens, activations, features and vocab"
 
 
 def _is_database(path: Path) -> bool:
@@ -31,14 +44,15 @@ def _is_database(path: Path) -> bool:
 
 
 def find_database(path: str | Path) -> Path:
-    """A database directory itself, or the newest complete ``activation_db_*`` in an analysis
+    """A database directory itself, or the newest complete ``activation_db`` (``activation_db_<ts>`` as
+    older versions named it) in an analysis
     directory (``<dir>/activation_database/``) or in an ``activation_database`` directory."""
     path = Path(path)
     if _is_database(path):
         return path
     if not path.exists():
         raise InputError(f"'{path}' does not exist; point at a full-analysis output directory or its activation database.")
-    pattern = [*path.glob("activation_db_*"), *path.glob("activation_database/activation_db_*")]
+    pattern = [*path.glob("activation_db*"), *path.glob("activation_database/activation_db*")]
     complete = [p for p in pattern if not p.name.endswith(".partial") and _is_database(p)]
     if complete:
         return max(complete, key=lambda p: (p.stat().st_mtime, p.name))
@@ -48,20 +62,25 @@ def find_database(path: str | Path) -> Path:
 
 
 class ActivationDB:
-    def __init__(self, path: str | Path):
-        import duckdb
+    """One activation database, opened read-only on a sandboxed in-memory DuckDB connection."""
 
-        self.root = find_database(path)
+    def __init__(self, path: str | Path):
+        self.root = find_database(path).resolve()
         self.manifest = json.loads((self.root / "manifest.json").read_text())
-        self.con = duckdb.connect()
-        r = self.root.as_posix()
-        self.con.execute(f"CREATE VIEW tokens AS SELECT * FROM read_parquet('{r}/tokens/*.parquet')")
-        self.con.execute(f"CREATE VIEW activations AS SELECT * FROM read_parquet('{r}/activations/*.parquet')")
-        self.con.execute(f"CREATE VIEW features AS SELECT * FROM read_parquet('{r}/features.parquet')")
-        self.con.execute(f"CREATE VIEW vocab AS SELECT * FROM read_parquet('{r}/vocab.parquet')")
+        self.con = _sandboxed_connection(self.root)
 
     def sql(self, query: str, params: list | None = None) -> pd.DataFrame:
-        return self.con.execute(query, params or []).df()
+        """Rows of one read-only statement (see the module docstring); `InputError` for anything else
+        and for a statement that touches a file outside the database directory."""
+        import duckdb
+
+        check_read_only(query)
+        try:
+            return self.con.execute(query, params or []).df()
+        except duckdb.PermissionException:
+            raise InputError(
+                f"the query tries to read or write a file outside the database directory {self.root}; {_SQL_HINT}."
+            ) from None
 
     def _check_feature(self, feature: int) -> None:
         if not 0 <= feature < self.manifest["d_sae"]:
@@ -126,3 +145,38 @@ class ActivationDB:
         c = self.manifest["csr"]
         arrays = [np.load(self.root / c[name], mmap_mode="r") for name in ("data", "indices", "indptr")]
         return sp.csr_matrix(tuple(arrays), shape=tuple(c["shape"]))
+
+
+def check_read_only(query: str) -> None:
+    """`InputError` unless `query` is exactly one SELECT statement, as DuckDB's parser sees it."""
+    import duckdb
+
+    try:
+        statements = duckdb.extract_statements(query)
+    except duckdb.Error as e:
+        raise InputError(f"the SQL query does not parse ({' '.join(str(e).split())}); {_SQL_HINT}.") from None
+    if not statements:
+        raise InputError(f"the SQL query is empty; {_SQL_HINT}.")
+    if len(statements) > 1:
+        raise InputError(f"the SQL holds {len(statements)} statements; {_SQL_HINT}, without ';' between statements.")
+    kind = statements[0].type
+    if kind != duckdb.StatementType.SELECT:
+        name = getattr(kind, "name", str(kind)).replace("_STATEMENT", "")
+        raise InputError(f"only SELECT statements run on the activation database, not {name}; {_SQL_HINT}.")
+
+
+def _sandboxed_connection(root: Path):
+    """An in-memory DuckDB connection with the four views, able to open files only under `root`,
+    with external access off and its configuration locked."""
+    import duckdb
+
+    con = duckdb.connect()
+    con.execute("SET allowed_directories = ?", [[f"{root.as_posix()}/"]])
+    con.execute("SET enable_external_access = false")
+    r = root.as_posix().replace("'", "''")
+    con.execute(f"CREATE VIEW tokens AS SELECT * FROM read_parquet('{r}/tokens/*.parquet')")
+    con.execute(f"CREATE VIEW activations AS SELECT * FROM read_parquet('{r}/activations/*.parquet')")
+    con.execute(f"CREATE VIEW features AS SELECT * FROM read_parquet('{r}/features.parquet')")
+    con.execute(f"CREATE VIEW vocab AS SELECT * FROM read_parquet('{r}/vocab.parquet')")
+    con.execute("SET lock_configuration = true")
+    return con

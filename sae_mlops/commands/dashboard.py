@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from sae_mlops.cli import _quiet, app, out_console, report_input_errors
+from sae_mlops.cli import app, out_console, report_input_errors, set_quiet
 
 DASHBOARD_DIR = "dashboard"
 
@@ -31,7 +31,7 @@ def dashboard(
     from sae_mlops.features.sources import RUNS_DIR, resolve_analysis, run_id_of
     from sae_mlops.interp.report import parse_features
 
-    _quiet(quiet)
+    set_quiet(quiet)
     rid = run_id_of(analysis)
     ref = resolve_analysis(analysis, activation_db=True, run_id=run_id, download_to=RUNS_DIR / rid if rid else None)
     outcome = write_dashboards(ref.root, out, parse_features(features), top=top, context=context)

@@ -1,30 +1,37 @@
 """`sae-mlops full` and `sae-mlops db query` (full analysis and its activation database).
 
-`full` takes every option of `quick` by construction: its signature is quick's parameters (the same
-`typer.Option` declarations) with the full-analysis options and its own `--out` inserted, so the two
-commands cannot drift apart. `config_from_options` turns those common values into an
-`AnalysisConfig`; `full_options_from` picks the `FullOptions` ones.
+`full` takes every option of `quick` by construction: both signatures are generated from the option
+declarations (`AnalysisConfig`, `FullOptions`, `RunOptions` in `sae_mlops.config`).
 """
 
 from __future__ import annotations
 
-import inspect
 import numbers
 from enum import Enum
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import typer
 from rich.table import Table
 from rich.text import Text
 
-from sae_mlops.cli import _quiet, app, err_console, out_console, quick, report_input_errors, show_headline
+from sae_mlops.cli import (
+    analysis_parameters,
+    app,
+    err_console,
+    out_console,
+    report_input_errors,
+    set_quiet,
+    show_headline,
+    show_links,
+    with_signature,
+)
+from sae_mlops.config import FullOptions
 from sae_mlops.errors import InputError
 
 if TYPE_CHECKING:
     import pandas as pd
 
-    from sae_mlops.config import AnalysisConfig
     from sae_mlops.full import FullOptions
     from sae_mlops.pipeline import FullOutcome
 
@@ -32,100 +39,30 @@ if TYPE_CHECKING:
 # --- full -------------------------------------------------------------------------------------
 
 
-class CoocMeasure(str, Enum):
-    correlation = "correlation"
-    jaccard = "jaccard"
-    pmi = "pmi"
-
-
-def _full_only_options(
-    examples_per_feature: int = typer.Option(25, "--examples-per-feature", min=1, help="Top activating examples kept per feature (streaming top-k)."),
-    context_window: int = typer.Option(10, "--context-window", min=0, help="Tokens either side of an example in its context string."),
-    cooccurrence: CoocMeasure = typer.Option(
-        CoocMeasure.correlation,
-        "--cooccurrence",
-        case_sensitive=False,
-        help="Co-occurrence measure: correlation (phi), jaccard or pmi.",
-    ),
-    dense_limit: int = typer.Option(
-        16384, "--dense-limit", min=0, help="Largest d_sae for which dense d_sae x d_sae .npy matrices are written (neighbour lists are always written)."
-    ),
-    neighbours: int = typer.Option(32, "--neighbours", min=1, help="Neighbours per feature in the similarity and co-occurrence neighbour lists."),
-    logit_lens_tokens: int = typer.Option(10, "--logit-lens-tokens", min=1, help="Top and bottom tokens per feature in the logit lens."),
-    heatmap_features: int = typer.Option(200, "--heatmap-features", min=2, help="Features in the clustered heatmaps (the most variable ones)."),
-) -> None:
-    """Only a carrier of the full-analysis option declarations (see `_full_parameters`)."""
-
-
-_FULL_OUT = typer.Option(None, "--out", help="Output directory. (default: analysis/<sae dir name>/full_<UTC timestamp>)")
-
-# FullOptions field for each full-only CLI parameter whose name differs.
-_FULL_FIELD = {"cooccurrence": "cooccurrence_measure"}
-
-
-def _full_parameters() -> list[inspect.Parameter]:
-    """quick's parameters up to --out, the full-only ones, full's --out, then quick's remaining ones."""
-    quick_params = list(inspect.signature(quick, eval_str=True).parameters.values())
-    names = [p.name for p in quick_params]
-    cut = names.index("out")
-    own = list(inspect.signature(_full_only_options, eval_str=True).parameters.values())
-    out = quick_params[cut].replace(default=_FULL_OUT)
-    return [*quick_params[:cut], *own, out, *quick_params[cut + 1 :]]
-
-
-def _with_signature(params: list[inspect.Parameter]) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    def apply(fn: Callable[..., Any]) -> Callable[..., Any]:
-        fn.__signature__ = inspect.Signature(params, return_annotation=None)  # type: ignore[attr-defined]
-        return fn
-
-    return apply
-
-
-def config_from_options(options: dict[str, Any]) -> AnalysisConfig:
-    """An `AnalysisConfig` from the values of quick's options (any other keys are ignored)."""
-    from sae_mlops.config import AnalysisConfig
-
-    kw = {k: v for k, v in options.items() if k in AnalysisConfig.__dataclass_fields__}
-    kw = {k: (v.value if isinstance(v, Enum) else v) for k, v in kw.items()}
-    kw["progress"] = not options.get("quiet", False)
-    return AnalysisConfig(**kw)
-
-
-def full_options_from(options: dict[str, Any]) -> FullOptions:
-    """`FullOptions` from the values of the full-only options (any other keys are ignored)."""
-    from sae_mlops.full import FullOptions
-
-    own = inspect.signature(_full_only_options).parameters
-    kw = {_FULL_FIELD.get(k, k): (v.value if isinstance(v, Enum) else v) for k, v in options.items() if k in own}
-    return FullOptions(**kw)
-
-
 @app.command()
 @report_input_errors
-@_with_signature(_full_parameters())
+@with_signature(analysis_parameters("full", FullOptions))
 def full(**options: Any) -> None:
     """Full analysis of one SAE: everything quick measures, plus per-feature examples, the activation
     database, similarity and co-occurrence matrices, logit lens, feature summaries, plots and reports.
 
     One streaming pass over at most --max-tokens tokens. Writes the prior tool's layout under --out
-    (activation_database/, matrices/, plots/, results/, SUMMARY_<ts>.json, README_<ts>.md) and logs
+    (activation_database/, matrices/, plots/, results/, SUMMARY.json, README.md) and logs
     params, metrics (the same names as quick), lineage tags and every file to MLflow. Query the
     activation database afterwards with `sae-mlops db query OUT_DIR ...`.
     """
+    from sae_mlops.config import AnalysisConfig, RunOptions
+    from sae_mlops.options import build
     from sae_mlops.pipeline import run_full_and_log
 
-    _quiet(options["quiet"])
-    cfg = config_from_options(options)
-    opts = full_options_from(options)
+    run = build(RunOptions, options)
+    set_quiet(run.quiet)
+    cfg = build(AnalysisConfig, options, progress=not run.quiet)
+    opts = build(FullOptions, options)
     outcome = run_full_and_log(
-        cfg,
-        options["out"],
-        opts=opts,
-        track=not options["no_track"],
-        experiment=options["experiment"],
-        run_name=options["run_name"],
+        cfg, run.out, opts=opts, track=not run.no_track, experiment=run.experiment, run_name=run.run_name
     )
-    show_full_outcome(outcome, title=f"Full analysis: {options['sae']}")
+    show_full_outcome(outcome, title=f"Full analysis: {cfg.sae}")
 
 
 def show_full_outcome(outcome: FullOutcome, title: str) -> None:
@@ -144,11 +81,7 @@ def show_full_outcome(outcome: FullOutcome, title: str) -> None:
         line("  activation DB:", outcome.database)
         line("  query it with:", f"sae-mlops db query {outcome.out_dir} --feature 0")
     if outcome.run_id:
-        from sae_mlops.tracking.runs import run_url
-
-        line("MLflow run:", f"{outcome.run_id} ({run_url(outcome.run_id)})")
-    if outcome.tracking_uri:
-        line("Open the UI with:", f"mlflow ui --backend-store-uri {outcome.tracking_uri}")
+        show_links(outcome.run_id)
 
 
 # --- db query ---------------------------------------------------------------------------------
@@ -177,7 +110,7 @@ QUESTIONS = "--feature F, --token I, --doc D --position P, --doc D, --feature-do
 def query(
     path: Path = typer.Argument(
         ...,
-        help="An activation database directory (activation_db_<ts>), or an analysis output directory: "
+        help="An activation database directory (activation_database/activation_db), or an analysis output directory: "
         "the newest complete database under it is used.",
         metavar="PATH",
         show_default=False,
@@ -189,7 +122,7 @@ def query(
     doc: Optional[int] = typer.Option(None, "--doc", help="Features that fired in document D; with --position P, features active on that token."),
     position: Optional[int] = typer.Option(None, "--position", help="With --doc: the token's position in the document."),
     feature_docs: Optional[int] = typer.Option(None, "--feature-docs", help="Firing counts of feature F per document."),
-    sql: Optional[str] = typer.Option(None, "--sql", help="Any DuckDB SELECT over the views tokens, activations, features and vocab."),
+    sql: Optional[str] = typer.Option(None, "--sql", help="One read-only DuckDB SELECT (or WITH ... SELECT) over the views tokens, activations, features and vocab; no other statement, no file outside the database directory."),
     limit: int = typer.Option(20, "--limit", help="Rows shown; 0 shows all."),
     fmt: OutFormat = typer.Option(OutFormat.table, "--format", case_sensitive=False, help="table (for reading), csv or json (on stdout, for piping)."),
 ) -> None:
@@ -296,7 +229,7 @@ def _table(df: pd.DataFrame) -> Table:
         numeric = pd.api.types.is_numeric_dtype(df[col])
         table.add_column(str(col), justify="right" if numeric else "left", overflow="fold")
     for row in df.itertuples(index=False):
-        table.add_row(*(_cell(col, v) for col, v in zip(df.columns, row)))
+        table.add_row(*(_cell(col, v) for col, v in zip(df.columns, row, strict=True)))
     return table
 
 

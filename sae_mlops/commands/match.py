@@ -10,7 +10,7 @@ from typing import Any, Optional
 
 import typer
 
-from sae_mlops.cli import _quiet, app, out_console, report_input_errors
+from sae_mlops.cli import app, out_console, report_input_errors, set_quiet
 
 
 @app.command()
@@ -35,7 +35,7 @@ def match(
     from sae_mlops.features.sources import resolve_analysis
     from sae_mlops.pipeline import utc_timestamp
 
-    _quiet(quiet)
+    set_quiet(quiet)
     tmp = Path(tempfile.mkdtemp(prefix="sae-mlops-match-"))
     try:  # downloaded runs (with their activation databases) are removed afterwards
         refs = [resolve_analysis(v, activation_db=not no_activations, download_to=tmp / side) for v, side in ((a, "a"), (b, "b"))]
@@ -63,7 +63,7 @@ def match(
         out_console.print(f"MLflow run: {run_id} {run_url(run_id)}", soft_wrap=True, highlight=False)
 
 
-def match_compared(outcome: Any, limit: int) -> None:
+def match_compared(outcome: Any, limit: int, console: Any = out_console) -> None:
     """`compare --match`: match every pair of the compared full analyses (the newest ``limit``),
     write under ``<compare out>/matches/`` and log there in the comparison run."""
     from sae_mlops.errors import InputError
@@ -76,15 +76,15 @@ def match_compared(outcome: Any, limit: int) -> None:
         raise InputError(f"--match needs at least two full analyses among the compared runs; found {len(full)}. Run `sae-mlops full` on another SAE first.")
     tmp = Path(tempfile.mkdtemp(prefix="sae-mlops-compare-match-"))
     try:
-        roots = [(str(r.label), resolve_analysis(r.run_id, activation_db=True, download_to=tmp / r.run_id).root) for r in full.itertuples()]
+        roots = [(f"{r.label} ({r.run_id[:6]})", resolve_analysis(r.run_id, activation_db=True, download_to=tmp / r.run_id).root) for r in full.itertuples()]
         out_dir = Path(outcome.out_dir) / "matches"
         matrix, files = match_many(roots, out_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    out_console.print("Mean max decoder cosine (row -> column):", highlight=False)
-    out_console.print(matrix.round(3).to_string(), highlight=False)
+    console.print("Mean max decoder cosine (row -> column):", highlight=False)
+    console.print(matrix.round(3).to_string(), highlight=False)
     if outcome.run_id:
         from sae_mlops.tracking.features import log_to_analysis_run
 
         log_to_analysis_run(outcome.run_id, files, out_dir, "matches", {"compare/match_pairs": len(full) * (len(full) - 1) / 2})
-        out_console.print(f"Matches logged to MLflow run {outcome.run_id} under matches/", soft_wrap=True, highlight=False)
+        console.print(f"Matches logged to MLflow run {outcome.run_id} under matches/", soft_wrap=True, highlight=False)

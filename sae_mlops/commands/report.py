@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from sae_mlops.cli import _quiet, app, fail, out_console, report_input_errors
+from sae_mlops.cli import set_quiet, app, fail, out_console, report_input_errors
 
 
 @app.command()
@@ -32,13 +32,21 @@ def report(
     no_decoder: bool = typer.Option(False, "--no-decoder", help="Do not load the SAE (skips decoder norms and PCA)."),
     no_log: bool = typer.Option(False, "--no-log", help="With --run-id: do not log the report to the run."),
     notebook: Optional[Path] = typer.Option(None, "--notebook", help="Another notebook to execute with the same parameters. (default: notebooks/interp_analysis.ipynb)"),
+    show_code: bool = typer.Option(False, "--show-code", help="Keep the code cells in the HTML report (hidden by default: readers see results)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Only warnings and errors on stderr."),
 ) -> None:
     """Interpretation report: run notebooks/interp_analysis.ipynb (papermill) on a full analysis,
     write the executed notebook and a self-contained HTML page, and log both to the MLflow run."""
     from sae_mlops.interp.report import ReportError, generate_report, parse_features
+    from sae_mlops.preflight import check_out_dir
 
-    _quiet(quiet)
+    set_quiet(quiet)
+    if out is not None:
+        check_out_dir(out)
+    if run_id:
+        from sae_mlops.tracking.preflight import check_tracking_store
+
+        check_tracking_store(tracking_uri)
     try:
         outputs = generate_report(
             run_id=run_id,
@@ -55,6 +63,7 @@ def report(
             },
             notebook=notebook,
             log_to_run=not no_log,
+            show_code=show_code,
         )
     except ReportError as e:
         fail(str(e), 1)

@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from sae_mlops.cli import _state, app, report_input_errors
+from sae_mlops.cli import state, app, report_input_errors
 
 
 @app.command()
@@ -53,7 +53,7 @@ def serve(
         },
     )
     settings.secret()  # fail now, with one sentence, when no secret is configured
-    if _state.get("verbose"):
+    if state.get("verbose"):
         settings.log_level = "DEBUG"
     setup_service_logging(settings.log_format, settings.log_level)
     from sae_mlops.service.app import run_server

@@ -5,7 +5,7 @@ scripts); the index's sorting and search are a small progressive enhancement.
 A feature page holds:
 
 - the firing frequency (``firing_count / analysed tokens``), mean and max activation (over the
-  tokens where the feature fired), from ``results/feature_stats_<ts>.parquet``;
+  tokens where the feature fired), from ``results/feature_stats.parquet``;
 - the label, description and scores when ``label`` has run (``labels/labels.jsonl`` under the
   analysis directory);
 - a histogram of the feature's non-zero activations over all analysed tokens (from the activation

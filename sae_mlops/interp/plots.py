@@ -29,7 +29,8 @@ def fig_to_png(fig: Figure, dpi: int = 100) -> bytes:
 
 def figure_title(fig: Figure) -> str:
     """The figure's suptitle, else its axes titles joined (used as the image's alt text)."""
-    sup = fig._suptitle.get_text() if getattr(fig, "_suptitle", None) is not None else ""
+    suptitle = getattr(fig, "_suptitle", None)  # matplotlib keeps it private; absent when none was set
+    sup = suptitle.get_text() if suptitle is not None else ""
     titles = [ax.get_title() for ax in fig.axes if ax.get_title()]
     return sup or "; ".join(titles) or "figure"
 
@@ -63,7 +64,7 @@ def frequency_vs_mean(table: pd.DataFrame) -> Figure:
 def top_features(top: pd.DataFrame, by: str) -> Figure:
     """Horizontal bars of ``by`` for the rows of a :func:`sae_mlops.interp.features.top_features` table."""
     fig, ax = _fig(6, 0.6 + 0.3 * max(len(top), 1))
-    labels = [f"{int(f)}  {t!r}" if t is not None else str(int(f)) for f, t in zip(top["feature"], top.get("top_token", [None] * len(top)))]
+    labels = [f"{int(f)}  {t!r}" if t is not None else str(int(f)) for f, t in zip(top["feature"], top.get("top_token", [None] * len(top)), strict=True)]
     ax.barh(range(len(top)), top[by], color="#1565c0")
     ax.set_yticks(range(len(top)), labels, fontsize=8)
     ax.invert_yaxis()
@@ -163,7 +164,7 @@ def inside_outside(cooc_pairs: pd.DataFrame, sim_pairs: pd.DataFrame | None = No
     panels = [(cooc_pairs, f"co-occurrence ({measure})")] + ([(sim_pairs, "decoder cosine similarity")] if sim_pairs is not None else [])
     fig, axes = _fig(5 * len(panels), 3.6, ncols=len(panels))
     axes = np.atleast_1d(axes)
-    for ax, (pairs, name) in zip(axes, panels):
+    for ax, (pairs, name) in zip(axes, panels, strict=True):
         values = pairs["value"].to_numpy(dtype=np.float64)
         bins = np.linspace(values.min(), values.max(), 40) if values.size and values.min() < values.max() else 10
         for where, colour in (("outside", "#90a4ae"), ("inside", "#d84315")):
@@ -232,7 +233,7 @@ def interaction_network(edges: pd.DataFrame, layout: dict[int, tuple[float, floa
         lo, hi = float(w.min()), float(w.max())
         norm = (w - lo) / (hi - lo) if hi > lo else np.ones_like(w)
         cmap = colormaps["viridis"]
-        for e, x in zip(edges.itertuples(), norm):
+        for e, x in zip(edges.itertuples(), norm, strict=True):
             (x0, y0), (x1, y1) = layout[int(e.source)], layout[int(e.target)]
             ax.plot([x0, x1], [y0, y1], color=cmap(x), linewidth=0.5 + 3 * x, alpha=0.7, zorder=1)
     xy = np.array(list(layout.values())) if layout else np.zeros((0, 2))

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,13 +20,13 @@ from typing import Any
 from sae_mlops.errors import InputError
 from sae_mlops.interp.data import require_full_analysis
 from sae_mlops.writers.files import atomic_write_text
-from sae_mlops.writers.quick import timestamp
 
 log = logging.getLogger(__name__)
 
 NOTEBOOK_NAME = "interp_analysis.ipynb"
 NOTEBOOK_ENV = "SAE_MLOPS_NOTEBOOK"
 REPORTS_DIR = Path("analysis") / "reports"
+TAG_CREATED = "sae_mlops.report_created_at"  # UTC time the report was made (not in its file names)
 
 
 class ReportError(RuntimeError):
@@ -60,7 +61,7 @@ def parse_features(text: str | None) -> list[int]:
     try:
         out = [int(t) for t in text.replace(" ", "").split(",") if t]
     except ValueError:
-        raise InputError(f"--features must be comma-separated feature indices such as 3,17,42; got '{text}'.")
+        raise InputError(f"--features must be comma-separated feature indices such as 3,17,42; got '{text}'.") from None
     if any(f < 0 for f in out):
         raise InputError(f"feature indices are never negative; got '{text}'.")
     return out
@@ -104,7 +105,7 @@ def execute_notebook(
         import papermill as pm
         from papermill.exceptions import PapermillExecutionError
     except ImportError as e:
-        raise InputError(f"papermill is not installed ({e}); run `make install` (or pip install -e . -c constraints.txt).")
+        raise InputError(f"papermill is not installed ({e}); run `make install` (or pip install -e . -c constraints.txt).") from e
     output.parent.mkdir(parents=True, exist_ok=True)
     partial = output.with_name(f".{output.stem}.partial.ipynb")
     extra: dict[str, Any] = {} if kernel_name else {"kernel_manager_class": current_python_kernel_manager()}
@@ -133,9 +134,10 @@ def execute_notebook(
     return output
 
 
-def notebook_to_html(notebook: Path, html: Path) -> Path:
+def notebook_to_html(notebook: Path, html: Path, show_code: bool = False) -> Path:
     """Render an executed notebook as one self-contained HTML file (figures embedded as base64,
-    each with the alt text its output recorded)."""
+    each with the alt text its output recorded). Code cells are left out (readers want the results)
+    unless `show_code`; their outputs and the markdown cells stay."""
     import nbformat
     from bs4 import BeautifulSoup
     from nbconvert import HTMLExporter
@@ -149,11 +151,12 @@ def notebook_to_html(notebook: Path, html: Path) -> Path:
                 alts[png.strip()[:256]] = alt
     quiet = logging.getLogger(f"{__name__}.nbconvert")  # the lab template drops alt text; we put it back below
     quiet.setLevel(logging.ERROR)
-    body, _ = HTMLExporter(embed_images=True, log=quiet).from_notebook_node(nb)
+    body, _ = HTMLExporter(embed_images=True, exclude_input=not show_code, exclude_input_prompt=not show_code,
+                           exclude_output_prompt=not show_code, log=quiet).from_notebook_node(nb)
     soup = BeautifulSoup(body, features="html.parser")
     prefix = "data:image/png;base64,"
     for img in soup.find_all("img"):
-        src = img.get("src", "")
+        src = str(img.get("src") or "")
         if src.startswith(prefix) and src[len(prefix) :].strip()[:256] in alts:
             img["alt"] = alts[src[len(prefix) :].strip()[:256]]
     return atomic_write_text(html, str(soup))
@@ -171,9 +174,12 @@ def generate_report(
     log_to_run: bool = True,
     extra_log_run: str | None = None,
     timeout: int | None = 1800,
+    show_code: bool = False,
 ) -> ReportOutputs:
-    """Execute the interpretation notebook on one full analysis and write ``interp_analysis_<ts>.ipynb``
-    and ``.html`` under ``out_dir``.
+    """Execute the interpretation notebook on one full analysis and write ``interp_analysis.ipynb``
+    and ``interp_analysis.html`` under ``out_dir`` (stable names, so reports of several runs compare in
+    MLflow; when it was made is the tag ``sae_mlops.report_created_at``). The HTML hides the code
+    cells unless `show_code`.
 
     run_id: an MLflow run of ``sae-mlops full``: its artifacts are downloaded to ``out_dir/artifacts``
         (unless ``analysis_dir`` is given too) and the report is logged to it under ``report/``.
@@ -207,19 +213,20 @@ def generate_report(
         "feature_ids": [int(f) for f in (features or [])],
     }
     params.update(parameters or {})
-    ts = timestamp()
-    nb_out = execute_notebook(nb_path, out / f"interp_analysis_{ts}.ipynb", params, cwd=out, kernel_name=kernel_name, timeout=timeout)
-    html = notebook_to_html(nb_out, out / f"interp_analysis_{ts}.html")
+    created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    nb_out = execute_notebook(nb_path, out / "interp_analysis.ipynb", params, cwd=out, kernel_name=kernel_name, timeout=timeout)
+    html = notebook_to_html(nb_out, out / "interp_analysis.html", show_code=show_code)
     log.info("report written: %s and %s", nb_out, html)
     result = ReportOutputs(notebook=nb_out, html=html, analysis_dir=adir)
     if log_to_run and run_id:
         from sae_mlops.tracking.artifacts import log_report
 
-        result.artifacts = log_report(run_id, [nb_out, html], tracking_uri)
+        result.artifacts = log_report(run_id, [nb_out, html], tracking_uri, tags={TAG_CREATED: created})
         result.run_id = run_id
     if extra_log_run and extra_log_run != run_id:
         from sae_mlops.tracking.artifacts import TAG_REPORT_OF, log_report
 
-        log_report(extra_log_run, [nb_out, html], tracking_uri, tags={TAG_REPORT_OF: run_id} if run_id else {"sae_mlops.report_of_dir": str(adir)})
+        extra_tags = {TAG_REPORT_OF: run_id} if run_id else {"sae_mlops.report_of_dir": str(adir)}
+        log_report(extra_log_run, [nb_out, html], tracking_uri, tags={**extra_tags, TAG_CREATED: created})
         result.run_id = result.run_id or extra_log_run
     return result

@@ -1,7 +1,8 @@
 """Reading an analysis run's artifacts from MLflow and logging report files back to a run.
 
 - :func:`download_analysis` checks that a run exists and holds a full analysis (the feature
-  summaries ``results/feature_summaries_<ts>.jsonl``), then downloads what the interpretation
+  summaries ``results/feature_summaries.jsonl``, or ``feature_summaries_<ts>.jsonl`` as older
+  versions named them), then downloads what the interpretation
   notebook reads: the top-level files, ``results/``, ``matrices/`` and, only when asked,
   ``activation_database/`` (the largest part; the notebook does not need it).
 - :func:`log_report` logs files (the executed notebook, its HTML) under one artifact directory of
@@ -50,12 +51,12 @@ def check_analysis_run(run_id: str, tracking_uri: str | None = None) -> list[str
     try:
         run = client.get_run(run_id)
     except MlflowException as e:
-        raise InputError(f"no MLflow run '{run_id}' in {_store(tracking_uri)} ({e.error_code}); check the run id and MLFLOW_TRACKING_URI.")
+        raise InputError(f"no MLflow run '{run_id}' in {_store(tracking_uri)} ({e.error_code}); check the run id and MLFLOW_TRACKING_URI.") from e
     results = [f.path for f in client.list_artifacts(run_id, "results")]
-    if not any(Path(p).name.startswith("feature_summaries_") and p.endswith(".jsonl") for p in results):
+    if not any(Path(p).name.startswith("feature_summaries") and p.endswith(".jsonl") for p in results):
         kind = run.data.tags.get("sae_mlops.kind")
         what = f"a {kind} analysis" if kind else "not an sae-mlops analysis run"
-        raise InputError(f"MLflow run '{run_id}' has no feature summaries (results/feature_summaries_*.jsonl): it is {what}; {FULL_HINT}.")
+        raise InputError(f"MLflow run '{run_id}' has no feature summaries (results/feature_summaries.jsonl): it is {what}; {FULL_HINT}.")
     return results
 
 

@@ -24,6 +24,7 @@ from typing import Any
 
 from sae_mlops.errors import InputError
 from sae_mlops.sources.layout import LAYOUT_HINT, detect_layout
+from sae_mlops.sources.sae import URI_FORMS, register_uri_resolver, uri_scheme
 
 logger = logging.getLogger(__name__)
 
@@ -43,8 +44,6 @@ LINEAGE_TAGS = (
 )
 
 MLFLOW_SCHEMES = ("runs", "models")
-URI_FORMS = "runs:/<run_id>/<path>, models:/<name>/<version> or models:/<name>@<alias>"
-_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]*):/")
 _LOGGED_MODEL_ID = re.compile(r"^m-[0-9a-f]{8,}$")
 _MAX_SEARCH_DEPTH = 4
 
@@ -59,10 +58,6 @@ class ResolvedSAESource:
     lineage: dict[str, str] = field(default_factory=dict)
 
 
-def uri_scheme(value: str) -> str | None:
-    """The scheme of a ``scheme:/...`` string ("runs", "s3", ...), or None when it is not one."""
-    match = _SCHEME.match(value)
-    return match.group(1).lower() if match else None
 
 
 def is_mlflow_uri(value: str) -> bool:
@@ -84,7 +79,7 @@ def resolve_mlflow_uri(uri: str, dst_dir: str | Path | None = None) -> ResolvedS
         download_uri, lineage = _resolve_run(client, uri)
     else:
         download_uri, lineage = _resolve_model(client, uri)
-    lineage = {TAG_SOURCE_URI: uri, **{k: v for k, v in lineage.items() if v not in (None, "")}}
+    lineage = {TAG_SOURCE_URI: uri, **{k: str(v) for k, v in lineage.items() if v not in (None, "")}}
     target = Path(dst_dir) if dst_dir is not None else Path(tempfile.mkdtemp(prefix="sae_mlops_mlflow_"))
     target.mkdir(parents=True, exist_ok=True)
     try:
@@ -94,7 +89,7 @@ def resolve_mlflow_uri(uri: str, dst_dir: str | Path | None = None) -> ResolvedS
             shutil.rmtree(target, ignore_errors=True)
         raise
     logger.info("resolved %s to %s", uri, sae_dir)
-    return ResolvedSAESource(uri=uri, local_path=sae_dir, download_dir=target, lineage=lineage)
+    return ResolvedSAESource(uri=uri, local_path=sae_dir, download_dir=target, lineage={k: str(v) for k, v in lineage.items()})
 
 
 def find_sae_dir(root: Path, label: str) -> Path:
@@ -236,3 +231,13 @@ def _tracking_uri() -> str:
     import mlflow
 
     return mlflow.get_tracking_uri()
+
+
+def _resolve_for_sources(uri: str) -> tuple[Path, dict[str, str]]:
+    resolved = resolve_mlflow_uri(uri)
+    return resolved.local_path, resolved.lineage
+
+
+# `sae_mlops.sources.load_sae` resolves runs:/ and models:/ URIs through this layer (it cannot import
+# MLflow code itself: sources sit below tracking).
+register_uri_resolver(_resolve_for_sources)

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
-from mlflow.entities import Metric, Param, RunTag
+from mlflow.entities import Metric, RunTag
 from mlflow.tracking import MlflowClient
 from mlflow.utils.time import get_current_time_millis
 from mlflow.utils.validation import MAX_METRICS_PER_BATCH, MAX_PARAMS_TAGS_PER_BATCH
@@ -119,7 +119,7 @@ class SourceRun:
         """The training corpus as an ``mlflow.data`` dataset input (context ``training``)."""
         dataset = lineage.corpus_dataset(path, sha256)
         if dataset is not None:
-            extra = {"sae_mlops.documents": documents} if documents is not None else {}
+            extra = {"sae_mlops.documents": str(documents)} if documents is not None else {}
             lineage.log_dataset_input(self.client, self.run_id, dataset, "training", sha256, extra)
 
     # metrics
@@ -168,7 +168,11 @@ class SourceRun:
         self.set_tags({TAG_SAE_HASH: sae_hash, TAG_SAE_SOURCE: "true"})
         self.client.log_artifacts(self.run_id, str(sae_dir), artifact_path=SAE_ARTIFACT_PATH)
         model_tags = version_tags(sae_hash, architecture)
-        model_id = log_sae_model(self.client, self.run_id, sae_dir, params=model_params, tags=model_tags)
+        from sae_mlops.naming import model_name
+
+        model_id = log_sae_model(
+            self.client, self.run_id, sae_dir, params=model_params, tags=model_tags, name=model_name(Path(sae_dir).name)
+        )
         if summary:
             now = get_current_time_millis()
             metrics = [
@@ -255,8 +259,11 @@ def import_sae(
             tracking_uri=mlflow.get_tracking_uri(),
         )
 
+    from sae_mlops.naming import run_title
+
     params = sae_params(info)
-    with SourceRun("import", experiment=experiment, run_name=run_name or f"import-{directory.name}") as run:
+    title = run_title("import", directory.name, info.architecture, info.d_sae, params.get("k"))
+    with SourceRun("import", experiment=experiment, run_name=run_name or title) as run:
         run.log_params({"source_path": str(directory.resolve()), **params})
         run.set_tags({"sae_mlops.source_path": str(directory.resolve()), "sae_mlops.sae_format": info.format})
         if info.history:

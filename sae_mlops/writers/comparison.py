@@ -21,6 +21,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from sae_mlops.metrics import BY_SHORT  # noqa: E402
 from sae_mlops.writers.files import atomic_write, atomic_write_text  # noqa: E402
 
 #: (column, header, format) of the table, in order.
@@ -31,14 +32,14 @@ COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("architecture", "architecture", "{}"),
     ("d_sae", "d_sae", "{:.0f}"),
     ("k", "k", "{:.0f}"),
-    ("l0", "L0", "{:.2f}"),
-    ("loss_recovered", "loss recovered", "{:.4f}"),
-    ("explained_variance", "explained variance", "{:.4f}"),
-    ("dead_fraction", "dead fraction", "{:.4f}"),
-    ("ce_clean", "CE clean", "{:.4f}"),
-    ("ce_sae", "CE SAE", "{:.4f}"),
-    ("ce_zero", "CE zero", "{:.4f}"),
-    ("kl_sae", "KL SAE", "{:.4g}"),
+    ("l0", "L0", BY_SHORT["l0"].fmt),
+    ("loss_recovered", "loss recovered", BY_SHORT["loss_recovered"].fmt),
+    ("explained_variance", "explained variance", BY_SHORT["explained_variance"].fmt),
+    ("dead_fraction", "dead fraction", BY_SHORT["dead_fraction"].fmt),
+    ("ce_clean", "CE clean", BY_SHORT["ce_clean"].fmt),
+    ("ce_sae", "CE SAE", BY_SHORT["ce_sae"].fmt),
+    ("ce_zero", "CE zero", BY_SHORT["ce_zero"].fmt),
+    ("kl_sae", "KL SAE", BY_SHORT["kl_sae"].fmt),
     ("tokens", "tokens", "{:.0f}"),
     ("model", "registered model", "{}"),
     ("pareto_loss_recovered", "frontier (LR)", "{}"),
@@ -127,6 +128,40 @@ def write_comparison(df: pd.DataFrame, out_dir: Path, title: str = "SAE comparis
     return files
 
 
+# Label offsets tried in turn (points): right, above, below, left, then further out.
+_OFFSETS = ((5, 3), (5, -9), (-5, 3), (-5, -9), (5, 12), (5, -18), (-5, 12), (-5, -18), (12, 22), (12, -28), (-12, 22), (-12, -28))
+
+
+def place_labels(fig: Any, ax: Any, points: list[tuple[float, float, str]], fontsize: int = 7) -> list[Any]:
+    """Annotate each (x, y, text) at the first offset of `_OFFSETS` whose box overlaps neither an
+    earlier label nor a marker; if none is free, the least-overlapping one.
+    Greedy, in order of decreasing y, measured with the figure's renderer."""
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    placed: list[Any] = []
+    markers = [ax.transData.transform((px, py)) for px, py, _ in points]
+    taken = []
+    for px, py, text in sorted(points, key=lambda t: -t[1]):
+        best, best_cost = None, None
+        for dx, dy in _OFFSETS:
+            ann = ax.annotate(text, (px, py), xytext=(dx, dy), textcoords="offset points", fontsize=fontsize,
+                              ha="left" if dx > 0 else "right")
+            box = ann.get_window_extent(renderer).expanded(1.05, 1.1)
+            cost = sum(box.overlaps(b) for b in taken) + sum(box.contains(mx, my) for mx, my in markers)
+            cost += 0 if ax.bbox.contains(box.x0, box.y0) and ax.bbox.contains(box.x1, box.y1) else 0.5
+            if best is None or cost < best_cost:
+                if best is not None:
+                    best.remove()
+                best, best_cost, best_box = ann, cost, box
+            else:
+                ann.remove()
+            if cost == 0:
+                break
+        taken.append(best_box)
+        placed.append(best)
+    return placed
+
+
 def pareto_plot(df: pd.DataFrame, column: str, label: str, path: Path) -> Path:
     """Scatter of L0 (x) against `column` (y), the Pareto frontier drawn as a step line."""
     x = df["l0"].to_numpy(dtype=float) if "l0" in df else np.array([])
@@ -139,11 +174,10 @@ def pareto_plot(df: pd.DataFrame, column: str, label: str, path: Path) -> Path:
         ax.scatter(x[on], y[on], color="tab:red", zorder=3, label="Pareto frontier")
         order = np.argsort(x[on])
         ax.step(x[on][order], y[on][order], where="post", color="tab:red", alpha=0.6)
-        names = df["label"].tolist() if "label" in df else [str(i) for i in range(len(df))]
-        for i in np.flatnonzero(ok):
-            ax.annotate(str(names[i])[:28], (x[i], y[i]), fontsize=7, xytext=(3, 3), textcoords="offset points")
         if x[ok].min() > 0 and x[ok].max() / x[ok].min() > 20:
             ax.set_xscale("log")
+        names = df["label"].tolist() if "label" in df else [str(i) for i in range(len(df))]
+        place_labels(fig, ax, [(float(x[i]), float(y[i]), str(names[i])[:32]) for i in np.flatnonzero(ok)])
     else:
         ax.text(0.5, 0.5, f"no analysis has both L0 and {label}", ha="center", va="center", transform=ax.transAxes)
     ax.set_xlabel("L0 (mean active features per token; lower is sparser)")

@@ -1,6 +1,8 @@
 """Atomic file writing: write to a temporary name beside the target, then rename.
 
-An interrupted run therefore never leaves a half-written file under a final name.
+An interrupted run therefore never leaves a half-written file under a final name. Files get the
+mode a plain ``open()`` would give (``0o666`` less the umask, 0644 under the usual umask 022), not
+``mkstemp``'s private 0600, so a shared artifact store can read them.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
     os.close(fd)
     try:
         write(Path(tmp))
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -26,5 +29,15 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
     return path
 
 
+def _umask() -> int:
+    """The process umask (read by setting and restoring it)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write_text(path: Path, text: str) -> Path:
-    return atomic_write(path, lambda p: p.write_text(text, encoding="utf-8"))
+    def write(p: Path) -> None:
+        p.write_text(text, encoding="utf-8")
+
+    return atomic_write(path, write)

@@ -35,7 +35,7 @@ def training_history(history: dict[str, list[float]], path: Path) -> Path | None
     cols = min(3, len(panels))
     rows = (len(panels) + cols - 1) // cols
     fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.2 * rows), squeeze=False)
-    for ax, key in zip(axes.flat, panels):
+    for ax, key in zip(axes.flat, panels, strict=False):  # more axes than panels
         ax.plot(range(1, len(history[key]) + 1), history[key], marker="o", label="train")
         if history.get(f"val_{key}"):
             ax.plot(range(1, len(history[f"val_{key}"]) + 1), history[f"val_{key}"], marker="s", label="val")
@@ -53,7 +53,7 @@ def l0_histogram(l0_hist: np.ndarray, path: Path) -> Path:
     l0_hist = np.asarray(l0_hist)
     last = int(np.nonzero(l0_hist)[0].max()) if l0_hist.any() else 1
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.bar(np.arange(last + 1), l0_hist[: last + 1], width=1.0)
+    ax.stairs(l0_hist[: last + 1], np.arange(last + 2) - 0.5, fill=True)  # one artist, not one bar per value
     mean = float((np.arange(len(l0_hist)) * l0_hist).sum() / max(l0_hist.sum(), 1))
     ax.axvline(mean, color="red", linestyle="--", label=f"mean {mean:.1f}")
     ax.set_xlabel("L0 (active features per token)")

@@ -2,9 +2,13 @@
 
 Pure functions of an :class:`AnalysisResult`: no model, no MLflow. Layout under ``out_dir``::
 
-    results/analysis_results_<ts>.json   params, metrics (the numbers MLflow logs), tags, warnings
-    results/feature_stats_<ts>.parquet   feature, firing_count, frequency, mean_activation, max_activation
-    SUMMARY_<ts>.md                      the headline figures for people
+    results/analysis_results.json   params, metrics (the numbers MLflow logs), tags, warnings
+    results/feature_stats.parquet   feature, firing_count, frequency, mean_activation, max_activation
+    SUMMARY.md                      the headline figures for people
+
+File names are stable (no timestamp), so runs share artifact names and MLflow's compare view can
+show them side by side; when the analysis finished is in the results JSON (``details.finished_at``)
+and the run's tag ``sae_mlops.finished_at``. Markdown table cells are escaped (`md_cell`).
 """
 
 from __future__ import annotations
@@ -15,35 +19,9 @@ from pathlib import Path
 
 import pandas as pd
 
+from sae_mlops.metrics import summary_metrics
 from sae_mlops.results import AnalysisResult
 from sae_mlops.writers.files import atomic_write, atomic_write_text
-
-# (metric, label, unit) rows of the readable summary, in order.
-SUMMARY_ROWS: list[tuple[str, str, str]] = [
-    ("tokens/analysed", "tokens analysed (non-special)", "tokens"),
-    ("sparsity/l0_mean", "L0 mean (active features per token)", "features"),
-    ("sparsity/l0_std", "L0 std", "features"),
-    ("sparsity/l1_mean", "L1 mean", "activation"),
-    ("features/dead_count", "dead features (never fired)", "features"),
-    ("features/dead_fraction", "dead fraction", "of d_sae"),
-    ("features/rare_count", "rare features", "features"),
-    ("features/dense_count", "dense features", "features"),
-    ("features/train_dead_count", "dead at training time (ever_fired)", "features"),
-    ("recon/mse_per_token", "MSE per token (sum over dims)", "act^2"),
-    ("recon/mse_per_element", "MSE per element", "act^2"),
-    ("recon/explained_variance", "explained variance (per-dim, about the mean)", ""),
-    ("recon/explained_variance_pooled", "explained variance, pooled (prior tool's)", ""),
-    ("recon/cosine", "cosine(x, x_hat)", ""),
-    ("recon/l2_ratio", "L2 ratio ||x_hat|| / ||x||", ""),
-    ("downstream/ce_clean", "CE clean", "nats"),
-    ("downstream/ce_sae", "CE with SAE spliced in", "nats"),
-    ("downstream/ce_zero", "CE with hook zero-ablated", "nats"),
-    ("downstream/loss_recovered", "loss recovered", ""),
-    ("downstream/kl_sae", "KL(clean || SAE)", "nats"),
-    ("downstream/kl_zero", "KL(clean || zero)", "nats"),
-    ("speed/tokens_per_s", "throughput", "tokens/s"),
-]
-
 
 def timestamp() -> str:
     return time.strftime("%Y%m%d_%H%M%S", time.gmtime())
@@ -55,6 +33,12 @@ def fmt(value) -> str:
     if isinstance(value, int) or (isinstance(value, float) and value.is_integer() and abs(value) < 1e12):
         return f"{int(value):,}"
     return f"{value:.4g}"
+
+
+def md_cell(text: str) -> str:
+    """Text safe in a markdown table cell: ``|`` escaped (``||`` in "KL(clean || SAE)" would split the
+    row), newlines as spaces."""
+    return str(text).replace("\\", "\\\\").replace("|", "\\|").replace("\n", " ")
 
 
 def summary_markdown(result: AnalysisResult) -> str:
@@ -71,9 +55,10 @@ def summary_markdown(result: AnalysisResult) -> str:
     if p.get("topk_mode"):
         lines.append(f"- BatchTopK: k={p.get('topk_k')}, mode `{p.get('topk_mode')}`, theta {fmt(p.get('topk_threshold'))}")
     lines += ["", "| metric | value | unit |", "|---|---:|---|"]
-    for key, label, unit in SUMMARY_ROWS:
+    for metric in summary_metrics():
+        key, label, unit = metric.name, metric.label, metric.unit
         if key in result.metrics:
-            lines.append(f"| {label} | {fmt(result.metrics[key])} | {unit} |")
+            lines.append(f"| {md_cell(label)} | {md_cell(fmt(result.metrics[key]))} | {md_cell(unit)} |")
     if result.warnings:
         lines += ["", "## Warnings", ""] + [f"- {w}" for w in result.warnings]
     lines += ["", "Metric definitions: see the README's metric table.", ""]
@@ -89,9 +74,8 @@ def write_feature_stats(result: AnalysisResult, path: Path) -> Path:
 def write_quick_outputs(result: AnalysisResult, out_dir: Path) -> list[Path]:
     """Write the quick-analysis files under ``out_dir``; returns their paths."""
     out_dir = Path(out_dir)
-    ts = timestamp()
-    files = [atomic_write_text(out_dir / "results" / f"analysis_results_{ts}.json", result.to_json())]
+    files = [atomic_write_text(out_dir / "results" / "analysis_results.json", result.to_json())]
     if result.per_feature:
-        files.append(write_feature_stats(result, out_dir / "results" / f"feature_stats_{ts}.parquet"))
-    files.append(atomic_write_text(out_dir / f"SUMMARY_{ts}.md", summary_markdown(result)))
+        files.append(write_feature_stats(result, out_dir / "results" / "feature_stats.parquet"))
+    files.append(atomic_write_text(out_dir / "SUMMARY.md", summary_markdown(result)))
     return files
