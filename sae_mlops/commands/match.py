@@ -82,7 +82,7 @@ def match_compared(outcome: Any, limit: int, console: Any = out_console) -> None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     console.print("Mean max decoder cosine (row -> column):", highlight=False)
-    console.print(matrix.round(3).to_string(), highlight=False)
+    console.print(matrix.round(3).to_string(), soft_wrap=True, highlight=False)
     if outcome.run_id:
         from sae_mlops.tracking.features import log_to_analysis_run
 
