@@ -151,7 +151,7 @@ def compare(
     if match:
         from sae_mlops.commands.match import match_compared
 
-        match_compared(outcome, match_limit)
+        match_compared(outcome, match_limit, where)
 
 
 # --- output -----------------------------------------------------------------------------------

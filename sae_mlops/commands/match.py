@@ -63,7 +63,7 @@ def match(
         out_console.print(f"MLflow run: {run_id} {run_url(run_id)}", soft_wrap=True, highlight=False)
 
 
-def match_compared(outcome: Any, limit: int) -> None:
+def match_compared(outcome: Any, limit: int, console: Any = out_console) -> None:
     """`compare --match`: match every pair of the compared full analyses (the newest ``limit``),
     write under ``<compare out>/matches/`` and log there in the comparison run."""
     from sae_mlops.errors import InputError
@@ -76,15 +76,15 @@ def match_compared(outcome: Any, limit: int) -> None:
         raise InputError(f"--match needs at least two full analyses among the compared runs; found {len(full)}. Run `sae-mlops full` on another SAE first.")
     tmp = Path(tempfile.mkdtemp(prefix="sae-mlops-compare-match-"))
     try:
-        roots = [(str(r.label), resolve_analysis(r.run_id, activation_db=True, download_to=tmp / r.run_id).root) for r in full.itertuples()]
+        roots = [(f"{r.label} ({r.run_id[:6]})", resolve_analysis(r.run_id, activation_db=True, download_to=tmp / r.run_id).root) for r in full.itertuples()]
         out_dir = Path(outcome.out_dir) / "matches"
         matrix, files = match_many(roots, out_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    out_console.print("Mean max decoder cosine (row -> column):", highlight=False)
-    out_console.print(matrix.round(3).to_string(), highlight=False)
+    console.print("Mean max decoder cosine (row -> column):", highlight=False)
+    console.print(matrix.round(3).to_string(), soft_wrap=True, highlight=False)
     if outcome.run_id:
         from sae_mlops.tracking.features import log_to_analysis_run
 
         log_to_analysis_run(outcome.run_id, files, out_dir, "matches", {"compare/match_pairs": len(full) * (len(full) - 1) / 2})
-        out_console.print(f"Matches logged to MLflow run {outcome.run_id} under matches/", soft_wrap=True, highlight=False)
+        console.print(f"Matches logged to MLflow run {outcome.run_id} under matches/", soft_wrap=True, highlight=False)

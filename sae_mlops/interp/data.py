@@ -27,6 +27,7 @@ import json
 import logging
 import re
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -211,15 +212,15 @@ def load_analysis(path: str | Path) -> AnalysisData:
     root = Path(path).expanduser()
     summaries_path = require_full_analysis(root)
     rdir, mdir = root / "results", root / "matrices"
-    stamped = _TS.search(summaries_path.name)  # older layouts carry a timestamp in every file name
-    ts = stamped.group(1) if stamped else None
+    stamp = _TS.search(summaries_path.name)  # stable names carry no timestamp: use the file's time
+    ts = stamp.group(1) if stamp else time.strftime("%Y%m%d_%H%M%S", time.gmtime(summaries_path.stat().st_mtime))
     files: dict[str, Path] = {"feature_summaries": summaries_path}
 
     def newest(key: str, directory: Path, prefix: str, suffix: str) -> Path | None:
         p = find_newest(directory, prefix, suffix)
         if p is not None:
             files[key] = p
-            if ts is not None and ts not in p.name:
+            if stamp and ts not in p.name:
                 log.warning("%s is from another analysis than %s", p.name, summaries_path.name)
         return p
 
