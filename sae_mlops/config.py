@@ -167,6 +167,12 @@ class FullOptions:
         ge=2,
         description="Features in the clustered heatmaps (the most variable ones). Unit: features. (default: 200)",
     )
+    dashboards: int = Field(
+        default=0,
+        ge=0,
+        description="Also write feature dashboards (as `sae-mlops dashboard --top N`) for the N most frequent "
+        "features, under dashboard/ and logged with the run. Unit: features. (default: 0, none)",
+    )
     shard_rows: int = Field(
         default=500_000,
         ge=1,

@@ -229,8 +229,10 @@ def _run_full_and_log(
 
     outputs = run_full(cfg, out, opts)
     files = [Path(f) for f in outputs.files]
-    log.info("Wrote %d file(s) under %s", len(files), out)
     result = outputs.result
+    if opts.dashboards:
+        files += _dashboards(out, opts.dashboards, result)
+    log.info("Wrote %d file(s) under %s", len(files), out)
     outcome = FullOutcome(result=result, out_dir=out, files=files, warnings=list(result.warnings))
     for f in files:
         if f.parent == out and f.name.startswith("SUMMARY") and f.suffix == ".json":
@@ -245,6 +247,18 @@ def _run_full_and_log(
         log_outcome(outcome, experiment, run_name, start_time=started)
     _log_total(outcome, started_s, time.perf_counter() - t_log if track else 0.0)
     return outcome
+
+
+def _dashboards(out: Path, top: int, result: AnalysisResult) -> list[Path]:
+    """`--dashboards N`: the feature pages of the N most frequent features under ``out/dashboard``;
+    their timing metrics and the index tag go into the result, so they are logged with the run."""
+    from sae_mlops.features.dashboard import write_dashboards
+    from sae_mlops.tracking.features import TAG_DASHBOARD
+
+    dash = write_dashboards(out, out / "dashboard", top=top)
+    result.metrics.update(dash.metrics())
+    result.tags[TAG_DASHBOARD] = "dashboard/index.html"
+    return [Path(f) for f in dash.files]
 
 
 def _now_ms() -> int:

@@ -20,14 +20,12 @@ from sae_mlops.cli import app
 from sae_mlops.config import AnalysisConfig
 from sae_mlops.errors import InputError
 from sae_mlops.analyses.full import FullOptions
+from sae_mlops.options import option_specs
 
 runner = CliRunner()
 MAX_TOKENS = 5000
 
-FULL_ONLY = [
-    "--examples-per-feature", "--context-window", "--cooccurrence", "--dense-limit", "--neighbours",
-    "--logit-lens-tokens", "--heatmap-features",
-]
+FULL_ONLY = [s.flag for s in option_specs(FullOptions)]  # the declared full-only options
 
 
 def _options(command: str) -> set[str]:
@@ -111,7 +109,7 @@ def full_run(tmp_path_factory):
     r = runner.invoke(
         app,
         ["full", "--sae", str(demo_sae_path("batchtopk")), "--model", "demo", "--max-tokens", str(MAX_TOKENS),
-         "--out", str(out), "--no-track", "--quiet"],
+         "--out", str(out), "--no-track", "--quiet", "--dashboards", "3"],
         terminal_width=250,
     )
     assert r.exit_code == 0, r.output
@@ -242,3 +240,15 @@ def test_missing_or_empty_path_is_one_line_exit_2(tmp_path):
         assert r.exit_code == 2, r.output
         lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
         assert len(lines) == 1 and words in lines[0], r.stderr
+
+
+def test_full_writes_dashboards_when_asked(full_run):
+    """--dashboards N: the N most frequent features get pages (and the index) under dashboard/, and the
+    results JSON records the option and the page timing."""
+    out = full_run["out"]
+    stats = pd.read_parquet(out / "results" / "feature_stats.parquet").sort_values(["firing_count", "feature"], ascending=[False, True])
+    pages = sorted(p.name for p in (out / "dashboard").glob("feature_*.html"))
+    assert len(pages) == 3 and (out / "dashboard" / "index.html").is_file()
+    assert {f"feature_{int(f)}.html" for f in stats["feature"].head(3)} == set(pages)
+    results = json.loads((out / "results" / "analysis_results.json").read_text())
+    assert results["params"]["full_dashboards"] == 3
