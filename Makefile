@@ -5,7 +5,7 @@ VENV ?= .venv
 PYTHON ?= python3
 STAMP := $(VENV)/.sae-mlops-installed
 
-.PHONY: install demo test clean distclean
+.PHONY: install demo check test clean distclean
 
 install: $(STAMP)
 
@@ -17,6 +17,12 @@ $(STAMP): pyproject.toml constraints.txt
 
 demo: install
 	$(VENV)/bin/sae-mlops demo
+
+# Static checks: ruff (lint), mypy (types, on the package), import-linter (layers; MLflow only in tracking).
+check: install
+	$(VENV)/bin/ruff check sae_mlops tests scripts entrypoints
+	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports
 
 test: install
 	$(VENV)/bin/pytest -q

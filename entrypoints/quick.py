@@ -1,7 +1,7 @@
 """MLproject entry point ``quick``: parse the -P parameters and make one library call.
 
 ``mlflow run . -e quick -P sae=PATH_OR_URI [-P model=demo ...]`` runs this file inside the MLflow run
-it created (``MLFLOW_RUN_ID``); `sae_mlops.pipeline.run_quick_and_log` then logs into that run.
+it created (``MLFLOW_RUN_ID``); `sae_mlops.workflows.run_quick_and_log` then logs into that run.
 An empty string means "not given" (the MLproject defaults are empty for optional values), so the
 library's own defaults apply. A user mistake exits with code 2 and one sentence on stderr.
 The arguments are shared with the other entry points (`_common.py`).
@@ -24,7 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _call(cfg, args: argparse.Namespace) -> None:
-    from sae_mlops.pipeline import run_quick_and_log
+    from sae_mlops.workflows import run_quick_and_log
 
     run_quick_and_log(cfg, args.out, track=True)
 

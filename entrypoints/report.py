@@ -1,7 +1,7 @@
 """MLproject entry point ``report``: parse the -P parameters and make one library call.
 
 ``mlflow run . -e report -P run_id=RUN_ID [-P features=3,17]`` executes the interpretation notebook
-on that run's full analysis (`sae_mlops.interp.report.generate_report`) and logs the executed
+on that run's full analysis (`sae_mlops.interp.notebook_report.generate_report`) and logs the executed
 notebook and its HTML to the analysis run, and also to the run ``mlflow run`` created for this
 entry point (tagged ``sae_mlops.report_of_run``). ``-P analysis_dir=DIR`` reports on a local
 directory instead (logged to the entry point's run only). An empty string means "not given". A user
@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     parameters = {nb: getattr(args, dest) for dest, nb in NOTEBOOK_PARAMETERS.items() if getattr(args, dest) is not None}
 
     def body() -> None:
-        from sae_mlops.interp.report import generate_report, parse_features
+        from sae_mlops.interp.notebook_report import generate_report, parse_features
 
         outputs = generate_report(
             run_id=args.run_id,
@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.write(f"Notebook: {outputs.notebook}\nHTML: {outputs.html}\n")
 
     try:
-        from sae_mlops.interp.report import ReportError
+        from sae_mlops.interp.notebook_report import ReportError
     except ImportError:
         return guarded(args, body)
     return guarded(args, body, errors={ReportError: 1})

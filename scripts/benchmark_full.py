@@ -39,9 +39,9 @@ def _cfg(sae: str, tokens: int):
 def speed(sae: str, tokens: int, repeats: int = 3) -> dict:
     """Necessary compute and run_full, interleaved ``repeats`` times on a warm process; the best
     of each (timings on a shared 2-core machine vary by +-10% between runs)."""
-    from sae_mlops.analysis import make_batches, prepare
-    from sae_mlops.engine import Engine
-    from sae_mlops.full import run_full
+    from sae_mlops.analyses.quick import make_batches, prepare
+    from sae_mlops.core.engine import Engine
+    from sae_mlops.analyses.full import run_full
 
     inputs = prepare(_cfg(sae, tokens))
     batches = list(make_batches(inputs, tokens))
@@ -88,7 +88,7 @@ def speed(sae: str, tokens: int, repeats: int = 3) -> dict:
 
 
 def child_memory(sae: str, tokens: int) -> None:
-    from sae_mlops.full import run_full
+    from sae_mlops.analyses.full import run_full
 
     with tempfile.TemporaryDirectory() as tmp:
         run_full(_cfg(sae, tokens), Path(tmp))
@@ -118,10 +118,10 @@ def memory(sae: str, sizes: list[int]) -> list[dict]:
 
 def summaries_vs_d_sae(d_values: list[int], tokens: int = 20_000, l0: int = 32, batch: int = 2048) -> list[dict]:
     """Top-k examples collection + JSONL writing on synthetic sparse codes, per d_sae."""
-    from sae_mlops.collectors.base import StepData
-    from sae_mlops.collectors.examples import TopExamplesCollector
-    from sae_mlops.tokens import Window, WindowPlan, collate
-    from sae_mlops.writers.full import write_feature_summaries
+    from sae_mlops.core.collectors.base import StepData
+    from sae_mlops.core.collectors.examples import TopExamplesCollector
+    from sae_mlops.core.tokens import Window, WindowPlan, collate
+    from sae_mlops.outputs.full_reports import write_feature_summaries
 
     plan = WindowPlan(128, True, 0, 0, [0])
     vocab = [f"t{i}" for i in range(1000)]

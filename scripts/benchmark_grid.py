@@ -91,11 +91,11 @@ def random_sae(kind: str, d_in: int, d_sae: int, l0: int, hook: str, x: torch.Te
 
 def cell(model_kind: str, kind: str, l0: int, d_sae: int, tokens: int) -> dict:
     """One grid cell, in this process (the parent runs it in a child)."""
-    from sae_mlops.analysis import make_batches, prepare
+    from sae_mlops.analyses.quick import make_batches, prepare
     from sae_mlops.config import AnalysisConfig
     from sae_mlops.demo import demo_sae_path
-    from sae_mlops.engine import Engine, HookSite
-    from sae_mlops.full import run_full
+    from sae_mlops.core.engine import Engine, HookSite
+    from sae_mlops.analyses.full import run_full
     from sae_mlops.sources.saelens import saelens_info
     from sae_mlops.sources.types import LoadedModel, LoadedSAE
 

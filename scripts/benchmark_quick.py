@@ -19,9 +19,9 @@ import time
 import torch
 from _baseline import necessary_model_compute  # scripts/ is on sys.path when run as a script
 
-from sae_mlops.analysis import base_collectors, make_batches, prepare
+from sae_mlops.analyses.quick import base_collectors, make_batches, prepare
 from sae_mlops.config import AnalysisConfig
-from sae_mlops.engine import Engine
+from sae_mlops.core.engine import Engine
 
 
 def main() -> None:

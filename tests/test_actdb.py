@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 import torch
 
-from sae_mlops.actdb.reader import ActivationDB
-from sae_mlops.actdb.writer import ActivationDBWriter
-from sae_mlops.collectors.base import StepData
+from sae_mlops.outputs.activation_db.reader import ActivationDB
+from sae_mlops.outputs.activation_db.writer import ActivationDBWriter
+from sae_mlops.core.collectors.base import StepData
 from sae_mlops.errors import InputError
-from sae_mlops.tokens import Window, WindowPlan, collate
+from sae_mlops.core.tokens import Window, WindowPlan, collate
 
 PLAN = WindowPlan(context_size=8, prepend_bos=True, bos_id=0, pad_id=0, special_ids=[0])
 VOCAB = ["<bos>"] + [f" w{i}" for i in range(1, 30)]
@@ -81,3 +81,87 @@ def test_interrupted_database_is_not_found_as_complete(tmp_path):
     # simulated crash: finalize never runs
     with pytest.raises(InputError, match="incomplete"):
         ActivationDB(tmp_path / "activation_database")
+
+
+# --- the query surface: one read-only statement, no file outside the database ---------------
+
+
+@pytest.fixture()
+def sandboxed(tmp_path):
+    root, _ = _build(tmp_path / "analysis", _steps(seed=2))
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    secret = outside / "secret.csv"
+    secret.write_text("user,password\nroot,hunter2\n")
+    return ActivationDB(tmp_path / "analysis"), root, outside, secret
+
+
+def test_every_view_answers_a_legitimate_query(sandboxed):
+    db, root, _, _ = sandboxed
+    expected = {
+        "tokens": db.manifest["n_tokens"],
+        "activations": db.manifest["nnz"],
+        "features": 6,
+        "vocab": len(VOCAB),
+    }
+    for view, n in expected.items():
+        assert int(db.sql(f"SELECT count(*) AS n FROM {view}").n[0]) == n, view
+    joined = db.sql(
+        "WITH a AS (SELECT token_index, max(value) AS v FROM activations GROUP BY token_index) "
+        "SELECT t.doc_index, count(*) AS n FROM a JOIN tokens t USING (token_index) "
+        "JOIN vocab v ON v.token_id = t.token_id GROUP BY t.doc_index ORDER BY t.doc_index"
+    )
+    assert joined.n.sum() == db.sql("SELECT count(DISTINCT token_index) AS n FROM activations").n[0]
+    assert list(db.sql("DESCRIBE features").column_name)[:1] == ["feature"]
+    # a file inside the database directory may be read (the views do exactly that)
+    assert len(db.sql(f"SELECT * FROM read_parquet('{root.as_posix()}/features.parquet')")) == 6
+
+
+@pytest.mark.parametrize(
+    "query, words",
+    [
+        ("COPY (SELECT * FROM vocab) TO '{outside}/stolen.csv'", "not COPY"),
+        ("COPY (SELECT * FROM vocab) TO '{root}/inside.csv'", "not COPY"),
+        ("EXPORT DATABASE '{outside}/dump'", "not EXPORT"),
+        ("SELECT * FROM read_csv('{secret}')", "outside the database directory"),
+        ("SELECT * FROM read_text('{secret}')", "outside the database directory"),
+        ("SELECT * FROM read_blob('{secret}')", "outside the database directory"),
+        ("SELECT * FROM read_csv('/etc/passwd')", "outside the database directory"),
+        ("SELECT * FROM read_parquet('{root}/../../../outside/secret.csv')", "outside the database directory"),
+        ("SELECT * FROM glob('{outside}/*')", "outside the database directory"),
+        ("SELECT 1; SELECT 2", "2 statements"),
+        ("SELECT 1; DROP VIEW tokens", "2 statements"),
+        ("DROP VIEW tokens", "not DROP"),
+        ("CREATE TABLE t AS SELECT * FROM tokens", "not CREATE"),
+        ("CREATE MACRO m(x) AS x", "not CREATE"),
+        ("ALTER VIEW tokens RENAME TO t", "not ALTER"),
+        ("INSERT INTO features SELECT * FROM features", "not INSERT"),
+        ("SET enable_external_access = true", "not SET"),
+        ("RESET lock_configuration", "not SET"),
+        ("PRAGMA version", "not PRAGMA"),
+        ("ATTACH '{outside}/other.duckdb' AS other", "not ATTACH"),
+        ("INSTALL httpfs", "not LOAD"),
+        ("LOAD httpfs", "not LOAD"),
+        ("CALL pragma_version()", "not CALL"),
+        ("EXPLAIN SELECT 1", "not EXPLAIN"),
+        ("", "empty"),
+        ("SELEC 1", "does not parse"),
+    ],
+)
+def test_query_surface_refuses(sandboxed, query, words):
+    db, root, outside, secret = sandboxed
+    before = sorted(p.name for p in outside.iterdir()), sorted(p.name for p in root.rglob("*"))
+    with pytest.raises(InputError, match=words):
+        db.sql(query.format(outside=outside.as_posix(), root=root.as_posix(), secret=secret.as_posix()))
+    assert (sorted(p.name for p in outside.iterdir()), sorted(p.name for p in root.rglob("*"))) == before
+    assert int(db.sql("SELECT count(*) AS n FROM tokens").n[0]) == db.manifest["n_tokens"]  # views intact
+
+
+def test_connection_configuration_is_locked(sandboxed):
+    import duckdb
+
+    db, _, _, secret = sandboxed
+    with pytest.raises(duckdb.Error, match="locked"):
+        db.con.execute("SET enable_external_access = true")
+    with pytest.raises(duckdb.Error, match="disabled by configuration"):
+        db.con.execute(f"SELECT * FROM read_csv('{secret.as_posix()}')").fetchall()

@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 from sae_mlops.cli import app
 from sae_mlops.config import AnalysisConfig
 from sae_mlops.errors import InputError
-from sae_mlops.pipeline import default_out_dir, sae_label
+from sae_mlops.workflows import default_out_dir, sae_label
 
 runner = CliRunner()
 
@@ -55,7 +55,7 @@ def test_console_script_help_is_fast_and_light():
 
 @pytest.fixture()
 def failing_run_quick(monkeypatch):
-    import sae_mlops.analysis
+    import sae_mlops.analyses.quick
 
     seen = {}
 
@@ -63,7 +63,7 @@ def failing_run_quick(monkeypatch):
         seen["cfg"] = cfg
         raise InputError("the SAE directory 'nope' does not exist;\n pass --sae with an existing directory.")
 
-    monkeypatch.setattr(sae_mlops.analysis, "run_quick", boom)
+    monkeypatch.setattr(sae_mlops.analyses.quick, "run_quick", boom)
     return seen
 
 
@@ -138,10 +138,12 @@ def test_demo_end_to_end(tmp_path, monkeypatch):
     client = MlflowClient(uri)
     exp = client.get_experiment_by_name("sae-mlops-demo")
     runs = client.search_runs([exp.experiment_id])
-    assert sorted(run.info.run_name for run in runs) == ["demo-batchtopk", "demo-saelens", "demo-standard"]
+    names = sorted(run.info.run_name for run in runs)  # <kind> · <SAE name> · <architecture> d<d_sae> k<k>
+    assert [n.split(" · ")[:2] for n in names] == [["quick", "sae_batchtopk"], ["quick", "sae_saelens"], ["quick", "sae_standard"]]
+    assert names[1].endswith("topk d512 k16") and names[2].endswith("standard d512")
     for run in runs:
         assert run.info.status == "FINISHED"
         assert run.data.params["model"] == "demo"
         assert int(run.data.params["tokens_analysed"]) == 2000
         assert run.data.metrics["tokens/analysed"] == 2000
-    assert len(list((tmp_path / "analysis").glob("sae_*/quick_*/results/analysis_results_*.json"))) == 3
+    assert len(list((tmp_path / "analysis").glob("sae_*/quick_*/results/analysis_results.json"))) == 3

@@ -19,15 +19,13 @@ from typer.testing import CliRunner
 from sae_mlops.cli import app
 from sae_mlops.config import AnalysisConfig
 from sae_mlops.errors import InputError
-from sae_mlops.full import FullOptions
+from sae_mlops.analyses.full import FullOptions
+from sae_mlops.options import option_specs
 
 runner = CliRunner()
 MAX_TOKENS = 5000
 
-FULL_ONLY = [
-    "--examples-per-feature", "--context-window", "--cooccurrence", "--dense-limit", "--neighbours",
-    "--logit-lens-tokens", "--heatmap-features",
-]
+FULL_ONLY = [s.flag for s in option_specs(FullOptions)]  # the declared full-only options
 
 
 def _options(command: str) -> set[str]:
@@ -54,14 +52,16 @@ def test_full_help_lists_quick_and_full_options():
 
 
 def test_cooccurrence_choices_are_the_measures():
-    from sae_mlops.collectors.cooccurrence import MEASURES
-    from sae_mlops.commands.full import CoocMeasure
+    from sae_mlops.core.collectors.cooccurrence import MEASURES
+    from sae_mlops.config import FullOptions
+    from sae_mlops.options import option_specs
 
-    assert tuple(m.value for m in CoocMeasure) == MEASURES
+    (spec,) = [s for s in option_specs(FullOptions) if s.name == "cooccurrence"]
+    assert spec.choices == MEASURES
 
 
 def test_full_options_reach_config_and_full_options(monkeypatch, tmp_path):
-    import sae_mlops.full
+    import sae_mlops.analyses.full
 
     seen = {}
 
@@ -69,7 +69,7 @@ def test_full_options_reach_config_and_full_options(monkeypatch, tmp_path):
         seen.update(cfg=cfg, out=out_dir, opts=opts)
         raise InputError("the SAE directory 's' does not exist;\n pass --sae with an existing directory.")
 
-    monkeypatch.setattr(sae_mlops.full, "run_full", boom)
+    monkeypatch.setattr(sae_mlops.analyses.full, "run_full", boom)
     args = [
         "full", "--sae", "s", "--model", "demo", "--hook", "blocks.0.hook_resid_post", "--max-tokens", "500",
         "--batch-size", "4", "--no-prepend-bos", "--topk-mode", "threshold", "--threshold", "0.5", "--device", "cpu",
@@ -109,7 +109,7 @@ def full_run(tmp_path_factory):
     r = runner.invoke(
         app,
         ["full", "--sae", str(demo_sae_path("batchtopk")), "--model", "demo", "--max-tokens", str(MAX_TOKENS),
-         "--out", str(out), "--no-track", "--quiet"],
+         "--out", str(out), "--no-track", "--quiet", "--dashboards", "3"],
         terminal_width=250,
     )
     assert r.exit_code == 0, r.output
@@ -136,9 +136,9 @@ def _csv(r) -> pd.DataFrame:
 
 def test_full_shows_headline_and_where_things_are(full_run):
     out, stdout = full_run["out"], full_run["stdout"]
-    assert "L0 (mean active features / token)" in stdout and "loss recovered" in stdout
-    (summary,) = out.glob("SUMMARY_*.json")
-    (readme,) = out.glob("README_*.md")
+    assert "L0 mean (active features per token)" in stdout and "loss recovered" in stdout
+    (summary,) = out.glob("SUMMARY.json")
+    (readme,) = out.glob("README.md")
     for path in (summary, readme, full_run["db"]):
         assert str(path) in stdout
     assert f"sae-mlops db query {out}" in stdout
@@ -195,7 +195,7 @@ def test_firing_counts_per_document(full_run):
     merged = acts[acts.feature == feature].merge(tokens, on="token_index")
     expected = merged.groupby("doc_index").size().to_dict()
     got = _csv(_query(str(full_run["out"]), "--feature-docs", str(feature), "--format", "csv", "--limit", "0"))
-    assert dict(zip(got.doc_index, got.n_fired)) == expected
+    assert dict(zip(got.doc_index, got.n_fired, strict=True)) == expected
     shown = _csv(_query(str(full_run["out"]), "--feature-docs", str(feature), "--format", "csv", "--limit", "3"))
     assert len(shown) == min(3, len(expected))
 
@@ -223,7 +223,7 @@ def test_sql(full_run):
         (["--position", "3"], "--position goes with --doc"),
         (["--token", "1", "--top", "3"], "--top goes with --feature"),
         (["--feature", "-1"], "0 or more"),
-        (["--sql", "SELEC nothing"], "SQL query failed"),
+        (["--sql", "SELEC nothing"], "does not parse"),
     ],
 )
 def test_bad_questions_are_one_line_exit_2(full_run, args, words):
@@ -240,3 +240,15 @@ def test_missing_or_empty_path_is_one_line_exit_2(tmp_path):
         assert r.exit_code == 2, r.output
         lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
         assert len(lines) == 1 and words in lines[0], r.stderr
+
+
+def test_full_writes_dashboards_when_asked(full_run):
+    """--dashboards N: the N most frequent features get pages (and the index) under dashboard/, and the
+    results JSON records the option and the page timing."""
+    out = full_run["out"]
+    stats = pd.read_parquet(out / "results" / "feature_stats.parquet").sort_values(["firing_count", "feature"], ascending=[False, True])
+    pages = sorted(p.name for p in (out / "dashboard").glob("feature_*.html"))
+    assert len(pages) == 3 and (out / "dashboard" / "index.html").is_file()
+    assert {f"feature_{int(f)}.html" for f in stats["feature"].head(3)} == set(pages)
+    results = json.loads((out / "results" / "analysis_results.json").read_text())
+    assert results["params"]["full_dashboards"] == 3

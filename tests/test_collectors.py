@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from sae_mlops.collectors.base import StepData
-from sae_mlops.collectors.downstream import DownstreamCollector
-from sae_mlops.collectors.reconstruction import ReconstructionCollector
-from sae_mlops.collectors.sparsity import SparsityCollector
+from sae_mlops.core.collectors.base import StepData
+from sae_mlops.core.collectors.downstream import DownstreamCollector
+from sae_mlops.core.collectors.reconstruction import ReconstructionCollector
+from sae_mlops.core.collectors.sparsity import SparsityCollector
 
 SIZES = [7, 1, 13]  # uneven batches: a mean of batch means would differ from the token mean
 

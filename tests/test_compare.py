@@ -17,8 +17,8 @@ from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
 
 from sae_mlops.errors import InputError
-from sae_mlops.results import AnalysisResult
-from sae_mlops.writers.comparison import add_frontiers, markdown_table, pareto_mask, write_comparison
+from sae_mlops.core.results import AnalysisResult
+from sae_mlops.outputs.comparison import add_frontiers, markdown_table, pareto_mask, write_comparison
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -122,7 +122,8 @@ def test_collect_and_compare_in_a_store(mlflow_store, tmp_path):
     assert sorted(outcome.table["run_id"]) == sorted([ids[0], ids[2]])
     assert outcome.table["pareto_loss_recovered"].tolist() == [True, True]
     run = client.get_run(outcome.run_id)
-    assert run.data.params["filter"] == "metrics.`sparsity/l0_mean` < 30" and run.data.metrics["compare/n_analyses"] == 2
+    assert run.data.params["filter"] == "metrics.`sparsity/l0_mean` < 30" and run.data.params["n_analyses"] == "2"
+    assert run.data.metrics == {} and run.data.params["frontier_size_loss_recovered"] == "2"  # no metrics crowding the chart view
     assert run.info.experiment_id == client.get_experiment_by_name("cmp").experiment_id
 
     with pytest.raises(InputError, match="No quick or full analysis runs matching"):

@@ -9,8 +9,8 @@ import pytest
 import scipy.sparse as sp
 import torch
 
-from sae_mlops.collectors.base import StepData
-from sae_mlops.collectors.cooccurrence import CooccurrenceCollector, neighbours_from_csr
+from sae_mlops.core.collectors.base import StepData
+from sae_mlops.core.collectors.cooccurrence import CooccurrenceCollector, neighbours_from_csr
 
 
 def _f(seed=0, n=60, d=9):
@@ -89,7 +89,7 @@ def test_blockwise_neighbours_equal_dense_matrix():
 @pytest.mark.parametrize("d, workers", [(40, 3), (2100, 2)])
 def test_counts_in_parallel_row_blocks_equal_btb(d, workers):
     """Flushes split into row blocks on several threads; d=2100 adds through the sparse path."""
-    from sae_mlops.collectors.cooccurrence import _gram_parts
+    from sae_mlops.core.collectors.cooccurrence import _gram_parts
 
     rng = np.random.default_rng(3)
     n = 3 * 4096 + 17

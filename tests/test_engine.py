@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from core_fixtures import random_standard_sae, tiny_model
-from sae_mlops.engine import Engine, HookSite
-from sae_mlops.tokens import Window, WindowPlan, collate
+from sae_mlops.core.engine import Engine, HookSite
+from sae_mlops.core.tokens import Window, WindowPlan, collate
 
 
 def _model(variant: str):

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sae_mlops.collectors.base import StepData
-from sae_mlops.collectors.examples import TopExamplesCollector
-from sae_mlops.tokens import Window, WindowPlan, collate
+from sae_mlops.core.collectors.base import StepData
+from sae_mlops.core.collectors.examples import TopExamplesCollector
+from sae_mlops.core.tokens import Window, WindowPlan, collate
 
 PLAN = WindowPlan(context_size=12, prepend_bos=True, bos_id=0, pad_id=0, special_ids=[0])
 
@@ -35,14 +35,14 @@ def _reference(batches, k, window):
     rows, start = [], 0
     for batch, f in batches:
         flat = batch.analysed.nonzero().tolist()
-        for i, (b, l) in enumerate(flat):
+        for i, (b, pos) in enumerate(flat):
             for feat in range(f.shape[1]):
                 if f[i, feat] != 0:
                     ctx = []
-                    for j in range(l - window, l + window + 1):
+                    for j in range(pos - window, pos + window + 1):
                         ok = 0 <= j < batch.tokens.shape[1] and bool(batch.valid[b, j]) and int(batch.doc_pos[b, j]) >= 0
                         ctx.append(int(batch.tokens[b, j]) if ok else -1)
-                    rows.append((feat, float(f[i, feat]), start + i, int(batch.doc_index[b]), int(batch.doc_pos[b, l]), ctx))
+                    rows.append((feat, float(f[i, feat]), start + i, int(batch.doc_index[b]), int(batch.doc_pos[b, pos]), ctx))
         start += len(flat)
     ref = {}
     for feat in range(batches[0][1].shape[1]):

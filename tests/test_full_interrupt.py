@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 
-from sae_mlops.actdb.reader import ActivationDB
+from sae_mlops.outputs.activation_db.reader import ActivationDB
 from sae_mlops.config import AnalysisConfig
 from sae_mlops.demo import demo_sae_path
-from sae_mlops.engine import Engine
+from sae_mlops.core.engine import Engine
 from sae_mlops.errors import InputError
-from sae_mlops.full import FullOptions, run_full
+from sae_mlops.analyses.full import FullOptions, run_full
 
 
 def test_interrupt_mid_pass_leaves_nothing_complete(tmp_path, monkeypatch):
@@ -33,7 +33,7 @@ def test_interrupt_mid_pass_leaves_nothing_complete(tmp_path, monkeypatch):
 
 
 def test_interrupt_while_writing_reports_leaves_no_summary(tmp_path, monkeypatch):
-    import sae_mlops.writers.full as writers
+    import sae_mlops.outputs.full_reports as writers
 
     def boom(*args, **kwargs):
         raise KeyboardInterrupt
@@ -43,6 +43,6 @@ def test_interrupt_while_writing_reports_leaves_no_summary(tmp_path, monkeypatch
     with pytest.raises(KeyboardInterrupt):
         run_full(cfg, tmp_path, FullOptions())
     names = [p.name for p in tmp_path.rglob("*") if p.is_file()]
-    assert not any(n.startswith(("SUMMARY_", "README_")) for n in names)
+    assert not any(n.startswith(("SUMMARY", "README")) for n in names)
     assert not any(n.endswith(".part") for n in names)
     ActivationDB(tmp_path)  # the database itself was finished before the interrupt: complete and readable

@@ -11,16 +11,15 @@ import json
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import pytest
 import torch
 
-from sae_mlops.actdb.reader import ActivationDB
+from sae_mlops.outputs.activation_db.reader import ActivationDB
 from sae_mlops.config import AnalysisConfig
 from sae_mlops.demo import demo_corpus_path, demo_sae_path, load_demo_model
-from sae_mlops.full import FullOptions, run_full
+from sae_mlops.analyses.full import FullOptions, run_full
 from sae_mlops.sources.sae import load_sae
-from sae_mlops.tokens import iter_batches, make_plan
+from sae_mlops.core.tokens import iter_batches, make_plan
 
 HOOK = "blocks.0.hook_resid_post"
 K = 5
@@ -62,7 +61,7 @@ def reference(corpus):
             f = sae.encode(x)
             x_hat = sae.decode(f)
 
-            def splice(act, hook):
+            def splice(act, hook, mask=mask, x_hat=x_hat):
                 act = act.clone()
                 act[0, mask] = x_hat[mask]
                 return act
@@ -122,9 +121,9 @@ def _by_doc_pos(rows):
 
 def test_top_examples_equal_reference(fused, reference):
     rows, _, _ = reference
-    lines = [json.loads(l) for l in next(p for p in fused.files if p.name.startswith("feature_summaries")).read_text().splitlines()]
+    lines = [json.loads(text) for text in next(p for p in fused.files if p.name.startswith("feature_summaries")).read_text().splitlines()]
     f = np.stack([r["f"] for r in rows])
-    assert [l["feature"] for l in lines] == [i for i in range(f.shape[1]) if (f[:, i] != 0).any()]
+    assert [line["feature"] for line in lines] == [i for i in range(f.shape[1]) if (f[:, i] != 0).any()]
     for line in lines:
         i = line["feature"]
         assert line["activation_frequency"] == int((f[:, i] != 0).sum())
@@ -146,12 +145,12 @@ def test_database_and_cooccurrence_equal_reference(fused, reference):
     rows, _, _ = reference
     db = ActivationDB(fused.out_dir)
     toks = db.sql("SELECT * FROM tokens ORDER BY doc_index, position")
-    assert list(zip(toks.doc_index, toks.position)) == sorted((r["doc"], r["pos"]) for r in rows)
+    assert list(zip(toks.doc_index, toks.position, strict=True)) == sorted((r["doc"], r["pos"]) for r in rows)
     index = _by_doc_pos(rows)
     acts = db.sql("SELECT t.doc_index, t.position, a.feature, a.value FROM activations a JOIN tokens t USING (token_index)")
     f_ref = {(r["doc"], r["pos"]): r["f"] for r in rows}
     assert len(acts) == sum(int((r["f"] != 0).sum()) for r in rows)
-    got = np.array([f_ref[(d, p)][k] for d, p, k in zip(acts.doc_index, acts.position, acts.feature)])
+    got = np.array([f_ref[(d, p)][k] for d, p, k in zip(acts.doc_index, acts.position, acts.feature, strict=True)])
     np.testing.assert_allclose(acts.value, got, rtol=1e-5)
     # co-occurrence: the dense phi matrix from counts equals phi from the reference B^T B
     b = np.stack([r["f"] != 0 for r in rows]).astype(np.int64)

@@ -77,9 +77,9 @@ def launched(tmp_path_factory):
         "run": run,
         "out": out,
         "artifacts": artifacts,
-        "results": json.loads(fetch("results/analysis_results_", ".json").read_text()),
-        "summary": json.loads(fetch("SUMMARY_", ".json").read_text()),
-        "features": [json.loads(ln) for ln in fetch("results/feature_summaries_", ".jsonl").read_text().splitlines() if ln.strip()],
+        "results": json.loads(fetch("results/analysis_results", ".json").read_text()),
+        "summary": json.loads(fetch("SUMMARY", ".json").read_text()),
+        "features": [json.loads(ln) for ln in fetch("results/feature_summaries", ".jsonl").read_text().splitlines() if ln.strip()],
     }
 
 
@@ -105,18 +105,21 @@ def test_logged_metrics_equal_results_json(launched):
 
 def test_artifacts_have_the_output_layout(launched):
     artifacts, out = launched["artifacts"], launched["out"]
-    assert artifacts == sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
+    # every output file at its path; the plots also as MLflow images (under images/)
+    assert [a for a in artifacts if not a.startswith("images/")] == sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
+    assert any(a.startswith("images/l0_histogram") for a in artifacts)
 
     def one(prefix: str, suffix: str) -> None:
         assert len([a for a in artifacts if a.startswith(prefix) and a.endswith(suffix)]) == 1, (prefix, suffix)
 
-    one("SUMMARY_", ".json")
-    one("README_", ".md")
-    one("results/feature_summaries_", ".jsonl")
-    one("matrices/feature_similarity_", ".npy")
-    one("matrices/feature_cooccurrence_", ".npy")
+    one("SUMMARY.json", "")
+    one("README.md", "")
+    one("README.html", "")
+    one("results/feature_summaries.jsonl", "")
+    one("matrices/feature_similarity.npy", "")
+    one("matrices/feature_cooccurrence.npy", "")
     one("plots/l0_histogram", ".png")
-    one("activation_database/activation_db_", "/manifest.json")
+    one("activation_database/activation_db/", "manifest.json")
     assert not any(".partial" in a for a in artifacts)
 
 

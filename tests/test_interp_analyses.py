@@ -12,10 +12,10 @@ import pytest
 
 from sae_mlops.errors import InputError
 from sae_mlops.interp import clusters as K
-from sae_mlops.interp import cooccurrence as C
+from sae_mlops.interp import cooccurrence_views as C
 from sae_mlops.interp import density as D
 from sae_mlops.interp import features as F
-from sae_mlops.interp import plots as P
+from sae_mlops.interp import figures as P
 from sae_mlops.interp import position as Pos
 from sae_mlops.interp.data import AnalysisData, analysis_overview, find_newest, load_analysis, open_analysis
 
@@ -94,7 +94,7 @@ def hand(tmp_path) -> AnalysisData:
 
 
 def test_find_newest_picks_latest_timestamp_and_ignores_partials(tmp_path):
-    for name in (f"x_{TS_OLD}.jsonl", f"x_{TS}.jsonl", f".x_20250101_000000.jsonl.abc.part", "x_notatime.jsonl"):
+    for name in (f"x_{TS_OLD}.jsonl", f"x_{TS}.jsonl", ".x_20250101_000000.jsonl.abc.part", "x_notatime.jsonl"):
         (tmp_path / name).write_text("")
     assert find_newest(tmp_path, "x_", ".jsonl").name == f"x_{TS}.jsonl"
     assert find_newest(tmp_path / "missing", "x_", ".jsonl") is None
@@ -300,7 +300,7 @@ def test_decoder_norms_and_pca_shapes():
 
 def test_interaction_network(hand):
     edges = K.interaction_network(hand, np.array([3, 4, 5]), min_cooccurrence=0.6)
-    assert list(zip(edges.source, edges.target)) == [(4, 5)]
+    assert list(zip(edges.source, edges.target, strict=True)) == [(4, 5)]
     all_edges = K.interaction_network(hand, np.array([3, 4, 5]))
     assert len(all_edges) == 3 and all_edges["cooccurrence"].is_monotonic_decreasing
     layout = K.network_layout(np.array([3, 4, 5]), all_edges)

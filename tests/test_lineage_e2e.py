@@ -65,7 +65,7 @@ def _cli(*args: str):
 
 def test_train_register_analyse_compare(server, demo_assets, tmp_path):
     from sae_mlops.config import AnalysisConfig
-    from sae_mlops.pipeline import run_quick_and_log
+    from sae_mlops.workflows import run_quick_and_log
     from sae_mlops.tracking.compare import compare_and_log
     from sae_mlops.training import TrainConfig, train_and_log
 
@@ -132,7 +132,7 @@ def test_train_register_analyse_compare(server, demo_assets, tmp_path):
     assert client.get_model_version(name, "1").tags["sae_mlops.latest_analysis_run_id"] == local.run_id
 
     # compare: table + Pareto plots, logged as a comparison run
-    outcome = compare_and_log([exp], None, tmp_path / "cmp")
+    outcome = compare_and_log([exp], None, tmp_path / "cmp", all_runs=True)  # both analyses of the one SAE
     table = outcome.table
     assert sorted(table["run_id"]) == sorted([quick.run_id, local.run_id])
     assert set(table["architecture"]) == {"topk"} and set(table["k"]) == {8.0} and set(table["d_sae"]) == {128.0}
@@ -147,8 +147,10 @@ def test_train_register_analyse_compare(server, demo_assets, tmp_path):
     assert client.get_run(outcome.run_id).data.tags["sae_mlops.kind"] == "compare"
     filtered = compare_and_log([exp], f"attributes.run_id = '{quick.run_id}'", tmp_path / "cmp2", track=False)
     assert list(filtered.table["run_id"]) == [quick.run_id]
-    # the comparison run itself is not an analysis: comparing again still finds two
-    assert len(compare_and_log([exp], None, tmp_path / "cmp3", track=False).table) == 2
+    # the comparison run itself is not an analysis: comparing again still finds two (--all), and by
+    # default only the latest quick analysis of that SAE (same content hash and kind)
+    assert len(compare_and_log([exp], None, tmp_path / "cmp3", track=False, all_runs=True).table) == 2
+    assert list(compare_and_log([exp], None, tmp_path / "cmp4", track=False).table["run_id"]) == [local.run_id]
 
 
 # --- import ----------------------------------------------------------------------------------------

@@ -14,9 +14,9 @@ import pytest
 import scipy.sparse as sp
 import torch
 
-from sae_mlops.collectors.base import StepData
-from sae_mlops.collectors.cooccurrence import MEASURES, CooccurrenceCollector
-from sae_mlops.matrices import (
+from sae_mlops.core.collectors.base import StepData
+from sae_mlops.core.collectors.cooccurrence import MEASURES, CooccurrenceCollector
+from sae_mlops.core.matrices import (
     block_neighbours,
     cooccurrence_submatrix,
     csr_count_blocks,

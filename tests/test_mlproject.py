@@ -13,7 +13,8 @@ from mlflow.projects import _project_spec
 import pytest
 
 from sae_mlops.config import AnalysisConfig
-from sae_mlops.full import FullOptions
+from sae_mlops.analyses.full import FullOptions
+from sae_mlops.options import option_specs
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -76,13 +77,13 @@ def test_every_parameter_is_passed_and_accepted(entry):
     assert args.dense_threshold == defaults.dense_threshold
     assert args.text_field == defaults.text_field
     assert args.device == defaults.device and args.dtype == defaults.dtype
-    # every accepted option maps to an AnalysisConfig field (or out, or a FullOptions field for full)
+    # every accepted option maps to an AnalysisConfig field (or out, or a FullOptions option for full)
     fields = set(AnalysisConfig.__dataclass_fields__)
-    full_fields = getattr(module, "FULL_FIELDS", {})
-    assert accepted - {"out"} - set(full_fields) <= fields
+    full_specs = {s.name: s.field for s in option_specs(FullOptions)} if entry == "full" else {}
+    assert accepted - {"out"} - set(full_specs) <= fields
     # full: its MLproject defaults are FullOptions' defaults, and each reaches a FullOptions field
     full_defaults = FullOptions()
-    for dest, field in full_fields.items():
+    for dest, field in full_specs.items():
         assert getattr(args, dest) == getattr(full_defaults, field), dest
 
 
@@ -90,8 +91,8 @@ def test_full_has_every_quick_parameter():
     eps = _mlproject()["entry_points"]
     quick, full = eps["quick"]["parameters"], eps["full"]["parameters"]
     assert {k: v for k, v in full.items() if k in quick} == quick
-    assert set(full) - set(quick) == set(_entrypoint_module("full").FULL_FIELDS)
-    assert set(_entrypoint_module("full").FULL_FIELDS.values()) <= set(FullOptions.__dataclass_fields__)
+    assert set(full) - set(quick) == {s.name for s in option_specs(FullOptions)}
+    assert {s.field for s in option_specs(FullOptions)} <= set(FullOptions.__dataclass_fields__)
 
 
 @pytest.mark.parametrize("entry", ["quick", "full"])

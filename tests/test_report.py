@@ -20,7 +20,7 @@ from typer.testing import CliRunner
 
 from sae_mlops.cli import app
 from sae_mlops.errors import InputError
-from sae_mlops.interp.report import ReportError, execute_notebook, generate_report, parse_features
+from sae_mlops.interp.notebook_report import ReportError, execute_notebook, generate_report, parse_features
 
 ROOT = Path(__file__).resolve().parents[1]
 MAX_TOKENS = 8000
@@ -39,7 +39,7 @@ def store(tmp_path_factory, mlflow_store_at):
 def full_analysis(tmp_path_factory):
     from sae_mlops.config import AnalysisConfig
     from sae_mlops.demo import demo_sae_path, ensure_demo_assets
-    from sae_mlops.full import run_full
+    from sae_mlops.analyses.full import run_full
 
     ensure_demo_assets()
     out = tmp_path_factory.mktemp("report_full") / "out"
@@ -94,7 +94,7 @@ def test_report_is_logged_to_the_analysis_run(by_run, logged, store):
     assert tags["sae_mlops.kind"] == "full"  # the analysis run's own tags untouched
     # what the report downloaded: results and matrices, not the activation database
     downloaded = by_run.analysis_dir
-    assert any((downloaded / "results").glob("feature_summaries_*.jsonl"))
+    assert any((downloaded / "results").glob("feature_summaries.jsonl"))
     assert any((downloaded / "matrices").glob("*.npy"))
     assert not (downloaded / "activation_database").exists()
 
@@ -109,8 +109,8 @@ def test_cli_report_on_a_directory_with_chosen_features_and_no_dense_matrices(fu
     out = tmp_path / "rep"
     r = runner.invoke(app, ["report", "--analysis-dir", str(src), "--features", "1,2", "--out", str(out), "--no-decoder", "-q"])
     assert r.exit_code == 0, r.output
-    htmls = list(out.glob("interp_analysis_*.html"))
-    assert len(htmls) == 1 and len(list(out.glob("interp_analysis_*.ipynb"))) == 1
+    htmls = list(out.glob("interp_analysis*.html"))
+    assert [h.name for h in htmls] == ["interp_analysis.html"] and (out / "interp_analysis.ipynb").is_file()
     html = _html(htmls[0])
     assert re.search(r"<h3[^>]*>Feature 1: ", html) and re.search(r"<h3[^>]*>Feature 2: ", html)
     assert "no (neighbour lists only)" in html

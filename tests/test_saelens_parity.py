@@ -10,11 +10,11 @@ from sae_lens.evals import EvalConfig, run_evals
 from sae_lens.training.activation_scaler import ActivationScaler
 
 from core_fixtures import random_standard_sae, tiny_model
-from sae_mlops.collectors.downstream import DownstreamCollector
-from sae_mlops.collectors.reconstruction import ReconstructionCollector
-from sae_mlops.collectors.sparsity import SparsityCollector
-from sae_mlops.engine import Engine, HookSite
-from sae_mlops.tokens import Window, collate, make_plan
+from sae_mlops.core.collectors.downstream import DownstreamCollector
+from sae_mlops.core.collectors.reconstruction import ReconstructionCollector
+from sae_mlops.core.collectors.sparsity import SparsityCollector
+from sae_mlops.core.engine import Engine, HookSite
+from sae_mlops.core.tokens import Window, collate, make_plan
 
 
 class FixedTokenStore:
@@ -97,6 +97,14 @@ def test_metrics_match_run_evals(hook, n_batches):
     }
     if n_batches == 1:  # SAELens averages this ratio per batch; one batch makes the two equal
         pairs["recon/relative_reconstruction_bias"] = theirs["shrinkage"]["relative_reconstruction_bias"]
+    # the metric registry names the same SAELens keys (it is what people read as "SAELens equivalent")
+    from sae_mlops.metrics import METRICS
+
+    registry = {m.name: m.saelens.split("/") for m in METRICS if m.saelens}
+    for name, ref in pairs.items():
+        group, key = registry[name]
+        assert theirs[group][key] == ref, name
+    assert set(registry) - set(pairs) <= {"downstream/loss_recovered", "recon/relative_reconstruction_bias"}
     for name, ref in pairs.items():
         assert ours[name] == pytest.approx(ref, rel=2e-4, abs=1e-5), name
     score = theirs["model_performance_preservation"]["ce_loss_score"]

@@ -22,6 +22,8 @@ from sae_mlops.service.settings import Settings, load_settings
 from sae_mlops.service.signature import sign
 
 SECRET = "unit-secret"
+LOOPBACK = ("127.0.0.1", 50000)
+REMOTE = ("203.0.113.7", 50000)
 
 # Stands in for `python -m sae_mlops.service.job`: behaviour from options["behaviour"].
 FAKE_JOB = textwrap.dedent(
@@ -45,6 +47,11 @@ FAKE_JOB = textwrap.dedent(
         os.kill(os.getpid(), 9)
     if b == "no_result":
         sys.exit(0)
+    if b == "unavailable_once" and n == 1:
+        print("tracking server unavailable: ConnectionError", flush=True)
+        sys.exit(75)
+    if b == "denied":
+        sys.exit(77)
     pathlib.Path(spec["out_dir"]).mkdir(parents=True, exist_ok=True)
     json.dump({"run_id": "run-%s" % spec["job_id"], "kind": spec["kind"],
                "metrics": {"downstream/loss_recovered": 0.9, "features/dead_fraction": 0.01,
@@ -66,6 +73,7 @@ class FakeRegistry:
         self.versions: list[VersionInfo] = []
         self.missing: set[tuple[str, str]] = set()
         self.fail_writes = 0
+        self.fail_running: list[BaseException] = []  # raised by mark_running, one per call
 
     def _rec(self, *call) -> None:
         with self.lock:
@@ -76,6 +84,11 @@ class FakeRegistry:
             return [c for c in self.calls if c[0] == kind]
 
     def mark_running(self, name, version, kind, job_id):
+        with self.lock:
+            if self.fail_running:
+                e = self.fail_running.pop(0)
+                self.fail_running.insert(0, e) if getattr(e, "sticky", False) else None
+                raise e
         if (name, version) in self.missing:
             raise VersionMissing(f"{name} v{version} does not exist in the registry")
         self._rec("running", name, version, kind, job_id)
@@ -102,6 +115,10 @@ class FakeRegistry:
     def tag_run(self, run_id, tags):
         self._rec("tag_run", run_id, dict(tags))
 
+    def close_job_runs(self, experiment, job_key, keep=None):
+        self._rec("close_runs", experiment, job_key)
+        return []
+
 
 POLICY = {
     "rules": [{"models": ["sae-*"], "triggers": {"created": True, "tags": {"analyze": "*"}}, "quick": {"max_tokens": 100}}],
@@ -114,15 +131,15 @@ def make_service(tmp_path):
     made: list[Service] = []
 
     def make(registry: FakeRegistry | None = None, policy=None, **overrides) -> Service:
-        values = dict(
-            data_dir=tmp_path / "svc",
-            webhook_secret=SECRET,
-            reconcile_interval_s=0.0,
-            retry_backoff_s=0.05,
-            worker_poll_s=0.1,
-            devices=["cpu"],
-            quick_timeout_s=60.0,
-        )
+        values = {
+            "data_dir": tmp_path / "svc",
+            "webhook_secret": SECRET,
+            "reconcile_interval_s": 0.0,
+            "retry_backoff_s": 0.05,
+            "worker_poll_s": 0.1,
+            "devices": ["cpu"],
+            "quick_timeout_s": 60.0,
+        }
         values.update(overrides)
         reg = registry or FakeRegistry()
         svc = Service(Settings(**values), parse_policy(policy or POLICY), registry_factory=lambda uri: reg, job_command=fake_command)
@@ -174,7 +191,7 @@ def test_http_webhook_to_write_back(make_service):
     from sae_mlops.service.app import create_app
 
     svc = make_service()
-    with TestClient(create_app(svc)) as http:
+    with TestClient(create_app(svc), client=LOOPBACK) as http:
         h = http.get("/health")
         assert h.status_code == 200 and h.json()["status"] == "ok" and h.json()["workers"][0]["device"] == "cpu"
 
@@ -207,7 +224,7 @@ def test_http_refusals_enqueue_nothing(make_service):
     svc = make_service()
     from sae_mlops.service.app import create_app
 
-    with TestClient(create_app(svc)) as http:
+    with TestClient(create_app(svc), client=LOOPBACK) as http:
         headers, body = delivery(secret="wrong")
         assert http.post("/webhooks/mlflow", content=body, headers=headers).status_code == 401
         headers, body = delivery(ts=int(time.time()) - 3600)
@@ -274,7 +291,7 @@ def test_bounded_retries_then_failed_and_written_back(make_service):
     job = wait_job(svc, jid)
     assert job.state == "failed" and job.attempts == 3
     assert "exit code 1" in job.error and "RuntimeError: boom" in job.error
-    (call,) = svc.fake.of("failed")
+    (call,) = wait_for(lambda: svc.fake.of("failed"), what="failure written back")
     assert call[1:5] == ("sae-a", "1", "quick", jid) and "boom" in call[5]
 
 
@@ -283,7 +300,7 @@ def test_input_error_is_not_retried(make_service):
     svc.start()
     job = wait_job(svc, enqueue(svc, behaviour="input_error"))
     assert job.state == "failed" and job.attempts == 1 and "The SAE is broken" in job.error
-    assert len(svc.fake.of("failed")) == 1
+    assert len(wait_for(lambda: svc.fake.of("failed"), what="failure written back")) == 1
 
 
 def test_killed_job_process_does_not_take_the_service_down(make_service):
@@ -356,8 +373,10 @@ def test_graceful_stop_requeues_the_running_job(make_service):
     svc.stop(timeout=30)
     from sae_mlops.service.queue import JobQueue
 
-    job = JobQueue(path).get(jid)
+    q = JobQueue(path)
+    job = q.get(jid)
     assert job.state == "queued" and job.attempts == 0 and "shut down" in job.error
+    assert ("close_runs", svc.settings.experiment, q.job_key(jid)) in svc.fake.calls  # its run is not left RUNNING
 
 
 def test_restart_requeues_and_completes(make_service, tmp_path):
@@ -482,3 +501,156 @@ def test_serve_command_reports_missing_secret_in_one_line(tmp_path, monkeypatch)
         monkeypatch.delenv(k, raising=False)
     r = CliRunner().invoke(app, ["serve", "--data-dir", str(tmp_path / "d")])
     assert r.exit_code == 2 and "SAE_MLOPS_WEBHOOK_SECRET" in r.output and "Traceback" not in r.output
+
+
+# --- failure classes -------------------------------------------------------------------------------
+
+
+def _denied():
+    from mlflow.exceptions import RestException
+
+    return RestException({"error_code": "PERMISSION_DENIED", "message": "User lacks permission to edit sae-a"})
+
+
+def test_mlflow_unavailable_retries_without_using_attempts(make_service):
+    reg = FakeRegistry()
+    reg.fail_running = [ConnectionError("connection refused")] * 3
+    svc = make_service(reg, max_attempts=1)
+    svc.start()
+    job = wait_job(svc, enqueue(svc))
+    assert job.state == "done" and job.attempts == 1 and job.outage_since is None
+    assert len(svc.fake.of("running")) == 1
+
+
+def test_an_outage_longer_than_the_limit_fails_the_job_with_that_reason(make_service):
+    from mlflow.exceptions import MlflowException
+
+    e = MlflowException("API request to http://mlflow:5000/api/2.0/x failed with exception ConnectionError")
+    e.sticky = True  # type: ignore[attr-defined]
+    reg = FakeRegistry()
+    reg.fail_running = [e]
+    svc = make_service(reg, max_attempts=3, tracking_outage_max_s=0.5)
+    svc.start()
+    job = wait_job(svc, enqueue(svc))
+    assert job.state == "failed" and job.attempts == 0
+    assert "tracking server was unreachable" in job.error and "(limit 0.5s)" in job.error
+    assert not (svc.settings.jobs_dir / str(job.id) / "runs").exists()  # never analysed
+
+
+def test_permission_denied_fails_at_once_with_the_reason(make_service):
+    reg = FakeRegistry()
+    reg.fail_running = [_denied()]
+    svc = make_service(reg, max_attempts=3)
+    svc.start()
+    job = wait_job(svc, enqueue(svc))
+    assert job.state == "failed" and job.attempts == 1 and "permission" in job.error and "lacks permission" in job.error
+    (call,) = wait_for(lambda: svc.fake.of("failed"), what="failure written back")
+    assert "lacks permission" in call[5]
+
+
+def test_a_bug_uses_an_attempt_and_keeps_the_traceback(make_service):
+    reg = FakeRegistry()
+    reg.fail_running = [TypeError("unexpected keyword 'x'")]
+    svc = make_service(reg, max_attempts=2)
+    svc.start()
+    jid = enqueue(svc)
+    job = wait_job(svc, jid)
+    assert job.state == "done" and job.attempts == 2
+    log1 = (svc.settings.jobs_dir / str(jid) / "attempt-1.log").read_text()
+    assert "Traceback" in log1 and "TypeError: unexpected keyword 'x'" in log1
+
+
+def test_job_process_exit_codes_unavailable_and_denied(make_service):
+    svc = make_service(max_attempts=1)
+    svc.start()
+    job = wait_job(svc, enqueue(svc, behaviour="unavailable_once"))
+    assert job.state == "done" and job.attempts == 1  # exit 75 gave its attempt back
+    assert (svc.settings.jobs_dir / str(job.id) / "runs").read_text() == "2"
+    job = wait_job(svc, enqueue(svc, version="2", behaviour="denied"))
+    assert job.state == "failed" and job.attempts == 1 and "exit code 77" in job.error
+    assert ("close_runs", svc.settings.experiment, svc.queue.job_key(job.id)) in svc.fake.calls
+
+
+def test_a_claimed_job_shows_its_phase(make_service):
+    svc = make_service()
+    svc.start()
+    jid = enqueue(svc, behaviour="sleep")
+    job = wait_for(lambda: (j := svc.queue.get(jid)) and j.pid and j, what="job process started")
+    assert job.state == "running" and job.phase == "analysing"
+    worker = svc.health()[1]["workers"][0]
+    assert worker["phase"] == "analysing" and worker["pid"] == job.pid
+
+
+# --- health, read access and body limits -----------------------------------------------------------
+
+
+def test_health_is_degraded_while_the_tracking_server_is_down(make_service):
+    from mlflow_servers import free_port
+
+    from sae_mlops.service.app import create_app
+
+    svc = make_service(tracking_uri=f"http://127.0.0.1:{free_port()}", health_check_timeout_s=1.0)
+    with TestClient(create_app(svc), client=LOOPBACK) as http:
+        r = http.get("/health")
+        body = r.json()
+        assert r.status_code == 200 and body["status"] == "degraded"
+        assert body["tracking"]["reachable"] is False and "error" in body["tracking"]
+        assert body["workers"][0]["alive"]
+
+
+def test_read_endpoints_answer_loopback_only_without_a_token(make_service):
+    from sae_mlops.service.app import create_app
+
+    svc = make_service()
+    with TestClient(create_app(svc), client=REMOTE) as http:
+        assert http.get("/jobs").status_code == 403
+        assert http.get("/jobs/1").status_code == 403
+        h = http.get("/health")
+        assert h.status_code == 200 and h.json() == {"status": "ok", "tracking": {"reachable": True}}
+        headers, body = delivery()  # the webhook itself is open (it is signed)
+        assert http.post("/webhooks/mlflow", content=body, headers=headers).status_code == 202
+
+
+def test_read_endpoints_need_the_token_when_one_is_set(make_service):
+    from sae_mlops.service.app import create_app
+
+    svc = make_service(read_token="t0ken")
+    for client in (REMOTE, LOOPBACK):
+        with TestClient(create_app(svc), client=client) as http:
+            assert http.get("/jobs").status_code == 403
+            assert http.get("/jobs", headers={"Authorization": "Bearer wrong"}).status_code == 403
+            assert http.get("/jobs", headers={"Authorization": "Bearer t0ken"}).status_code == 200
+            assert "workers" not in http.get("/health").json()
+            assert "workers" in http.get("/health", headers={"Authorization": "Bearer t0ken"}).json()
+        svc.stop()
+        svc.queue = None
+
+
+def test_chunked_body_over_the_limit_is_cut_off(make_service):
+    from sae_mlops.service.app import create_app
+
+    svc = make_service()
+    with TestClient(create_app(svc), client=LOOPBACK) as http:
+        headers, _ = delivery()
+
+        def chunks():
+            for _ in range(200):
+                yield b"x" * 65536  # 13 MB in all, no Content-Length
+
+        r = http.post("/webhooks/mlflow", content=chunks(), headers=headers)
+        assert r.status_code == 413 and r.json()["reason"] == "body too large"
+        headers, body = delivery()
+        assert http.post("/webhooks/mlflow", content=iter([body[:10], body[10:]]), headers=headers).status_code == 202
+
+
+def test_settings_refuse_unknown_keys_and_describe_every_field():
+    from pydantic import ValidationError
+
+    for name, f in Settings.model_fields.items():
+        assert f.description and len(f.description) > 20, name
+    with pytest.raises(ValidationError):
+        Settings(prot=1)
+    s = load_settings(environ={"SAE_MLOPS_READ_TOKEN": "tok-123", "SAE_MLOPS_TRACKING_OUTAGE_MAX_S": "60",
+                               "SAE_MLOPS_MLFLOW_HTTP_MAX_RETRIES": "0"})
+    assert s.read_token == "tok-123" and s.tracking_outage_max_s == 60.0 and s.mlflow_http_max_retries == 0
+    assert s.public_dict()["read_token"] == "set" and "tok-123" not in json.dumps(s.public_dict())

@@ -10,8 +10,9 @@ and the service as a subprocess that registers its own webhook. The tests run in
    (lineage tags) and status, run id, metrics, gate and alias land on the version;
 4. a delivery sent twice (same delivery id) makes one job; the service is SIGKILLed while that job
    runs (its analysis process dies with it), a version is registered while the service is down
-   (MLflow's delivery fails), and after a restart the interrupted job completes, the duplicate is
-   still recognised, and the reconciler analyses the version the webhook missed.
+   (MLflow's delivery fails), and after a restart the interrupted job completes (its killed
+   attempt's run closed FAILED, one FINISHED run), the duplicate is still recognised, and the
+   reconciler analyses the version the webhook missed.
 
 Every wait is bounded; teardown stops everything (process groups) even after a failure.
 """
@@ -196,6 +197,7 @@ def stack(tmp_path_factory):
                 "MLFLOW_WEBHOOK_SECRET_ENCRYPTION_KEY": Fernet.generate_key().decode(),
                 "MLFLOW_WEBHOOK_REQUEST_MAX_RETRIES": "0",  # a refused delivery fails at once
                 "MLFLOW_WEBHOOK_CACHE_TTL": "1",
+                "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",  # no huey job consumers for a test server
             })
             mlflow_log = tmp / "mlflow-server.log"
             with open(mlflow_log, "ab") as logf:
@@ -400,6 +402,13 @@ def test_duplicate_delivery_kill_restart_and_reconcile(stack, client):
     done = _wait_job(service, job_id, ("done", "failed"), ANALYSIS_TIMEOUT_S)
     assert done["state"] == "done", (done, _job_log(service, job_id))
     assert done["attempts"] == 2  # the killed attempt, then the one that completed
+    # Exactly once in MLflow: one FINISHED run (the retry's); the killed attempt's run, if it had
+    # created one yet, was closed FAILED; none is left RUNNING.
+    exp = client.get_experiment_by_name("service-it")
+    runs = client.search_runs([exp.experiment_id], f"tags.`sae_mlops.service.job_id` = '{job_id}'")
+    statuses = [(r.info.run_id, r.info.status) for r in runs]
+    assert [r for r, st in statuses if st == "FINISHED"] == [done["run_id"]], statuses
+    assert {st for _, st in statuses} <= {"FINISHED", "FAILED"} and len(runs) <= 2, statuses
     tags1 = client.get_model_version(MODEL, "1").tags
     assert tags1["sae_mlops.analysis.quick.status"] == "done"
     assert tags1["sae_mlops.analysis.quick.run_id"] == done["run_id"]

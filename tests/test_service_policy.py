@@ -115,8 +115,11 @@ def test_yaml_and_json_files(tmp_path):
         ({"rules": [{"quick": {"sae": "x"}}]}, "set by the service"),
         ({"rules": [{"quick": {"device": "cuda"}}]}, "set by the service"),
         ({"rules": [{"quick": {"max_tokenz": 1}}]}, "unknown option"),
-        ({"rules": [{"quick": {"max_tokens": -5}}]}, "positive whole number"),
-        ({"rules": [{"quick": {"max_tokens": 1.5}}]}, "positive whole number"),
+        ({"rules": [{"quick": {"max_tokens": -5}}]}, "max-tokens must be at least 1"),
+        ({"rules": [{"quick": {"max_tokens": 1.5}}]}, "valid integer"),
+        ({"rules": [{"quick": {"topk_mode": "sometimes"}}]}, "topk-mode must be one of batch, threshold"),
+        ({"rules": [{"full": {"full_options": {"neighbours": 0}}}]}, "full_options: --neighbours must be at least 1"),
+        ({"rules": [{"full": {"full_options": {"neighbors": 8}}}]}, "full_options: neighbors is not an option"),
         ({"rules": [{"models": []}]}, "model-name globs"),
         ({"rules": [{"triggers": {"created": True}}]}, "runs no analysis"),
         ({"rules": [{"triggers": {"created": False}, "quick": {}}]}, "no trigger"),
@@ -187,3 +190,21 @@ def test_parsed_gate():
     assert p.gate.metric_names() == ["dead_fraction", "loss_recovered"]
     assert p.gate.evaluate(METRICS).passed
     assert not p.gate.evaluate({**METRICS, "features/dead_fraction": 0.3}).passed
+
+
+def test_policy_schema_refuses_unknown_keys_everywhere_and_describes_every_key():
+    from sae_mlops.service.policy import GateSpec, PolicySpec, RuleSpec, TriggersSpec
+
+    for model in (PolicySpec, RuleSpec, TriggersSpec, GateSpec):
+        for name, f in model.model_fields.items():
+            assert f.description and len(f.description) > 15, (model.__name__, name)
+    cases = [
+        ({"rules": [{"quick": {}}], "gates": {}}, "the top level", "['gates']"),
+        ({"rules": [{"quick": {}, "model": "x"}]}, "rules[0]", "['model']"),
+        ({"rules": [{"quick": {}}, {"quick": {}, "triggers": {"create": True}}]}, "rules[1].triggers", "['create']"),
+        ({"gate": {"analysis": "quick", "minimum": {}}}, "gate", "['minimum']"),
+    ]
+    for data, where, key in cases:
+        with pytest.raises(InputError) as e:
+            parse_policy(data, source="p.yaml")
+        assert f"In p.yaml, {where}: unknown key(s) {key}" in str(e.value), str(e.value)

@@ -144,3 +144,50 @@ def test_done_job_keeps_run_and_result(qpath):
     j = JobQueue(qpath).get(jid)
     assert j.state == "done" and j.run_id == "run-9" and j.result["metrics"]["sparsity/l0_mean"] == 3.0
     assert j.options == {"max_tokens": 1000} and j.key == ("sae-a", "1", "quick")
+
+
+def test_a_requeued_job_keeps_its_place(qpath):
+    q = JobQueue(qpath, max_attempts=3, backoff_s=10.0)
+    a = q.enqueue(req(version="1"), now=100.0).job_id
+    b = q.enqueue(req(version="2"), now=101.0).job_id
+    assert q.claim("w", now=102.0).id == a
+    q.mark_unavailable(a, "down", delay=5.0, max_outage_s=60.0, now=103.0)  # MLflow down
+    assert q.claim("w", now=104.0).id == b  # a is not due yet
+    c = q.enqueue(req(version="3"), now=105.0).job_id
+    assert q.claim("w", now=120.0).id == a  # due again: before c, enqueued later
+    q.mark_attempt_failed(a, "crash", now=121.0)  # backoff 10 s
+    assert q.claim("w", now=140.0).id == a and q.claim("w", now=140.0).id == c
+
+
+def test_outage_is_timed_from_its_first_sighting_and_attempts_are_given_back(qpath):
+    q = JobQueue(qpath, max_attempts=1)
+    jid = q.enqueue(req(), now=0.0).job_id
+    q.claim("w", now=0.0)
+    j = q.mark_unavailable(jid, "refused", delay=1.0, max_outage_s=30.0, now=10.0)
+    assert j.state == "queued" and j.attempts == 0 and j.outage_since == 10.0 and "unavailable" in j.error
+    q.claim("w", now=20.0)
+    j = q.mark_unavailable(jid, "refused", delay=1.0, max_outage_s=30.0, now=35.0)
+    assert j.state == "queued" and j.outage_since == 10.0
+    q.claim("w", now=40.0)
+    q.tracking_ok(jid)  # MLflow answered: the outage is over
+    assert q.get(jid).outage_since is None
+    j = q.mark_unavailable(jid, "refused", delay=1.0, max_outage_s=30.0, now=50.0)
+    assert j.state == "queued" and j.outage_since == 50.0
+    q.claim("w", now=90.0)
+    j = q.mark_unavailable(jid, "refused", delay=1.0, max_outage_s=30.0, now=90.0)
+    assert j.state == "failed" and "unreachable for 40s (limit 30s)" in j.error and j.attempts == 0
+
+
+def test_schema_1_queue_is_migrated(qpath):
+    db = sqlite3.connect(qpath)
+    q = JobQueue(qpath)
+    jid = q.enqueue(req()).job_id
+    q.close()
+    db.execute("ALTER TABLE jobs DROP COLUMN phase")
+    db.execute("ALTER TABLE jobs DROP COLUMN outage_since")
+    db.execute("UPDATE meta SET value='1' WHERE key='schema_version'")
+    db.commit()
+    db.close()
+    q = JobQueue(qpath)
+    assert q.get(jid).phase is None and q.claim("w").phase == "starting"
+    assert q.job_key(jid).endswith(f":{jid}") and q.job_key(jid) == JobQueue(qpath).job_key(jid)

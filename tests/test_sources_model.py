@@ -24,7 +24,7 @@ def hf_gpt2_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("ckpt") / "tiny-llama-like-gpt2"
     tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(VOCAB)}, unk_token=VOCAB[0]))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    special = {name: VOCAB[0] for name in ("bos_token", "eos_token", "pad_token", "unk_token")}
+    special = dict.fromkeys(("bos_token", "eos_token", "pad_token", "unk_token"), VOCAB[0])
     PreTrainedTokenizerFast(tokenizer_object=tok, **special).save_pretrained(path)
     torch.manual_seed(0)
     config = GPT2Config(

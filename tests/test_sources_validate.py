@@ -118,7 +118,7 @@ def test_missing_tokenizer(tiny):
 def test_prepare_loads_the_model_as_the_sae_was_trained(monkeypatch):
     """SAELens's recorded model_from_pretrained_kwargs reach the model loader."""
     import sae_mlops.sources.model as model_mod
-    from sae_mlops.analysis import prepare
+    from sae_mlops.analyses.quick import prepare
     from sae_mlops.config import AnalysisConfig
     from sae_mlops.demo import demo_sae_path
     from sae_mlops.sources import sae as sae_mod

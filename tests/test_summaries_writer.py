@@ -7,9 +7,9 @@ import json
 import numpy as np
 import torch
 
-from sae_mlops.collectors.examples import TopExamplesCollector
-from sae_mlops.results import _json_safe
-from sae_mlops.writers.full import context_string, write_feature_summaries
+from sae_mlops.core.collectors.examples import TopExamplesCollector
+from sae_mlops.core.results import json_safe
+from sae_mlops.outputs.full_reports import context_string, write_feature_summaries
 
 
 def _reference_line(i, pf, kept, vocab, lens):
@@ -26,7 +26,7 @@ def _reference_line(i, pf, kept, vocab, lens):
             side: [[vocab[int(t)], round(float(v), 4)] for t, v in zip(lens[f"{side}_ids"][i], lens[f"{side}_values"][i], strict=True)]
             for side in ("top", "bottom")
         }
-    return json.dumps(_json_safe(line), ensure_ascii=False)
+    return json.dumps(json_safe(line), ensure_ascii=False)
 
 
 def test_lines_equal_json_dumps(tmp_path):

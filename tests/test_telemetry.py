@@ -29,7 +29,7 @@ def test_quick_run_records_and_logs_its_cost(mlflow_store, demo_assets):
 
     from sae_mlops.config import AnalysisConfig
     from sae_mlops.demo import demo_sae_path
-    from sae_mlops.pipeline import run_quick_and_log
+    from sae_mlops.workflows import run_quick_and_log
 
     cfg = AnalysisConfig(sae=str(demo_sae_path("batchtopk")), model="demo", max_tokens=300, progress=False, device="cpu")
     outcome = run_quick_and_log(cfg, "out")

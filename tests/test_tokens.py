@@ -7,7 +7,7 @@ import torch
 
 from core_fixtures import tiny_tokenizer
 from sae_mlops.errors import InputError
-from sae_mlops.tokens import iter_batches, iter_windows, make_plan, special_token_ids
+from sae_mlops.core.tokens import iter_batches, iter_windows, make_plan, special_token_ids
 
 TEXTS = ["alpha beta gamma delta " * 20, "short", "", "the quick brown fox " * 7]
 

@@ -10,7 +10,7 @@ import mlflow
 import pytest
 from mlflow.tracking import MlflowClient
 
-from sae_mlops.results import AnalysisResult
+from sae_mlops.core.results import AnalysisResult
 from sae_mlops.tracking import runs
 from sae_mlops.tracking.runs import log_analysis
 
@@ -45,10 +45,10 @@ def _result(**overrides) -> AnalysisResult:
             "sae.content_hash": "abc123",
         }
     )
-    kw = dict(
-        kind="quick",
-        params=params,
-        metrics={
+    kw = {
+        "kind": "quick",
+        "params": params,
+        "metrics": {
             "sparsity/l0_mean": 12.5,
             "sparsity/l0_std": 3.25,
             "recon/explained_variance": 0.875,
@@ -58,13 +58,13 @@ def _result(**overrides) -> AnalysisResult:
             "speed/tokens_per_s": float("inf"),
             "tokens/analysed": 20000,
         },
-        tags={
+        "tags": {
             "sae_mlops.source_run_id": "0" * 32,
             "sae_mlops.source_model_name": "my-sae",
             "sae_mlops.source_model_version": "3",
             "sae_mlops.source_model_alias": "prod",
         },
-    )
+    }
     kw.update(overrides)
     return AnalysisResult(**kw)
 
@@ -92,11 +92,11 @@ def test_new_run_round_trip(store, tmp_path):
 
     # params: every one, stringified, long values cut to MLflow's limit
     p = run.data.params
-    assert len(p) == len(result.params)
+    assert len(p) == len(result.params) - 1  # prepend_bos=None is absent, not the string 'None'
     assert p["p129"] == "129"
     assert p["hook"] == "blocks.1.hook_resid_post"
     assert p["tokens.analysed"] == "20000"
-    assert p["prepend_bos"] == "None"
+    assert "prepend_bos" not in p and "None" not in p.values()
     assert json.loads(p["nested"]) == {"a": [1, 2], "b": 1}
     assert len(p["long"]) == 6000 and p["long"].startswith("xxxx") and p["long"].endswith("[truncated]")
 
@@ -114,7 +114,8 @@ def test_new_run_round_trip(store, tmp_path):
     assert t["sae_mlops.sae_hash"] == "abc123"
     assert "mlflow.parentRunId" not in t
     assert "0" * 32 in t["mlflow.note.content"] and "my-sae v3" in t["mlflow.note.content"]
-    assert "@prod" in t["mlflow.note.content"]
+    assert "`@prod`" in t["mlflow.note.content"]  # code formatting: not an @mention link
+    assert t["mlflow.note.content"].startswith("**quick analysis** · L0 **12.50** · explained variance **0.8750**")
 
     # artifacts: paths relative to out_dir
     assert sorted(a.path for a in client.list_artifacts(run_id)) == ["SUMMARY_x.md", "results"]
@@ -129,7 +130,7 @@ def test_default_experiment_and_no_lineage(store, tmp_path):
     run_id = log_analysis(result, files, out)
     run = MlflowClient(store).get_run(run_id)
     assert MlflowClient(store).get_experiment(run.info.experiment_id).name == runs.DEFAULT_EXPERIMENT
-    assert "mlflow.note.content" not in run.data.tags
+    assert run.data.tags["mlflow.note.content"] == "**quick analysis** · L0 **1.00**"  # the headline only
     assert "sae_mlops.unlogged_metrics" not in run.data.tags
     assert run.data.metrics == {"sparsity/l0_mean": 1.0}
 

@@ -143,6 +143,8 @@ def test_mlproject_train_entry_matches_entrypoint():
     for name, p in ep["parameters"].items():
         argv += [f"--{name.replace('_', '-')}", str(p.get("default", ""))]
     args = module.build_parser().parse_args(argv)
-    cfg = TrainConfig(**{k: v for k, v in vars(args).items() if v is not None and k in module.TRAIN_FIELDS})
+    from sae_mlops.options import build
+
+    cfg = build(TrainConfig, vars(args))
     assert (cfg.model, cfg.architecture, cfg.k, cfg.training_tokens) == ("demo", "topk", 16, 300_000)
-    assert set(module.TRAIN_FIELDS) <= set(TrainConfig.__dataclass_fields__)
+    assert cfg == TrainConfig()

@@ -8,9 +8,9 @@ import math
 import pandas as pd
 import pytest
 
-from sae_mlops.results import AnalysisResult
-from sae_mlops.writers.files import atomic_write
-from sae_mlops.writers.quick import summary_markdown, write_quick_outputs
+from sae_mlops.core.results import AnalysisResult
+from sae_mlops.files import umask, atomic_write
+from sae_mlops.outputs.summaries import summary_markdown, write_quick_outputs
 
 
 def _result():
@@ -26,8 +26,9 @@ def _result():
 
 def test_write_quick_outputs(tmp_path):
     files = write_quick_outputs(_result(), tmp_path)
-    names = sorted(p.relative_to(tmp_path).as_posix().split("_")[0] for p in files)
-    assert names == ["SUMMARY", "results/analysis", "results/feature"]
+    names = sorted(p.relative_to(tmp_path).as_posix() for p in files)  # stable names: no timestamp
+    assert names == ["SUMMARY.md", "results/analysis_results.json", "results/feature_stats.parquet"]
+    assert all(p.stat().st_mode & 0o777 == 0o666 & ~umask() for p in files)  # not mkstemp's 0600
     data = json.loads(next(p for p in files if p.suffix == ".json").read_text())
     assert data["metrics"]["sparsity/l0_mean"] == 2.5
     assert data["metrics"]["downstream/loss_recovered"] is None  # NaN is not valid JSON

@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from sae_mlops.cli import _state, app, report_input_errors
+from sae_mlops.commands.app import state, app, report_input_errors
 
 
 @app.command()
@@ -36,7 +36,8 @@ def serve(
     the policy asks for in a durable SQLite queue, runs each in its own process, and writes status,
     run id and headline metrics back to the model version as tags (and an alias when the quality
     gate passes). A reconciler enqueues versions the webhooks missed. MLflow: $MLFLOW_TRACKING_URI.
-    Endpoints: POST /webhooks/mlflow, GET /health, GET /jobs.
+    Endpoints: POST /webhooks/mlflow, GET /health, GET /jobs. Off loopback, GET /jobs and the
+    details of /health need "Authorization: Bearer $SAE_MLOPS_READ_TOKEN".
     """
     from sae_mlops.service.logs import setup_service_logging
     from sae_mlops.service.settings import load_settings
@@ -53,7 +54,7 @@ def serve(
         },
     )
     settings.secret()  # fail now, with one sentence, when no secret is configured
-    if _state.get("verbose"):
+    if state.get("verbose"):
         settings.log_level = "DEBUG"
     setup_service_logging(settings.log_format, settings.log_level)
     from sae_mlops.service.app import run_server

@@ -88,7 +88,7 @@ def heldout_sae_stats(
     for batch in windows.split(batch_size):
         mask = special_mask(batch, special_ids)
 
-        def splice(act: torch.Tensor, hook: Any) -> torch.Tensor:
+        def splice(act: torch.Tensor, hook: Any, mask: torch.Tensor = mask) -> torch.Tensor:
             nonlocal sq_err, sum_sq, l0, sum_x, n_tok
             x = act[mask]
             f, x_hat = encode_decode(x)

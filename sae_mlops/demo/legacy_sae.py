@@ -66,6 +66,9 @@ class LegacySAEConfig:
 class LegacySAE(nn.Module):
     """Standard or BatchTopK SAE with the prior tool's parameter names and buffers."""
 
+    ever_fired: torch.Tensor  # buffers (typed here: nn.Module's __getattr__ is untyped)
+    num_batches_not_active: torch.Tensor
+
     def __init__(self, cfg: LegacySAEConfig) -> None:
         super().__init__()
         self.cfg = cfg
@@ -140,7 +143,7 @@ class LegacySAE(nn.Module):
     @torch.no_grad()
     def normalize_decoder(self) -> None:
         """Rescale decoder rows to unit norm (after each optimiser step)."""
-        self.W_dec /= self.W_dec.norm(dim=1, keepdim=True)
+        self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True))
 
     @torch.no_grad()
     def remove_parallel_grad(self) -> None:
@@ -152,8 +155,8 @@ class LegacySAE(nn.Module):
     @torch.no_grad()
     def fold_input_scale(self, scale: float) -> None:
         """Turn an SAE trained on x * scale into one on x: f and x_hat both divide by `scale`."""
-        self.b_dec /= scale
-        self.b_enc /= scale
+        self.b_dec.div_(scale)
+        self.b_enc.div_(scale)
 
     @torch.no_grad()
     def update_firing(self, f: torch.Tensor) -> None:

@@ -53,7 +53,7 @@ def train_tokenizer(docs: list[str], out_dir: Path, vocab_size: int = VOCAB_SIZE
     config["add_bos_token"] = False
     config["add_eos_token"] = False
     config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    special = {name: SPECIAL_TOKEN for name in ("bos_token", "eos_token", "pad_token", "unk_token")}
+    special = dict.fromkeys(("bos_token", "eos_token", "pad_token", "unk_token"), SPECIAL_TOKEN)
     (out_dir / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n", encoding="utf-8")
     logger.info("tokenizer: vocab %d saved to %s", tok.get_vocab_size(), out_dir)
 

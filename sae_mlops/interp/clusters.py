@@ -132,4 +132,4 @@ def network_layout(members: np.ndarray, edges: pd.DataFrame, seed: int = 0) -> d
         pos = nx.spring_layout(g, weight="weight", seed=seed)
         return {int(n): (float(p[0]), float(p[1])) for n, p in pos.items()}
     angles = np.linspace(0, 2 * np.pi, len(nodes), endpoint=False)
-    return {n: (float(np.cos(t)), float(np.sin(t))) for n, t in zip(nodes, angles)}
+    return {n: (float(np.cos(t)), float(np.sin(t))) for n, t in zip(nodes, angles, strict=True)}

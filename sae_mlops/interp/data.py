@@ -1,18 +1,20 @@
-"""Loading a full analysis directory (as written by :func:`sae_mlops.full.run_full`) into one typed
+"""Loading a full analysis directory (as written by :func:`sae_mlops.analyses.full.run_full`) into one typed
 object for interpretation.
 
-Layout read (``<ts>`` is a UTC timestamp ``YYYYmmdd_HHMMSS``; the newest complete one is used for
-each kind of file, so a directory that holds several analyses reads as its latest):
+Layout read (file names as written now, ``results/feature_summaries.jsonl``...; directories written
+by older versions carry a UTC timestamp, ``feature_summaries_<ts>.jsonl`` with ``<ts>`` =
+``YYYYmmdd_HHMMSS``, and are read too: the newest file of each kind is used, so a directory that
+holds several analyses reads as its latest):
 
-- ``results/feature_summaries_<ts>.jsonl`` (required): one line per feature that fired, with its
+- ``results/feature_summaries.jsonl`` (required): one line per feature that fired, with its
   top examples (token, token_id, activation, context with the token marked ``[[like this]]``,
   position, text_idx, global_idx);
-- ``results/feature_stats_<ts>.parquet``: firing_count, frequency, mean/max activation for every
+- ``results/feature_stats.parquet``: firing_count, frequency, mean/max activation for every
   feature (dead ones included);
-- ``results/logit_lens_<ts>.parquet``, ``results/analysis_results_<ts>.json`` (params, metrics);
-- ``matrices/feature_similarity_<ts>.npy``, ``matrices/feature_cooccurrence_<ts>.npy`` (dense,
+- ``results/logit_lens.parquet``, ``results/analysis_results.json`` (params, metrics);
+- ``matrices/feature_similarity.npy``, ``matrices/feature_cooccurrence.npy`` (dense,
   only when ``d_sae`` was at most the dense limit; memory-mapped here);
-- ``matrices/similarity_neighbours_<ts>.parquet``, ``matrices/cooccurrence_neighbours_<ts>.parquet``
+- ``matrices/similarity_neighbours.parquet``, ``matrices/cooccurrence_neighbours.parquet``
   (top neighbours per feature; always written).
 
 Pair values for features without a dense matrix come from the neighbour lists: a pair listed in
@@ -25,6 +27,7 @@ import json
 import logging
 import re
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -44,7 +47,9 @@ FULL_HINT = "run `sae-mlops full --sae ...` first (the full analysis writes them
 
 
 def find_newest(directory: Path, prefix: str, suffix: str) -> Path | None:
-    """The file ``directory/<prefix><ts><suffix>`` with the largest timestamp, or None.
+    """The file ``directory/<prefix without its trailing _><suffix>`` (the stable name), or the
+    ``directory/<prefix><ts><suffix>`` with the largest timestamp (older layouts); when both exist,
+    the one written last. None when there is neither.
 
     Temporary files (``.name.part``) are never matched: they do not end in ``suffix``.
     """
@@ -56,7 +61,11 @@ def find_newest(directory: Path, prefix: str, suffix: str) -> Path | None:
         m = _TS.search(p.name)
         if m and p.name == f"{prefix}{m.group(1)}{suffix}" and p.is_file():
             found.append((m.group(1), p))
-    return max(found)[1] if found else None
+    newest = max(found)[1] if found else None
+    stable = directory / f"{prefix.rstrip('_')}{suffix}"
+    if stable.is_file() and (newest is None or stable.stat().st_mtime >= newest.stat().st_mtime):
+        return stable
+    return newest
 
 
 @dataclass
@@ -73,7 +82,7 @@ class AnalysisData:
     """
 
     root: Path
-    timestamp: str
+    timestamp: str | None
     summaries: list[dict[str, Any]]
     stats: pd.DataFrame
     params: dict[str, Any] = field(default_factory=dict)
@@ -161,7 +170,7 @@ def read_summaries(path: Path) -> list[dict[str, Any]]:
             try:
                 out.append(json.loads(line))
             except json.JSONDecodeError as e:
-                raise InputError(f"'{path}' line {n} is not valid JSON ({e.msg}); the file is damaged, {FULL_HINT} again.")
+                raise InputError(f"'{path}' line {n} is not valid JSON ({e.msg}); the file is damaged, {FULL_HINT} again.") from e
     return sorted(out, key=lambda s: int(s["feature"]))
 
 
@@ -190,7 +199,7 @@ def require_full_analysis(path: str | Path) -> Path:
     if found is None:
         quick = find_newest(root / "results", "analysis_results_", ".json")
         what = "a quick analysis" if quick is not None else "not a full analysis directory"
-        raise InputError(f"'{root}' has no feature summaries (results/feature_summaries_<timestamp>.jsonl): it is {what}; {FULL_HINT}.")
+        raise InputError(f"'{root}' has no feature summaries (results/feature_summaries.jsonl): it is {what}; {FULL_HINT}.")
     return found
 
 
@@ -203,14 +212,15 @@ def load_analysis(path: str | Path) -> AnalysisData:
     root = Path(path).expanduser()
     summaries_path = require_full_analysis(root)
     rdir, mdir = root / "results", root / "matrices"
-    ts = _TS.search(summaries_path.name).group(1)  # type: ignore[union-attr]
+    stamp = _TS.search(summaries_path.name)  # stable names carry no timestamp: use the file's time
+    ts = stamp.group(1) if stamp else time.strftime("%Y%m%d_%H%M%S", time.gmtime(summaries_path.stat().st_mtime))
     files: dict[str, Path] = {"feature_summaries": summaries_path}
 
     def newest(key: str, directory: Path, prefix: str, suffix: str) -> Path | None:
         p = find_newest(directory, prefix, suffix)
         if p is not None:
             files[key] = p
-            if ts not in p.name:
+            if stamp and ts not in p.name:
                 log.warning("%s is from another analysis than %s", p.name, summaries_path.name)
         return p
 

@@ -27,6 +27,7 @@ def load_decoder(data: AnalysisData, source: str | None = None, attach: bool = T
         log.warning("the analysis records no SAE source; decoder views are skipped")
         return None
     try:
+        import sae_mlops.tracking.resolve  # noqa: F401 (resolves runs:/ and models:/ SAE URIs)
         from sae_mlops.sources.sae import load_sae
 
         loaded = load_sae(str(src), sae_id=data.params.get("sae_id") or None, device="cpu", topk_mode=data.params.get("topk_mode") or None)

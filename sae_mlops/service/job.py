@@ -1,14 +1,22 @@
 """One analysis job, in its own process: ``python -m sae_mlops.service.job <spec.json>``.
 
 The worker writes the spec (model name, version, kind, options, device, experiment, output and
-result paths) and starts this module; a crash or an out-of-memory kill here leaves the service
-running. The job analyses ``models:/<name>/<version>`` with the same library call as the CLI
-(`sae_mlops.pipeline.run_quick_and_log`, or `run_full_and_log` for a full analysis), so the run
-carries the lineage tags of the version, then tags the run with the job id and trigger and writes
-``result.json`` (run id, finite metrics, warnings) atomically.
+result paths, the job's key and attempt) and starts this module; a crash or an out-of-memory kill
+here leaves the service running. The job analyses ``models:/<name>/<version>`` with the same library
+call as the CLI (`sae_mlops.workflows.run_quick_and_log`, or `run_full_and_log` for a full analysis),
+so the run carries the lineage tags of the version, and writes ``result.json`` (run id, finite
+metrics, warnings) atomically.
 
-Exit codes: 0 done; 2 the input cannot be analysed (`InputError`: not retried); anything else, a
-failure worth retrying. On Linux the process asks to be killed when the service dies
+Exactly once in MLflow: before the analysis the job looks for runs tagged with its key
+(``sae_mlops.service.job_key``, one per earlier attempt). A FINISHED one is reused (its metrics go
+into ``result.json``; nothing is analysed again); RUNNING ones (an attempt killed while it ran) are
+ended as FAILED. Then it creates the attempt's run, tagged with the key, job id, trigger and attempt,
+logs into it (``MLFLOW_RUN_ID``) and ends it FINISHED, or FAILED on an exception. A run is RUNNING
+only while its attempt's process lives (the worker closes what a killed process left).
+
+Exit codes: 0 done; 2 the input cannot be analysed (`InputError`: not retried); 75 the tracking
+server is unreachable or answers 5xx (retried without using an attempt); 77 MLflow refused a call
+(401/403/404: not retried); anything else (1), a bug or a crash worth retrying with an attempt. On Linux the process asks to be killed when the service dies
 (``PR_SET_PDEATHSIG``), so a restarted service never races an orphaned attempt.
 """
 
@@ -28,6 +36,8 @@ log = logging.getLogger("sae_mlops.service.job")
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_INPUT_ERROR = 2
+EXIT_TRACKING_UNAVAILABLE = 75  # EX_TEMPFAIL
+EXIT_DENIED = 77  # EX_NOPERM
 PARENT_PID_ENV = "SAE_MLOPS_SERVICE_PID"
 
 
@@ -42,16 +52,26 @@ def main(argv: list[str] | None = None) -> int:
 
     setup_service_logging(spec.get("log_format", "text"), spec.get("log_level", "INFO"))
     from sae_mlops.errors import InputError
+    from sae_mlops.service.mlflow_io import DENIED, UNAVAILABLE, classify, describe
 
+    extra = {"job_id": spec.get("job_id")}
     try:
         result = run_job(spec)
-    except InputError as e:
-        log.error("job %s cannot run: %s", spec.get("job_id"), e, extra={"job_id": spec.get("job_id")})
-        return EXIT_INPUT_ERROR
-    except Exception:
-        log.exception("job %s failed", spec.get("job_id"), extra={"job_id": spec.get("job_id")})
+    except Exception as e:  # noqa: BLE001 - sorted into the exit codes above
+        cls = classify(e)
+        if cls == UNAVAILABLE:
+            log.error("job %s: the tracking server is unavailable: %s", spec.get("job_id"), describe(e), extra=extra)
+            sys.stderr.write(f"tracking server unavailable: {describe(e)}\n")
+            return EXIT_TRACKING_UNAVAILABLE
+        if isinstance(e, InputError):
+            log.error("job %s cannot run: %s", spec.get("job_id"), e, extra=extra)
+            return EXIT_INPUT_ERROR
+        if cls == DENIED:
+            log.error("job %s: MLflow refused a call (permission or not found): %s", spec.get("job_id"), describe(e), extra=extra)
+            return EXIT_DENIED
+        log.exception("job %s failed", spec.get("job_id"), extra=extra)
         return EXIT_FAILED
-    from sae_mlops.writers.files import atomic_write_text
+    from sae_mlops.files import atomic_write_text
 
     atomic_write_text(Path(spec["result_path"]), json.dumps(result, indent=2, sort_keys=True))
     log.info("job %s done: run %s", spec.get("job_id"), result.get("run_id"), extra={"job_id": spec.get("job_id")})
@@ -60,41 +80,71 @@ def main(argv: list[str] | None = None) -> int:
 
 def run_job(spec: dict[str, Any]) -> dict[str, Any]:
     """Run the analysis the spec describes; return what goes into result.json."""
-    from sae_mlops import pipeline
+    from sae_mlops import workflows as pipeline
     from sae_mlops.config import AnalysisConfig
     from sae_mlops.errors import InputError
 
     name, version, kind = spec["model_name"], str(spec["version"]), spec["kind"]
+    if kind not in ("quick", "full"):
+        raise InputError(f"Unknown analysis kind {kind!r}; the policy allows quick and full.")
     options = dict(spec.get("options") or {})
     full_options = options.pop("full_options", None)
     try:
         cfg = AnalysisConfig(sae=f"models:/{name}/{version}", device=spec.get("device") or "auto", progress=False, **options)
-    except TypeError as e:
-        raise InputError(f"The policy gives an option AnalysisConfig does not take ({e}); fix the policy file.") from None
+    except (TypeError, InputError) as e:
+        raise InputError(f"The policy gives an option AnalysisConfig does not take, or a bad value ({e}); fix the policy file.") from None
+    full_opts = _full_options(full_options) if kind == "full" else None  # bad options: InputError before any run
     out_dir = Path(spec["out_dir"])
     run_name = f"{kind} {name} v{version}"
-    experiment = spec.get("experiment")
-    log.info("job %s: %s analysis of models:/%s/%s on %s", spec.get("job_id"), kind, name, version, cfg.device,
-             extra={"job_id": spec.get("job_id"), "model": name, "version": version, "kind": kind})
-    if kind == "quick":
-        outcome = pipeline.run_quick_and_log(cfg, out_dir, track=True, experiment=experiment, run_name=run_name)
-    elif kind == "full":
-        outcome = pipeline.run_full_and_log(
-            cfg, out_dir, opts=_full_options(full_options), track=True, experiment=experiment, run_name=run_name
-        )
-    else:
-        raise InputError(f"Unknown analysis kind {kind!r}; the policy allows quick and full.")
+    experiment = spec.get("experiment") or "sae-mlops-service"
+    job_id = spec.get("job_id")
+    job_key = str(spec.get("job_key") or job_id)
+    from sae_mlops.service.mlflow_io import RegistryIO
+    from sae_mlops.service.tags import RUN_TAG_ATTEMPT, RUN_TAG_JOB_ID, RUN_TAG_JOB_KEY, RUN_TAG_TRIGGER
 
-    run_id = outcome.run_id
-    metrics = outcome.result.metrics
-    warnings = outcome.warnings
-    if run_id:
-        from sae_mlops.service.mlflow_io import RegistryIO
-        from sae_mlops.service.tags import RUN_TAG_JOB_ID, RUN_TAG_TRIGGER
+    registry = RegistryIO(spec.get("tracking_uri"))
+    earlier = registry.job_runs(experiment, job_key)
+    finished = [r for r in earlier if r.info.status == "FINISHED"]
+    registry.close_job_runs(experiment, job_key)
+    if finished:
+        run_id = finished[0].info.run_id
+        log.info("job %s: run %s of an earlier attempt is FINISHED; reusing it", job_id, run_id, extra={"job_id": job_id})
+        return _result(spec, kind, run_id, registry.run_metrics(run_id), ["result taken from the earlier attempt's run"])
+    run_id = registry.create_job_run(experiment, run_name, {
+        RUN_TAG_JOB_KEY: job_key,
+        RUN_TAG_JOB_ID: str(job_id),
+        RUN_TAG_TRIGGER: str(spec.get("trigger", "")),
+        RUN_TAG_ATTEMPT: str(spec.get("attempt", "")),
+    })
+    previous = os.environ.get("MLFLOW_RUN_ID")
+    os.environ["MLFLOW_RUN_ID"] = run_id  # the tracking layer logs into this run and leaves it open
+    log.info("job %s: %s analysis of models:/%s/%s on %s into run %s", job_id, kind, name, version, cfg.device, run_id,
+             extra={"job_id": job_id, "model": name, "version": version, "kind": kind, "run_id": run_id})
+    try:
+        if kind == "quick":
+            outcome = pipeline.run_quick_and_log(cfg, out_dir, track=True, experiment=experiment, run_name=run_name)
+        else:
+            outcome = pipeline.run_full_and_log(
+                cfg, out_dir, opts=full_opts, track=True, experiment=experiment, run_name=run_name
+            )
+        if outcome.run_id and outcome.run_id != run_id:
+            raise RuntimeError(f"the analysis logged into run {outcome.run_id}, not the job's run {run_id}")
+    except BaseException:
+        try:
+            registry.end_run(run_id, "FAILED")
+        except Exception as e:  # noqa: BLE001 - the worker (or the next attempt) closes it
+            log.warning("job %s: could not end run %s as FAILED: %s", job_id, run_id, e, extra={"job_id": job_id})
+        raise
+    finally:
+        if previous is None:
+            os.environ.pop("MLFLOW_RUN_ID", None)
+        else:
+            os.environ["MLFLOW_RUN_ID"] = previous
+    registry.end_run(run_id, "FINISHED")
+    return _result(spec, kind, run_id, outcome.result.metrics, outcome.warnings)
 
-        RegistryIO(spec.get("tracking_uri")).tag_run(
-            run_id, {RUN_TAG_JOB_ID: str(spec.get("job_id")), RUN_TAG_TRIGGER: str(spec.get("trigger", ""))}
-        )
+
+def _result(spec: dict[str, Any], kind: str, run_id: str | None, metrics: dict[str, Any], warnings: list[Any]) -> dict[str, Any]:
     return {
         "job_id": spec.get("job_id"),
         "kind": kind,
@@ -109,12 +159,12 @@ def _full_options(given: dict[str, Any] | None):
     if not given:
         return None
     from sae_mlops.errors import InputError
-    from sae_mlops.full import FullOptions
+    from sae_mlops.analyses.full import FullOptions
 
     try:
         return FullOptions(**given)
-    except TypeError as e:
-        raise InputError(f"full_options in the policy has an option the full analysis does not take ({e}); fix the policy file.") from None
+    except (TypeError, InputError) as e:
+        raise InputError(f"full_options in the policy has an option the full analysis does not take, or a bad value ({e}); fix the policy file.") from None
 
 
 def _finite(v: Any) -> bool:

@@ -21,7 +21,7 @@ _QUIET = ("mlflow", "urllib3", "alembic", "git", "matplotlib", "filelock", "http
 
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
-        out = {
+        out: dict[str, object] = {
             "ts": datetime.fromtimestamp(record.created, timezone.utc).isoformat(timespec="milliseconds"),
             "level": record.levelname,
             "logger": record.name,
@@ -56,7 +56,7 @@ def setup_service_logging(log_format: str = "text", level: str = "INFO") -> None
         # The rich handler hides times unless verbose; a service log needs them.
         for h in logging.getLogger().handlers:
             if getattr(h, "_sae_mlops", False) and hasattr(h, "_log_render"):
-                h._log_render.show_time = True  # type: ignore[attr-defined]
+                h._log_render.show_time = True
     logging.getLogger("sae_mlops").setLevel(lvl)
     logging.getLogger("uvicorn").setLevel(logging.INFO if lvl <= logging.INFO else lvl)
     logging.getLogger("uvicorn.error").setLevel(logging.INFO if lvl <= logging.INFO else lvl)

@@ -5,14 +5,25 @@ Write-back (tag names in `sae_mlops.service.tags`): a job that starts sets
 sets ``done``, the analysis run id and the headline metrics; a job that failed for good sets
 ``failed`` and the error. With a quality gate on that kind, ``sae_mlops.analysis.gate`` and its
 reasons are set and, when the gate passes, the gate's alias is moved to the version.
+
+Failure classes (`classify`): ``unavailable`` (the tracking server cannot be reached, times out or
+answers 5xx: retried without using an attempt), ``denied`` (401/403/404: permission or not found;
+the job fails at once with the reason) and ``bug`` (anything else: uses an attempt).
+
+Exactly once in MLflow (`JobRuns`): a job's analysis run is created before the analysis, tagged with
+the job's key; a later attempt of the same job closes the runs of earlier attempts left RUNNING as
+FAILED, or reuses the earlier attempt's FINISHED run instead of analysing again.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import threading
+import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterator, Mapping, cast
 
 from sae_mlops.service import tags as T
 from sae_mlops.service.policy import Gate, GateResult, Policy, finite
@@ -21,6 +32,123 @@ log = logging.getLogger(__name__)
 
 MAX_TAG_VALUE = 5000
 _MISSING = ("RESOURCE_DOES_NOT_EXIST", "NOT_FOUND")
+_DENIED = ("PERMISSION_DENIED", "UNAUTHENTICATED", "CUSTOMER_UNAUTHORIZED", "RESOURCE_DOES_NOT_EXIST", "NOT_FOUND")
+
+UNAVAILABLE, DENIED, BUG = "unavailable", "denied", "bug"
+
+# MLflow's HTTP client: MLflow's defaults (120 s timeout, 7 retries with exponential backoff) make
+# an outage look like a hang for ~4 minutes; the service and its job processes fail fast instead
+# and retry at the job level (`apply_http_defaults`).
+HTTP_ENV_TIMEOUT = "MLFLOW_HTTP_REQUEST_TIMEOUT"
+HTTP_ENV_RETRIES = "MLFLOW_HTTP_REQUEST_MAX_RETRIES"
+HTTP_ENV_BACKOFF = "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR"
+
+
+def apply_http_defaults(timeout_s: float, max_retries: int, environ: dict[str, str] | None = None) -> dict[str, str]:
+    """Set MLflow's HTTP timeout (whole seconds), retries and backoff factor (1 s) in `environ`
+    (default ``os.environ``) unless they are set already (the operator's values win); returns them."""
+    env = os.environ if environ is None else environ
+    env.setdefault(HTTP_ENV_TIMEOUT, str(max(1, int(round(timeout_s)))))
+    env.setdefault(HTTP_ENV_RETRIES, str(max(0, int(max_retries))))
+    env.setdefault(HTTP_ENV_BACKOFF, "1")
+    return {k: env[k] for k in (HTTP_ENV_TIMEOUT, HTTP_ENV_RETRIES, HTTP_ENV_BACKOFF)}
+
+
+def classify(exc: BaseException) -> str:
+    """``unavailable``, ``denied`` or ``bug`` for an exception from an MLflow call.
+
+    Looks through the exception's causes and contexts (the tracking layer rewrites MLflow errors
+    into InputError): a connection error, a timeout or an HTTP status >= 500 anywhere in the chain
+    is ``unavailable``; 401/403/404 (or MLflow's PERMISSION_DENIED, UNAUTHENTICATED,
+    RESOURCE_DOES_NOT_EXIST) is ``denied``; a `TrackingError` raised by the tracking preflight
+    (no cause: the store did not answer, or answered 5xx) is ``unavailable``; anything else is ``bug``.
+    """
+    import requests
+    from mlflow.exceptions import MlflowException, RestException
+
+    seen: set[int] = set()
+    e: BaseException | None = exc
+    found = BUG
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, VersionMissing):
+            return DENIED
+        if isinstance(e, (requests.ConnectionError, requests.Timeout, ConnectionError, TimeoutError)):
+            return UNAVAILABLE
+        if isinstance(e, MlflowException):
+            code = str(getattr(e, "error_code", "") or "")
+            try:
+                status = int(e.get_http_status_code())
+            except Exception:  # noqa: BLE001 - an unknown code
+                status = 500
+            if code in _DENIED or status in (401, 403, 404):
+                return DENIED
+            # 5xx from the server (a JSON error, or MLflow's "API request to ... failed" for a
+            # connection error, a timeout or a non-JSON 5xx); a local MlflowException is a bug.
+            from_http = isinstance(e, RestException) or str(getattr(e, "message", e)).startswith("API request to")
+            if from_http and (status >= 500 or code in ("TEMPORARILY_UNAVAILABLE", "REQUEST_LIMIT_EXCEEDED")):
+                return UNAVAILABLE
+        e = e.__cause__ or e.__context__
+    from sae_mlops.errors import TrackingError
+
+    if isinstance(exc, TrackingError) and exc.__cause__ is None:
+        return UNAVAILABLE  # the preflight's "not reachable / no answer / HTTP 5xx on /health"
+    return found
+
+
+def describe(exc: BaseException, limit: int = 500) -> str:
+    """One line for an MLflow error (the first line of its message, cut to `limit` characters)."""
+    text = str(getattr(exc, "message", None) or exc) or type(exc).__name__
+    return f"{type(exc).__name__}: {text.splitlines()[0] if text.splitlines() else text}"[:limit]
+
+
+class TrackingProbe:
+    """Whether the tracking server answers: ``GET <uri>/health`` with a short timeout, cached for
+    `ttl_s` seconds (a non-HTTP store, e.g. sqlite, is local and always reachable)."""
+
+    def __init__(self, tracking_uri: str | None, timeout_s: float = 2.0, ttl_s: float = 5.0) -> None:
+        self.tracking_uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or ""
+        self.timeout_s = timeout_s
+        self.ttl_s = ttl_s
+        self._lock = threading.Lock()
+        self._cached: tuple[float, dict[str, Any]] | None = None
+
+    def check(self) -> dict[str, Any]:
+        """``{"reachable": bool, "uri": ..., "checked_at": unix s, "latency_ms": ..., "error": ...}``."""
+        with self._lock:
+            now = time.monotonic()
+            if self._cached is not None and now - self._cached[0] < self.ttl_s:
+                return self._cached[1]
+            result = self._probe()
+            self._cached = (time.monotonic(), result)
+            return result
+
+    def _probe(self) -> dict[str, Any]:
+        uri = self.tracking_uri
+        out: dict[str, Any] = {"uri": _redact(uri), "checked_at": time.time()}
+        if not uri.startswith(("http://", "https://")):
+            return {**out, "reachable": True, "detail": "local store"}
+        import requests
+
+        started = time.monotonic()
+        try:
+            r = requests.get(uri.rstrip("/") + "/health", timeout=self.timeout_s)
+            ok = r.status_code < 500
+            error = None if ok else f"HTTP {r.status_code}"
+        except requests.RequestException as e:
+            ok, error = False, f"{type(e).__name__}: {e}"[:300]
+        out.update(reachable=ok, latency_ms=round(1000 * (time.monotonic() - started), 1))
+        if error:
+            out["error"] = error
+        return out
+
+
+def _redact(uri: str) -> str:
+    """The URI without credentials (``http://user:pw@host`` -> ``http://***@host``)."""
+    if "@" in uri and "://" in uri:
+        scheme, rest = uri.split("://", 1)
+        return f"{scheme}://***@{rest.split('@', 1)[1]}"
+    return uri
 
 
 @dataclass(frozen=True)
@@ -106,6 +234,64 @@ class RegistryIO:
         for k, v in tags.items():
             self.client.set_tag(run_id, k, v)
 
+    # --- the job's runs (exactly once) ------------------------------------------------------
+
+    def experiment_id(self, name: str) -> str:
+        """The id of experiment `name`, created (or restored) if needed."""
+        from mlflow.exceptions import MlflowException
+
+        found = self.client.get_experiment_by_name(name)
+        if found is not None:
+            if found.lifecycle_stage == "deleted":
+                self.client.restore_experiment(found.experiment_id)
+            return found.experiment_id
+        try:
+            return self.client.create_experiment(name)
+        except MlflowException:
+            found = self.client.get_experiment_by_name(name)  # created concurrently
+            if found is None:
+                raise
+            return found.experiment_id
+
+    def job_runs(self, experiment: str, job_key: str) -> list[Any]:
+        """The runs of `experiment` tagged with `job_key` (every attempt of one job), oldest first."""
+        from sae_mlops.service.tags import RUN_TAG_JOB_KEY
+
+        found = self.client.get_experiment_by_name(experiment)
+        if found is None:
+            return []
+        runs = self.client.search_runs(
+            [found.experiment_id], filter_string=f"tags.`{RUN_TAG_JOB_KEY}` = '{job_key}'", max_results=100,
+            order_by=["attributes.start_time ASC"],
+        )
+        return list(runs)
+
+    def close_job_runs(self, experiment: str, job_key: str, keep: str | None = None) -> list[str]:
+        """End every RUNNING run of the job (except `keep`) as FAILED; returns their ids."""
+        closed = []
+        for run in self.job_runs(experiment, job_key):
+            if run.info.status == "RUNNING" and run.info.run_id != keep:
+                self.client.set_terminated(run.info.run_id, "FAILED")
+                closed.append(run.info.run_id)
+        if closed:
+            log.warning("closed %d run(s) of an earlier attempt of job %s as FAILED: %s", len(closed), job_key,
+                        ", ".join(closed))
+        return closed
+
+    def create_job_run(self, experiment: str, run_name: str, tags: Mapping[str, str]) -> str:
+        """A new RUNNING run in `experiment` with `tags` (plus MLflow's user/source tags)."""
+        from mlflow.tracking.context import registry as context_registry
+
+        run = self.client.create_run(self.experiment_id(experiment), run_name=run_name,
+                                     tags=context_registry.resolve_tags(dict(tags)))
+        return run.info.run_id
+
+    def end_run(self, run_id: str, status: str) -> None:
+        self.client.set_terminated(run_id, status)
+
+    def run_metrics(self, run_id: str) -> dict[str, float]:
+        return dict(self.client.get_run(run_id).data.metrics)
+
     # --- scans --------------------------------------------------------------------------
 
     def iter_versions(self, policy: Policy) -> Iterator[VersionInfo]:
@@ -124,8 +310,8 @@ class RegistryIO:
                 continue
             token = None
             for _ in range(100_000):
-                page = self.client.search_model_versions(f"name='{name}'", max_results=200, page_token=token)
-                for mv in page:
+                versions = self.client.search_model_versions(f"name='{name}'", max_results=200, page_token=token)
+                for mv in versions:
                     yield VersionInfo(
                         name=mv.name,
                         version=str(mv.version),
@@ -133,7 +319,7 @@ class RegistryIO:
                         tags=dict(getattr(mv, "tags", {}) or {}),
                         aliases=list(getattr(mv, "aliases", []) or []),
                     )
-                token = getattr(page, "token", None)
+                token = getattr(versions, "token", None)
                 if not token:
                     break
 
@@ -163,11 +349,11 @@ class RegistryIO:
             if not token or existing is not None:
                 break
         if existing is None:
-            wh = self.client.create_webhook(name=name, url=url, events=events, secret=secret,
+            wh = self.client.create_webhook(name=name, url=url, events=cast(Any, events), secret=secret,
                                             description="sae-mlops serve: registry-triggered SAE analysis")
             log.info("created MLflow webhook %s (%s) -> %s for %s", wh.name, wh.webhook_id, url, ",".join(events))
             return wh.webhook_id
-        self.client.update_webhook(existing.webhook_id, url=url, events=events, secret=secret, status="ACTIVE")
+        self.client.update_webhook(existing.webhook_id, url=url, events=cast(Any, events), secret=secret, status="ACTIVE")
         log.info("updated MLflow webhook %s (%s) -> %s for %s", name, existing.webhook_id, url, ",".join(events))
         return existing.webhook_id
 

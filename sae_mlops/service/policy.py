@@ -26,6 +26,10 @@ device. A full analysis also takes ``full_options`` (a mapping passed to the ful
 Without a policy file the default applies: a quick analysis, with the library defaults, of every
 new version of every registered model, and no gate.
 
+The file's keys are pydantic models (`PolicySpec`, `RuleSpec`, `TriggersSpec`, `GateSpec`: each
+field described, unknown keys refused); the values are checked by `parse_policy`, which names the
+entry and the fix in one sentence.
+
 Loops are impossible by construction: tag events for ``sae_mlops.*`` keys (the service's own
 write-back) and alias events for the gate's alias are ignored, and a rule may not trigger on the
 gate's alias.
@@ -42,6 +46,8 @@ import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Iterable, Mapping
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from sae_mlops.errors import InputError
 from sae_mlops.service import tags as T
@@ -270,15 +276,79 @@ def load_policy(path: str | Path | None = None, data: Mapping[str, Any] | None =
     return default_policy()
 
 
+# --- the file's schema (pydantic: unknown keys refused; the checks below give the sentences) ---------
+
+
+class _Spec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class TriggersSpec(_Spec):
+    """``rules[i].triggers``."""
+
+    created: Any = Field(None, description="true: run on model_version.created (every new version). "
+                         "Default: true unless aliases or tags are given.")
+    aliases: Any = Field(None, description="Alias globs: run on model_version_alias.created for a matching alias "
+                         "(a string or a list). Default: none.")
+    tags: Any = Field(None, description="Tag key -> value glob (or a list of keys, any value): run on "
+                      "model_version_tag.set for a matching tag; keys sae_mlops.* are refused. Default: none.")
+
+
+class RuleSpec(_Spec):
+    """One entry of ``rules``."""
+
+    models: Any = Field(["*"], description="fnmatch globs on the registered model name (a string or a list). Default [\"*\"].")
+    triggers: Any = Field(None, description="When the rule fires: created, aliases, tags (TriggersSpec). Default: created.")
+    quick: Any = Field(None, description="Run a quick analysis with these AnalysisConfig options (a mapping; {} or "
+                       "true: defaults; absent or false: not run).")
+    full: Any = Field(None, description="Run a full analysis with these options (AnalysisConfig fields and "
+                      "full_options); absent or false: not run.")
+
+
+class GateSpec(_Spec):
+    """``gate``: bounds on one analysis kind's metrics."""
+
+    analysis: Any = Field("quick", description="The analysis kind the gate reads: quick or full. Default quick.")
+    alias: Any = Field(None, description="Alias moved to the version when every bound holds (not a number). Default: none.")
+    min: Any = Field(None, description="Metric (short or full name) -> lowest allowed value (inclusive). Default: none.")
+    max: Any = Field(None, description="Metric (short or full name) -> highest allowed value (inclusive). Default: none.")
+
+
+class PolicySpec(_Spec):
+    """The policy file's top level."""
+
+    rules: Any = Field(None, description="Rules checked in order (the first that accepts an event wins). "
+                       "Default: one rule, a quick analysis of every new version.")
+    defaults: Any = Field(None, description="Analysis kind -> options for every rule (a rule's own options win). Default: none.")
+    gate: Any = Field(None, description="The quality gate (GateSpec). Default: none.")
+
+
+_SPEC_KEYS = {
+    PolicySpec: ("the top level", "rules, defaults and gate"),
+    RuleSpec: ("rules[{i}]", "models, triggers, quick and full"),
+    TriggersSpec: ("rules[{i}].triggers", "created, aliases and tags"),
+    GateSpec: ("gate", "analysis, alias, min and max"),
+}
+
+
+def _check_keys(model: type[_Spec], raw: Mapping[str, Any], bad, i: int | None = None) -> None:
+    """Validate `raw`'s keys against `model` (extra="forbid"); an unknown key -> one sentence."""
+    try:
+        model.model_validate(dict(raw))
+    except ValidationError as e:
+        where, known = _SPEC_KEYS[model]
+        unknown = sorted(str(err["loc"][-1]) for err in e.errors() if err["type"] == "extra_forbidden")
+        what = f"unknown key(s) {unknown}; use {known}" if unknown else str(e.errors()[0]["msg"])
+        raise bad(where.format(i=i), what) from None
+
+
 def parse_policy(data: Any, source: str = "the policy") -> Policy:
     def bad(where: str, what: str) -> InputError:
         return InputError(f"In {source}, {where}: {what}.")
 
     if not isinstance(data, Mapping):
         raise bad("the top level", "expected a mapping with rules, defaults and gate")
-    unknown = set(data) - {"rules", "defaults", "gate"}
-    if unknown:
-        raise bad("the top level", f"unknown key(s) {sorted(unknown)}; use rules, defaults and gate")
+    _check_keys(PolicySpec, data, bad)
 
     defaults: dict[str, dict[str, Any]] = {}
     raw_defaults = data.get("defaults") or {}
@@ -311,9 +381,7 @@ def _rule(raw: Any, i: int, bad) -> Rule:
     where = f"rules[{i}]"
     if not isinstance(raw, Mapping):
         raise bad(where, "expected a mapping")
-    unknown = set(raw) - {"models", "triggers", *ANALYSIS_KINDS}
-    if unknown:
-        raise bad(where, f"unknown key(s) {sorted(unknown)}; use models, triggers, quick and full")
+    _check_keys(RuleSpec, raw, bad, i)
     models = raw.get("models", ["*"])
     if isinstance(models, str):
         models = [models]
@@ -322,9 +390,7 @@ def _rule(raw: Any, i: int, bad) -> Rule:
     on = raw.get("triggers") or {}
     if not isinstance(on, Mapping):
         raise bad(f"{where}.triggers", "expected a mapping with created, aliases and tags")
-    unknown = set(on) - {"created", "aliases", "tags"}
-    if unknown:
-        raise bad(f"{where}.triggers", f"unknown trigger(s) {sorted(unknown)}; use created, aliases and tags")
+    _check_keys(TriggersSpec, on, bad, i)
     aliases = on.get("aliases") or []
     if isinstance(aliases, str):
         aliases = [aliases]
@@ -369,12 +435,29 @@ def _options(raw: Any, kind: str, where: str, bad) -> dict[str, Any]:
             raise bad(f"{where}.{k}", f"unknown option; known: {', '.join(sorted(allowed))}")
         if k == "full_options" and not isinstance(v, Mapping):
             raise bad(f"{where}.full_options", "expected a mapping")
-        if k in ("max_tokens", "batch_size", "context_size") and v is not None:
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or float(v) != int(v) or int(v) < 1:
-                raise bad(f"{where}.{k}", f"expected a positive whole number, not {v!r}")
-            v = int(v)
+        if k in ("max_tokens", "batch_size", "context_size") and isinstance(v, float) and v.is_integer():
+            v = int(v)  # YAML's 2e5 is a float
         out[str(k)] = v
+    _check_declared(out, where, bad)
     return out
+
+
+def _check_declared(options: dict[str, Any], where: str, bad) -> None:
+    """Validate the options against their declarations (`AnalysisConfig`, `FullOptions`): types, bounds
+    and cross-field rules are the ones the CLI applies, so a policy cannot hold a value the CLI refuses."""
+    from sae_mlops.config import AnalysisConfig, FullOptions
+    from sae_mlops.errors import InputError
+
+    analysis = {k: v for k, v in options.items() if k != "full_options"}
+    try:
+        AnalysisConfig(sae="models:/policy-check/1", **analysis)
+    except InputError as e:
+        raise bad(where, str(e).rstrip(".")) from None
+    if "full_options" in options:
+        try:
+            FullOptions(**dict(options["full_options"]))
+        except InputError as e:
+            raise bad(f"{where}.full_options", str(e).rstrip(".")) from None
 
 
 def analysis_option_names(kind: str) -> set[str]:
@@ -389,9 +472,7 @@ def analysis_option_names(kind: str) -> set[str]:
 def _gate(raw: Any, bad) -> Gate:
     if not isinstance(raw, Mapping):
         raise bad("gate", "expected a mapping with analysis, alias, min and max")
-    unknown = set(raw) - {"analysis", "alias", "min", "max"}
-    if unknown:
-        raise bad("gate", f"unknown key(s) {sorted(unknown)}; use analysis, alias, min and max")
+    _check_keys(GateSpec, raw, bad)
     analysis = raw.get("analysis", "quick")
     if analysis not in ANALYSIS_KINDS:
         raise bad("gate.analysis", f"unknown analysis kind {analysis!r}; use quick or full")

@@ -1,7 +1,12 @@
 """The durable job queue and delivery log: one SQLite file (WAL, synchronous=FULL).
 
 Jobs go ``queued -> running -> done``, or back to ``queued`` (with a backoff) after a failed attempt
-while attempts remain, else ``failed``. A job left ``running`` by a service that died is put back
+while attempts remain, else ``failed``. Due jobs are claimed in the order they were first enqueued
+(``created_at``, then id): a job put back after a failed attempt, an outage or a restart keeps its
+place. While ``running``, ``phase`` says what the worker is doing (``starting``: contacting MLflow,
+no process yet; ``analysing``: the job process, ``pid``, runs; ``writing back``). A tracking-server
+outage gives the attempt back (`mark_unavailable`) and is timed from its first sighting
+(``outage_since``) so that a job fails once an outage has lasted longer than the limit. A job left ``running`` by a service that died is put back
 to ``queued`` when the queue is opened by the next service (`requeue_running`). At most one job per
 (model, version, kind) is queued or running at a time: enqueueing the same analysis again returns
 the active job. A done (or finally failed) analysis is not enqueued again unless the request is
@@ -16,11 +21,13 @@ One connection, shared by the service's threads behind a lock; the job processes
 
 from __future__ import annotations
 
+import builtins
 import json
 import logging
 import sqlite3
 import threading
 import time
+import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,9 +40,9 @@ log = logging.getLogger(__name__)
 QUEUED, RUNNING, DONE, FAILED = "queued", "running", "done", "failed"
 STATES = (QUEUED, RUNNING, DONE, FAILED)
 ACTIVE = (QUEUED, RUNNING)
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
-_SCHEMA = f"""
+_SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS jobs (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -57,9 +64,11 @@ CREATE TABLE IF NOT EXISTS jobs (
     pid INTEGER,
     run_id TEXT,
     error TEXT,
-    result TEXT
+    result TEXT,
+    phase TEXT,
+    outage_since REAL
 );
-CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs (state, not_before, id);
+CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs (state, created_at, id);
 CREATE INDEX IF NOT EXISTS jobs_by_key ON jobs (model_name, version, kind, state);
 CREATE TABLE IF NOT EXISTS deliveries (
     delivery_id TEXT PRIMARY KEY,
@@ -94,6 +103,8 @@ class Job:
     run_id: str | None
     error: str | None
     result: dict[str, Any] | None
+    phase: str | None = None
+    outage_since: float | None = None
 
     @property
     def key(self) -> tuple[str, str, str]:
@@ -144,10 +155,24 @@ class JobQueue:
             self._db.execute("PRAGMA foreign_keys=ON")
             self._db.executescript(_SCHEMA)
             row = self._db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
-            if row is None:
-                self._db.execute("INSERT INTO meta (key, value) VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
-            elif int(row[0]) > SCHEMA_VERSION:
+            if row is not None and int(row[0]) > SCHEMA_VERSION:
                 raise RuntimeError(f"{self.path} was written by a newer sae-mlops (schema {row[0]} > {SCHEMA_VERSION})")
+            columns = {r[1] for r in self._db.execute("PRAGMA table_info(jobs)").fetchall()}
+            for name, decl in (("phase", "TEXT"), ("outage_since", "REAL")):  # schema 1 -> 2
+                if name not in columns:
+                    self._db.execute(f"ALTER TABLE jobs ADD COLUMN {name} {decl}")
+            self._db.execute("DROP INDEX IF EXISTS jobs_by_state")
+            self._db.execute("CREATE INDEX jobs_by_state ON jobs (state, created_at, id)")
+            self._db.execute(
+                "INSERT INTO meta (key, value) VALUES ('schema_version', ?) ON CONFLICT(key) DO UPDATE SET value=excluded.value",
+                (str(SCHEMA_VERSION),),
+            )
+            row = self._db.execute("SELECT value FROM meta WHERE key='instance_id'").fetchone()
+            if row is None:
+                self.instance_id = uuid.uuid4().hex[:12]
+                self._db.execute("INSERT INTO meta (key, value) VALUES ('instance_id', ?)", (self.instance_id,))
+            else:
+                self.instance_id = str(row[0])
 
     def close(self) -> None:
         with self._lock:
@@ -214,6 +239,7 @@ class JobQueue:
             (r.model_name, r.version, r.kind, json.dumps(r.options, sort_keys=True), r.trigger, delivery_id,
              self.max_attempts, now, now, now),
         )
+        assert cur.lastrowid is not None
         job_id = int(cur.lastrowid)
         log.info(
             "enqueued job %d: %s analysis of %s v%s (%s)", job_id, r.kind, r.model_name, r.version, r.trigger,
@@ -227,31 +253,72 @@ class JobQueue:
                 "SELECT 1 FROM jobs WHERE model_name=? AND version=? AND kind=? LIMIT 1", (model_name, version, kind)
             ).fetchone() is not None
 
+    def job_key(self, job_id: int) -> str:
+        """``<instance id>:<job id>``: names the job's MLflow runs uniquely, also across services
+        sharing an experiment (each queue file has its own random instance id)."""
+        return f"{self.instance_id}:{job_id}"
+
     def claim(self, worker: str, now: float | None = None) -> Job | None:
-        """Take the oldest due queued job for `worker` (running, attempts + 1), or None."""
+        """Take the due queued job enqueued first for `worker` (running, phase starting,
+        attempts + 1), or None. A job's place is its first enqueue time, not when it became due."""
         now = time.time() if now is None else now
         with self._tx() as db:
             row = db.execute(
-                "SELECT id FROM jobs WHERE state='queued' AND not_before <= ? ORDER BY not_before, id LIMIT 1", (now,)
+                "SELECT id FROM jobs WHERE state='queued' AND not_before <= ? ORDER BY created_at, id LIMIT 1", (now,)
             ).fetchone()
             if row is None:
                 return None
             db.execute(
-                "UPDATE jobs SET state='running', attempts=attempts+1, started_at=?, updated_at=?, worker=?, pid=NULL,"
-                " error=NULL WHERE id=?",
+                "UPDATE jobs SET state='running', phase='starting', attempts=attempts+1, started_at=?, updated_at=?,"
+                " worker=?, pid=NULL, error=NULL WHERE id=?",
                 (now, now, worker, row["id"]),
             )
             return self._get(db, row["id"])
 
     def set_pid(self, job_id: int, pid: int | None) -> None:
         with self._tx() as db:
-            db.execute("UPDATE jobs SET pid=?, updated_at=? WHERE id=?", (pid, time.time(), job_id))
+            phase = "analysing" if pid else None
+            db.execute("UPDATE jobs SET pid=?, phase=COALESCE(?, phase), updated_at=? WHERE id=?", (pid, phase, time.time(), job_id))
+
+    def set_phase(self, job_id: int, phase: str, pid: int | None = None) -> None:
+        with self._tx() as db:
+            db.execute("UPDATE jobs SET phase=?, pid=?, updated_at=? WHERE id=?", (phase, pid, time.time(), job_id))
+
+    def tracking_ok(self, job_id: int) -> None:
+        """MLflow answered for this job: an outage being timed is over."""
+        with self._tx() as db:
+            db.execute("UPDATE jobs SET outage_since=NULL WHERE id=? AND outage_since IS NOT NULL", (job_id,))
+
+    def mark_unavailable(self, job_id: int, error: str, delay: float, max_outage_s: float, now: float | None = None) -> Job:
+        """The tracking server was unreachable (or answered 5xx) for this attempt: back to queued
+        after `delay` seconds with the attempt given back, unless the outage, timed from its first
+        sighting for this job, has lasted more than `max_outage_s` seconds: then failed."""
+        now = time.time() if now is None else now
+        with self._tx() as db:
+            job = self._get(db, job_id)
+            since = job.outage_since if job.outage_since is not None else now
+            attempts = max(0, job.attempts - 1)
+            if now - since > max_outage_s:
+                msg = f"the tracking server was unreachable for {now - since:.0f}s (limit {max_outage_s:g}s): {error}"
+                db.execute(
+                    "UPDATE jobs SET state='failed', phase=NULL, attempts=?, finished_at=?, updated_at=?, pid=NULL, error=?,"
+                    " outage_since=? WHERE id=?",
+                    (attempts, now, now, msg, since, job_id),
+                )
+            else:
+                db.execute(
+                    "UPDATE jobs SET state='queued', phase=NULL, attempts=?, not_before=?, updated_at=?, pid=NULL, error=?,"
+                    " outage_since=? WHERE id=?",
+                    (attempts, now + delay, now, f"tracking server unavailable: {error}", since, job_id),
+                )
+            return self._get(db, job_id)
 
     def mark_done(self, job_id: int, run_id: str | None, result: dict[str, Any] | None, now: float | None = None) -> Job:
         now = time.time() if now is None else now
         with self._tx() as db:
             db.execute(
-                "UPDATE jobs SET state='done', finished_at=?, updated_at=?, pid=NULL, run_id=?, result=?, error=NULL WHERE id=?",
+                "UPDATE jobs SET state='done', phase=NULL, finished_at=?, updated_at=?, pid=NULL, run_id=?, result=?, error=NULL,"
+                " outage_since=NULL WHERE id=?",
                 (now, now, run_id, json.dumps(result, sort_keys=True) if result is not None else None, job_id),
             )
             return self._get(db, job_id)
@@ -280,12 +347,12 @@ class JobQueue:
                 if delay is None:
                     delay = self.backoff(attempts) if count_attempt else 0.0
                 db.execute(
-                    "UPDATE jobs SET state='queued', attempts=?, not_before=?, updated_at=?, pid=NULL, error=? WHERE id=?",
+                    "UPDATE jobs SET state='queued', phase=NULL, attempts=?, not_before=?, updated_at=?, pid=NULL, error=? WHERE id=?",
                     (attempts, now + delay, now, error, job_id),
                 )
             else:
                 db.execute(
-                    "UPDATE jobs SET state='failed', attempts=?, finished_at=?, updated_at=?, pid=NULL, error=? WHERE id=?",
+                    "UPDATE jobs SET state='failed', phase=NULL, attempts=?, finished_at=?, updated_at=?, pid=NULL, error=? WHERE id=?",
                     (attempts, now, now, error, job_id),
                 )
             return self._get(db, job_id)
@@ -301,12 +368,12 @@ class JobQueue:
                 job = self._get(db, job_id)
                 if job.attempts >= job.max_attempts:
                     db.execute(
-                        "UPDATE jobs SET state='failed', finished_at=?, updated_at=?, pid=NULL, error=? WHERE id=?",
+                        "UPDATE jobs SET state='failed', phase=NULL, finished_at=?, updated_at=?, pid=NULL, error=? WHERE id=?",
                         (now, now, "the service stopped during every attempt", job_id),
                     )
                 else:
                     db.execute(
-                        "UPDATE jobs SET state='queued', not_before=?, updated_at=?, pid=NULL,"
+                        "UPDATE jobs SET state='queued', phase=NULL, not_before=?, updated_at=?, pid=NULL,"
                         " error='interrupted: the service stopped during the attempt' WHERE id=?",
                         (now, now, job_id),
                     )
@@ -328,7 +395,7 @@ class JobQueue:
                 rows = self._db.execute("SELECT * FROM jobs ORDER BY id DESC LIMIT ?", (limit,)).fetchall()
             return [_job(r) for r in rows]
 
-    def jobs_for(self, model_name: str, version: str, kind: str | None = None) -> list[Job]:
+    def jobs_for(self, model_name: str, version: str, kind: str | None = None) -> builtins.list[Job]:
         with self._lock:
             if kind:
                 rows = self._db.execute(
@@ -343,7 +410,7 @@ class JobQueue:
     def counts(self) -> dict[str, int]:
         with self._lock:
             rows = self._db.execute("SELECT state, COUNT(*) AS n FROM jobs GROUP BY state").fetchall()
-        out = {s: 0 for s in STATES}
+        out = dict.fromkeys(STATES, 0)
         out.update({r["state"]: int(r["n"]) for r in rows})
         return out
 

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from sae_mlops.errors import InputError
-from sae_mlops.service.mlflow_io import RegistryIO
+from sae_mlops.service.mlflow_io import RegistryIO, TrackingProbe
 from sae_mlops.service.policy import Policy
 from sae_mlops.service.queue import JobQueue
 from sae_mlops.service.reconciler import Reconciler
@@ -54,6 +54,7 @@ class Service:
         self._last_prune = 0.0
         self.started_at: float | None = None
         self.requeued_at_start: list[int] = []
+        self.probe = TrackingProbe(settings.tracking_uri, timeout_s=settings.health_check_timeout_s)
 
     # --- lifecycle ----------------------------------------------------------------------
 
@@ -168,8 +169,10 @@ class Service:
         workers = [w.status() for w in self.workers]
         reconciler = self.reconciler.status() if self.reconciler else None
         healthy = bool(workers) and all(w["alive"] for w in workers)
+        tracking = self.probe.check()
         body = {
-            "status": "ok" if healthy else "degraded",
+            "status": "ok" if healthy and tracking["reachable"] else "degraded",
+            "tracking": tracking,
             "queue": {"depth": counts["queued"] + counts["running"], **counts},
             "workers": workers,
             "reconciler": reconciler,

@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Optional
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from sae_mlops.errors import InputError
 
@@ -26,53 +27,73 @@ WEBHOOK_PATH = "/webhooks/mlflow"
 LOG_FORMATS = ("text", "json")
 
 
-@dataclass
-class Settings:
-    """Everything `sae-mlops serve` can be told.
+class Settings(BaseModel):
+    """Everything `sae-mlops serve` can be told (see each field's description: meaning, unit, default).
 
-    tracking_uri: the MLflow tracking server (None: MLflow's default, i.e. ``MLFLOW_TRACKING_URI``).
-    host / port: where the webhook receiver listens.
-    data_dir: the queue database, job specs, logs and outputs (``queue.db``, ``jobs/<id>/``).
-    webhook_secret / webhook_secret_file: the HMAC secret shared with the MLflow webhook.
-    webhook_tolerance_s: deliveries whose timestamp is further than this from now are refused;
-        delivery ids are remembered at least twice this long (replays are refused).
-    webhook_url: when set, the service creates (or updates) an MLflow webhook named
-        `webhook_name` pointing at this URL, with the secret and the events the policy listens to.
-    policy_file: the policy (YAML/JSON); None: the inline ``policy`` of the config file, else the
-        default policy (quick analysis of every new version).
-    devices: one worker per device (``auto``, ``cpu``, ``cuda:0``...); each runs one job at a time.
-    max_attempts: attempts per job before it is marked failed; retry_backoff_s doubles per attempt
-        up to retry_backoff_max_s.
-    quick_timeout_s / full_timeout_s: a job running longer is killed (and retried).
-    reconcile_interval_s: seconds between registry scans (the first runs at start); 0: only at start.
-    experiment: MLflow experiment of the analysis runs.
-    keep_outputs: keep each job's local output directory after its files are logged to MLflow.
-    log_format: ``text`` (rich console) or ``json`` (one JSON object per line on stderr).
+    A pydantic model: unknown keys are refused (``extra="forbid"``). `load_settings` builds it from
+    the defaults, the config file, the environment and the command line, with one-sentence errors.
     """
 
-    tracking_uri: str | None = None
-    host: str = "127.0.0.1"
-    port: int = 8080
-    data_dir: Path = Path("sae-mlops-service")
-    webhook_secret: str | None = field(default=None, repr=False)
-    webhook_secret_file: Path | None = None
-    webhook_tolerance_s: float = 300.0
-    webhook_url: str | None = None
-    webhook_name: str = "sae-mlops"
-    policy_file: Path | None = None
-    policy: dict[str, Any] | None = None
-    devices: list[str] = field(default_factory=lambda: ["auto"])
-    max_attempts: int = 3
-    retry_backoff_s: float = 30.0
-    retry_backoff_max_s: float = 1800.0
-    quick_timeout_s: float = 3600.0
-    full_timeout_s: float = 21600.0
-    reconcile_interval_s: float = 300.0
-    experiment: str = "sae-mlops-service"
-    keep_outputs: bool = False
-    log_format: str = "text"
-    log_level: str = "INFO"
-    worker_poll_s: float = 2.0
+    model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True)
+
+    tracking_uri: Optional[str] = Field(
+        None, description="The MLflow tracking server. Env: MLFLOW_TRACKING_URI. Default: MLflow's default.")
+    host: str = Field(
+        "127.0.0.1", description="Interface the webhook receiver listens on. Default 127.0.0.1 (loopback); "
+        "listen on another interface only with read_token set.")
+    port: int = Field(8080, description="TCP port the webhook receiver listens on (1-65535). Default 8080.")
+    data_dir: Path = Field(
+        Path("sae-mlops-service"), description="Directory of the queue database, job specs, logs and outputs "
+        "(queue.db, jobs/<id>/). Default ./sae-mlops-service.")
+    webhook_secret: Optional[str] = Field(
+        None, repr=False, description="HMAC secret shared with the MLflow webhook. Required (or webhook_secret_file).")
+    webhook_secret_file: Optional[Path] = Field(
+        None, description="File holding the webhook secret (e.g. a Docker secret), used when webhook_secret is unset.")
+    webhook_tolerance_s: float = Field(
+        300.0, description="Seconds: deliveries whose timestamp is further than this from now are refused; "
+        "delivery ids are remembered at least twice this long (replays are refused). Default 300.")
+    webhook_url: Optional[str] = Field(
+        None, description="When set, the service creates (or updates) the MLflow webhook webhook_name pointing at "
+        "this URL, with the secret and the events the policy listens to. Default: unset (no webhook managed).")
+    webhook_name: str = Field("sae-mlops", description="Name of the MLflow webhook the service manages. Default sae-mlops.")
+    policy_file: Optional[Path] = Field(
+        None, description="Policy file (YAML/JSON). Default: the inline policy of the config file, else the default "
+        "policy (a quick analysis of every new version).")
+    policy: Optional[dict[str, Any]] = Field(None, description="The policy inline (config file only). Default: unset.")
+    devices: list[str] = Field(
+        default_factory=lambda: ["auto"], description="One worker per device (auto, cpu, cuda:0...), each running one "
+        "job at a time; comma-separated in the environment. Default [auto].")
+    max_attempts: int = Field(3, description="Attempts per job before it is marked failed (>= 1). Default 3.")
+    retry_backoff_s: float = Field(
+        30.0, description="Seconds before the second attempt; doubles per attempt up to retry_backoff_max_s. Default 30.")
+    retry_backoff_max_s: float = Field(1800.0, description="Seconds: the longest wait between attempts. Default 1800.")
+    quick_timeout_s: float = Field(3600.0, description="Seconds a quick analysis may run before it is killed (and retried). Default 3600.")
+    full_timeout_s: float = Field(21600.0, description="Seconds a full analysis may run before it is killed (and retried). Default 21600.")
+    reconcile_interval_s: float = Field(
+        300.0, description="Seconds between registry scans for versions the webhooks missed (the first runs at "
+        "start); 0: only at start. Default 300.")
+    experiment: str = Field("sae-mlops-service", description="MLflow experiment of the analysis runs. Default sae-mlops-service.")
+    keep_outputs: bool = Field(
+        False, description="Keep each job's local output directory after its files are logged to MLflow. Default false.")
+    log_format: str = Field("text", description="text (rich console) or json (one JSON object per line on stderr). Default text.")
+    log_level: str = Field("INFO", description="DEBUG, INFO, WARNING or ERROR. Default INFO.")
+    worker_poll_s: float = Field(2.0, description="Seconds an idle worker waits before looking at the queue again. Default 2.")
+    read_token: Optional[str] = Field(
+        None, repr=False, description="Bearer token for the read endpoints (GET /jobs, /jobs/<id>, /health details). "
+        "Unset: they answer loopback clients only (others get 403, and /health only its status). Default unset.")
+    tracking_outage_max_s: float = Field(
+        3600.0, description="Seconds: a job waiting for an unreachable (or 5xx) tracking server is retried without "
+        "using an attempt until the outage has lasted this long, then fails with that reason. Default 3600.")
+    mlflow_http_timeout_s: float = Field(
+        30.0, description="Seconds: MLflow HTTP request timeout for the service and its job processes "
+        "(MLFLOW_HTTP_REQUEST_TIMEOUT, unless already set in the environment); an artifact upload waits this "
+        "long for the server to store the file. Default 30.")
+    mlflow_http_max_retries: int = Field(
+        1, description="MLflow HTTP retries per request for the service and its job processes "
+        "(MLFLOW_HTTP_REQUEST_MAX_RETRIES, unless already set in the environment). Default 1.")
+    health_check_timeout_s: float = Field(
+        2.0, description="Seconds: timeout of /health's probe of the tracking server (GET <uri>/health); the answer "
+        "is cached for 5 s. Default 2.")
 
     @property
     def queue_path(self) -> Path:
@@ -107,16 +128,17 @@ class Settings:
     def public_dict(self) -> dict[str, Any]:
         """The settings without the secret, for logs and the health endpoint."""
         out: dict[str, Any] = {}
-        for f in fields(self):
-            if f.name in ("webhook_secret", "policy"):
+        for name in Settings.model_fields:
+            if name in ("webhook_secret", "policy", "read_token"):
                 continue
-            v = getattr(self, f.name)
-            out[f.name] = str(v) if isinstance(v, Path) else v
+            v = getattr(self, name)
+            out[name] = str(v) if isinstance(v, Path) else v
         out["webhook_secret"] = "set" if (self.webhook_secret or self.webhook_secret_file) else "missing"
+        out["read_token"] = "set" if self.read_token else "unset"
         return out
 
 
-_FIELDS = {f.name: f for f in fields(Settings)}
+_FIELDS = dict(Settings.model_fields)
 _ENV_SKIP = ("tracking_uri", "policy")
 
 
@@ -154,7 +176,13 @@ def load_settings(
             known = ", ".join(sorted(_FIELDS))
             raise InputError(f"Unknown setting {name!r} in {origin}; known settings: {known}.")
         kwargs[name] = _coerce(name, raw, origin)
-    settings = Settings(**kwargs)
+    try:
+        settings = Settings(**kwargs)
+    except ValidationError as e:
+        err = e.errors()[0]
+        key = ".".join(str(p) for p in err.get("loc", ())) or "?"
+        origin = values.get(key, (None, "the settings"))[1]
+        raise InputError(f"Setting {key} from {origin}: {err.get('msg', 'invalid')}.") from None
     _validate(settings)
     return settings
 
@@ -192,7 +220,7 @@ def _coerce(name: str, raw: Any, origin: str) -> Any:
     def bad(expected: str) -> InputError:
         return InputError(f"Setting {name} from {origin} must be {expected}, not {raw!r}.")
 
-    if name in ("port", "max_attempts"):
+    if name in ("port", "max_attempts", "mlflow_http_max_retries"):
         try:
             value = int(str(raw))
         except ValueError:
@@ -206,6 +234,9 @@ def _coerce(name: str, raw: Any, origin: str) -> Any:
         "full_timeout_s",
         "reconcile_interval_s",
         "worker_poll_s",
+        "tracking_outage_max_s",
+        "mlflow_http_timeout_s",
+        "health_check_timeout_s",
     ):
         try:
             return float(str(raw))
@@ -240,9 +271,12 @@ def _validate(s: Settings) -> None:
         raise InputError(f"Port {s.port} is out of range; give SAE_MLOPS_PORT between 1 and 65535.")
     if s.max_attempts < 1:
         raise InputError(f"max_attempts is {s.max_attempts}; it must be at least 1.")
-    for name in ("webhook_tolerance_s", "quick_timeout_s", "full_timeout_s", "worker_poll_s"):
+    for name in ("webhook_tolerance_s", "quick_timeout_s", "full_timeout_s", "worker_poll_s", "tracking_outage_max_s",
+                 "mlflow_http_timeout_s", "health_check_timeout_s"):
         if getattr(s, name) <= 0:
             raise InputError(f"{name} is {getattr(s, name)}; it must be a positive number of seconds.")
+    if s.mlflow_http_max_retries < 0:
+        raise InputError(f"mlflow_http_max_retries is {s.mlflow_http_max_retries}; it must not be negative.")
     for name in ("retry_backoff_s", "retry_backoff_max_s", "reconcile_interval_s"):
         if getattr(s, name) < 0:
             raise InputError(f"{name} is {getattr(s, name)}; it must not be negative.")

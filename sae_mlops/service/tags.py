@@ -18,6 +18,8 @@ keys, so the service's own writes never trigger analyses.
 
 from __future__ import annotations
 
+from sae_mlops.metrics import ALIASES, BY_SHORT, full_name
+
 OWN_PREFIX = "sae_mlops."
 ANALYSIS_PREFIX = "sae_mlops.analysis."
 
@@ -25,28 +27,19 @@ STATUS_RUNNING = "running"
 STATUS_DONE = "done"
 STATUS_FAILED = "failed"
 
-# Short names (used in tags and in the quality gate) -> metric names in the analysis results.
+# Short names (used in tags and in the quality gate) -> metric names, from the metric registry.
 HEADLINE_METRICS: dict[str, str] = {
-    "loss_recovered": "downstream/loss_recovered",
-    "l0": "sparsity/l0_mean",
-    "explained_variance": "recon/explained_variance",
-    "dead_fraction": "features/dead_fraction",
+    short: BY_SHORT[short].name for short in ("loss_recovered", "l0", "explained_variance", "dead_fraction")
 }
-METRIC_ALIASES: dict[str, str] = {
-    **HEADLINE_METRICS,
-    "l0_mean": "sparsity/l0_mean",
-    "kl_score": "downstream/kl_score",
-    "kl_sae": "downstream/kl_sae",
-    "cosine": "recon/cosine",
-    "dense_fraction": "features/dense_fraction",
-    "mse_per_token": "recon/mse_per_token",
-}
+METRIC_ALIASES: dict[str, str] = {**{short: m.name for short, m in BY_SHORT.items()}, **ALIASES}
 
 GATE_TAG = "sae_mlops.analysis.gate"
 GATE_REASONS_TAG = "sae_mlops.analysis.gate_reasons"
 
 RUN_TAG_JOB_ID = "sae_mlops.service.job_id"
 RUN_TAG_TRIGGER = "sae_mlops.service.trigger"
+RUN_TAG_JOB_KEY = "sae_mlops.service.job_key"  # <queue instance id>:<job id>, unique across services
+RUN_TAG_ATTEMPT = "sae_mlops.service.attempt"
 
 
 def analysis_tag(kind: str, field: str) -> str:
@@ -60,7 +53,7 @@ def status_tag(kind: str) -> str:
 
 def metric_name(short_or_full: str) -> str:
     """The results' metric name for a short name (``loss_recovered``) or a full one (``recon/cosine``)."""
-    return METRIC_ALIASES.get(short_or_full, short_or_full)
+    return full_name(short_or_full)
 
 
 def metric_tag_suffix(name: str) -> str:

@@ -6,13 +6,21 @@ For a claimed job the worker writes ``jobs/<id>/spec.json``, sets the version's 
 (then kills the process group). Outcomes:
 
 - exit 0 with ``result.json``: write-back (status, run id, metrics, gate) then ``done``;
-- exit 2 (the input cannot be analysed): ``failed`` at once, and the failure written back;
+- exit 2 (the input cannot be analysed) or 77 (MLflow refused: 401/403/404): ``failed`` at once,
+  and the failure written back;
+- exit 75 (the tracking server is unreachable or answers 5xx): back to ``queued`` without using an
+  attempt, until the outage has lasted ``tracking_outage_max_s`` (then ``failed`` with that reason);
 - anything else (an exception, a signal such as the kernel's OOM kill, a timeout): retried with
   backoff while attempts remain, then ``failed`` and written back.
 
+The worker's own MLflow calls (marking the version running, the write-back) follow the same three
+classes (`mlflow_io.classify`): unavailable -> retried without an attempt (capped as above);
+permission or not found -> failed at once with the reason; anything else is a bug: it uses an
+attempt and its traceback goes into the attempt's log. After an attempt that did not finish, runs
+the job process left RUNNING in MLflow are closed as FAILED.
+
 A ``result.json`` already present when a job is claimed (the service stopped between the analysis
-and the write-back) is written back without running the analysis again. A write-back that fails
-because MLflow is unreachable is retried later without using up an attempt.
+and the write-back) is written back without running the analysis again.
 """
 
 from __future__ import annotations
@@ -26,11 +34,12 @@ import subprocess
 import sys
 import threading
 import time
+import traceback
 from pathlib import Path
 from typing import Any, Callable
 
 from sae_mlops.service import job as job_module
-from sae_mlops.service.mlflow_io import RegistryIO, VersionMissing
+from sae_mlops.service.mlflow_io import DENIED, UNAVAILABLE, RegistryIO, VersionMissing, apply_http_defaults, classify, describe
 from sae_mlops.service.policy import Policy
 from sae_mlops.service.queue import FAILED, Job, JobQueue
 from sae_mlops.service.settings import Settings
@@ -77,7 +86,7 @@ class Worker:
         self.stop_event = stop
         self.command = command or default_command
         self._thread = threading.Thread(target=self._loop, name=self.name, daemon=True)
-        self._state: dict[str, Any] = {"state": "idle", "job_id": None, "pid": None, "since": time.time()}
+        self._state: dict[str, Any] = {"state": "idle", "job_id": None, "pid": None, "phase": None, "since": time.time()}
         self.jobs_done = 0
         self.jobs_failed = 0
 
@@ -115,12 +124,13 @@ class Worker:
             if job is None:
                 self._idle_wait()
                 continue
-            self._set_state("busy", job.id)
+            self._set_state("busy", job.id, phase="starting")
             try:
                 self.process(job)
             except _Interrupted:
                 log.info("%s: job %d interrupted by shutdown; it stays queued", self.name, job.id, extra={"job_id": job.id})
                 self.queue.mark_attempt_failed(job.id, "interrupted: the service shut down", count_attempt=False)
+                self._close_runs(job)
             except Exception as e:  # noqa: BLE001
                 log.exception("%s: job %d failed in the worker", self.name, job.id, extra={"job_id": job.id})
                 self._finish_failed(job, f"worker error: {e!r}", retry=True)
@@ -138,8 +148,8 @@ class Worker:
             if not self.stop_event.is_set():
                 self.cond.wait(timeout)
 
-    def _set_state(self, state: str, job_id: int | None, pid: int | None = None) -> None:
-        self._state = {"state": state, "job_id": job_id, "pid": pid, "since": time.time()}
+    def _set_state(self, state: str, job_id: int | None, pid: int | None = None, phase: str | None = None) -> None:
+        self._state = {"state": state, "job_id": job_id, "pid": pid, "phase": phase, "since": time.time()}
 
     # --- one job ------------------------------------------------------------------------
 
@@ -152,16 +162,10 @@ class Worker:
         if result is None:
             try:
                 self.registry.mark_running(job.model_name, job.version, job.kind, job.id)
-            except VersionMissing as e:
-                log.warning("job %d: %s; not analysing", job.id, e, extra=extra)
-                self.queue.mark_attempt_failed(job.id, str(e), retry=False)
-                self.jobs_failed += 1
+            except Exception as e:  # noqa: BLE001 - sorted into the three failure classes
+                self._mlflow_failed(job, "marking the version running", e, job_dir, extra)
                 return
-            except Exception as e:  # noqa: BLE001 - MLflow unreachable: try later, attempt not used
-                delay = self.queue.backoff(max(1, job.attempts))
-                log.warning("job %d: MLflow unreachable (%s); retrying in %.0fs", job.id, e, delay, extra=extra)
-                self.queue.mark_attempt_failed(job.id, f"MLflow unreachable: {e}", count_attempt=False, delay=delay)
-                return
+            self.queue.tracking_ok(job.id)
             log.info("job %d: %s analysis of %s v%s, attempt %d/%d on %s", job.id, job.kind, job.model_name,
                      job.version, job.attempts, job.max_attempts, self.device, extra=extra)
             rc, error = self._run_process(job, job_dir, result_path)
@@ -170,12 +174,18 @@ class Worker:
                 if result is None:
                     rc, error = job_module.EXIT_FAILED, "the job exited without writing result.json"
             if result is None:
-                permanent = rc == job_module.EXIT_INPUT_ERROR
+                self._close_runs(job)
                 log.warning("job %d attempt %d failed: %s", job.id, job.attempts, error.splitlines()[0] if error else rc, extra=extra)
+                if rc == job_module.EXIT_TRACKING_UNAVAILABLE:
+                    self._unavailable(job, error.splitlines()[-1] if error else "the tracking server is unavailable")
+                    return
+                permanent = rc in (job_module.EXIT_INPUT_ERROR, job_module.EXIT_DENIED)
                 self._finish_failed(job, error, retry=not permanent)
                 return
         else:
             log.info("job %d: result.json from an earlier attempt; writing it back", job.id, extra=extra)
+        self.queue.set_phase(job.id, "writing back")
+        self._set_state("busy", job.id, phase="writing back")
         self._write_back(job, result, job_dir, extra)
 
     def _write_back(self, job: Job, result: dict[str, Any], job_dir: Path, extra: dict[str, Any]) -> None:
@@ -187,10 +197,8 @@ class Worker:
         except VersionMissing as e:
             log.warning("job %d: analysis done (run %s) but %s; nothing written back", job.id, run_id, e, extra=extra)
             gate_result = None
-        except Exception as e:  # noqa: BLE001 - MLflow unreachable: keep the result, retry the write-back
-            delay = self.queue.backoff(max(1, job.attempts))
-            log.warning("job %d: write-back failed (%s); retrying in %.0fs", job.id, e, delay, extra=extra)
-            self.queue.mark_attempt_failed(job.id, f"write-back failed: {e}", count_attempt=False, delay=delay)
+        except Exception as e:  # noqa: BLE001 - sorted into the three failure classes; result.json is kept
+            self._mlflow_failed(job, f"writing back run {run_id}", e, job_dir, extra)
             return
         if gate_result is not None:
             result = {**result, "gate": {"passed": gate_result.passed, "reasons": gate_result.reasons}}
@@ -200,7 +208,44 @@ class Worker:
         self.jobs_done += 1
         log.info("job %d done: run %s", job.id, run_id, extra={**extra, "run_id": run_id})
 
-    def _finish_failed(self, job: Job, error: str, retry: bool) -> None:
+    def _mlflow_failed(self, job: Job, what: str, e: BaseException, job_dir: Path, extra: dict[str, Any]) -> None:
+        """A worker-side MLflow call failed: retry (unavailable), fail now (denied) or use an attempt (bug)."""
+        cls = classify(e)
+        if cls == UNAVAILABLE:
+            self._unavailable(job, f"{what}: {describe(e)}")
+        elif cls == DENIED:
+            reason = f"MLflow refused {what} (permission or not found): {describe(e)}"
+            log.error("job %d: %s; failing without retry", job.id, reason, extra=extra)
+            self._finish_failed(job, reason, retry=False, write_back=not isinstance(e, VersionMissing))
+        else:
+            tb = "".join(traceback.format_exception(type(e), e, e.__traceback__))
+            try:
+                with open(job_dir / f"attempt-{job.attempts}.log", "a", encoding="utf-8") as f:
+                    f.write(f"\nsae-mlops worker: unexpected error while {what}:\n{tb}")
+            except OSError:
+                pass
+            log.error("job %d: unexpected error while %s: %s (an attempt is used)", job.id, what, describe(e), extra=extra)
+            self._finish_failed(job, f"unexpected error while {what}: {describe(e)}\n{tb[-LOG_TAIL_CHARS:]}", retry=True)
+
+    def _unavailable(self, job: Job, error: str) -> None:
+        """The tracking server is unreachable or failing: back to the queue (its place kept) without
+        using an attempt, after a delay growing with the outage; failed once the outage is too long."""
+        limit = self.settings.tracking_outage_max_s
+        current = self.queue.get(job.id)
+        since = current.outage_since if current is not None and current.outage_since is not None else time.time()
+        elapsed = time.time() - since
+        delay = min(max(self.settings.retry_backoff_s, elapsed / 2), self.settings.retry_backoff_max_s)
+        delay = max(0.05, min(delay, limit - elapsed + 0.05)) if elapsed < limit else 0.0
+        updated = self.queue.mark_unavailable(job.id, error, delay, limit)
+        if updated.state == FAILED:
+            self.jobs_failed += 1
+            log.error("job %d failed: %s", job.id, updated.error, extra={"job_id": job.id})
+            self._write_failed(job, updated.error or error)
+            return
+        log.warning("job %d: tracking server unavailable (%s); retrying in %.1fs without using an attempt "
+                    "(outage %.0fs of at most %gs)", job.id, error, delay, elapsed, limit, extra={"job_id": job.id})
+
+    def _finish_failed(self, job: Job, error: str, retry: bool, write_back: bool = True) -> None:
         updated = self.queue.mark_attempt_failed(job.id, error, retry=retry)
         if updated.state != FAILED:
             log.info("job %d will be retried at %s (attempt %d/%d used)", job.id,
@@ -209,10 +254,21 @@ class Worker:
             return
         self.jobs_failed += 1
         log.error("job %d failed for good: %s", job.id, (error or "").splitlines()[0] if error else "", extra={"job_id": job.id})
+        if write_back:
+            self._write_failed(job, error or "failed")
+
+    def _write_failed(self, job: Job, error: str) -> None:
         try:
             self.registry.write_failed(job.model_name, job.version, job.kind, job.id, error or "failed")
         except Exception as e:  # noqa: BLE001 - the failure stays in the queue; MLflow may be down
             log.warning("job %d: could not write the failure to the registry: %s", job.id, e, extra={"job_id": job.id})
+
+    def _close_runs(self, job: Job) -> None:
+        """Runs a dead job process left RUNNING are ended as FAILED (the next attempt makes its own)."""
+        try:
+            self.registry.close_job_runs(self.settings.experiment, self.queue.job_key(job.id))
+        except Exception as e:  # noqa: BLE001 - best effort: the next attempt closes them too
+            log.debug("job %d: could not close the runs of the failed attempt: %s", job.id, e, extra={"job_id": job.id})
 
     # --- the process --------------------------------------------------------------------
 
@@ -221,6 +277,8 @@ class Worker:
         tmp.mkdir(exist_ok=True)
         spec = {
             "job_id": job.id,
+            "job_key": self.queue.job_key(job.id),
+            "attempt": job.attempts,
             "model_name": job.model_name,
             "version": job.version,
             "kind": job.kind,
@@ -242,6 +300,7 @@ class Worker:
         env["PYTHONUNBUFFERED"] = "1"
         if self.settings.tracking_uri:
             env["MLFLOW_TRACKING_URI"] = self.settings.tracking_uri
+        apply_http_defaults(self.settings.mlflow_http_timeout_s, self.settings.mlflow_http_max_retries, env)
         log_path = job_dir / f"attempt-{job.attempts}.log"
         timeout = self.settings.timeout_for(job.kind)
         started = time.monotonic()
@@ -256,7 +315,7 @@ class Worker:
                 start_new_session=True,
             )
             self.queue.set_pid(job.id, proc.pid)
-            self._set_state("busy", job.id, proc.pid)
+            self._set_state("busy", job.id, proc.pid, phase="analysing")
             try:
                 rc = self._wait(proc, started + timeout)
             finally:

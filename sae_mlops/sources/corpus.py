@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -56,7 +56,7 @@ def load_corpus(path: str, text_field: str = "text") -> Corpus:
     if not file.is_file():
         raise InputError(f"Corpus {path} is not a file; give {FORMATS_HINT}.")
     fmt = detect_format(file)
-    readers = {"json": _read_json, "jsonl": _read_jsonl, "parquet": _read_parquet, "txt": _read_txt}
+    readers: dict[str, Callable[[Path, str], list[str | None]]] = {"json": _read_json, "jsonl": _read_jsonl, "parquet": _read_parquet, "txt": _read_txt}
     raw = readers[fmt](file, text_field)
     return _make_corpus(raw, str(file), fmt, sha256_file(file))
 
@@ -106,7 +106,7 @@ def _read_text(file: Path) -> str:
         raise InputError(f"Corpus file {file} could not be read ({exc.strerror}); check its permissions.") from None
 
 
-def _read_json(file: Path, text_field: str) -> list[str]:
+def _read_json(file: Path, text_field: str) -> list[str | None]:
     content = _read_text(file)
     try:
         data: Any = json.loads(content)
@@ -202,7 +202,7 @@ def _read_parquet(file: Path, text_field: str) -> list[str | None]:
     return table.column(text_field).to_pylist()
 
 
-def _read_txt(file: Path, text_field: str) -> list[str]:
+def _read_txt(file: Path, text_field: str) -> list[str | None]:
     content = _read_text(file).replace("\r\n", "\n")
     return [block.strip("\n") for block in _BLANK_LINES.split(content)]
 

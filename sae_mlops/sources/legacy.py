@@ -19,7 +19,7 @@ import torch
 
 from sae_mlops.errors import InputError
 from sae_mlops.sources.device import dtype_name, resolve_dtype
-from sae_mlops.sources.legacy_batchtopk import BATCH, TOPK_MODES, LegacyBatchTopKSAE
+from sae_mlops.sources.legacy_batchtopk import BATCH, THRESHOLD, TOPK_MODES, LegacyBatchTopKSAE
 from sae_mlops.sources.types import LoadedSAE, SAEInfo
 
 logger = logging.getLogger(__name__)
@@ -40,8 +40,9 @@ def load_legacy_sae(
 ) -> LoadedSAE:
     """Load the prior tool's SAE directory.
 
-    topk_mode: for BatchTopK SAEs, "batch" (default) or "threshold"; ignored (with a log line) for
-        standard SAEs. threshold: stored as given (None: the engine estimates it in threshold mode).
+    topk_mode: for BatchTopK SAEs, "batch" (default) or "threshold"; `InputError` for a standard SAE.
+    threshold: for threshold mode only, stored as given (None: the engine estimates it); `InputError`
+        in batch mode or for a standard SAE (an option that does not apply is refused, not ignored).
     source: what the user named (defaults to the directory).
     """
     path = Path(directory)
@@ -59,7 +60,10 @@ def load_legacy_sae(
     top_k = config.get("top_k")
     if top_k is None:
         if topk_mode is not None or threshold is not None:
-            logger.info("SAE %s is a standard SAE: topk_mode/threshold do not apply and are ignored", label)
+            raise InputError(
+                f"SAE {label} is a standard SAE, so {_topk_options(topk_mode, threshold)} does not apply; "
+                "drop it (it is for prior-format BatchTopK SAEs only)."
+            )
         module: Any = _standard_sae(tensors, config, hook_name, device, dtype)
         architecture, mode, theta, k = "standard", None, None, None
     else:
@@ -72,6 +76,11 @@ def load_legacy_sae(
             raise InputError(f"SAE {label}: config.json top_k={top_k!r} is not an integer; fix config.json.") from None
         if k < 1:
             raise InputError(f"SAE {label}: config.json top_k={k} must be at least 1; fix config.json.")
+        if threshold is not None and mode != THRESHOLD:
+            raise InputError(
+                f"--threshold applies only with --topk-mode threshold, but SAE {label} runs in {mode} mode; "
+                "add --topk-mode threshold or drop --threshold."
+            )
         theta = None if threshold is None else float(threshold)
         module = LegacyBatchTopKSAE(**tensors, k=k, mode=mode, threshold=theta).eval()
         architecture = "batchtopk"
@@ -286,3 +295,8 @@ def _optional_int(value: Any) -> int | None:
 
 def _optional_bool(value: Any) -> bool | None:
     return None if value is None else bool(value)
+
+
+def _topk_options(topk_mode: str | None, threshold: float | None) -> str:
+    """The option(s) given, as the user typed them (for messages)."""
+    return " and ".join(o for o, v in (("--topk-mode", topk_mode), ("--threshold", threshold)) if v is not None)

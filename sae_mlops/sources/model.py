@@ -41,6 +41,8 @@ PROCESSING_DEFAULTS: dict[str, bool] = {
     "refactor_factored_attn_matrices": False,
 }
 _CONFIG_KWARGS = ("default_prepend_bos", "n_ctx", "first_n_layers")
+# A tokenizer's vocabulary lives in one of these (or a *.tiktoken file); tokenizer_config.json alone is not one.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model", "sentencepiece.bpe.model")
 # TransformerLens picks some architectures from substrings of the *name* it is given (a path here).
 _NAME_SNIFFED = re.compile(r"llama|gemma", re.IGNORECASE)
 
@@ -98,6 +100,7 @@ def _load_hf_local(path: Path, name: str, device: str, dtype: torch.dtype, kwarg
         raise InputError(
             f"Model directory {name} is not a Hugging Face checkpoint (no config.json with 'architectures'); {MODEL_HINT}."
         )
+    _check_tokenizer_files(path, name)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:
@@ -106,6 +109,7 @@ def _load_hf_local(path: Path, name: str, device: str, dtype: torch.dtype, kwarg
         raise InputError(
             f"Model directory {name} has no loadable tokenizer ({_first_line(exc)}); save the tokenizer into it."
         ) from None
+    _check_vocabulary(tokenizer, path, name)
     try:
         hf_model = AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True, dtype=dtype)
     except (OSError, ValueError, KeyError) as exc:
@@ -129,6 +133,33 @@ def _load_hf_local(path: Path, name: str, device: str, dtype: torch.dtype, kwarg
     model.cfg.model_name = path.resolve().name
     logger.info("loaded local checkpoint %s (%s) into a HookedTransformer", name, architecture)
     return LoadedModel(model=model, name=name, tokenizer=tokenizer, source="hf_local")
+
+
+def _check_tokenizer_files(path: Path, name: str) -> None:
+    """`InputError` unless the checkpoint directory holds a tokenizer's vocabulary file (without one,
+    transformers builds an empty tokenizer and every text encodes to nothing)."""
+    if any((path / f).is_file() for f in TOKENIZER_FILES) or any(path.glob("*.tiktoken")):
+        return
+    raise InputError(
+        f"Model directory {name} holds no tokenizer files ({', '.join(TOKENIZER_FILES[:4])}...); save the model's "
+        f"tokenizer into it with tokenizer.save_pretrained('{name}')."
+    )
+
+
+def _check_vocabulary(tokenizer: Any, path: Path, name: str) -> None:
+    """`InputError` when the tokenizer cannot belong to the checkpoint: it has more entries than the
+    model's embedding rows (``vocab_size`` in config.json; ids past it would fail), or fewer than half
+    of them (models pad their vocabulary a little, never by half)."""
+    config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    d_vocab = config.get("vocab_size") or (config.get("text_config") or {}).get("vocab_size")
+    if not isinstance(d_vocab, int) or d_vocab < 1:
+        return
+    n = len(tokenizer)
+    if n > d_vocab or n < d_vocab / 2:
+        raise InputError(
+            f"Model directory {name} has a tokenizer of {n:,} entries but the model's vocabulary is {d_vocab:,} "
+            "(config.json vocab_size); save the tokenizer the model was trained with into the directory."
+        )
 
 
 def _hooked_from_hf(

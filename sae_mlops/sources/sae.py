@@ -14,6 +14,8 @@ Anything else (another URI scheme, a path that does not exist) is an InputError 
 from __future__ import annotations
 
 import logging
+import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,9 +24,37 @@ from sae_mlops.sources.device import resolve_device
 from sae_mlops.sources.hashing import sha256_directory, sha256_state_dict
 from sae_mlops.sources.layout import LAYOUT_HINT, LEGACY, SAELENS, detect_layout, partial_layout
 from sae_mlops.sources.types import LoadedSAE
-from sae_mlops.tracking.resolve import URI_FORMS, resolve_mlflow_uri, uri_scheme
 
 logger = logging.getLogger(__name__)
+
+URI_FORMS = "runs:/<run_id>/<path>, models:/<name>/<version> or models:/<name>@<alias>"
+_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]*):/")
+
+#: Turns a runs:/ or models:/ URI into (local SAE directory, lineage tags). Registered by the tracking
+#: layer (`sae_mlops.tracking.resolve`) when it is imported: sources sit below tracking and never import
+#: MLflow code, so the dependency is inverted here.
+_URI_RESOLVER: list[Callable[[str], tuple[Path, dict[str, str]]]] = []
+
+
+def register_uri_resolver(resolver: Callable[[str], tuple[Path, dict[str, str]]]) -> None:
+    """Install the function that resolves MLflow URIs for :func:`load_sae` (the last one wins)."""
+    _URI_RESOLVER[:] = [resolver]
+
+
+def uri_scheme(value: str) -> str | None:
+    """The scheme of a ``scheme:/...`` string ("runs", "s3", ...), or None when it is not one."""
+    match = _SCHEME.match(value)
+    return match.group(1).lower() if match else None
+
+
+def resolve_mlflow_uri(uri: str) -> tuple[Path, dict[str, str]]:
+    """The local directory and lineage tags for a runs:/ or models:/ URI (through the tracking layer)."""
+    if not _URI_RESOLVER:
+        raise InputError(
+            f"SAE {uri} is an MLflow URI, which the tracking layer resolves; import sae_mlops.tracking.resolve "
+            "first (the CLI, the entry points and sae_mlops.workflows do), or give a local directory."
+        )
+    return _URI_RESOLVER[0](uri)
 
 FORMS_HINT = f"give a prior-format or SAELens directory, release:sae_id, {URI_FORMS}"
 
@@ -83,7 +113,8 @@ def load_sae(
 ) -> LoadedSAE:
     """Load the SAE `source` names (see the module docstring) on `device` ("auto" allowed).
 
-    topk_mode / threshold apply to the prior format's BatchTopK SAEs ("batch" by default).
+    topk_mode / threshold apply to the prior format's BatchTopK SAEs ("batch" by default); given for
+    any other SAE they raise `InputError` (an option that does not apply is refused, not ignored).
     The returned SAEInfo carries the architecture, hook, dims, metadata, local path, content hash
     (sha256 over the SAE directory's files, or over the tensors for a hub release) and, for MLflow
     URIs, the lineage tags.
@@ -91,12 +122,12 @@ def load_sae(
     device = resolve_device(device)
     spec = classify_sae_source(source, sae_id)
     if spec.kind == RELEASE:
+        _refuse_topk_options(source, "a SAELens release", topk_mode, threshold)
         return _load_release(spec, source, device)
     lineage: dict[str, str] = {}
     directory = Path(spec.value)
     if spec.kind == MLFLOW:
-        resolved = resolve_mlflow_uri(spec.value)
-        directory, lineage = resolved.local_path, resolved.lineage
+        directory, lineage = resolve_mlflow_uri(spec.value)
     loaded = load_sae_directory(directory, device=device, topk_mode=topk_mode, threshold=threshold, source=source)
     loaded.info.lineage.update(lineage)
     return loaded
@@ -115,8 +146,7 @@ def load_sae_directory(
     if layout == SAELENS:
         from sae_mlops.sources.saelens import load_saelens_dir
 
-        if topk_mode is not None or threshold is not None:
-            logger.info("topk_mode/threshold apply to prior-format BatchTopK SAEs only; ignored for %s", label)
+        _refuse_topk_options(label, "a SAELens SAE", topk_mode, threshold)
         loaded = load_saelens_dir(directory, device=device, source=label)
     elif layout == LEGACY:
         from sae_mlops.sources.legacy import load_legacy_sae
@@ -144,5 +174,12 @@ def _load_release(spec: SAESourceSpec, source: str, device: str) -> LoadedSAE:
     assert spec.sae_id is not None
     label = source if ":" in source else f"{spec.value}:{spec.sae_id}"
     loaded = load_saelens_release(spec.value, spec.sae_id, device=device, source=label)
-    loaded.info.content_hash = sha256_state_dict(loaded.module.state_dict())
+    loaded.info.content_hash = sha256_state_dict(loaded.module.state_dict())  # type: ignore[attr-defined]  # a torch module
     return loaded
+
+
+def _refuse_topk_options(label: str, what: str, topk_mode: str | None, threshold: float | None) -> None:
+    if topk_mode is None and threshold is None:
+        return
+    given = " and ".join(o for o, v in (("--topk-mode", topk_mode), ("--threshold", threshold)) if v is not None)
+    raise InputError(f"SAE {label} is {what}, so {given} does not apply; drop it (it is for prior-format BatchTopK SAEs only).")

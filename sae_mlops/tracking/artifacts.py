@@ -1,7 +1,8 @@
 """Reading an analysis run's artifacts from MLflow and logging report files back to a run.
 
 - :func:`download_analysis` checks that a run exists and holds a full analysis (the feature
-  summaries ``results/feature_summaries_<ts>.jsonl``), then downloads what the interpretation
+  summaries ``results/feature_summaries.jsonl``, or ``feature_summaries_<ts>.jsonl`` as older
+  versions named them), then downloads what the interpretation
   notebook reads: the top-level files, ``results/``, ``matrices/`` and, only when asked,
   ``activation_database/`` (the largest part; the notebook does not need it).
 - :func:`log_report` logs files (the executed notebook, its HTML) under one artifact directory of
@@ -50,12 +51,12 @@ def check_analysis_run(run_id: str, tracking_uri: str | None = None) -> list[str
     try:
         run = client.get_run(run_id)
     except MlflowException as e:
-        raise InputError(f"no MLflow run '{run_id}' in {_store(tracking_uri)} ({e.error_code}); check the run id and MLFLOW_TRACKING_URI.")
+        raise InputError(f"no MLflow run '{run_id}' in {_store(tracking_uri)} ({e.error_code}); check the run id and MLFLOW_TRACKING_URI.") from e
     results = [f.path for f in client.list_artifacts(run_id, "results")]
-    if not any(Path(p).name.startswith("feature_summaries_") and p.endswith(".jsonl") for p in results):
+    if not any(Path(p).name.startswith("feature_summaries") and p.endswith(".jsonl") for p in results):
         kind = run.data.tags.get("sae_mlops.kind")
         what = f"a {kind} analysis" if kind else "not an sae-mlops analysis run"
-        raise InputError(f"MLflow run '{run_id}' has no feature summaries (results/feature_summaries_*.jsonl): it is {what}; {FULL_HINT}.")
+        raise InputError(f"MLflow run '{run_id}' has no feature summaries (results/feature_summaries.jsonl): it is {what}; {FULL_HINT}.")
     return results
 
 
@@ -71,7 +72,7 @@ def download_analysis(run_id: str, dst: Path, tracking_uri: str | None = None, a
     dst = Path(dst)
     dst.mkdir(parents=True, exist_ok=True)
     wanted = set(DOWNLOADED) | ({"activation_database"} if activation_db else set())
-    with _no_progress_bars():
+    with no_progress_bars():
         for entry in _client(tracking_uri).list_artifacts(run_id):
             if entry.is_dir and entry.path not in wanted:
                 continue
@@ -81,7 +82,7 @@ def download_analysis(run_id: str, dst: Path, tracking_uri: str | None = None, a
 
 
 @contextmanager
-def _no_progress_bars():
+def no_progress_bars():
     """MLflow's per-download progress bars, off for a handful of small files (restored after)."""
     name = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
     before = os.environ.get(name)

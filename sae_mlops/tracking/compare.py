@@ -3,12 +3,15 @@
 :func:`collect_analyses` searches quick/full analysis runs (``sae_mlops.kind``) in the named
 experiments (default: every active experiment) that match an optional MLflow filter string (e.g.
 ``"metrics.`sparsity/l0_mean` < 50"`` or ``"params.sae_architecture = 'topk'"``) and builds one
-row per run from the metric names of `sae_mlops.results` (``sparsity/l0_mean``,
+row per run from the metric names of `sae_mlops.core.results` (``sparsity/l0_mean``,
 ``downstream/loss_recovered``, ``recon/explained_variance``, ``features/dead_fraction``,
-``downstream/ce_*``, ``downstream/kl_sae``) and the params ``sae``, ``sae_architecture``,
-``d_sae``, ``topk_k`` (for SAELens TopK SAEs the ``k`` of the source training run).
+``downstream/ce_*``, ``downstream/kl_sae``) and the params ``sae``, ``sae_name``,
+``sae_architecture``, ``d_sae``, ``topk_k`` (when a run lacks it, the ``k`` of its source training
+run for a TopK SAE). By default only the latest analysis per SAE content hash and kind is kept
+(a quick and a full analysis of one SAE are two rows; two quick analyses of it, one); ``all_runs``
+keeps every run. A run without a hash is always kept.
 
-:func:`compare_and_log` writes the table and plots (`sae_mlops.writers.comparison`) under `out_dir`
+:func:`compare_and_log` writes the table and plots (`sae_mlops.outputs.comparison`) under `out_dir`
 and logs them as artifacts of a new run tagged ``sae_mlops.kind=compare`` (or of the run named by
 ``MLFLOW_RUN_ID`` under ``mlflow run . -e compare``).
 """
@@ -27,6 +30,8 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from sae_mlops.errors import InputError
+from sae_mlops.metrics import BY_SHORT
+from sae_mlops.naming import sae_name
 from sae_mlops.tracking.lineage import (
     ANALYSIS_KINDS,
     TAG_KIND,
@@ -40,19 +45,12 @@ from sae_mlops.tracking.resolve import (
     TAG_SOURCE_RUN_ID,
 )
 
+
 log = logging.getLogger(__name__)
 
-METRICS = {
-    "l0": "sparsity/l0_mean",
-    "loss_recovered": "downstream/loss_recovered",
-    "explained_variance": "recon/explained_variance",
-    "dead_fraction": "features/dead_fraction",
-    "ce_clean": "downstream/ce_clean",
-    "ce_sae": "downstream/ce_sae",
-    "ce_zero": "downstream/ce_zero",
-    "kl_sae": "downstream/kl_sae",
-    "tokens": "tokens/analysed",
-}
+#: compare's metric columns (short name -> metric name), from the metric registry.
+COMPARE_COLUMNS = ("l0", "loss_recovered", "explained_variance", "dead_fraction", "ce_clean", "ce_sae", "ce_zero", "kl_sae", "tokens")
+METRICS = {short: BY_SHORT[short].name for short in COMPARE_COLUMNS}
 FILTER_EXAMPLE = "metrics.`sparsity/l0_mean` < 50"
 
 
@@ -87,8 +85,10 @@ def collect_analyses(
     experiments: list[str] | None = None,
     filter_string: str | None = None,
     client: MlflowClient | None = None,
+    all_runs: bool = False,
 ) -> pd.DataFrame:
-    """One row per quick/full analysis run (see the module docstring); InputError when none match."""
+    """One row per quick/full analysis run, the latest per (SAE hash, kind) unless `all_runs` (see
+    the module docstring); InputError when none match."""
     client = client or MlflowClient()
     ids, names = _experiment_ids(client, experiments)
     where = (filter_string or "").strip()
@@ -110,16 +110,35 @@ def collect_analyses(
             f"No quick or full analysis runs{extra} in {scope} ({mlflow.get_tracking_uri()}); "
             "run sae-mlops quick (or full) first, or check --experiment / --filter."
         )
+    if not all_runs:
+        runs = latest_per_sae(runs)
     exp_names = {i: client.get_experiment(i).name for i in {r.info.experiment_id for r in runs}}
     source_params: dict[str, dict[str, str]] = {}
     rows = [_row(client, r, exp_names, source_params) for r in runs]
     return pd.DataFrame(rows)
 
 
+def latest_per_sae(runs: list[Run]) -> list[Run]:
+    """The latest run (by start time) per (SAE content hash, kind), in start-time order; runs
+    without a hash are all kept."""
+    latest: dict[tuple[str, str], Run] = {}
+    keep: list[Run] = []
+    for run in runs:
+        h = run.data.tags.get(TAG_SAE_HASH) or run.data.params.get("sae_hash")
+        if not h:
+            keep.append(run)
+            continue
+        key = (h, run.data.tags.get(TAG_KIND, ""))
+        if key not in latest or (run.info.start_time or 0) >= (latest[key].info.start_time or 0):
+            latest[key] = run
+    keep += latest.values()
+    return sorted(keep, key=lambda r: r.info.start_time or 0)
+
+
 def _row(client: MlflowClient, run: Run, exp_names: dict[str, str], cache: dict[str, dict[str, str]]) -> dict[str, Any]:
     p, m, t = run.data.params, run.data.metrics, run.data.tags
     sae = p.get("sae", "")
-    name = Path(sae.rstrip("/")).name if sae and ":/" not in sae else sae
+    name = p.get("sae_name") or (sae_name(sae) if sae else "")
     k = _num(p.get("topk_k"))
     source = t.get(TAG_SOURCE_RUN_ID)
     if k is None and source:
@@ -149,7 +168,7 @@ def _row(client: MlflowClient, run: Run, exp_names: dict[str, str], cache: dict[
     }
     for column, metric in METRICS.items():
         row[column] = m.get(metric, float("nan"))
-    row["label"] = f"{row['sae_name'] or run.info.run_name} ({run.info.run_id[:6]})"
+    row["label"] = f"{row['sae_name'] or run.info.run_name} · {row['kind']}"
     return row
 
 
@@ -170,15 +189,16 @@ def compare_and_log(
     track: bool = True,
     experiment: str | None = None,
     run_name: str | None = None,
+    all_runs: bool = False,
 ) -> CompareOutcome:
     """Collect the analyses, write the table and the Pareto plots under `out_dir`, and log them as a
     comparison run (in `experiment`; default: the single compared experiment, else the default)."""
-    from sae_mlops.pipeline import utc_timestamp
+    from sae_mlops.naming import utc_timestamp
     from sae_mlops.tracking.lineage import code_version_tags
-    from sae_mlops.writers.comparison import add_frontiers, write_comparison
+    from sae_mlops.outputs.comparison import add_frontiers, write_comparison
 
     client = MlflowClient()
-    df = add_frontiers(collect_analyses(experiments, filter_string, client))
+    df = add_frontiers(collect_analyses(experiments, filter_string, client, all_runs=all_runs))
     out = Path(out_dir) if out_dir else Path("analysis") / "comparisons" / f"compare_{utc_timestamp()}"
     scope = ", ".join(experiments) if experiments else "all experiments"
     context = f"{len(df)} analyses from {scope}" + (f", filter `{filter_string}`" if filter_string else "")
@@ -186,22 +206,24 @@ def compare_and_log(
     outcome = CompareOutcome(table=df, out_dir=out, files=files, experiments=list(experiments or []))
     if not track:
         return outcome
-    from sae_mlops.tracking.runs import _resolve_run
+    from sae_mlops.tracking.runs import resolve_run
 
     target = experiment or (experiments[0] if experiments and len(experiments) == 1 else None)
-    run_id, owned = _resolve_run(client, target, run_name or "compare")
+    run_id, owned = resolve_run(client, target, run_name or f"compare · {len(df)} analyses")
     try:
         existing = client.get_run(run_id).data.params
-        params = {"experiments": scope, "filter": filter_string or "", "n_analyses": str(len(df))}
+        params = {"experiments": scope, "filter": filter_string or None, "n_analyses": str(len(df)), "all_runs": str(all_runs)}
         for key, value in params.items():
-            if key not in existing:
+            if value is not None and key not in existing:
                 client.log_param(run_id, key, value[:6000])
         for key, value in {TAG_KIND: "compare", **code_version_tags(),
                            "sae_mlops.compared_runs": ",".join(df["run_id"])[:5000]}.items():
             client.set_tag(run_id, key, value)
-        client.log_metric(run_id, "compare/n_analyses", float(len(df)))
+        # counts as params, not metrics: metrics of this run would crowd the experiment's chart view
         for column in ("loss_recovered", "explained_variance"):
-            client.log_metric(run_id, f"compare/frontier_size_{column}", float(df[f"pareto_{column}"].sum()))
+            key = f"frontier_size_{column}"
+            if key not in existing:
+                client.log_param(run_id, key, str(int(df[f"pareto_{column}"].sum())))
         for f in files:
             client.log_artifact(run_id, str(f))
     except BaseException:

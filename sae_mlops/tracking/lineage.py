@@ -23,7 +23,8 @@ What links what (all tag names are constants below):
     are logged with ``model_id`` and the dataset, so they show on the logged model's page.
 
   After logging, the registered model version and the logged model get the tag
-  ``sae_mlops.latest_analysis_run_id``.
+  ``sae_mlops.latest_analysis_run_id``, and the version's description links that run (a markdown
+  link the model version page renders, with the run's headline metrics).
 
 Queries: :func:`find_analyses` (model version -> analysis runs), :func:`training_run_of`
 (analysis run -> source run id), :func:`lineage_of` (everything an analysis run links to),
@@ -145,7 +146,7 @@ def corpus_dataset(path: str | None, sha256: str | None):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "can be interpreted in multiple ways": both are local files
         source = resolve_dataset_source(source_uri)
-    return MetaDataset(
+    return MetaDataset(  # type: ignore[abstract]  # mlflow's concrete metadata-only dataset
         source=source,
         name=name,
         digest=str(sha256)[:DATASET_DIGEST_LEN],
@@ -335,11 +336,24 @@ def record_analysis_lineage(client: MlflowClient, run_id: str, result: Any) -> A
     return link
 
 
-def after_analysis_logged(client: MlflowClient, run_id: str, link: AnalysisLink) -> None:
-    """Point the registered version and the logged model at their newest analysis run."""
+def after_analysis_logged(client: MlflowClient, run_id: str, link: AnalysisLink, headline: str = "") -> None:
+    """Point the registered version (tag and description link) and the logged model (tag) at their
+    newest analysis run."""
     if link.model_name and link.model_version:
         try:
             client.set_model_version_tag(link.model_name, link.model_version, TAG_LATEST_ANALYSIS, run_id)
+            run = client.get_run(run_id)
+            title = (run.info.run_name or run_id).replace("[", "(").replace("]", ")")
+            description = (
+                f"Latest analysis: [{title}](#/experiments/{run.info.experiment_id}/runs/{run_id})"
+                + (f" · {headline}" if headline else "")
+                + f"\n\nAll analyses of this version: the runs whose tags `sae_mlops.source_model_name` = `{link.model_name}`"
+                f" and `sae_mlops.source_model_version` = `{link.model_version}`."
+            )
+            before = (client.get_model_version(link.model_name, link.model_version).description or "").strip()
+            if before and not before.startswith("Latest analysis:"):
+                description += "\n\n" + before  # a description someone wrote stays, below ours
+            client.update_model_version(link.model_name, link.model_version, description=description)
         except MlflowException as exc:
             log.warning("could not tag %s v%s with the analysis run: %s", link.model_name, link.model_version, exc.message)
     if link.model_id:
@@ -365,11 +379,11 @@ def find_analyses(model_name: str, version: str | int, client: MlflowClient | No
     Matches runs tagged with that name and version, and runs of the same LoggedModel (analyses given
     ``runs:/`` or ``models:/m-...`` URIs, or a local copy recognised by hash, before it was registered).
     """
-    from sae_mlops.tracking.resolve import _call
+    from sae_mlops.tracking.resolve import call_mlflow
 
     client = client or MlflowClient()
     version = str(version)
-    mv = _call(
+    mv = call_mlflow(
         lambda: client.get_model_version(model_name, version),
         f"Registered model {model_name!r} has no version {version} in this tracking store; check the name and version.",
     )
@@ -389,10 +403,10 @@ def find_analyses(model_name: str, version: str | int, client: MlflowClient | No
 def lineage_of(analysis_run_id: str, client: MlflowClient | None = None) -> dict[str, str | None]:
     """What analysis run `analysis_run_id` links to: source run, logged model, model name/version,
     SAE hash, dataset digest, code version, and how the source was resolved."""
-    from sae_mlops.tracking.resolve import _call
+    from sae_mlops.tracking.resolve import call_mlflow
 
     client = client or MlflowClient()
-    run = _call(
+    run = call_mlflow(
         lambda: client.get_run(analysis_run_id),
         f"MLflow run {analysis_run_id} does not exist in this tracking store; check the run id and MLFLOW_TRACKING_URI.",
     )

@@ -8,9 +8,13 @@ no pickle, nothing added, so the files downloaded back through ``models:/<name>@
 ``models:/<name>/<version>`` or ``models:/m-<id>`` hash to the same ``sae_mlops.sae_hash`` and
 `sae_mlops.sources.load_sae` reads them like any local SAE directory.
 
-Registration: ``create_model_version(name, source="models:/<logged model id>", run_id=..., model_id=...)``
-plus an optional alias; the version is tagged with the SAE hash and architecture, and the source run
-with the registered name and version.
+The logged model is named after the SAE (`sae_mlops.naming.model_name`) and is an *output* of its
+training/import run (``log_outputs``), so the run page lists it and its page links the run.
+
+Registration: ``mlflow.register_model("models:/<logged model id>", name, tags=...)``, which also
+records the version on the logged model (tag ``mlflow.modelVersions``: its page shows the version
+instead of "Not registered"), plus an optional alias; the version is tagged with the SAE hash and
+architecture, and the source run with the registered name and version.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from mlflow.entities import LoggedModelOutput
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
@@ -74,6 +79,7 @@ def log_sae_model(
         client.finalize_logged_model(model.model_id, "FAILED")
         raise
     client.finalize_logged_model(model.model_id, "READY")
+    client.log_outputs(run_id, [LoggedModelOutput(model.model_id, 0)])
     client.set_tag(run_id, TAG_LOGGED_MODEL_ID, model.model_id)
     log.info("Logged model %s (%s) from run %s", model.model_id, model.model_uri, run_id)
     return model.model_id
@@ -124,13 +130,10 @@ def register_sae_model(
         created = False
         log.info("Logged model %s is already %s version %s", model_id, name, version.version)
     else:
-        version = client.create_model_version(
-            name,
-            source=f"models:/{model_id}",
-            run_id=run_id,
-            tags={str(k): str(v) for k, v in (tags or {}).items()},
-            model_id=model_id,
-        )
+        import mlflow
+
+        # the global tracking URI: the one every caller's client uses (MlflowClient() without arguments)
+        version = mlflow.register_model(f"models:/{model_id}", name, tags={str(k): str(v) for k, v in (tags or {}).items()})
         created = True
         log.info("Registered %s version %s (logged model %s)", name, version.version, model_id)
     v = str(version.version)

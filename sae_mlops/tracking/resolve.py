@@ -24,6 +24,7 @@ from typing import Any
 
 from sae_mlops.errors import InputError
 from sae_mlops.sources.layout import LAYOUT_HINT, detect_layout
+from sae_mlops.sources.sae import URI_FORMS, register_uri_resolver, uri_scheme
 
 logger = logging.getLogger(__name__)
 
@@ -43,8 +44,6 @@ LINEAGE_TAGS = (
 )
 
 MLFLOW_SCHEMES = ("runs", "models")
-URI_FORMS = "runs:/<run_id>/<path>, models:/<name>/<version> or models:/<name>@<alias>"
-_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]*):/")
 _LOGGED_MODEL_ID = re.compile(r"^m-[0-9a-f]{8,}$")
 _MAX_SEARCH_DEPTH = 4
 
@@ -59,10 +58,6 @@ class ResolvedSAESource:
     lineage: dict[str, str] = field(default_factory=dict)
 
 
-def uri_scheme(value: str) -> str | None:
-    """The scheme of a ``scheme:/...`` string ("runs", "s3", ...), or None when it is not one."""
-    match = _SCHEME.match(value)
-    return match.group(1).lower() if match else None
 
 
 def is_mlflow_uri(value: str) -> bool:
@@ -84,7 +79,7 @@ def resolve_mlflow_uri(uri: str, dst_dir: str | Path | None = None) -> ResolvedS
         download_uri, lineage = _resolve_run(client, uri)
     else:
         download_uri, lineage = _resolve_model(client, uri)
-    lineage = {TAG_SOURCE_URI: uri, **{k: v for k, v in lineage.items() if v not in (None, "")}}
+    lineage = {TAG_SOURCE_URI: uri, **{k: str(v) for k, v in lineage.items() if v not in (None, "")}}
     target = Path(dst_dir) if dst_dir is not None else Path(tempfile.mkdtemp(prefix="sae_mlops_mlflow_"))
     target.mkdir(parents=True, exist_ok=True)
     try:
@@ -94,7 +89,7 @@ def resolve_mlflow_uri(uri: str, dst_dir: str | Path | None = None) -> ResolvedS
             shutil.rmtree(target, ignore_errors=True)
         raise
     logger.info("resolved %s to %s", uri, sae_dir)
-    return ResolvedSAESource(uri=uri, local_path=sae_dir, download_dir=target, lineage=lineage)
+    return ResolvedSAESource(uri=uri, local_path=sae_dir, download_dir=target, lineage={k: str(v) for k, v in lineage.items()})
 
 
 def find_sae_dir(root: Path, label: str) -> Path:
@@ -130,7 +125,7 @@ def _resolve_run(client: Any, uri: str) -> tuple[str, dict[str, str | None]]:
     run_id, _, artifact_path = body.partition("/")
     if not run_id:
         raise InputError(f"SAE URI {uri} names no run; give runs:/<run_id>/<artifact_path>.")
-    _call(
+    call_mlflow(
         lambda: client.get_run(run_id),
         f"MLflow run {run_id} (from {uri}) does not exist in the tracking store {_tracking_uri()}; check the run id and MLFLOW_TRACKING_URI.",
     )
@@ -142,7 +137,7 @@ def _resolve_model(client: Any, uri: str) -> tuple[str, dict[str, str | None]]:
     if "@" in body:
         name, alias = body.rsplit("@", 1)
         _check_registered_model(client, name, uri)
-        version = _call(
+        version = call_mlflow(
             lambda: client.get_model_version_by_alias(name, alias),
             f"Registered model {name} has no alias {alias!r} (from {uri}); check the alias or use models:/{name}/<version>.",
         )
@@ -151,13 +146,13 @@ def _resolve_model(client: Any, uri: str) -> tuple[str, dict[str, str | None]]:
         name, version_str = body.rsplit("/", 1)
         _check_registered_model(client, name, uri)
         version_str = _resolve_version(client, name, version_str, uri)
-        version = _call(
+        version = call_mlflow(
             lambda: client.get_model_version(name, version_str),
             f"Registered model {name} has no version {version_str} (from {uri}); check the version number.",
         )
         return f"models:/{name}/{version.version}", _version_lineage(version)
     if _LOGGED_MODEL_ID.match(body):
-        logged = _call(
+        logged = call_mlflow(
             lambda: client.get_logged_model(body),
             f"MLflow logged model {body} (from {uri}) does not exist in {_tracking_uri()}; check the model id.",
         )
@@ -168,7 +163,7 @@ def _resolve_model(client: Any, uri: str) -> tuple[str, dict[str, str | None]]:
 
 
 def _check_registered_model(client: Any, name: str, uri: str) -> None:
-    _call(
+    call_mlflow(
         lambda: client.get_registered_model(name),
         f"Registered model {name!r} (from {uri}) does not exist in {_tracking_uri()}; check the name and MLFLOW_TRACKING_URI.",
     )
@@ -176,7 +171,7 @@ def _check_registered_model(client: Any, name: str, uri: str) -> None:
 
 def _resolve_version(client: Any, name: str, version: str, uri: str) -> str:
     if version.lower() == "latest":
-        versions = _call(
+        versions = call_mlflow(
             lambda: client.search_model_versions(f"name='{name}'"),
             f"Could not list the versions of model {name} ({uri}).",
         )
@@ -208,14 +203,14 @@ def _version_lineage(version: Any) -> dict[str, str | None]:
 def _download(download_uri: str, target: Path, uri: str) -> Path:
     import mlflow
 
-    path = _call(
+    path = call_mlflow(
         lambda: mlflow.artifacts.download_artifacts(artifact_uri=download_uri, dst_path=str(target)),
         f"The artifacts of {uri} could not be downloaded (no such artifact path?); check the path after the run id.",
     )
     return Path(path)
 
 
-def _call(func: Any, message: str) -> Any:
+def call_mlflow(func: Any, message: str) -> Any:
     """Run an MLflow call; a missing resource or a bad parameter becomes InputError(message)."""
     from mlflow.exceptions import MlflowException
 
@@ -236,3 +231,13 @@ def _tracking_uri() -> str:
     import mlflow
 
     return mlflow.get_tracking_uri()
+
+
+def _resolve_for_sources(uri: str) -> tuple[Path, dict[str, str]]:
+    resolved = resolve_mlflow_uri(uri)
+    return resolved.local_path, resolved.lineage
+
+
+# `sae_mlops.sources.load_sae` resolves runs:/ and models:/ URIs through this layer (it cannot import
+# MLflow code itself: sources sit below tracking).
+register_uri_resolver(_resolve_for_sources)

@@ -6,22 +6,30 @@
   else the in-process active run if there is one, else a new run in ``experiment`` (default: the
   ``MLFLOW_EXPERIMENT_NAME`` / ``MLFLOW_EXPERIMENT_ID`` environment variables, else ``sae-mlops``),
   in the store named by ``MLFLOW_TRACKING_URI`` or MLflow's default (``sqlite:///mlflow.db`` in the
-  working directory for MLflow 3.x). A run this module creates is ended (FINISHED, or FAILED if
-  logging fails); a run it was handed is left to its owner.
-- params: ``result.params``, stringified (None -> "None", containers as JSON), values cut to MLflow's
-  length limit, logged in batches. When the run already holds a param of the same name with a
+  working directory for MLflow 3.x). A run this module creates is ended (FINISHED, FAILED if
+  logging fails, KILLED on Ctrl-C); a run it was handed is left to its owner.
+- name: ``--run-name``, else `sae_mlops.naming.run_title` (``quick · topk_512 · topk d512 k16``); the
+  run's start time is when the analysis started (``start_time``), so its duration is the analysis's.
+- experiment: one this module creates (or finds without a description) gets the description
+  :data:`EXPERIMENT_NOTE` (tag ``mlflow.note.content``): which metrics matter, which scatter to add.
+- params: ``result.params`` without the absent (None) values, stringified (containers as JSON),
+  values cut to MLflow's length limit, logged in batches. When the run already holds a param of the same name with a
   different value (``mlflow run`` logs its ``-P`` values first, shell-quoted, so "not given" is
   ``''``), ours is logged as ``resolved.<name>`` and the names are listed in the tag
   ``sae_mlops.param_conflicts``; ``''`` resolved to None is not a conflict.
-- metrics: ``result.metrics`` exactly as named (see `sae_mlops.results`); None, NaN and inf are not
+- metrics: ``result.metrics`` exactly as named (see `sae_mlops.core.results`); None, NaN and inf are not
   logged (MLflow cannot hold them) and their names go in the tag ``sae_mlops.unlogged_metrics``
   (the results JSON holds them as null).
 - tags: ``result.tags`` (lineage from `sae_mlops.tracking.resolve`: ``sae_mlops.source_uri``,
   ``sae_mlops.source_run_id``, ``sae_mlops.source_model_name``, ``sae_mlops.source_model_version``,
   ``sae_mlops.source_model_alias``), ``sae_mlops.kind``, ``sae_mlops.sae_hash``,
-  ``sae_mlops.version``. With a source run, the run description (``mlflow.note.content``) gets a
-  line linking it; ``mlflow.parentRunId`` is never set (the source run is not a parent).
-- artifacts: every file in ``files``, at its path relative to ``out_dir``.
+  ``sae_mlops.version``. The run description (``mlflow.note.content``) starts with a one-line
+  headline (L0, loss recovered, explained variance, dead fraction), then links to the source run,
+  logged model and registered version (alias in code formatting, never an @mention);
+  ``mlflow.parentRunId`` is never set (the source run is not a parent).
+- artifacts: every file in ``files``, at its path relative to ``out_dir``; PNG plots are also logged
+  as images (``log_image`` with key = the plot's name) so the chart view's image grid and the
+  compare view show them side by side across runs.
 - lineage (`sae_mlops.tracking.lineage`): the source training/import run, logged model and registered
   version (from the URI, or found by the SAE's content hash for a local directory), the corpus as an
   ``mlflow.data`` input (context ``analysis``), the logged model as a model input (metrics are
@@ -35,6 +43,7 @@ import json
 import logging
 import math
 import os
+import re
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -46,14 +55,14 @@ from mlflow.tracking import MlflowClient
 from mlflow.utils.time import get_current_time_millis
 from mlflow.utils.validation import (
     MAX_ENTITY_KEY_LENGTH,
-    MAX_METRICS_PER_BATCH,
     MAX_PARAM_VAL_LENGTH,
-    MAX_PARAMS_TAGS_PER_BATCH,
     MAX_TAG_VAL_LENGTH,
 )
 
 from sae_mlops import __version__
-from sae_mlops.results import AnalysisResult
+from sae_mlops.metrics import headline_line
+from sae_mlops.naming import run_title
+from sae_mlops.core.results import AnalysisResult
 
 log = logging.getLogger(__name__)
 
@@ -69,9 +78,29 @@ TAG_SOURCE_MODEL_ALIAS = "sae_mlops.source_model_alias"
 TAG_UNLOGGED_METRICS = "sae_mlops.unlogged_metrics"
 TAG_PARAM_CONFLICTS = "sae_mlops.param_conflicts"
 TAG_NOTE = "mlflow.note.content"
+TAG_FINISHED_AT = "sae_mlops.finished_at"  # UTC time the analysis finished (file names carry none)
+
+ML_WORKFLOW = "workflowType=machine_learning"  # MLflow 3 UI: open experiments in the ML (not GenAI) view
+DEFAULT_UI = "http://127.0.0.1:5000"  # where `mlflow ui` serves by default
+
+EXPERIMENT_NOTE = """SAE analyses logged by sae-mlops.
+
+**Metrics that matter** (per analysed token; definitions in the sae-mlops README):
+`sparsity/l0_mean` (active features per token, lower is sparser), `downstream/loss_recovered`
+(1 = as good as the clean model, 0 = as bad as zero-ablation), `recon/explained_variance`,
+`features/dead_fraction` (never fired on the corpus), `downstream/kl_sae`.
+
+**Chart to add**: in the Chart view, a *scatter* with x = `sparsity/l0_mean` and
+y = `downstream/loss_recovered` (a second with y = `recon/explained_variance`): the sparsity /
+fidelity trade-off. The plots of each run (`plots/`) can be compared as an image grid.
+
+Run names read `<kind> · <SAE name> · <architecture> d<d_sae> k<k>`; `sae-mlops compare` writes the
+Pareto table and plots as a comparison run.
+"""
+
 
 _TRUNCATED = "...[truncated]"
-_EMPTY = ("", "''")
+_RANDOM_NAME = re.compile(r"[a-z]+-[a-z]+-\d{1,4}")  # MLflow's generated run names: overjoyed-slug-911
 
 # Where the SAE's content hash may appear when the analysis did not put it in the tags.
 _HASH_KEYS = ("sae_hash", "sae.content_hash", "sae_content_hash", "sae.hash", "content_hash")
@@ -83,15 +112,22 @@ def log_analysis(
     out_dir: Path,
     experiment: str | None = None,
     run_name: str | None = None,
+    start_time: int | None = None,
 ) -> str:
-    """Log `result` and `files` (artifacts, relative to `out_dir`) to MLflow; return the run id."""
+    """Log `result` and `files` (artifacts, relative to `out_dir`) to MLflow; return the run id.
+
+    run_name: None -> `analysis_run_name(result)`. start_time: when the analysis started (ms since
+    the epoch), the start of a run created here (default: now)."""
     client = MlflowClient()
-    run_id, owned = _resolve_run(client, experiment, run_name)
+    run_id, owned = resolve_run(client, experiment, run_name, start_time=start_time, default_name=analysis_run_name(result))
     try:
         _log_into(client, run_id, result, [Path(f) for f in files], Path(out_dir))
-    except BaseException:
+    except BaseException as e:
+        interrupted = isinstance(e, KeyboardInterrupt)
+        if interrupted:
+            e.mlflow_run_id = run_id  # type: ignore[attr-defined]  # the caller reports it
         if owned:
-            client.set_terminated(run_id, "FAILED")
+            client.set_terminated(run_id, "KILLED" if interrupted else "FAILED")
         raise
     if owned:
         client.set_terminated(run_id, "FINISHED")
@@ -107,32 +143,65 @@ def log_metrics(run_id: str, metrics: dict[str, float]) -> None:
     MlflowClient().log_batch(run_id, metrics=batch)
 
 
-def run_url(run_id: str) -> str:
-    """A human pointer to the run: the UI path when the store is a server, else the store + id."""
-    client = MlflowClient()
-    run = client.get_run(run_id)
+def analysis_run_name(result: AnalysisResult) -> str:
+    """``<kind> · <sae name> · <architecture> d<d_sae> k<k>`` (`sae_mlops.naming.run_title`)."""
+    p = result.params
+    return run_title(result.kind, p.get("sae_name") or result.details.get("sae_name"), p.get("sae_architecture"), p.get("d_sae"), p.get("topk_k"))
+
+
+def ui_base() -> tuple[str, bool]:
+    """(base URL of the MLflow UI, served): the tracking server when the store is one, else where
+    ``mlflow ui --backend-store-uri <store>`` serves by default (``served`` False)."""
     uri = mlflow.get_tracking_uri()
-    path = f"#/experiments/{run.info.experiment_id}/runs/{run_id}"
     if uri.startswith(("http://", "https://")):
-        return f"{uri.rstrip('/')}/{path}"
-    return f"{path} in {uri}"
+        return uri.rstrip("/"), True
+    return DEFAULT_UI, False
+
+
+def run_links(run_id: str) -> dict[str, str]:
+    """Links that open in the UI's ML workflow: ``run`` (the run's page), ``runs`` (the experiment's
+    runs list) and ``charts`` (its chart view, where the L0 / loss-recovered scatter goes)."""
+    run = MlflowClient().get_run(run_id)
+    base, _ = ui_base()
+    exp = f"{base}/#/experiments/{run.info.experiment_id}"
+    return {
+        "run": f"{exp}/runs/{run_id}?{ML_WORKFLOW}",
+        "runs": f"{exp}/runs?{ML_WORKFLOW}",
+        "charts": f"{exp}/runs?{ML_WORKFLOW}&compareRunsMode=CHART",
+    }
+
+
+def run_url(run_id: str) -> str:
+    """The run's page in the UI (`run_links`), with the store named when it is not a server."""
+    base, served = ui_base()
+    url = run_links(run_id)["run"]
+    return url if served else f"{url} (after `mlflow ui --backend-store-uri {mlflow.get_tracking_uri()}`)"
 
 
 # --- run resolution -------------------------------------------------------------------------
 
 
-def _resolve_run(client: MlflowClient, experiment: str | None, run_name: str | None) -> tuple[str, bool]:
-    """Return (run_id, created_here)."""
+def resolve_run(
+    client: MlflowClient,
+    experiment: str | None,
+    run_name: str | None,
+    start_time: int | None = None,
+    default_name: str | None = None,
+) -> tuple[str, bool]:
+    """Return (run_id, created_here). A run created here is named `run_name`, else `default_name`; the
+    run of ``MLFLOW_RUN_ID`` is renamed to `run_name`, or to `default_name` when its name is one MLflow
+    generated (``adjective-noun-123``; ``mlflow run --run-name`` names are kept)."""
     env_run = os.environ.get("MLFLOW_RUN_ID")
     if env_run:
         try:
             run = client.get_run(env_run)
         except MlflowException as e:
-            raise MlflowException(f"MLFLOW_RUN_ID={env_run} names no run in {mlflow.get_tracking_uri()}: {e}")
+            raise MlflowException(f"MLFLOW_RUN_ID={env_run} names no run in {mlflow.get_tracking_uri()}: {e}") from e
         if run.info.status != "RUNNING":
             client.update_run(env_run, status="RUNNING")
-        if run_name:
-            client.update_run(env_run, name=run_name)
+        name = run_name or (default_name if _RANDOM_NAME.fullmatch(run.info.run_name or "x-y-0") else None)
+        if name:
+            client.update_run(env_run, name=name)
         log.debug("Logging into the run from MLFLOW_RUN_ID: %s", env_run)
         return env_run, False
     active = mlflow.active_run()
@@ -144,7 +213,7 @@ def _resolve_run(client: MlflowClient, experiment: str | None, run_name: str | N
     from mlflow.tracking.context import registry as context_registry
 
     tags = context_registry.resolve_tags({})  # user, source name/type, git commit
-    run = client.create_run(experiment_id=experiment_id, run_name=run_name, tags=tags)
+    run = client.create_run(experiment_id=experiment_id, run_name=run_name or default_name, tags=tags, start_time=start_time)
     log.debug("Created run %s in experiment %s", run.info.run_id, experiment_id)
     return run.info.run_id, True
 
@@ -159,9 +228,11 @@ def _experiment_id(client: MlflowClient, experiment: str | None) -> str:
     if found is not None:
         if found.lifecycle_stage == "deleted":
             client.restore_experiment(found.experiment_id)
+        if not found.tags.get(TAG_NOTE):
+            client.set_experiment_tag(found.experiment_id, TAG_NOTE, EXPERIMENT_NOTE)
         return found.experiment_id
     try:
-        return client.create_experiment(experiment)
+        return client.create_experiment(experiment, tags={TAG_NOTE: EXPERIMENT_NOTE})
     except MlflowException:
         # Created concurrently by another process.
         found = client.get_experiment_by_name(experiment)
@@ -176,9 +247,8 @@ def _experiment_id(client: MlflowClient, experiment: str | None) -> str:
 def _log_into(client: MlflowClient, run_id: str, result: AnalysisResult, files: list[Path], out_dir: Path) -> None:
     existing = client.get_run(run_id)
 
-    params, conflicts = _params(result.params, existing.data.params)
-    for chunk in _chunks(params, MAX_PARAMS_TAGS_PER_BATCH):
-        client.log_batch(run_id, params=chunk)
+    params, conflicts = flat_params(result.params, existing.data.params)
+    client.log_batch(run_id, params=params)  # log_batch splits into MLflow\'s batch limits itself
 
     link = _record_lineage(client, run_id, result)
     metrics, unlogged = _metrics(result.metrics)
@@ -189,14 +259,15 @@ def _log_into(client: MlflowClient, run_id: str, result: AnalysisResult, files: 
                    dataset_name=link.dataset_name, dataset_digest=link.dataset_digest)
             for m in metrics
         ]
-    for chunk in _chunks(metrics, MAX_METRICS_PER_BATCH):
-        client.log_batch(run_id, metrics=chunk)
+    client.log_batch(run_id, metrics=metrics)  # log_batch splits into MLflow\'s batch limits itself
 
     tags = {str(k): str(v) for k, v in result.tags.items()}
     if link is not None:
         tags.update(link.tags)
     tags[TAG_KIND] = result.kind
     tags[TAG_VERSION] = __version__
+    if result.details.get("finished_at"):
+        tags[TAG_FINISHED_AT] = str(result.details["finished_at"])
     sae_hash = _sae_hash(result)
     if sae_hash:
         tags[TAG_SAE_HASH] = sae_hash
@@ -204,18 +275,18 @@ def _log_into(client: MlflowClient, run_id: str, result: AnalysisResult, files: 
         tags[TAG_UNLOGGED_METRICS] = ",".join(unlogged)
     if conflicts:
         tags[TAG_PARAM_CONFLICTS] = ",".join(conflicts)
-    note = _lineage_note(client, tags, existing.data.tags.get(TAG_NOTE))
+    note = run_note(client, result, tags, link, existing.data.tags.get(TAG_NOTE))
     if note is not None:
         tags[TAG_NOTE] = note
-    tag_list = [RunTag(_key(k), _cut(v, MAX_TAG_VAL_LENGTH)) for k, v in tags.items()]
-    for chunk in _chunks(tag_list, MAX_PARAMS_TAGS_PER_BATCH):
-        client.log_batch(run_id, tags=chunk)
+    tag_list = [RunTag(metric_key(k), _cut(v, MAX_TAG_VAL_LENGTH)) for k, v in tags.items()]
+    client.log_batch(run_id, tags=tag_list)  # log_batch splits into MLflow\'s batch limits itself
 
     _log_files(client, run_id, files, out_dir)
+    _log_plot_images(client, run_id, files)
     if link is not None:
         from sae_mlops.tracking.lineage import after_analysis_logged
 
-        after_analysis_logged(client, run_id, link)
+        after_analysis_logged(client, run_id, link, headline(result.metrics))
 
 
 def _record_lineage(client: MlflowClient, run_id: str, result: AnalysisResult):
@@ -232,17 +303,19 @@ def _record_lineage(client: MlflowClient, run_id: str, result: AnalysisResult):
         return None
 
 
-def _params(given: dict[str, Any], existing: dict[str, str]) -> tuple[list[Param], list[str]]:
+def flat_params(given: dict[str, Any], existing: dict[str, str]) -> tuple[list[Param], list[str]]:
     out: list[Param] = []
     conflicts: list[str] = []
     for k, v in given.items():
-        key, value = _key(str(k)), _cut(_stringify(v), MAX_PARAM_VAL_LENGTH)
+        key = metric_key(str(k))
+        if v is None:  # absent: left out (a "None" string would compare as a value)
+            continue
+        value = _cut(_stringify(v), MAX_PARAM_VAL_LENGTH)
         if key in existing:
-            # Same value, or "not given" ('' as `mlflow run` logs it) resolved to nothing.
-            if existing[key] == value or (existing[key] in _EMPTY and value == "None"):
+            if existing[key] == value:
                 continue
             conflicts.append(key)
-            key = _key(f"resolved.{key}")
+            key = metric_key(f"resolved.{key}")
             if existing.get(key) == value:
                 continue
         out.append(Param(key, value))
@@ -263,7 +336,7 @@ def _metrics(given: dict[str, Any]) -> tuple[list[Metric], list[str]]:
         if value is None or not math.isfinite(value):
             unlogged.append(str(k))
             continue
-        out.append(Metric(_key(str(k)), value, now, 0))
+        out.append(Metric(metric_key(str(k)), value, now, 0))
     return out, unlogged
 
 
@@ -279,33 +352,54 @@ def _sae_hash(result: AnalysisResult) -> str | None:
     return None
 
 
-def _lineage_note(client: MlflowClient, tags: dict[str, str], current: str | None) -> str | None:
-    """A markdown description line pointing at the source run / model version, if any."""
+def headline(metrics: dict[str, Any]) -> str:
+    """One line: ``L0 **12.34** · loss recovered **0.9512** · ...`` (`sae_mlops.metrics.headline_line`)."""
+    return headline_line(metrics, bold=True)
+
+
+def run_note(client: MlflowClient, result: AnalysisResult, tags: dict[str, str], link: Any, current: str | None) -> str | None:
+    """The run description: the headline line, then the lineage links, then any description the run
+    already had (`mlflow run`, a user) that is not ours. None when there is nothing to say."""
+    lines = [f"**{result.kind} analysis** · " + headline(result.metrics)] if headline(result.metrics) else []
+    lineage = lineage_lines(client, tags, getattr(link, "model_id", None) if link is not None else tags.get("sae_mlops.source_logged_model_id"))
+    lines += lineage
+    if not lines:
+        return None
+    note = "\n\n".join(lines)
+    if current and current.strip() and not current.startswith(lines[0]):
+        note += "\n\n" + current.strip()
+    return note
+
+
+def lineage_lines(client: MlflowClient, tags: dict[str, str], model_id: str | None) -> list[str]:
+    """Markdown lines linking the source run, the logged model and the registered version; the alias
+    is in code formatting (plain ``@alias`` would render as a mention link)."""
     src_run = tags.get(TAG_SOURCE_RUN)
     name, version = tags.get(TAG_SOURCE_MODEL_NAME), tags.get(TAG_SOURCE_MODEL_VERSION)
     alias = tags.get(TAG_SOURCE_MODEL_ALIAS)
-    if not src_run and not name:
-        return None
-    parts = []
+    out = []
     if src_run:
         try:
-            exp = client.get_run(src_run).info.experiment_id
-            parts.append(f"the SAE logged in run [{src_run}](#/experiments/{exp}/runs/{src_run})")
+            run = client.get_run(src_run)
+            title = run.info.run_name or src_run
+            out.append(f"SAE trained/imported in run [{_md_text(title)}](#/experiments/{run.info.experiment_id}/runs/{src_run}).")
         except MlflowException:
-            parts.append(f"the SAE logged in run `{src_run}` (not in this tracking store)")
+            out.append(f"SAE from run `{src_run}` (not in this tracking store).")
+    if model_id:
+        try:
+            model = client.get_logged_model(model_id)
+            out.append(f"Logged model [{_md_text(model.name)}](#/experiments/{model.experiment_id}/models/{model_id}) (`{model_id}`).")
+        except MlflowException:
+            out.append(f"Logged model `{model_id}`.")
     if name:
-        if version:
-            parts.append(f"registered model [{name} v{version}](#/models/{name}/versions/{version})")
-        else:
-            parts.append(f"registered model `{name}`")
-        if alias:
-            parts[-1] += f" (alias @{alias})"
-    line = "SAE source: " + "; ".join(parts) + "."
-    if current:
-        if line in current:
-            return None
-        return current.rstrip() + "\n\n" + line
-    return line
+        where = f"[{_md_text(name)} v{version}](#/models/{name}/versions/{version})" if version else f"`{name}`"
+        out.append(f"Registered model {where}" + (f", alias `@{alias}`" if alias else "") + ".")
+    return out
+
+
+def _md_text(s: str) -> str:
+    """Link text with the characters markdown would interpret escaped."""
+    return "".join("\\" + c if c in "[]()*_`|@<>" else c for c in str(s))
 
 
 def _log_files(client: MlflowClient, run_id: str, files: list[Path], out_dir: Path) -> None:
@@ -327,6 +421,22 @@ def _log_files(client: MlflowClient, run_id: str, files: list[Path], out_dir: Pa
             client.log_artifact(run_id, str(p), artifact_path=artifact_path)
 
 
+def _log_plot_images(client: MlflowClient, run_id: str, files: list[Path]) -> None:
+    """PNG plots also as MLflow images (key = file stem, step 0): the chart view's image grid and the
+    run comparison show the same plot of several runs side by side."""
+    pngs = [Path(f) for f in files if Path(f).suffix.lower() == ".png" and Path(f).is_file()]
+    if not pngs:
+        return
+    from PIL import Image
+
+    for f in pngs:
+        try:
+            with Image.open(f) as img:
+                client.log_image(run_id, img.convert("RGB"), key=f.stem, step=0)
+        except (OSError, ValueError, MlflowException) as exc:
+            log.warning("could not log %s as an image: %s", f, exc)
+
+
 # --- helpers -------------------------------------------------------------------------------------
 
 
@@ -345,10 +455,5 @@ def _cut(s: str, limit: int) -> str:
     return s if len(s) <= limit else s[: limit - len(_TRUNCATED)] + _TRUNCATED
 
 
-def _key(k: str) -> str:
+def metric_key(k: str) -> str:
     return k[:MAX_ENTITY_KEY_LENGTH]
-
-
-def _chunks(items: list, n: int):
-    for i in range(0, len(items), n):
-        yield items[i : i + n]

@@ -24,10 +24,9 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
-from mlflow.entities import Metric, Param, RunTag
+from mlflow.entities import Metric, RunTag
 from mlflow.tracking import MlflowClient
 from mlflow.utils.time import get_current_time_millis
-from mlflow.utils.validation import MAX_METRICS_PER_BATCH, MAX_PARAMS_TAGS_PER_BATCH
 
 from sae_mlops.tracking import lineage
 from sae_mlops.tracking.lineage import (
@@ -39,7 +38,7 @@ from sae_mlops.tracking.lineage import (
     TAG_SAE_SOURCE,
 )
 from sae_mlops.tracking.registry import Registration, log_sae_model, register_sae_model, version_tags
-from sae_mlops.tracking.runs import _chunks, _key, _params, _resolve_run
+from sae_mlops.tracking.runs import flat_params, metric_key, resolve_run
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +49,7 @@ HISTORY_NAMES = {
     "sparsity": "train/l0",
     "dead_features": "train/dead_features",
 }
+_FLUSH_METRICS = 1000  # buffered training metrics sent in one log_batch (MLflow's per-request limit)
 _FLUSH_EVERY_S = 5.0
 
 
@@ -83,7 +83,7 @@ class SourceRun:
     def __init__(self, kind: str, experiment: str | None = None, run_name: str | None = None):
         self.kind = kind
         self.client = MlflowClient()
-        self.run_id, self._owned = _resolve_run(self.client, experiment, run_name)
+        self.run_id, self._owned = resolve_run(self.client, experiment, run_name)
         self._buffer: list[Metric] = []
         self._last_flush = time.monotonic()
         self._last: dict[str, float] = {}
@@ -104,22 +104,20 @@ class SourceRun:
 
     def log_params(self, params: dict[str, Any]) -> None:
         existing = self.client.get_run(self.run_id).data.params
-        given, conflicts = _params(params, existing)
-        for chunk in _chunks(given, MAX_PARAMS_TAGS_PER_BATCH):
-            self.client.log_batch(self.run_id, params=chunk)
+        given, conflicts = flat_params(params, existing)
+        self.client.log_batch(self.run_id, params=given)  # log_batch splits into MLflow\'s batch limits itself
         if conflicts:  # given first (e.g. None = "default"), then the resolved value: resolved.<name>
             self.set_tags({"sae_mlops.resolved_params": ",".join(conflicts)})
 
     def set_tags(self, tags: dict[str, Any]) -> None:
-        items = [RunTag(_key(str(k)), str(v)) for k, v in tags.items() if v is not None]
-        for chunk in _chunks(items, MAX_PARAMS_TAGS_PER_BATCH):
-            self.client.log_batch(self.run_id, tags=chunk)
+        items = [RunTag(metric_key(str(k)), str(v)) for k, v in tags.items() if v is not None]
+        self.client.log_batch(self.run_id, tags=items)  # log_batch splits into MLflow\'s batch limits itself
 
     def log_corpus(self, path: str, sha256: str | None, documents: int | None = None) -> None:
         """The training corpus as an ``mlflow.data`` dataset input (context ``training``)."""
         dataset = lineage.corpus_dataset(path, sha256)
         if dataset is not None:
-            extra = {"sae_mlops.documents": documents} if documents is not None else {}
+            extra = {"sae_mlops.documents": str(documents)} if documents is not None else {}
             lineage.log_dataset_input(self.client, self.run_id, dataset, "training", sha256, extra)
 
     # metrics
@@ -134,15 +132,14 @@ class SourceRun:
                 continue
             if not math.isfinite(value):
                 continue
-            self._buffer.append(Metric(_key(str(k)), value, now, int(step)))
+            self._buffer.append(Metric(metric_key(str(k)), value, now, int(step)))
             self._last[str(k)] = value
-        if len(self._buffer) >= MAX_METRICS_PER_BATCH or time.monotonic() - self._last_flush > _FLUSH_EVERY_S:
+        if len(self._buffer) >= _FLUSH_METRICS or time.monotonic() - self._last_flush > _FLUSH_EVERY_S:
             self.flush()
 
     def flush(self) -> None:
         buffer, self._buffer = self._buffer, []
-        for chunk in _chunks(buffer, MAX_METRICS_PER_BATCH):
-            self.client.log_batch(self.run_id, metrics=chunk)
+        self.client.log_batch(self.run_id, metrics=buffer)  # log_batch splits into MLflow\'s batch limits itself
         self._last_flush = time.monotonic()
 
     @property
@@ -168,16 +165,19 @@ class SourceRun:
         self.set_tags({TAG_SAE_HASH: sae_hash, TAG_SAE_SOURCE: "true"})
         self.client.log_artifacts(self.run_id, str(sae_dir), artifact_path=SAE_ARTIFACT_PATH)
         model_tags = version_tags(sae_hash, architecture)
-        model_id = log_sae_model(self.client, self.run_id, sae_dir, params=model_params, tags=model_tags)
+        from sae_mlops.naming import model_name
+
+        model_id = log_sae_model(
+            self.client, self.run_id, sae_dir, params=model_params, tags=model_tags, name=model_name(Path(sae_dir).name)
+        )
         if summary:
             now = get_current_time_millis()
             metrics = [
-                Metric(_key(k), float(v), now, 0, model_id=model_id)
+                Metric(metric_key(k), float(v), now, 0, model_id=model_id)
                 for k, v in summary.items()
                 if v is not None and math.isfinite(float(v))
             ]
-            for chunk in _chunks(metrics, MAX_METRICS_PER_BATCH):
-                self.client.log_batch(self.run_id, metrics=chunk)
+            self.client.log_batch(self.run_id, metrics=metrics)  # log_batch splits into MLflow\'s batch limits itself
         registration = None
         if register:
             registration = register_sae_model(self.client, model_id, self.run_id, register, alias, tags=model_tags)
@@ -255,8 +255,11 @@ def import_sae(
             tracking_uri=mlflow.get_tracking_uri(),
         )
 
+    from sae_mlops.naming import run_title
+
     params = sae_params(info)
-    with SourceRun("import", experiment=experiment, run_name=run_name or f"import-{directory.name}") as run:
+    title = run_title("import", directory.name, info.architecture, info.d_sae, params.get("k"))
+    with SourceRun("import", experiment=experiment, run_name=run_name or title) as run:
         run.log_params({"source_path": str(directory.resolve()), **params})
         run.set_tags({"sae_mlops.source_path": str(directory.resolve()), "sae_mlops.sae_format": info.format})
         if info.history:

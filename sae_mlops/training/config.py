@@ -1,11 +1,16 @@
-"""Training configuration (shared by the CLI, the MLproject ``train`` entry point and tests)."""
+"""Training options, declared once (the `train` command and the MLproject ``train`` entry point are
+generated from `TrainConfig` and `TrainRunOptions`; see `sae_mlops.options`)."""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from typing import Any
 
+from pydantic import ConfigDict, Field
+from pydantic.dataclasses import dataclass
+
 from sae_mlops.errors import InputError
+from sae_mlops.options import user_errors
 
 ARCHITECTURES = ("standard", "topk", "batchtopk", "jumprelu")
 #: Sparsity penalty when none is given: L1 coefficient (standard), L0 coefficient (jumprelu).
@@ -14,68 +19,78 @@ DEFAULT_TRAINING_TOKENS = 300_000  # about 10 s on the demo model on a laptop CP
 DEMO_HOOK = "blocks.0.hook_resid_post"
 
 
-@dataclass
+@user_errors
+@dataclass(config=ConfigDict(extra="forbid"))
 class TrainConfig:
-    """What to train and how.
+    """What to train and how (SAELens training classes). Cross-field checks in ``__post_init__``."""
 
-    model: TransformerLens name, local Hugging Face checkpoint directory, or ``demo``.
-    corpus: JSON/JSONL/Parquet/text file; None with the demo model: the demo corpus.
-    hook: TransformerLens hook whose activations the SAE reconstructs (None: the demo hook for the
-        demo model; required otherwise).
-    architecture: standard | topk | batchtopk | jumprelu (SAELens training classes).
-    d_sae: dictionary size (None: 8 x the hook's width).
-    k: active features per token (topk) or on average per token (batchtopk).
-    l1_coefficient: sparsity penalty: L1 coefficient for standard, L0 coefficient for jumprelu
-        (None: 5.0 / 1.0); ignored by topk/batchtopk.
-    training_tokens: activations (tokens) to train on. batch_size_tokens: tokens per step.
-    context_size: tokens per window (None: min(128, the model's n_ctx)).
-    prepend_bos: start windows with BOS (None: the model's default).
-    dead_feature_window: steps without firing after which a feature counts as dead.
-    feature_sampling_window: steps per feature-density window (SAELens's sparsity statistics).
-    lr, lr_warm_up_steps (None: 5% of the steps), seed, device ("auto", "cpu", "cuda"...), dtype.
-    log_every: send metrics every this many steps.
-    """
+    model: str = Field(
+        default="demo", description="Base model: a TransformerLens name, a local Hugging Face checkpoint directory, or 'demo'. (default: demo)"
+    )
+    corpus: str | None = Field(
+        default=None,
+        description="Training texts: JSON list of strings, JSONL, Parquet or .txt. (default: the demo corpus with the demo model)",
+    )
+    text_field: str = Field(default="text", description="Field (JSONL) or column (Parquet) holding the text. (default: text)")
+    hook: str | None = Field(
+        default=None,
+        description="Hook whose activations the SAE reconstructs, e.g. blocks.0.hook_resid_post. "
+        "(default: the demo hook with the demo model; required otherwise)",
+    )
+    architecture: str = Field(
+        default="topk",
+        description="SAELens training architecture: standard, topk, batchtopk or jumprelu. (default: topk)",
+        json_schema_extra={"choices": list(ARCHITECTURES)},
+    )
+    d_sae: int | None = Field(default=None, ge=1, description="Dictionary size. Unit: features. (default: 8 x the hook's width)")
+    k: int = Field(
+        default=16, ge=1, description="Active features per token (topk) or per token on average (batchtopk). Unit: features. (default: 16)"
+    )
+    l1_coefficient: float | None = Field(
+        default=None,
+        description="Sparsity penalty: L1 coefficient (standard) or L0 coefficient (jumprelu); ignored by topk/batchtopk. "
+        "(default: 5.0 / 1.0)",
+    )
+    lr: float = Field(default=3e-3, gt=0, description="Adam learning rate. (default: 0.003)")
+    lr_warm_up_steps: int | None = Field(
+        default=None, ge=0, description="Learning-rate warm-up. Unit: steps. (default: 5% of the steps)"
+    )
+    training_tokens: int = Field(
+        default=DEFAULT_TRAINING_TOKENS, ge=1, description=f"Activations to train on. Unit: tokens. (default: {DEFAULT_TRAINING_TOKENS})"
+    )
+    batch_size_tokens: int = Field(default=1024, ge=1, description="Tokens per training step. Unit: tokens. (default: 1024)")
+    context_size: int | None = Field(
+        default=None, ge=2, description="Tokens per window. Unit: tokens. (default: min(128, the model's n_ctx))"
+    )
+    prepend_bos: bool | None = Field(default=None, description="Start windows with BOS. (default: the model's default)")
+    store_batch_size_prompts: int = Field(
+        default=16, ge=1, description="Windows per forward pass when filling the activation store. Unit: windows. (default: 16)"
+    )
+    dead_feature_window: int = Field(
+        default=100, ge=1, description="Steps without firing after which a feature counts as dead. Unit: steps. (default: 100)"
+    )
+    feature_sampling_window: int = Field(
+        default=200, ge=1, description="Steps per feature-density window (SAELens's sparsity statistics). Unit: steps. (default: 200)"
+    )
+    seed: int = Field(default=42, description="Random seed. (default: 42)")
+    device: str = Field(default="auto", description="Torch device: auto, cpu, cuda, mps. (default: auto)")
+    dtype: str = Field(default="float32", description="Model and SAE dtype: float32, float16 or bfloat16. (default: float32)")
+    log_every: int = Field(default=1, ge=1, description="Send metrics to MLflow every this many steps. Unit: steps. (default: 1)")
 
-    model: str = "demo"
-    corpus: str | None = None
-    text_field: str = "text"
-    hook: str | None = None
-    architecture: str = "topk"
-    d_sae: int | None = None
-    k: int = 16
-    l1_coefficient: float | None = None
-    lr: float = 3e-3
-    lr_warm_up_steps: int | None = None
-    training_tokens: int = DEFAULT_TRAINING_TOKENS
-    batch_size_tokens: int = 1024
-    context_size: int | None = None
-    prepend_bos: bool | None = None
-    store_batch_size_prompts: int = 16
-    dead_feature_window: int = 100
-    feature_sampling_window: int = 200
-    seed: int = 42
-    device: str = "auto"
-    dtype: str = "float32"
-    log_every: int = 1
+    def __post_init__(self) -> None:
+        self.check()
 
     def check(self) -> None:
-        """InputError for values that cannot work (before anything is loaded)."""
+        """InputError for values that cannot work together (before anything is loaded)."""
         if self.architecture not in ARCHITECTURES:
             raise InputError(
                 f"architecture {self.architecture!r} is not supported; use one of {', '.join(ARCHITECTURES)}."
             )
-        for name in ("training_tokens", "batch_size_tokens", "k", "store_batch_size_prompts", "log_every"):
-            if int(getattr(self, name)) < 1:
-                raise InputError(f"{name.replace('_', '-')} must be at least 1 (got {getattr(self, name)}).")
-        if self.d_sae is not None and self.d_sae < 1:
-            raise InputError(f"d-sae must be at least 1 (got {self.d_sae}).")
         if self.training_tokens < self.batch_size_tokens:
             raise InputError(
                 f"training tokens ({self.training_tokens}) are fewer than one batch ({self.batch_size_tokens}); "
                 "raise --training-tokens or lower --batch-size-tokens."
             )
-        if self.lr <= 0:
-            raise InputError(f"learning rate must be positive (got {self.lr}).")
         if self.d_sae is not None and self.architecture in ("topk", "batchtopk") and self.k > self.d_sae:
             raise InputError(f"k ({self.k}) exceeds d_sae ({self.d_sae}); lower --k or raise --d-sae.")
 
@@ -89,3 +104,28 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+@user_errors
+@dataclass(config=ConfigDict(extra="forbid"))
+class TrainRunOptions:
+    """Where a trained SAE goes and how the training run is tracked (options of `train`, not of SAELens)."""
+
+    out: str | None = Field(
+        default=None, description="Where to save the SAE (SAELens format). (default: saes/<architecture>_<d_sae>_<UTC timestamp>)"
+    )
+    register: str | None = Field(
+        default=None, description="Register the SAE as a new version of this MLflow registered model (created if needed)."
+    )
+    alias: str | None = Field(default=None, description="Set this alias (e.g. champion) on the registered version; needs --register.")
+    experiment: str | None = Field(
+        default=None,
+        description="MLflow experiment. (default: $MLFLOW_EXPERIMENT_NAME, else sae-mlops)",
+        json_schema_extra={"mlproject": False},
+    )
+    run_name: str | None = Field(
+        default=None, description="MLflow run name. (default: train · <model>/<hook> · <architecture> d<d_sae> k<k>)", json_schema_extra={"mlproject": False}
+    )
+    quiet: bool = Field(
+        default=False, description="Only warnings and errors on stderr.", json_schema_extra={"mlproject": False, "short": "-q"}
+    )

@@ -192,7 +192,7 @@ def train_sae(
     for key in ("train/loss", "train/mse", "train/explained_variance"):
         if key in trainer.last_metrics:
             summary[key.replace("train/", "train/final_", 1)] = trainer.last_metrics[key]
-    summary = {k: float(v) for k, v in summary.items() if v is not None}
+    summary_f: dict[str, float] = {k: float(v) for k, v in summary.items() if v is not None}
     import sae_lens
 
     params = {
@@ -235,7 +235,7 @@ def train_sae(
         sae_dir=out,
         sae_hash=sae_hash,
         params=params,
-        summary=summary,
+        summary=summary_f,
         model_params=model_params,
         corpus_path=corpus.path,
         corpus_digest=corpus.digest,
@@ -260,7 +260,11 @@ def train_and_log(
 
     check_model_name(register, alias)
     prepared = prepare_training(cfg, out_dir)  # bad input stops here, before a run exists
-    name = run_name or f"train-{cfg.architecture}-{prepared.d_sae}"
+    from sae_mlops.naming import run_title
+
+    k = cfg.k if cfg.architecture in ("topk", "batchtopk") else None
+    # train · <model>/<hook> · <architecture> d<d_sae> k<k> (the output directory name carries a timestamp)
+    name = run_name or run_title("train", f"{cfg.model}/{prepared.hook}", cfg.architecture, prepared.d_sae, k)
     with SourceRun("train", experiment=experiment, run_name=name) as run:
         run.log_params(cfg.to_dict())
         result = train_sae(cfg, on_metrics=run.log_metrics, prepared=prepared)

@@ -1,0 +1,1 @@
+"""The quick and the full analysis as steps over the one streaming pass (`quick`, `full`)."""

@@ -1,0 +1,298 @@
+"""Quick analysis: resolve inputs, one streaming pass with collectors, one result.
+
+Quick and full analysis are the same pass with different collectors and budgets; this module holds
+what both share (:func:`prepare`, :func:`run_pass`) and the quick entry point :func:`run_quick`.
+"""
+
+from __future__ import annotations
+
+import logging
+import platform
+import time
+from dataclasses import dataclass, field
+from importlib.metadata import PackageNotFoundError, version
+from typing import Any
+
+import torch
+
+from sae_mlops import __version__
+from sae_mlops.core.collectors.base import Collector
+from sae_mlops.core.collectors.downstream import DownstreamCollector
+from sae_mlops.core.collectors.reconstruction import ReconstructionCollector
+from sae_mlops.core.collectors.sparsity import SparsityCollector
+from sae_mlops.config import AnalysisConfig
+from sae_mlops.core.engine import Engine, HookSite, PassStats, resolve_device
+from sae_mlops.errors import InputError
+from sae_mlops.core.results import AnalysisResult
+from sae_mlops.sources.types import Corpus, LoadedModel, LoadedSAE
+from sae_mlops.telemetry import Stages, device_params
+from sae_mlops.core.tokens import WindowPlan, check_enough_tokens, iter_batches, make_plan
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CONTEXT_SIZE = 128
+
+
+@dataclass
+class Inputs:
+    """Everything resolved and checked before the heavy work starts."""
+
+    cfg: AnalysisConfig
+    sae: LoadedSAE
+    model: LoadedModel
+    corpus: Corpus
+    site: HookSite
+    plan: WindowPlan
+    device: str
+    warnings: list[str] = field(default_factory=list)
+    stages: Stages = field(default_factory=Stages)  # seconds per stage (cost telemetry)
+
+
+def prepare(cfg: AnalysisConfig) -> Inputs:
+    """Load SAE, model and corpus and check they fit together (hook, d_in, tokenizer, context).
+
+    Timed as ``time/import`` (the loaders and TransformerLens) and ``time/load`` (the rest)."""
+    if cfg.max_tokens is not None and cfg.max_tokens < 1:
+        raise InputError(f"token budget {cfg.max_tokens} must be at least 1; pass --max-tokens 1 or more.")
+    if cfg.topk_mode not in (None, "batch", "threshold"):
+        raise InputError(f"unknown top-k mode '{cfg.topk_mode}'; use --topk-mode batch or --topk-mode threshold.")
+    stages = Stages()
+    with stages.stage("import"):
+        import transformer_lens  # noqa: F401 - every model runs as a HookedTransformer; timed here
+
+        from sae_mlops.sources.corpus import load_corpus
+        from sae_mlops.sources.model import load_model
+        from sae_mlops.sources.sae import load_sae
+        from sae_mlops.sources.validate import check_compatible
+
+    with stages.stage("load"):
+        inputs = _prepare(cfg, load_corpus, load_model, load_sae, check_compatible)
+    inputs.stages = stages
+    return inputs
+
+
+def _prepare(cfg: AnalysisConfig, load_corpus, load_model, load_sae, check_compatible) -> Inputs:
+    device = resolve_device(cfg.device)
+    sae = load_sae(cfg.sae, sae_id=cfg.sae_id, device=device, topk_mode=cfg.topk_mode, threshold=cfg.threshold)
+    model_name = cfg.model or sae.info.model_name
+    if not model_name:
+        raise InputError(
+            f"the SAE '{cfg.sae}' does not record which model it was trained on; pass --model "
+            "(a TransformerLens name, a local checkpoint directory or 'demo')."
+        )
+    corpus_path = cfg.corpus or ("demo" if model_name == "demo" else None)
+    if corpus_path is None:
+        raise InputError("no corpus given; pass --corpus (JSON list of strings, JSONL, Parquet or .txt).")
+    corpus = load_corpus(corpus_path, text_field=cfg.text_field)
+    # SAELens records how the model was loaded in training (e.g. center_writing_weights): load it the same way
+    model = load_model(model_name, device=device, dtype=cfg.dtype,
+                       from_pretrained_kwargs=sae.info.extra.get("model_from_pretrained_kwargs"))
+    warnings = list(check_compatible(sae, model, hook_override=cfg.hook))
+    hook_name = cfg.hook or sae.info.hook_name
+    site = HookSite.for_model(model.model, hook_name, sae.info.hook_head_index)
+
+    n_ctx = int(model.model.cfg.n_ctx)
+    context_size = cfg.context_size or sae.info.context_size or min(DEFAULT_CONTEXT_SIZE, n_ctx)
+    if context_size > n_ctx:
+        if cfg.context_size:
+            raise InputError(
+                f"context size {context_size} exceeds the model's n_ctx {n_ctx}; pass --context-size {n_ctx} or less."
+            )
+        warnings.append(f"the SAE's context size {context_size} exceeds the model's n_ctx {n_ctx}; using {n_ctx}.")
+        context_size = n_ctx
+    prepend_bos = cfg.prepend_bos
+    if prepend_bos is None:
+        prepend_bos = sae.info.prepend_bos
+    if prepend_bos is None:
+        prepend_bos = bool(getattr(model.model.cfg, "default_prepend_bos", True))
+    plan = make_plan(model.tokenizer, context_size, prepend_bos)
+    check_enough_tokens(corpus.texts, model.tokenizer, plan, cfg.max_tokens, corpus.path)
+    for w in warnings:
+        log.warning(w)
+    return Inputs(cfg, sae, model, corpus, site, plan, device, warnings)
+
+
+def make_batches(inputs: Inputs, max_tokens: int | None):
+    return iter_batches(inputs.corpus.texts, inputs.model.tokenizer, inputs.plan, inputs.cfg.batch_size, max_tokens)
+
+
+def calibrate_threshold(inputs: Inputs, engine: Engine) -> None:
+    """Threshold mode without a given theta: theta = mean over batches of the smallest value the
+    batch rule keeps, on the first ``threshold_calibration_tokens`` analysed tokens."""
+    module = inputs.sae.module
+    if inputs.sae.info.topk_mode != "threshold" or getattr(module, "threshold", None) is not None:
+        return
+    values: list[float] = []
+    n = 0
+    for batch in make_batches(inputs, inputs.cfg.threshold_calibration_tokens):
+        act, _ = engine.hook_activations(batch.tokens.to(inputs.device))
+        x = inputs.site.view(act)[batch.analysed.to(inputs.device)]
+        values.append(module.min_kept_value(x.to(engine.sae_dtype)))  # type: ignore[attr-defined]  # prior-format BatchTopK
+        n += x.shape[0]
+    theta = float(sum(values) / len(values))
+    module.threshold = theta  # type: ignore[attr-defined]
+    inputs.sae.info.threshold = theta
+    inputs.sae.info.extra["threshold_estimated_on_tokens"] = n
+    log.info("estimated threshold theta=%.6g on %d tokens (%d batches)", theta, n, len(values))
+
+
+def available_tokens(inputs: Inputs, budget: int | None) -> int:
+    """Analysed tokens the pass will take: min(budget, the corpus's analysable tokens), counted by
+    tokenizing the corpus up to the budget (the progress bar's total, so its ETA is right)."""
+    from sae_mlops.core.tokens import count_analysed, iter_windows
+
+    special = set(inputs.plan.special_ids)
+    special_ids = torch.tensor(sorted(special), dtype=torch.long)
+    n = 0
+    for window in iter_windows(inputs.corpus.texts, inputs.model.tokenizer, inputs.plan):
+        n += count_analysed(window, special, special_ids)
+        if budget is not None and n >= budget:
+            return budget
+    return n
+
+
+def run_pass(inputs: Inputs, collectors: list[Collector], downstream: bool = True, on_step=None) -> PassStats:
+    """Threshold calibration if needed, then the one streaming pass."""
+    engine = Engine(inputs.model.model, inputs.sae.module, inputs.site, inputs.device, downstream=downstream)
+    with inputs.stages.stage("calibration"):
+        calibrate_threshold(inputs, engine)
+    budget = inputs.cfg.max_tokens
+    total = available_tokens(inputs, budget) if inputs.cfg.progress else budget
+    if str(inputs.device).startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats(torch.device(inputs.device))
+    with inputs.stages.stage("pass"):
+        stats = engine.run(
+            make_batches(inputs, budget), collectors, total_tokens=total, progress=inputs.cfg.progress, on_step=on_step
+        )
+    if stats.tokens_analysed == 0 or (downstream and stats.predictions == 0):
+        raise InputError(
+            f"the corpus '{inputs.corpus.path}' is too short: {stats.tokens_analysed} analysable tokens and "
+            f"{stats.predictions} next-token predictions; give longer texts or more of them."
+        )
+    return stats
+
+
+def base_collectors(inputs: Inputs) -> list[Collector]:
+    info = inputs.sae.info
+    return [
+        SparsityCollector(info.d_sae, inputs.cfg.rare_threshold, inputs.cfg.dense_threshold),
+        ReconstructionCollector(info.d_in),
+        DownstreamCollector(),
+    ]
+
+
+def _package_version(name: str) -> str:
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return "not installed"
+
+
+def resolved_params(inputs: Inputs, stats: PassStats) -> dict[str, Any]:
+    """Every input and resolved value, flat, for MLflow params and the results JSON (None = absent;
+    the tracking layer leaves absent values out of the run's params). ``sae_name`` is the short name
+    of `sae_mlops.naming.sae_name`; ``topk_k`` is the SAE's k for every TopK-style SAE (the prior
+    format's ``top_k``, SAELens ``cfg.json`` ``k``)."""
+    from sae_mlops.naming import sae_name
+
+    cfg, info = inputs.cfg, inputs.sae.info
+    k = info.k if info.k is not None else (info.extra or {}).get("k")
+    return {
+        "sae": cfg.sae,
+        "sae_name": sae_name(cfg.sae, cfg.sae_id),
+        "sae_id": cfg.sae_id,
+        "sae_format": info.format,
+        "sae_architecture": info.architecture,
+        "sae_hash": info.content_hash,
+        "d_in": info.d_in,
+        "d_sae": info.d_sae,
+        "hook": inputs.site.name,
+        "hook_layer": info.hook_layer,
+        "hook_head_index": info.hook_head_index,
+        "hook_path": "start_at_layer" if inputs.site.resume_layer is not None else "hooked_forward",
+        "topk_mode": info.topk_mode,
+        "topk_k": k,
+        "topk_threshold": info.threshold,
+        "topk_threshold_estimated_on_tokens": info.extra.get("threshold_estimated_on_tokens"),
+        "model": inputs.model.name,
+        "model_source": inputs.model.source,
+        "sae_recorded_model": info.model_name,
+        "corpus": inputs.corpus.path,
+        "corpus_format": inputs.corpus.format,
+        "corpus_digest": inputs.corpus.digest,
+        "corpus_documents": len(inputs.corpus.texts),
+        "corpus_dropped_empty": inputs.corpus.n_dropped_empty,
+        "max_tokens": cfg.max_tokens,
+        "tokens_analysed": stats.tokens_analysed,
+        "context_size": inputs.plan.context_size,
+        "prepend_bos": inputs.plan.prepend_bos,
+        "batch_size": cfg.batch_size,
+        "tokens_per_batch_mean": round(stats.tokens_analysed / max(stats.batches, 1), 2),
+        "special_token_ids": ",".join(map(str, inputs.plan.special_ids)),
+        "rare_threshold": cfg.rare_threshold,
+        "dense_threshold": cfg.dense_threshold,
+        "device": inputs.device,
+        **device_params(inputs.device),
+        "dtype": cfg.dtype,
+        "version_sae_mlops": __version__,
+        "version_torch": torch.__version__,
+        "version_transformer_lens": _package_version("transformer-lens"),
+        "version_sae_lens": _package_version("sae-lens"),
+        "version_python": platform.python_version(),
+    }
+
+
+def assemble_result(kind: str, inputs: Inputs, stats: PassStats, collectors: list[Collector]) -> AnalysisResult:
+    from sae_mlops.naming import sae_name
+
+    metrics: dict[str, float] = {}
+    warnings = list(inputs.warnings)
+    per_feature: dict[str, list[float]] = {}
+    for c in collectors:
+        metrics.update(c.compute())
+        warnings.extend(getattr(c, "warnings", []))
+        if isinstance(c, SparsityCollector):
+            per_feature = c.per_feature()
+    info = inputs.sae.info
+    if info.ever_fired is not None:
+        metrics["features/train_dead_count"] = int((~info.ever_fired.bool()).sum())
+    metrics.update(
+        {
+            "tokens/analysed": stats.tokens_analysed,
+            "tokens/predictions": stats.predictions,
+            "tokens/windows": stats.windows,
+            "tokens/batches": stats.batches,
+            "speed/seconds": stats.seconds,
+            "speed/tokens_per_s": stats.tokens_analysed / stats.seconds if stats.seconds > 0 else 0.0,
+        }
+    )
+    metrics.update(inputs.stages.metrics(inputs.device))
+    metrics.update({f"time/pass/{k}": v for k, v in stats.part_seconds.items()})
+    metrics.update({f"time_cpu/pass/{k}": v for k, v in stats.part_cpu_seconds.items()})
+    for w in warnings[len(inputs.warnings) :]:
+        log.warning(w)
+    tags = dict(info.lineage)
+    tags["sae_mlops.kind"] = kind
+    if info.content_hash:
+        tags["sae_mlops.sae_hash"] = info.content_hash
+    return AnalysisResult(
+        kind=kind,
+        params=resolved_params(inputs, stats),
+        metrics=metrics,
+        tags=tags,
+        per_feature=per_feature,
+        details={
+            "thresholds": {"dead": 0.0, "rare": inputs.cfg.rare_threshold, "dense": inputs.cfg.dense_threshold},
+            "sae_name": sae_name(inputs.cfg.sae, inputs.cfg.sae_id),
+            "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        },
+        warnings=warnings,
+    )
+
+
+def run_quick(cfg: AnalysisConfig) -> AnalysisResult:
+    """Quick analysis: sparsity, dead/rare/dense features, reconstruction, CE/KL ablation; one pass."""
+    inputs = prepare(cfg)
+    collectors = base_collectors(inputs)
+    stats = run_pass(inputs, collectors)
+    return assemble_result("quick", inputs, stats, collectors)

@@ -1,0 +1,183 @@
+"""Feature co-occurrence on the binary firing matrix B (analysed tokens x features).
+
+Counts: ``n_i = #{t : f_i(t) != 0}``, ``n_ij = #{t : f_i(t) != 0 and f_j(t) != 0}``, ``N = |T|``.
+Measures (``measure_from_counts``):
+
+- ``correlation`` (phi coefficient, the default):
+  ``(N n_ij - n_i n_j) / sqrt(n_i (N - n_i) n_j (N - n_j))``, 0 where a feature never or always fires;
+- ``jaccard``: ``n_ij / (n_i + n_j - n_ij)``, 0 where neither fires;
+- ``pmi``: ``log(n_ij N / (n_i n_j))`` (natural log), ``-inf`` where the pair never co-fires,
+  NaN where one of the two never fires.
+
+The collector accumulates ``B^T B`` during the pass into a dense ``d_sae x d_sae`` count matrix, so
+it is used only up to the dense limit (``--dense-limit``, default 4096: 128 MiB of int64):
+
+- codes on the CPU: firing rows are buffered and multiplied as a sparse matrix every
+  ``flush_tokens`` tokens (cost ~ tokens x L0^2, not tokens x d_sae^2), in row blocks on
+  ``workers`` threads (default: torch's thread count);
+- codes on an accelerator: ``B^T B`` of each batch as one dense float32 matmul on the device
+  (exact: 0/1 products summed in float32 stay exact below 2^24 rows), added to an int64 count
+  matrix on the device; the dense codes never leave the device.
+
+Beyond the dense limit no pair is counted in the pass: neighbours are computed after it, block-wise,
+from the activation database's CSR (:func:`sae_mlops.core.matrices.csr_count_blocks`).
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+
+from sae_mlops.core.collectors.base import StepData
+
+MEASURES = ("correlation", "jaccard", "pmi")
+
+
+def measure_from_counts(n_ij, n_i, n_j, n_tokens: int, measure: str) -> np.ndarray:
+    """Co-occurrence measure for count blocks: ``n_ij`` [a, b], ``n_i`` [a], ``n_j`` [b] (arrays or
+    tensors); float64 math in place on one copy of the block (torch, multi-threaded), float32 out.
+
+    Correlation as ``(N n_ij - n_i n_j) * r_i * r_j`` with ``r = 1 / sqrt(n (N - n))`` (0 where
+    ``n`` is 0 or N); Jaccard as ``n_ij / max(n_i + n_j - n_ij, 1)`` (the union is at least 1
+    whenever ``n_ij > 0``); PMI as ``log(n_ij N / n_i / n_j)`` (0/0 gives the NaN of a feature that
+    never fires, log 0 the -inf of a pair that never co-fires)."""
+    if measure not in MEASURES:
+        raise ValueError(f"unknown co-occurrence measure {measure!r}; use one of {MEASURES}")
+    out = torch.as_tensor(n_ij).to(torch.float64, copy=True)
+    ni = torch.as_tensor(n_i).to(torch.float64)
+    nj = torch.as_tensor(n_j).to(torch.float64)
+    N = float(n_tokens)
+    if measure == "correlation":
+
+        def inv_sd(n: torch.Tensor) -> torch.Tensor:
+            var = n * (N - n)
+            return torch.where(var > 0, var.clamp(min=1e-300).rsqrt(), torch.zeros_like(var))
+
+        out.addr_(ni, nj, beta=N, alpha=-1.0)
+        out.mul_(inv_sd(ni)[:, None]).mul_(inv_sd(nj)[None, :])
+    elif measure == "jaccard":
+        union = torch.neg(out).add_(ni[:, None]).add_(nj[None, :]).clamp_(min=1.0)
+        out.div_(union)
+    else:
+        out.mul_(N).div_(ni[:, None]).div_(nj[None, :]).log_()
+    return out.float().cpu().numpy()
+
+
+class CooccurrenceCollector:
+    name = "cooccurrence"
+
+    def __init__(self, d_sae: int, flush_tokens: int = 32_768, workers: int | None = None, method: str | None = None):
+        """method: "sparse" (buffered sparse products on the CPU), "matmul" (per-batch dense
+        ``B^T B`` where the codes are) or None: matmul for codes on an accelerator, else sparse."""
+        if method not in (None, "sparse", "matmul"):
+            raise ValueError(f"unknown counting method {method!r}")
+        self.d_sae = d_sae
+        self.method = method
+        self._device_counts: torch.Tensor | None = None  # [d, d] int64 on an accelerator
+        self.flush_tokens = flush_tokens
+        self.workers = workers or max(1, torch.get_num_threads())
+        self.n_tokens = 0
+        self.fire = np.zeros(d_sae, dtype=np.int64)
+        dtype = np.int64 if d_sae <= 8192 else np.int32  # int32 keeps 16384^2 at 1 GiB; exact below 2^31 tokens
+        self.counts = np.zeros((d_sae, d_sae), dtype=dtype)
+        self._buf_rows: list[np.ndarray] = []
+        self._buf_cols: list[np.ndarray] = []
+        self._buf_n = 0
+
+    def update(self, step: StepData) -> None:
+        if self.method == "matmul" or (self.method is None and step.f.device.type != "cpu"):
+            b = (step.f != 0).float()
+            if self._device_counts is None:
+                self._device_counts = torch.zeros(self.d_sae, self.d_sae, dtype=torch.int64, device=step.f.device)
+            self._device_counts += (b.T @ b).round_().long()
+            self.fire += b.sum(0).long().cpu().numpy()
+            self.n_tokens += step.f.shape[0]
+            return
+        sp = step.sparse
+        self._buf_rows.append((sp.rows + self._buf_n).numpy().astype(np.int32))  # < flush_tokens + batch
+        self._buf_cols.append(sp.cols.numpy().astype(np.int32))
+        self._buf_n += step.f.shape[0]
+        self.n_tokens += step.f.shape[0]
+        if self._buf_n >= self.flush_tokens:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self._device_counts is not None:
+            self.counts += self._device_counts.cpu().numpy().astype(self.counts.dtype)
+            self._device_counts = None
+        if self._buf_n == 0:
+            return
+        rows = np.concatenate(self._buf_rows)
+        cols = np.concatenate(self._buf_cols)
+        # int32 products: exact (a flush has fewer than 2^31 tokens), and faster than int64
+        for prod in _gram_parts(rows, cols, self._buf_n, self.d_sae, np.int32, self.workers):
+            if prod.shape[0] * prod.shape[1] <= 1 << 26:  # up to 8192^2: a dense add beats
+                # fancy-index adds of the COO entries (~4x at d_sae 4096, k 128)
+                np.add(self.counts, prod.toarray(), out=self.counts, casting="unsafe")
+            else:
+                prod = prod.tocoo()
+                self.counts[prod.row, prod.col] += prod.data.astype(self.counts.dtype)
+        self.fire += np.bincount(cols, minlength=self.d_sae)
+        self._buf_rows, self._buf_cols, self._buf_n = [], [], 0
+
+    def merge(self, other: "CooccurrenceCollector") -> None:
+        self._flush()
+        other._flush()
+        self.counts += other.counts
+        self.fire += other.fire
+        self.n_tokens += other.n_tokens
+
+    def finalize_counts(self) -> np.ndarray:
+        self._flush()
+        return self.counts
+
+    def matrix(self, measure: str = "correlation") -> np.ndarray:
+        """The whole [d, d] measure matrix (small d only: tests and the dense file use row blocks)."""
+        counts = self.finalize_counts()
+        return measure_from_counts(counts, self.fire, self.fire, self.n_tokens, measure)
+
+    def compute(self) -> dict[str, Any]:
+        return {}
+
+
+def _gram(rows: np.ndarray, cols: np.ndarray, lo: int, hi: int, d: int, dtype) -> sp.csr_matrix:
+    """``B^T B`` of the binary rows ``lo..hi`` of B, given B's non-zeros sorted by row."""
+    n = hi - lo
+    indptr = np.zeros(n + 1, dtype=np.int64)
+    np.cumsum(np.bincount(rows - lo, minlength=n), out=indptr[1:])
+    b = sp.csr_matrix((np.ones(len(rows), dtype=dtype), cols, indptr), shape=(n, d))
+    return b.T @ b
+
+
+def _gram_parts(rows: np.ndarray, cols: np.ndarray, n: int, d: int, dtype, workers: int,
+                min_rows: int = 4096) -> list[sp.csr_matrix]:
+    """``B^T B`` for the binary [n, d] matrix with non-zeros (rows, cols), sorted by row, as the
+    sum of the returned matrices: one per block of rows, computed in parallel threads (SciPy's
+    sparse products release the GIL, and the pass waits for the flush anyway)."""
+    parts = max(1, min(workers, n // min_rows))
+    edges = np.linspace(0, n, parts + 1).astype(np.int64)
+    cuts = np.searchsorted(rows, edges)
+    jobs = [(rows[a:b], cols[a:b], int(lo), int(hi), d, dtype)
+            for a, b, lo, hi in zip(cuts[:-1], cuts[1:], edges[:-1], edges[1:], strict=True)]
+    if parts == 1:
+        return [_gram(*jobs[0])]
+    with ThreadPoolExecutor(parts) as pool:
+        return list(pool.map(lambda job: _gram(*job), jobs))
+
+
+def neighbours_from_csr(
+    csr: sp.csr_matrix, k: int, measure: str = "correlation", block: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k co-occurrence neighbours of every feature from the firing CSR [tokens, d_sae].
+
+    Works in blocks of ``block`` features (memory ~ block x d_sae), so any d_sae fits.
+    Returns (indices [d_sae, k] int64, values [d_sae, k] float32), self excluded, best first,
+    ties by the lower feature index.
+    """
+    from sae_mlops.core.matrices import block_neighbours, csr_count_blocks
+
+    return block_neighbours(csr_count_blocks(csr, measure, block), csr.shape[1], k)

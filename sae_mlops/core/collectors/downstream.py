@@ -1,0 +1,79 @@
+"""Downstream metrics: what splicing the SAE in does to the model's next-token predictions.
+
+Predictions are from position t to t+1 with t in T (analysed) and t+1 a real token of the same
+window. Three forward variants share the clean prefix up to the hook:
+
+- ``ce_clean``: mean next-token cross-entropy (nats) with the hook untouched;
+- ``ce_sae``: the hook output replaced by x_hat at positions in T (special positions keep x);
+- ``ce_zero``: the hook output zeroed at every position (SAELens convention).
+- ``loss_recovered = (ce_zero - ce_sae) / (ce_zero - ce_clean)`` (SAELens ``ce_loss_score``; equal to
+  the prior tool's ``1 - (ce_sae - ce_clean) / (ce_zero - ce_clean)``); NaN with a warning when
+  ``ce_zero <= ce_clean``.
+- ``kl_sae = mean_t KL(p_clean(t) || p_sae(t))`` summed over the vocabulary (nats), over every
+  t in T (the last position of a window included, as SAELens does); ``kl_zero`` likewise;
+  ``kl_score = 1 - kl_sae / kl_zero``.
+
+All averages are per prediction (per token), never a mean of batch means.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from sae_mlops.core.collectors.base import StepData, f64sum
+
+
+class DownstreamCollector:
+    name = "downstream"
+
+    def __init__(self) -> None:
+        self.n_pred = 0
+        self.n_kl = 0
+        self.sum_ce = {"clean": 0.0, "sae": 0.0, "zero": 0.0}
+        self.sum_kl = {"sae": 0.0, "zero": 0.0}
+        self.warnings: list[str] = []
+
+    def update(self, step: StepData) -> None:
+        if step.ce_clean is None:
+            return
+        assert step.ce_sae is not None and step.ce_zero is not None and step.kl_sae is not None and step.kl_zero is not None
+        self.n_pred += int(step.ce_clean.numel())
+        self.sum_ce["clean"] += f64sum(step.ce_clean)
+        self.sum_ce["sae"] += f64sum(step.ce_sae)
+        self.sum_ce["zero"] += f64sum(step.ce_zero)
+        self.n_kl += int(step.kl_sae.numel())
+        self.sum_kl["sae"] += f64sum(step.kl_sae)
+        self.sum_kl["zero"] += f64sum(step.kl_zero)
+
+    def merge(self, other: "DownstreamCollector") -> None:
+        self.n_pred += other.n_pred
+        self.n_kl += other.n_kl
+        for k in self.sum_ce:
+            self.sum_ce[k] += other.sum_ce[k]
+        for k in self.sum_kl:
+            self.sum_kl[k] += other.sum_kl[k]
+
+    def compute(self) -> dict[str, Any]:
+        if self.n_pred == 0:
+            return {}
+        ce = {k: v / self.n_pred for k, v in self.sum_ce.items()}
+        kl = {k: v / max(self.n_kl, 1) for k, v in self.sum_kl.items()}
+        gap = ce["zero"] - ce["clean"]
+        if gap <= 0:
+            self.warnings.append(
+                f"zero-ablation does not raise the loss (CE zero {ce['zero']:.4f} <= CE clean "
+                f"{ce['clean']:.4f}): loss recovered is undefined (NaN) at this hook."
+            )
+            recovered = math.nan
+        else:
+            recovered = (ce["zero"] - ce["sae"]) / gap
+        return {
+            "downstream/ce_clean": ce["clean"],
+            "downstream/ce_sae": ce["sae"],
+            "downstream/ce_zero": ce["zero"],
+            "downstream/loss_recovered": recovered,
+            "downstream/kl_sae": kl["sae"],
+            "downstream/kl_zero": kl["zero"],
+            "downstream/kl_score": 1.0 - kl["sae"] / kl["zero"] if kl["zero"] > 0 else math.nan,
+        }

@@ -1,0 +1,109 @@
+"""Sparsity and feature-liveness metrics (over the analysed tokens T).
+
+- ``L0(t) = #{i : f_i(t) != 0}``, ``L1(t) = sum_i |f_i(t)|``; reported as mean and population std
+  over tokens (``std = sqrt(E[v^2] - E[v]^2)``).
+- ``freq_i = #{t : f_i(t) != 0} / |T|``: dead when ``freq_i == 0``, rare when
+  ``0 < freq_i < rare_threshold``, dense when ``freq_i > dense_threshold``.
+- Per feature, also the sum and max of its activation where it fired (for the mean activation
+  ``act_sum_i / count_i`` in the feature summaries).
+
+Matches SAELens ``run_evals`` ``sparsity/l0`` and ``sparsity/l1`` (``!= 0`` and ``abs`` so that
+signed architectures count correctly).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from sae_mlops.core.collectors.base import StepData, f64sum
+
+
+class SparsityCollector:
+    name = "sparsity"
+
+    def __init__(self, d_sae: int, rare_threshold: float = 1e-5, dense_threshold: float = 0.1):
+        self.d_sae = d_sae
+        self.rare_threshold = rare_threshold
+        self.dense_threshold = dense_threshold
+        self.n_tokens = 0
+        self.sum_l0 = 0.0
+        self.sum_l0_sq = 0.0
+        self.sum_l1 = 0.0
+        self.sum_l1_sq = 0.0
+        self.fire_count = torch.zeros(d_sae, dtype=torch.int64)
+        self.act_sum = torch.zeros(d_sae, dtype=torch.float64)
+        self.act_max = torch.zeros(d_sae, dtype=torch.float64)
+        self.l0_hist = torch.zeros(d_sae + 1, dtype=torch.int64)  # tokens per L0 value
+
+    def update(self, step: StepData) -> None:
+        """O(nnz) from the batch's non-zero codes (``step.sparse``)."""
+        n = int(step.f.shape[0])
+        sp = step.sparse
+        mag = sp.values.abs().double()
+        l0 = torch.bincount(sp.rows, minlength=n)
+        l1 = torch.bincount(sp.rows, weights=mag, minlength=n)
+        l0f = l0.double()
+        self.n_tokens += n
+        self.sum_l0 += float(l0f.sum())
+        self.sum_l0_sq += float((l0f * l0f).sum())
+        self.sum_l1 += float(l1.sum())
+        self.sum_l1_sq += float((l1 * l1).sum())
+        self.fire_count += torch.bincount(sp.cols, minlength=self.d_sae)
+        self.l0_hist += torch.bincount(l0, minlength=self.d_sae + 1)
+        self.act_sum += torch.bincount(sp.cols, weights=sp.values.double(), minlength=self.d_sae)
+        self.act_max.scatter_reduce_(0, sp.cols, mag, reduce="amax")
+
+    def merge(self, other: "SparsityCollector") -> None:
+        self.n_tokens += other.n_tokens
+        self.sum_l0 += other.sum_l0
+        self.sum_l0_sq += other.sum_l0_sq
+        self.sum_l1 += other.sum_l1
+        self.sum_l1_sq += other.sum_l1_sq
+        self.fire_count += other.fire_count
+        self.act_sum += other.act_sum
+        self.act_max = torch.maximum(self.act_max, other.act_max)
+        self.l0_hist += other.l0_hist
+
+    def frequency(self) -> torch.Tensor:
+        return self.fire_count.double() / max(self.n_tokens, 1)
+
+    def compute(self) -> dict[str, Any]:
+        n = self.n_tokens
+        if n == 0:
+            nan = float("nan")
+            return {"sparsity/l0_mean": nan, "sparsity/l0_std": nan, "sparsity/l1_mean": nan, "sparsity/l1_std": nan}
+        l0_mean, l1_mean = self.sum_l0 / n, self.sum_l1 / n
+        freq = self.frequency()
+        dead = int((self.fire_count == 0).sum())
+        rare = int(((freq > 0) & (freq < self.rare_threshold)).sum())
+        dense = int((freq > self.dense_threshold).sum())
+        d = self.d_sae
+        return {
+            "sparsity/l0_mean": l0_mean,
+            "sparsity/l0_std": math.sqrt(max(self.sum_l0_sq / n - l0_mean**2, 0.0)),
+            "sparsity/l1_mean": l1_mean,
+            "sparsity/l1_std": math.sqrt(max(self.sum_l1_sq / n - l1_mean**2, 0.0)),
+            "features/dead_count": dead,
+            "features/dead_fraction": dead / d,
+            "features/rare_count": rare,
+            "features/rare_fraction": rare / d,
+            "features/dense_count": dense,
+            "features/dense_fraction": dense / d,
+            "features/alive_count": d - dead,
+        }
+
+    def per_feature(self) -> dict[str, list[float]]:
+        count = self.fire_count.double()
+        mean = torch.where(count > 0, self.act_sum / count.clamp(min=1), torch.zeros_like(count))
+        return {
+            "firing_count": self.fire_count.tolist(),
+            "frequency": self.frequency().tolist(),
+            "mean_activation": mean.tolist(),
+            "max_activation": self.act_max.tolist(),
+        }
+
+
+__all__ = ["SparsityCollector", "f64sum"]

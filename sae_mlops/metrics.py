@@ -1,0 +1,162 @@
+"""The metric registry: one row per metric an analysis reports.
+
+Every place that shows or judges a metric reads this table: the CLI's headline table, the SUMMARY and
+README writers, `compare` (its columns and Pareto plots), the service's version tags and quality gate,
+and the MLflow run description. Definitions (formulas) are in the README's metric table and in the
+collectors' docstrings; here is how each is named, shown and judged.
+
+name: the results / MLflow metric name (``group/name``); short: the short name used in version tags,
+the quality gate and `compare` columns (None: none); label: for people; unit: of the value;
+higher_is_better: True / False, None when neither (a count, a CE value); fmt: Python format for one
+value; saelens: the SAELens ``run_evals`` key of the same quantity, when it has one; headline: shown
+in the CLI's headline table and in run descriptions' first line; summary: a row of SUMMARY.md.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Metric:
+    """How one metric is named, shown and judged (see the module docstring for each field)."""
+
+    name: str
+    label: str
+    unit: str
+    fmt: str
+    higher_is_better: bool | None = None
+    short: str | None = None
+    saelens: str | None = None
+    headline: bool = False
+    summary: bool = True
+
+    def format(self, value: Any) -> str:
+        """`value` with this metric's format; 'n/a' for None or NaN."""
+        return format_value(value, self.fmt)
+
+
+def format_value(value: Any, pattern: str) -> str:
+    """`value` formatted with `pattern`: 'n/a' for None or NaN; str(value) where the pattern does not apply."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "n/a"
+    try:
+        return pattern.format(value)
+    except (TypeError, ValueError):
+        return str(value)
+
+
+METRICS: tuple[Metric, ...] = (
+    Metric("tokens/analysed", "tokens analysed (non-special)", "tokens", "{:,.0f}", short="tokens", headline=True),
+    Metric("sparsity/l0_mean", "L0 mean (active features per token)", "features", "{:.2f}", False, "l0",
+           "sparsity/l0", headline=True),
+    Metric("sparsity/l0_std", "L0 std", "features", "{:.2f}"),
+    Metric("sparsity/l1_mean", "L1 mean (sum |f| per token)", "activation", "{:.4g}", None, None, "sparsity/l1",
+           headline=True),
+    Metric("sparsity/l1_std", "L1 std", "activation", "{:.4g}", summary=False),
+    Metric("features/dead_count", "dead features (never fired)", "features", "{:,.0f}", False, headline=True),
+    Metric("features/dead_fraction", "dead fraction", "of d_sae", "{:.4f}", False, "dead_fraction", headline=True),
+    Metric("features/rare_count", "rare features", "features", "{:,.0f}", False),
+    Metric("features/rare_fraction", "rare fraction", "of d_sae", "{:.4f}", False, summary=False),
+    Metric("features/dense_count", "dense features", "features", "{:,.0f}", False, headline=True),
+    Metric("features/dense_fraction", "dense fraction", "of d_sae", "{:.4f}", False, "dense_fraction", summary=False),
+    Metric("features/alive_count", "alive features", "features", "{:,.0f}", True, summary=False),
+    Metric("features/train_dead_count", "dead at training time (ever_fired)", "features", "{:,.0f}", False),
+    Metric("recon/mse_per_token", "MSE per token (sum over dims)", "act^2", "{:.4g}", False, "mse_per_token",
+           "reconstruction_quality/mse", headline=True),
+    Metric("recon/mse_per_element", "MSE per element", "act^2", "{:.4g}", False),
+    Metric("recon/explained_variance", "explained variance (per-dim, about the mean)", "fraction", "{:.4f}", True,
+           "explained_variance", "reconstruction_quality/explained_variance", headline=True),
+    Metric("recon/explained_variance_pooled", "explained variance, pooled (prior tool's)", "fraction", "{:.4f}", True),
+    Metric("recon/cosine", "cosine(x, x_hat)", "", "{:.4f}", True, "cosine", "reconstruction_quality/cossim",
+           headline=True),
+    Metric("recon/l2_ratio", "L2 ratio ||x_hat|| / ||x||", "ratio", "{:.4f}", None, None, "shrinkage/l2_ratio"),
+    Metric("recon/relative_reconstruction_bias", "relative reconstruction bias", "ratio", "{:.4f}", None, None,
+           "shrinkage/relative_reconstruction_bias", summary=False),
+    Metric("downstream/ce_clean", "CE clean", "nats", "{:.4f}", None, "ce_clean",
+           "model_performance_preservation/ce_loss_without_sae", headline=True),
+    Metric("downstream/ce_sae", "CE with SAE spliced in", "nats", "{:.4f}", False, "ce_sae",
+           "model_performance_preservation/ce_loss_with_sae", headline=True),
+    Metric("downstream/ce_zero", "CE with hook zero-ablated", "nats", "{:.4f}", None, "ce_zero",
+           "model_performance_preservation/ce_loss_with_ablation", headline=True),
+    Metric("downstream/loss_recovered", "loss recovered", "fraction", "{:.4f}", True, "loss_recovered",
+           "model_performance_preservation/ce_loss_score", headline=True),
+    Metric("downstream/kl_sae", "KL(clean || SAE)", "nats", "{:.4g}", False, "kl_sae",
+           "model_behavior_preservation/kl_div_with_sae", headline=True),
+    Metric("downstream/kl_zero", "KL(clean || zero)", "nats", "{:.4g}", None, None,
+           "model_behavior_preservation/kl_div_with_ablation"),
+    Metric("downstream/kl_score", "KL score", "fraction", "{:.4f}", True, "kl_score",
+           "model_behavior_preservation/kl_div_score", summary=False),
+    Metric("tokens/predictions", "next-token predictions", "count", "{:,.0f}", summary=False),
+    Metric("tokens/windows", "windows", "count", "{:,.0f}", summary=False),
+    Metric("tokens/batches", "batches", "count", "{:,.0f}", summary=False),
+    Metric("speed/seconds", "pass wall time", "s", "{:.1f}", False, summary=False),
+    Metric("speed/tokens_per_s", "throughput", "tokens/s", "{:,.0f}", True, headline=True),
+    # cost telemetry (sae_mlops.telemetry): where the run's time and memory went
+    Metric("time/startup", "start-up (interpreter, imports)", "s", "{:,.1f}", False, summary=False),
+    Metric("time/import", "imports of model/SAE libraries", "s", "{:,.1f}", False, summary=False),
+    Metric("time/load", "loading SAE, corpus and model", "s", "{:,.1f}", False, summary=False),
+    Metric("time/pass", "the streaming pass", "s", "{:,.1f}", False, summary=False),
+    Metric("time/database", "activation database", "s", "{:,.1f}", False, summary=False),
+    Metric("time/matrices", "matrices and neighbour lists", "s", "{:,.1f}", False, summary=False),
+    Metric("time/logit_lens", "logit lens", "s", "{:,.1f}", False, summary=False),
+    Metric("time/summaries", "feature summaries", "s", "{:,.1f}", False, summary=False),
+    Metric("time/plots", "plots", "s", "{:,.1f}", False, summary=False),
+    Metric("time/reports", "reports", "s", "{:,.1f}", False, summary=False),
+    Metric("time/logging", "MLflow logging", "s", "{:,.1f}", False, summary=False),
+    Metric("time/total", "total seconds (process start to end)", "s", "{:,.1f}", False, headline=True, summary=False),
+    Metric("time/pass_share", "share of the total in the pass", "fraction", "{:.0%}", True, headline=True, summary=False),
+    Metric("memory/peak_rss_mib", "peak resident memory", "MiB", "{:,.0f}", False, summary=False),
+    Metric("memory/peak_gpu_mib", "peak GPU memory (torch)", "MiB", "{:,.0f}", False, summary=False),
+    Metric("artifacts/bytes", "bytes written", "bytes", "{:,.0f}", False, summary=False),
+)
+
+BY_NAME: dict[str, Metric] = {m.name: m for m in METRICS}
+BY_SHORT: dict[str, Metric] = {m.short: m for m in METRICS if m.short}
+#: Extra short names accepted where a short name is (the service's quality gate, tags).
+ALIASES: dict[str, str] = {"l0_mean": "sparsity/l0_mean"}
+
+
+def lookup(name: str) -> Metric | None:
+    """The metric for a full name (``recon/cosine``), a short name (``cosine``) or an alias; None if unknown."""
+    if name in BY_NAME:
+        return BY_NAME[name]
+    if name in BY_SHORT:
+        return BY_SHORT[name]
+    return BY_NAME.get(ALIASES.get(name, ""))
+
+
+def full_name(name: str) -> str:
+    """The results' metric name for a short or full name (unknown names unchanged)."""
+    m = lookup(name)
+    return m.name if m else name
+
+
+def headline_metrics() -> list[Metric]:
+    """The CLI headline table's rows, in order."""
+    return [m for m in METRICS if m.headline]
+
+
+def summary_metrics() -> list[Metric]:
+    """SUMMARY.md's rows, in order."""
+    return [m for m in METRICS if m.summary]
+
+
+#: The one-line headline of a run (its description's first line, the version tags): short name -> label.
+HEADLINE_LINE = {"l0": "L0", "loss_recovered": "loss recovered", "explained_variance": "explained variance",
+                 "dead_fraction": "dead fraction"}
+
+
+def headline_line(metrics: dict[str, Any], bold: bool = False) -> str:
+    """One line for people: ``L0 12.34 · loss recovered 0.9512 · explained variance 0.8700 · dead
+    fraction 0.0100`` (values in Markdown bold when `bold`); absent or non-finite metrics are left out."""
+    parts = []
+    for short, label in HEADLINE_LINE.items():
+        m = BY_SHORT[short]
+        v = metrics.get(m.name)
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v)):
+            value = m.format(float(v))
+            parts.append(f"{label} **{value}**" if bold else f"{label} {value}")
+    return " · ".join(parts)

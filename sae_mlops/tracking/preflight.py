@@ -1,0 +1,123 @@
+"""Is the tracking store usable? Asked before the model loads, answered within a few seconds.
+
+MLflow's own client retries a refused connection for minutes (``MLFLOW_HTTP_REQUEST_MAX_RETRIES``
+with backoff: ~4.4 min by default) before it fails with chained tracebacks. `check_tracking_store`
+asks once, with a short timeout, and raises `TrackingError` with one sentence instead:
+
+- ``http(s)://`` server: ``GET <uri>/health`` (MLflow's health endpoint); any HTTP answer below 500
+  counts as reachable (401/403/404 mean a server is there; what it allows is MLflow's business),
+  a refused connection, a timeout, a DNS failure or a 5xx does not.
+- ``sqlite:///path`` and local file stores: the store's directory must exist or be creatable.
+- anything else (``databricks``...): not checked.
+
+`mark_killed` sets a run's status to KILLED (used when the user interrupts a command).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from urllib.parse import urlparse
+
+from sae_mlops.errors import TrackingError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TIMEOUT_S = 3.0
+
+
+def tracking_uri() -> str:
+    """The tracking URI MLflow will use (``MLFLOW_TRACKING_URI``, else MLflow's default)."""
+    import mlflow
+
+    return mlflow.get_tracking_uri()
+
+
+def describe_uri(uri: str) -> str:
+    """`uri` and where it came from, for messages."""
+    return f"{uri} (MLFLOW_TRACKING_URI)" if os.environ.get("MLFLOW_TRACKING_URI") else f"{uri} (MLflow's default)"
+
+
+def check_tracking_store(uri: str | None = None, timeout_s: float = DEFAULT_TIMEOUT_S, no_track_option: bool = False) -> str:
+    """Raise `TrackingError` unless the tracking store at `uri` (default: the current one) is
+    usable; return the URI. Takes at most about `timeout_s` seconds. `no_track_option`: the command
+    has --no-track (the message then offers it)."""
+    uri = uri or tracking_uri()
+    alternative = ", or pass --no-track" if no_track_option else ""
+    parsed = urlparse(uri)
+    scheme = parsed.scheme.lower()
+    if scheme in ("http", "https"):
+        _check_server(uri, timeout_s, alternative)
+    elif scheme == "sqlite":
+        path = parsed.path
+        if path and path != "/:memory:" and not path.startswith("/:memory:"):
+            _check_local(uri, Path(path).parent, alternative)
+    elif scheme in ("", "file"):
+        _check_local(uri, Path(parsed.path if scheme == "file" else uri), alternative)
+    return uri
+
+
+def _check_server(uri: str, timeout_s: float, alternative: str) -> None:
+    import requests
+
+    url = uri.rstrip("/") + "/health"
+    fix = f"start the server or point MLFLOW_TRACKING_URI at a running one{alternative}"
+    # The cause stays chained (the service sorts a TrackingError by it: connection error or timeout
+    # = unavailable, retried without using an attempt); the CLI shows only the sentence.
+    try:
+        response = requests.get(url, timeout=timeout_s, allow_redirects=False)
+    except requests.Timeout as e:
+        raise TrackingError(f"MLflow tracking server {describe_uri(uri)} did not answer within {timeout_s:g} s; {fix}.") from e
+    except requests.RequestException as e:
+        raise TrackingError(f"MLflow tracking server {describe_uri(uri)} is not reachable ({_reason(e)}); {fix}.") from e
+    if response.status_code >= 500:
+        raise TrackingError(
+            f"MLflow tracking server {describe_uri(uri)} answers HTTP {response.status_code} on /health; {fix}."
+        ) from ConnectionError(f"HTTP {response.status_code} from {url}")
+    log.debug("tracking server %s answered HTTP %d on /health", uri, response.status_code)
+
+
+def _check_local(uri: str, directory: Path, alternative: str) -> None:
+    from sae_mlops.preflight import out_dir_problem
+
+    problem = out_dir_problem(directory)
+    if problem:
+        raise TrackingError(
+            f"the MLflow store {describe_uri(uri)} cannot be created or written ({problem}); "
+            f"fix MLFLOW_TRACKING_URI{alternative}."
+        )
+
+
+def _reason(e: Exception) -> str:
+    """A short cause: 'connection refused', 'name or service not known'... rather than urllib3's chain."""
+    text = str(e)
+    for needle, short in (
+        ("Connection refused", "connection refused"),
+        ("Name or service not known", "unknown host"),
+        ("nodename nor servname", "unknown host"),
+        ("Temporary failure in name resolution", "unknown host"),
+        ("No route to host", "no route to host"),
+        ("Network is unreachable", "network unreachable"),
+        ("SSLError", "TLS error"),
+    ):
+        if needle in text:
+            return short
+    return type(e).__name__
+
+
+def mark_killed(run_id: str) -> bool:
+    """Set run `run_id` to KILLED if it is still RUNNING; True when it is KILLED now. Never raises:
+    this runs while a command is being interrupted, and a store that is down must not hide that."""
+    try:
+        from mlflow.tracking import MlflowClient
+
+        check_tracking_store(timeout_s=2.0)  # MLflow's client would retry a dead server for minutes
+        client = MlflowClient()
+        status = client.get_run(run_id).info.status
+        if status == "RUNNING":
+            client.set_terminated(run_id, "KILLED")
+        return status in ("RUNNING", "KILLED")
+    except Exception as e:  # noqa: BLE001 - reported, not raised (see the docstring)
+        log.debug("could not mark run %s KILLED: %s", run_id, e)
+    return False

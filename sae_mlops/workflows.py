@@ -1,0 +1,297 @@
+"""One call per user action, shared by the CLI, the MLproject entry points and (later) the service.
+
+`run_quick_and_log` = `analysis.run_quick` -> `writers.quick.write_quick_outputs` ->
+`tracking.runs.log_analysis`; `run_full_and_log` = `full.run_full` (pass and writers) ->
+`tracking.runs.log_analysis`. They hold no analysis logic and do not parse arguments; they only
+decide where outputs go and wire the steps together.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from sae_mlops.config import AnalysisConfig
+from sae_mlops.naming import utc_timestamp
+
+if TYPE_CHECKING:
+    from sae_mlops.analyses.full import FullOptions
+    from sae_mlops.core.results import AnalysisResult
+
+log = logging.getLogger(__name__)
+
+DEFAULT_ANALYSIS_ROOT = Path("analysis")
+
+
+@dataclass
+class QuickOutcome:
+    result: AnalysisResult
+    out_dir: Path
+    files: list[Path]
+    run_id: str | None = None  # None when tracking was off
+    tracking_uri: str | None = None
+    warnings: list[str] = field(default_factory=list)
+
+
+def sae_label(sae: str, sae_id: str | None = None) -> str:
+    """A directory-safe name for what the user called the SAE.
+
+    A local path gives its directory name; a URI or release name is flattened
+    (``runs:/abc/sae`` -> ``runs_abc_sae``).
+    """
+    s = sae.rstrip("/\\")
+    p = Path(s)
+    if "://" not in s and ":/" not in s and p.name:
+        name = p.name
+    else:
+        name = s
+    if sae_id:
+        name = f"{name}__{sae_id}"
+    name = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "sae"
+    return name[:120]
+
+
+def default_out_dir(cfg: AnalysisConfig, kind: str = "quick", root: Path = DEFAULT_ANALYSIS_ROOT) -> Path:
+    """``analysis/<sae dir name>/<kind>_<UTC timestamp>`` (relative to the working directory)."""
+    return root / sae_label(cfg.sae, cfg.sae_id) / f"{kind}_{utc_timestamp()}"
+
+
+def run_quick_and_log(
+    cfg: AnalysisConfig,
+    out_dir: Path | str | None = None,
+    *,
+    track: bool = True,
+    experiment: str | None = None,
+    run_name: str | None = None,
+) -> QuickOutcome:
+    """Run the quick analysis, write its files under `out_dir`, and log it all to MLflow.
+
+    out_dir: None -> `default_out_dir(cfg)`.
+    track: False skips MLflow entirely (files are still written).
+    experiment / run_name: for a new MLflow run; ignored when ``MLFLOW_RUN_ID`` is set (``mlflow run``).
+    """
+    out = Path(out_dir) if out_dir else default_out_dir(cfg)
+    preflight(out, track, no_track_option=True)
+    import sae_mlops.tracking.resolve  # noqa: F401 (registers the resolver of runs:/ and models:/ SAE URIs)
+    from sae_mlops.analyses.quick import run_quick
+    from sae_mlops.outputs.summaries import write_quick_outputs
+
+    started = _now_ms()
+    started_s = time.perf_counter()
+    with interrupt_report(out, track, "quick"):
+        result = run_quick(cfg)
+        out.mkdir(parents=True, exist_ok=True)
+        t_reports = time.perf_counter()
+        files = [Path(f) for f in write_quick_outputs(result, out)]
+        result.metrics["time/reports"] = time.perf_counter() - t_reports  # logged to MLflow, not in the JSON
+        log.info("Wrote %d file(s) under %s", len(files), out)
+        outcome = QuickOutcome(result=result, out_dir=out, files=files, warnings=list(result.warnings))
+        t_log = time.perf_counter()
+        if track:
+            log_outcome(outcome, experiment, run_name, start_time=started)
+        _log_total(outcome, started_s, time.perf_counter() - t_log if track else 0.0)
+    return outcome
+
+
+def _log_total(outcome: QuickOutcome, started: float, logging_seconds: float) -> None:
+    """``time/logging`` (MLflow logging; 0 when tracking is off), ``time/total`` (process start to
+    now; from this call when /proc is missing) and ``time/pass_share`` (``time/pass / time/total``)
+    into the result, and into the run when there is one. They are not in the results JSON, which
+    is written before logging."""
+    m = outcome.result.metrics
+    m["time/logging"] = logging_seconds
+    m["time/total"] = (m.get("time/startup") or 0.0) + (time.perf_counter() - started)
+    m["time/pass_share"] = m.get("time/pass", 0.0) / m["time/total"] if m["time/total"] > 0 else 0.0
+    if outcome.run_id:
+        from sae_mlops.tracking.runs import log_metrics
+
+        log_metrics(outcome.run_id, {k: m[k] for k in ("time/logging", "time/total", "time/pass_share")})
+
+
+def preflight(out: Path | str | None, track: bool, no_track_option: bool = False) -> None:
+    """Before anything loads: the output directory (if given) can be created (`InputError`) and, when
+    tracking, the tracking store answers within seconds (`TrackingError`). Leaves nothing behind.
+    no_track_option: the command has --no-track, so the message may offer it."""
+    from sae_mlops.preflight import check_out_dir
+
+    if out is not None:
+        check_out_dir(out)
+    if track:
+        from sae_mlops.tracking.preflight import check_tracking_store
+
+        check_tracking_store(no_track_option=no_track_option)
+
+
+def log_outcome(outcome: QuickOutcome, experiment: str | None, run_name: str | None, start_time: int | None = None) -> None:
+    """Log a written analysis to MLflow; a failure becomes a `TrackingError` that says where the
+    results are and how to log them later (`sae-mlops log OUT`)."""
+    from sae_mlops.errors import TrackingError
+    from sae_mlops.tracking.preflight import describe_uri, tracking_uri
+    from sae_mlops.tracking.runs import log_analysis
+
+    uri = tracking_uri()
+    try:
+        outcome.run_id = log_analysis(
+            outcome.result, outcome.files, outcome.out_dir, experiment=experiment, run_name=run_name, start_time=start_time
+        )
+    except Exception as e:
+        log.debug("logging to MLflow failed", exc_info=True)
+        reason = " ".join(str(e).split())[:300] or type(e).__name__
+        raise TrackingError(
+            f"the analysis finished and its files are in {outcome.out_dir}, but logging them to MLflow at "
+            f"{describe_uri(uri)} failed ({type(e).__name__}: {reason}); log them later with `sae-mlops log {outcome.out_dir}`."
+        ) from e
+    outcome.tracking_uri = uri
+
+
+@contextmanager
+def interrupt_report(out: Path, track: bool, kind: str = "the") -> Iterator[None]:
+    """Turn Ctrl-C (SIGINT) into `Interrupted` with one sentence saying what was left behind: partial
+    files under `out` (or none), and the MLflow run, marked KILLED when one exists (the run of
+    ``MLFLOW_RUN_ID``, or the run `log_analysis` was logging into; a run is only created after the pass)."""
+    from sae_mlops.errors import AnalysisInterrupted, Interrupted
+
+    try:
+        yield
+    except Interrupted:
+        raise
+    except KeyboardInterrupt as e:
+        run_id = getattr(e, "mlflow_run_id", None) or (os.environ.get("MLFLOW_RUN_ID") if track else None)
+        files = sorted(p for p in out.rglob("*") if p.is_file()) if out.is_dir() else []
+        if not files:
+            left = f"nothing was written to {out}"
+        elif getattr(e, "mlflow_run_id", None):
+            left = f"the files in {out} are complete; log them again with `sae-mlops log {out}`"
+        else:
+            left = f"{out} holds {len(files)} partial file(s) of an unfinished analysis: delete it"
+        if run_id:
+            from sae_mlops.tracking.preflight import mark_killed
+
+            killed = mark_killed(run_id)
+            run = f"MLflow run {run_id} was marked KILLED" if killed else f"MLflow run {run_id} could not be marked KILLED"
+        elif track:
+            run = "no MLflow run was created (a run is created only after the analysis)"
+        else:
+            run = "nothing was tracked (--no-track)"
+        raise AnalysisInterrupted(f"{kind} analysis interrupted: {left}; {run}.") from None
+
+
+@dataclass
+class FullOutcome(QuickOutcome):
+    """A quick outcome plus where the full analysis's main files are (None if not written)."""
+
+    summary: Path | None = None  # SUMMARY.json
+    report: Path | None = None  # README.md
+    database: Path | None = None  # activation_database/activation_db
+
+
+def run_full_and_log(
+    cfg: AnalysisConfig,
+    out_dir: Path | str | None = None,
+    *,
+    opts: FullOptions | None = None,
+    track: bool = True,
+    experiment: str | None = None,
+    run_name: str | None = None,
+) -> FullOutcome:
+    """Run the full analysis (one pass; database, matrices, summaries, plots, reports under `out_dir`)
+    and log it to MLflow: the quick metrics under the same names, and every file as an artifact at its
+    path relative to `out_dir` (the run's artifacts have the directory's layout).
+
+    out_dir: None -> `default_out_dir(cfg, "full")`. opts: None -> `FullOptions()` defaults.
+    track / experiment / run_name: as for `run_quick_and_log`.
+    """
+    out = Path(out_dir) if out_dir else default_out_dir(cfg, "full")
+    preflight(out, track, no_track_option=True)
+    import sae_mlops.tracking.resolve  # noqa: F401 (registers the resolver of runs:/ and models:/ SAE URIs)
+    from sae_mlops.analyses.full import FullOptions
+
+    opts = opts or FullOptions()  # bounds are checked when FullOptions is built (sae_mlops.config)
+    started = _now_ms()
+    started_s = time.perf_counter()
+    with interrupt_report(out, track, "full"):
+        return _run_full_and_log(cfg, out, opts, track, experiment, run_name, started, started_s)
+
+
+def _run_full_and_log(
+    cfg: AnalysisConfig, out: Path, opts: FullOptions, track: bool, experiment: str | None, run_name: str | None,
+    started: int,
+    started_s: float,
+) -> FullOutcome:
+    from sae_mlops.analyses.full import run_full
+
+    outputs = run_full(cfg, out, opts)
+    files = [Path(f) for f in outputs.files]
+    result = outputs.result
+    if opts.dashboards:
+        files += _dashboards(out, opts.dashboards, result)
+    log.info("Wrote %d file(s) under %s", len(files), out)
+    outcome = FullOutcome(result=result, out_dir=out, files=files, warnings=list(result.warnings))
+    for f in files:
+        if f.parent == out and f.name.startswith("SUMMARY") and f.suffix == ".json":
+            outcome.summary = f
+        elif f.parent == out and f.name.startswith("README") and f.suffix == ".md":
+            outcome.report = f
+        elif f.name == "manifest.json" and f.parent.parent.name == "activation_database":
+            outcome.database = f.parent
+    t_log = time.perf_counter()
+    t_log = time.perf_counter()
+    if track:
+        log_outcome(outcome, experiment, run_name, start_time=started)
+    _log_total(outcome, started_s, time.perf_counter() - t_log if track else 0.0)
+    return outcome
+
+
+def _dashboards(out: Path, top: int, result: AnalysisResult) -> list[Path]:
+    """`--dashboards N`: the feature pages of the N most frequent features under ``out/dashboard``;
+    their timing metrics and the index tag go into the result, so they are logged with the run."""
+    from sae_mlops.features.dashboard import write_dashboards
+    from sae_mlops.tracking.features import TAG_DASHBOARD
+
+    dash = write_dashboards(out, out / "dashboard", top=top)
+    result.metrics.update(dash.metrics())
+    result.tags[TAG_DASHBOARD] = "dashboard/index.html"
+    return [Path(f) for f in dash.files]
+
+
+def _now_ms() -> int:
+    """Milliseconds since the epoch: a run's start time is when its analysis started."""
+    return int(time.time() * 1000)
+
+
+def log_existing(out_dir: Path | str, *, experiment: str | None = None, run_name: str | None = None) -> QuickOutcome:
+    """Log an analysis output directory written earlier (e.g. with --no-track, or when tracking failed)
+    to MLflow as a new run: its results JSON as params, metrics and tags, every file under it as an
+    artifact at its relative path. `InputError` when the directory is not a finished analysis."""
+    import json
+
+    from sae_mlops.errors import InputError
+    from sae_mlops.core.results import AnalysisResult
+
+    out = Path(out_dir)
+    hint = "give the output directory of a finished `sae-mlops quick` or `sae-mlops full`"
+    if not out.is_dir():
+        raise InputError(f"'{out}' is not a directory; {hint}.")
+    results = sorted((out / "results").glob("analysis_results*.json"))
+    if not results or not any(out.glob("SUMMARY*")):
+        raise InputError(f"'{out}' holds no finished analysis (no results/analysis_results.json and SUMMARY); {hint}.")
+    if any(p.name.endswith((".partial", ".part")) for p in out.rglob("*")):
+        raise InputError(f"'{out}' holds partial files of an interrupted analysis; run the analysis again, then log it.")
+    try:
+        result = AnalysisResult.from_json_dict(json.loads(results[-1].read_text(encoding="utf-8")))
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise InputError(f"'{results[-1]}' is not a readable results file ({type(e).__name__}); {hint}.") from None
+    from sae_mlops.tracking.preflight import check_tracking_store
+
+    check_tracking_store()
+    files = sorted(p for p in out.rglob("*") if p.is_file())
+    outcome = QuickOutcome(result=result, out_dir=out, files=files, warnings=list(result.warnings))
+    log_outcome(outcome, experiment, run_name)
+    return outcome
