@@ -173,7 +173,8 @@ def run_full(cfg: AnalysisConfig, out_dir: Path, opts: FullOptions | None = None
     rel = {p.relative_to(out_dir).as_posix(): p for p in files}
     summary = full_writers.summary_dict(result, ts, pf, rel)
     files.append(atomic_write_text(out_dir / "SUMMARY.json", full_writers.dumps(summary)))
-    readme = full_writers.report_markdown(result, summary, examples, vocab, lens, out_dir, files)
-    files.append(atomic_write_text(out_dir / "README.md", readme))
-    files.append(atomic_write_text(out_dir / "README.html", full_writers.report_html(readme, out_dir, f"SAE full analysis: {result.params.get('sae_name')}")))
+    report = [result, summary, examples, vocab, lens, out_dir, files]
+    html = full_writers.report_html(full_writers.report_markdown(*report, images=True), out_dir, f"SAE full analysis: {result.params.get('sae_name')}")
+    files.append(atomic_write_text(out_dir / "README.md", full_writers.report_markdown(*report)))
+    files.append(atomic_write_text(out_dir / "README.html", html))
     return FullOutputs(result, files, out_dir)

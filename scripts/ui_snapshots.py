@@ -132,6 +132,10 @@ def close_assistant(page) -> None:
 def add_chart(page, kind: str, axes: dict[str, str] | None = None) -> None:
     """In the chart view: Add chart -> `kind` ("Scatter chart", "Image grid"), axes set by typing the
     metric into each axis's search box."""
+    search = page.get_by_placeholder(re.compile("Search metric charts", re.I))
+    if search.count():
+        search.first.fill("")  # with a search, the chart view hides "Add chart"
+        time.sleep(1.0)
     page.get_by_role("button", name=re.compile("Add chart", re.I)).first.click()
     page.get_by_role("menuitem", name=kind).click()
     time.sleep(1.5)
@@ -144,11 +148,10 @@ def add_chart(page, kind: str, axes: dict[str, str] | None = None) -> None:
         time.sleep(0.8)
     page.get_by_role("button", name=re.compile("^Add chart$", re.I)).last.click()
     time.sleep(2.0)
-    # only the charts of the X metric (the new scatter among them)
-    search = page.get_by_placeholder(re.compile("Search metric charts", re.I))
-    if axes and search.count():
-        search.first.fill(axes["X axis"])
-        time.sleep(2.0)
+    # only the charts of the X metric (the new scatter among them), or the image charts
+    if search.count():
+        search.first.fill(axes["X axis"] if axes else "l0_histogram")
+        time.sleep(2.5)
 
 
 def main() -> None:

@@ -140,6 +140,7 @@ def test_train_register_analyse_compare(server, demo_assets, tmp_path):
     names = sorted(a.path for a in client.list_artifacts(outcome.run_id))
     assert names == [
         "comparison.csv",
+        "comparison.html",
         "comparison.md",
         "pareto_l0_vs_explained_variance.png",
         "pareto_l0_vs_loss_recovered.png",

@@ -105,7 +105,8 @@ def markdown_table(df: pd.DataFrame) -> str:
 
 
 def write_comparison(df: pd.DataFrame, out_dir: Path, title: str = "SAE comparison", context: str = "") -> list[Path]:
-    """Write ``comparison.csv``, ``comparison.md`` and the two Pareto plots under `out_dir`."""
+    """Write ``comparison.csv``, ``comparison.md``, the two Pareto plots and ``comparison.html`` (the
+    markdown with the plots embedded) under `out_dir`."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     files = [atomic_write(out_dir / "comparison.csv", lambda p: df.to_csv(p, index=False))]
@@ -121,9 +122,14 @@ def write_comparison(df: pd.DataFrame, out_dir: Path, title: str = "SAE comparis
     ]
     for _, label, name in PLOTS:
         md.append(f"![L0 vs {label}]({name})")
-    files.append(atomic_write_text(out_dir / "comparison.md", "\n".join(md) + "\n"))
+    text = "\n".join(md) + "\n"
+    files.append(atomic_write_text(out_dir / "comparison.md", text))
     for column, label, name in PLOTS:
         files.append(pareto_plot(df, column, label, out_dir / name))
+    # the same page with the plots embedded: MLflow's artifact viewer shows no markdown images
+    from sae_mlops.writers.full import report_html
+
+    files.append(atomic_write_text(out_dir / "comparison.html", report_html(text, out_dir, title)))
     return files
 
 
