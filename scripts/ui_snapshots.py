@@ -225,10 +225,19 @@ def main() -> None:
             shoot(page, f"{run_page}?{ml}&compareRunsMode=CHART", args.out / "5a_chart_view.png", "Add chart")
             for shot, kind, axes in (
                 ("5b_chart_view_scatter.png", "Scatter chart", {"X axis": "sparsity/l0_mean", "Y axis": "downstream/loss_recovered"}),
-                ("5c_chart_view_image_grid.png", "Image grid", None),
+                ("5c_chart_view_images.png", None, None),
             ):
                 try:
-                    add_chart(page, kind, axes)
+                    if kind:
+                        add_chart(page, kind, axes)
+                    else:  # the plots logged as images get one chart per key: show those of the heatmaps
+                        page.get_by_placeholder(re.compile("Search metric charts", re.I)).first.fill("heatmap")
+                        time.sleep(3.0)
+                        page.screenshot(path=str(args.out / "5c_chart_view_image_cards.png"))
+                        # a card lists every param of the run above its image: open one full screen
+                        card = page.locator("[data-testid=experiment-view-compare-runs-card]").filter(has_text="similarity_heatmap")
+                        card.locator("button[data-component-id=fullscreen_button_chartcard]").first.click()
+                        time.sleep(3.0)
                 except Exception as exc:  # noqa: BLE001 - the UI changed: keep the plain chart view shot
                     print(f"  could not add the {kind} ({exc.__class__.__name__}: {str(exc)[:200]})")
                     page.keyboard.press("Escape")
