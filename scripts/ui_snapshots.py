@@ -210,6 +210,10 @@ def main() -> None:
             for name, url, text in pages:
                 shoot(page, url, args.out / name, text)
                 if name.startswith("2_"):  # the whole description
+                    more = page.get_by_text("Show more", exact=True)
+                    if more.count():
+                        more.first.click()
+                        time.sleep(1.0)
                     page.screenshot(path=str(args.out / "2b_run_overview_full.png"), full_page=True)
                 if name.startswith("3_"):  # the report's plots (inside the viewer's iframe), then README.md
                     try:
