@@ -208,7 +208,7 @@ def main() -> None:
             browser = pw.chromium.launch(executable_path=args.chromium, args=CHROMIUM_ARGS)
             page = browser.new_page(viewport={"width": 1500, "height": 950})
             for name, url, text in pages:
-                shoot(page, url, args.out / name, text)
+                shoot(page, url, args.out / name, text, settle=6.0 if name.startswith("4_") else 2.5)
                 if name.startswith("2_"):  # the whole description
                     more = page.get_by_text("Show more", exact=True)
                     if more.count():
