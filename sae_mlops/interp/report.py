@@ -61,7 +61,7 @@ def parse_features(text: str | None) -> list[int]:
     try:
         out = [int(t) for t in text.replace(" ", "").split(",") if t]
     except ValueError:
-        raise InputError(f"--features must be comma-separated feature indices such as 3,17,42; got '{text}'.")
+        raise InputError(f"--features must be comma-separated feature indices such as 3,17,42; got '{text}'.") from None
     if any(f < 0 for f in out):
         raise InputError(f"feature indices are never negative; got '{text}'.")
     return out
@@ -105,7 +105,7 @@ def execute_notebook(
         import papermill as pm
         from papermill.exceptions import PapermillExecutionError
     except ImportError as e:
-        raise InputError(f"papermill is not installed ({e}); run `make install` (or pip install -e . -c constraints.txt).")
+        raise InputError(f"papermill is not installed ({e}); run `make install` (or pip install -e . -c constraints.txt).") from e
     output.parent.mkdir(parents=True, exist_ok=True)
     partial = output.with_name(f".{output.stem}.partial.ipynb")
     extra: dict[str, Any] = {} if kernel_name else {"kernel_manager_class": current_python_kernel_manager()}
