@@ -190,7 +190,7 @@ def pareto_plot(df: pd.DataFrame, column: str, label: str, path: Path) -> Path:
     ax.set_title(f"L0 vs {label}")
     ax.grid(alpha=0.3)
     if ok.any():
-        ax.legend(loc="lower right", fontsize=8)
+        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)  # outside: never over a point or label
 
     def write(tmp: Path) -> None:
         fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
