@@ -132,6 +132,10 @@ def close_assistant(page) -> None:
 def add_chart(page, kind: str, axes: dict[str, str] | None = None) -> None:
     """In the chart view: Add chart -> `kind` ("Scatter chart", "Image grid"), axes set by typing the
     metric into each axis's search box."""
+    search = page.get_by_placeholder(re.compile("Search metric charts", re.I))
+    if search.count():
+        search.first.fill("")  # with a search, the chart view hides "Add chart"
+        time.sleep(1.0)
     page.get_by_role("button", name=re.compile("Add chart", re.I)).first.click()
     page.get_by_role("menuitem", name=kind).click()
     time.sleep(1.5)
@@ -144,11 +148,10 @@ def add_chart(page, kind: str, axes: dict[str, str] | None = None) -> None:
         time.sleep(0.8)
     page.get_by_role("button", name=re.compile("^Add chart$", re.I)).last.click()
     time.sleep(2.0)
-    # only the charts of the X metric (the new scatter among them)
-    search = page.get_by_placeholder(re.compile("Search metric charts", re.I))
-    if axes and search.count():
-        search.first.fill(axes["X axis"])
-        time.sleep(2.0)
+    # only the charts of the X metric (the new scatter among them), or the image charts
+    if search.count():
+        search.first.fill(axes["X axis"] if axes else "l0_histogram")
+        time.sleep(2.5)
 
 
 def main() -> None:
@@ -205,8 +208,12 @@ def main() -> None:
             browser = pw.chromium.launch(executable_path=args.chromium, args=CHROMIUM_ARGS)
             page = browser.new_page(viewport={"width": 1500, "height": 950})
             for name, url, text in pages:
-                shoot(page, url, args.out / name, text)
+                shoot(page, url, args.out / name, text, settle=6.0 if name.startswith("4_") else 2.5)
                 if name.startswith("2_"):  # the whole description
+                    more = page.get_by_text("Show more", exact=True)
+                    if more.count():
+                        more.first.click()
+                        time.sleep(1.0)
                     page.screenshot(path=str(args.out / "2b_run_overview_full.png"), full_page=True)
                 if name.startswith("3_"):  # the report's plots (inside the viewer's iframe), then README.md
                     try:
@@ -222,10 +229,19 @@ def main() -> None:
             shoot(page, f"{run_page}?{ml}&compareRunsMode=CHART", args.out / "5a_chart_view.png", "Add chart")
             for shot, kind, axes in (
                 ("5b_chart_view_scatter.png", "Scatter chart", {"X axis": "sparsity/l0_mean", "Y axis": "downstream/loss_recovered"}),
-                ("5c_chart_view_image_grid.png", "Image grid", None),
+                ("5c_chart_view_images.png", None, None),
             ):
                 try:
-                    add_chart(page, kind, axes)
+                    if kind:
+                        add_chart(page, kind, axes)
+                    else:  # the plots logged as images get one chart per key: show those of the heatmaps
+                        page.get_by_placeholder(re.compile("Search metric charts", re.I)).first.fill("heatmap")
+                        time.sleep(3.0)
+                        page.screenshot(path=str(args.out / "5c_chart_view_image_cards.png"))
+                        # a card lists every param of the run above its image: open one full screen
+                        card = page.locator("[data-testid=experiment-view-compare-runs-card]").filter(has_text="similarity_heatmap")
+                        card.locator("button[data-component-id=fullscreen_button_chartcard]").first.click()
+                        time.sleep(3.0)
                 except Exception as exc:  # noqa: BLE001 - the UI changed: keep the plain chart view shot
                     print(f"  could not add the {kind} ({exc.__class__.__name__}: {str(exc)[:200]})")
                     page.keyboard.press("Escape")

@@ -57,6 +57,7 @@ def test_write_comparison(tmp_path):
     files = write_comparison(df, tmp_path, context="3 analyses")
     assert sorted(f.name for f in files) == [
         "comparison.csv",
+        "comparison.html",
         "comparison.md",
         "pareto_l0_vs_explained_variance.png",
         "pareto_l0_vs_loss_recovered.png",

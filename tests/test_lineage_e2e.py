@@ -79,7 +79,8 @@ def test_train_register_analyse_compare(server, demo_assets, tmp_path):
     run = client.get_run(trained.run_id)
     assert run.data.tags["sae_mlops.kind"] == "train"
     assert run.data.params["architecture"] == "topk" and run.data.params["d_sae"] == "128"
-    assert run.data.params["resolved.hook"] == "blocks.0.hook_resid_post"
+    # the hook was not given (None: not logged), so the resolved one is the param itself
+    assert run.data.params["hook"] == "blocks.0.hook_resid_post" and "resolved.hook" not in run.data.params
     steps = 8192 // 512
     for metric in ("train/loss", "train/mse", "train/l0", "train/dead_features"):
         history = client.get_metric_history(trained.run_id, metric)
@@ -140,6 +141,7 @@ def test_train_register_analyse_compare(server, demo_assets, tmp_path):
     names = sorted(a.path for a in client.list_artifacts(outcome.run_id))
     assert names == [
         "comparison.csv",
+        "comparison.html",
         "comparison.md",
         "pareto_l0_vs_explained_variance.png",
         "pareto_l0_vs_loss_recovered.png",

@@ -257,3 +257,26 @@ def test_mlflow_run_names_generated_ones_replaced(mlflow_store, tmp_path, monkey
         monkeypatch.setenv("MLFLOW_RUN_ID", run.info.run_id)
         log_analysis(_result("quick", "h3", 3.0, "sae_two"), [], tmp_path)
         assert client.get_run(run.info.run_id).info.run_name == expected
+
+
+def test_stable_layout_is_read_and_old_layouts_still_are(tmp_path):
+    """The interpretation loader reads the stable names (its timestamp from the results JSON) and
+    still reads a directory written with timestamped names."""
+    import pandas as pd
+
+    from sae_mlops.interp.data import find_newest, load_analysis
+
+    def summary(f: int) -> dict:
+        return {"feature": f, "activation_frequency": 2, "mean_activation": 1.0, "top_examples": []}
+
+    for root, suffix in ((tmp_path / "new", ""), (tmp_path / "old", "_20240101_000000")):
+        (root / "results").mkdir(parents=True)
+        (root / "results" / f"feature_summaries{suffix}.jsonl").write_text("\n".join(json.dumps(summary(f)) for f in (0, 2)) + "\n")
+        pd.DataFrame({"feature": range(3), "firing_count": [2, 0, 2], "frequency": [0.5, 0.0, 0.5],
+                      "mean_activation": 1.0, "max_activation": 1.0}).to_parquet(root / "results" / f"feature_stats{suffix}.parquet")
+        doc = {"params": {"d_sae": 3}, "metrics": {}, "details": {"finished_at": "2026-12-01T00:00:00Z"}}
+        (root / "results" / f"analysis_results{suffix}.json").write_text(json.dumps(doc))
+    new, old = load_analysis(tmp_path / "new"), load_analysis(tmp_path / "old")
+    assert new.timestamp == "2026-12-01T00:00:00Z" and old.timestamp == "20240101_000000"
+    assert new.d_sae == old.d_sae == 3 and new.files["feature_stats"].name == "feature_stats.parquet"
+    assert find_newest(tmp_path / "new" / "results", "feature_summaries_", ".jsonl").name == "feature_summaries.jsonl"

@@ -212,15 +212,15 @@ def load_analysis(path: str | Path) -> AnalysisData:
     root = Path(path).expanduser()
     summaries_path = require_full_analysis(root)
     rdir, mdir = root / "results", root / "matrices"
-    stamp = _TS.search(summaries_path.name)  # stable names carry no timestamp: use the file's time
-    ts = stamp.group(1) if stamp else time.strftime("%Y%m%d_%H%M%S", time.gmtime(summaries_path.stat().st_mtime))
+    m = _TS.search(summaries_path.name)
+    named_ts = m.group(1) if m else None  # older layouts: the timestamp is in every file name
     files: dict[str, Path] = {"feature_summaries": summaries_path}
 
     def newest(key: str, directory: Path, prefix: str, suffix: str) -> Path | None:
         p = find_newest(directory, prefix, suffix)
         if p is not None:
             files[key] = p
-            if stamp and ts not in p.name:
+            if (named_ts or _TS.search(p.name)) and (named_ts is None or named_ts not in p.name):
                 log.warning("%s is from another analysis than %s", p.name, summaries_path.name)
         return p
 
@@ -228,9 +228,14 @@ def load_analysis(path: str | Path) -> AnalysisData:
     results_path = newest("analysis_results", rdir, "analysis_results_", ".json")
     params: dict[str, Any] = {}
     metrics: dict[str, Any] = {}
+    finished = None
     if results_path is not None:
         doc = json.loads(results_path.read_text(encoding="utf-8"))
         params, metrics = dict(doc.get("params", {})), dict(doc.get("metrics", {}))
+        finished = (doc.get("details") or {}).get("finished_at")
+    # when the analysis was made: the name's timestamp (older layouts), else the results' finished_at,
+    # else the summaries file's modification time (UTC)
+    ts = named_ts or finished or time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(summaries_path.stat().st_mtime))
 
     stats_path = newest("feature_stats", rdir, "feature_stats_", ".parquet")
     if stats_path is not None:

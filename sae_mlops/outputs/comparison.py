@@ -106,7 +106,8 @@ def markdown_table(df: pd.DataFrame) -> str:
 
 
 def write_comparison(df: pd.DataFrame, out_dir: Path, title: str = "SAE comparison", context: str = "") -> list[Path]:
-    """Write ``comparison.csv``, ``comparison.md`` and the two Pareto plots under `out_dir`."""
+    """Write ``comparison.csv``, ``comparison.md``, the two Pareto plots and ``comparison.html`` (the
+    markdown with the plots embedded) under `out_dir`."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     files = [atomic_write(out_dir / "comparison.csv", lambda p: df.to_csv(p, index=False))]
@@ -122,9 +123,14 @@ def write_comparison(df: pd.DataFrame, out_dir: Path, title: str = "SAE comparis
     ]
     for _, label, name in PLOTS:
         md.append(f"![L0 vs {label}]({name})")
-    files.append(atomic_write_text(out_dir / "comparison.md", "\n".join(md) + "\n"))
+    text = "\n".join(md) + "\n"
+    files.append(atomic_write_text(out_dir / "comparison.md", text))
     for column, label, name in PLOTS:
         files.append(pareto_plot(df, column, label, out_dir / name))
+    # the same page with the plots embedded: MLflow's artifact viewer shows no markdown images
+    from sae_mlops.outputs.full_reports import report_html
+
+    files.append(atomic_write_text(out_dir / "comparison.html", report_html(text, out_dir, title)))
     return files
 
 
@@ -185,7 +191,7 @@ def pareto_plot(df: pd.DataFrame, column: str, label: str, path: Path) -> Path:
     ax.set_title(f"L0 vs {label}")
     ax.grid(alpha=0.3)
     if ok.any():
-        ax.legend(loc="lower right", fontsize=8)
+        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)  # outside: never over a point or label
 
     def write(tmp: Path) -> None:
         fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")

@@ -223,13 +223,18 @@ def report_markdown(
     lens: dict[str, np.ndarray] | None,
     out_dir: Path,
     files: list[Path],
+    images: bool = False,
 ) -> str:
-    """A readable report: headline table, plots, the most frequent features with examples, files."""
+    """A readable report: headline table, plots, the most frequent features with examples, files.
+
+    images: plots as markdown images (for `report_html`, which embeds them); else a list of the plot
+    files and a pointer to ``README.html`` (MLflow's markdown viewer shows no images)."""
     lines = [summary_markdown(result).rstrip(), "", "## Plots", ""]
-    for p in files:
-        if p.suffix == ".png":
-            rel = os.path.relpath(p, out_dir)
-            lines.append(f"![{p.stem}]({rel})")
+    pngs = [os.path.relpath(p, out_dir) for p in files if p.suffix == ".png"]
+    if images:
+        lines += [f"![{Path(rel).stem}]({rel})" for rel in pngs]
+    else:
+        lines += ["`README.html` is this report with the plots shown; the plot files:", ""] + [f"- `{rel}`" for rel in pngs]
     lines += ["", "## Most frequent features", ""]
     for entry in summary["top_features"][:10]:
         i = entry["feature"]

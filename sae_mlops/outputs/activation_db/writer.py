@@ -1,6 +1,6 @@
 """The activation database, written in Parquet shards during the pass (a collector).
 
-Layout (``<root>`` is ``activation_database/activation_db_<ts>``)::
+Layout (``<root>`` is ``activation_database/activation_db``)::
 
     tokens/part-NNNNN.parquet       token_index int64, doc_index int64, position int32, token_id int32
     activations/part-NNNNN.parquet  token_index int64, feature int32, value float32   (non-zero only)
