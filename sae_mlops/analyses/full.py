@@ -150,10 +150,11 @@ def run_full(cfg: AnalysisConfig, out_dir: Path, opts: FullOptions | None = None
         rel = {p.relative_to(out_dir).as_posix(): p for p in files}
         summary = full_writers.summary_dict(result, ts, pf, rel)
         files.append(atomic_write_text(out_dir / "SUMMARY.json", full_writers.dumps(summary)))
-        report = [result, summary, examples, vocab, lens, out_dir, files]
         title = f"SAE full analysis: {result.params.get('sae_name')}"
-        html = full_writers.report_html(full_writers.report_markdown(*report, images=True), out_dir, title)
-        files.append(atomic_write_text(out_dir / "README.md", full_writers.report_markdown(*report)))
+        with_images = full_writers.report_markdown(result, summary, examples, vocab, lens, out_dir, files, images=True)
+        readme = full_writers.report_markdown(result, summary, examples, vocab, lens, out_dir, files)
+        html = full_writers.report_html(with_images, out_dir, title)
+        files.append(atomic_write_text(out_dir / "README.md", readme))
         files.append(atomic_write_text(out_dir / "README.html", html))
     # the results JSON last, so that it holds every stage's cost (its own write excepted)
     result.metrics.update(stages.metrics(inputs.device))
