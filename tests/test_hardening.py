@@ -276,6 +276,6 @@ def test_interrupt_while_writing_says_which_files_are_partial(tmp_path, demo_ass
     assert r.exit_code == 130, r.output
     line = _error_line(r)
     n = sum(1 for p in out.rglob("*") if p.is_file())
-    assert n > 0 and not list(out.glob("SUMMARY_*"))
+    assert n > 0 and not list(out.glob("SUMMARY*"))
     assert f"{out} holds {n} partial file(s) of an unfinished analysis: delete it" in line
     assert "nothing was tracked (--no-track)" in line

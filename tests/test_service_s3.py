@@ -121,7 +121,7 @@ def test_train_register_webhook_analysis_write_back_through_s3(stack):
     # The artifacts are objects in the bucket: the trained SAE (logged model) and the analysis run's files.
     keys = s3_keys(stack["s3"], BUCKET, "mlartifacts/")
     analysis = [k for k in keys if f"/{run_id}/artifacts/" in k]
-    assert any(Path(k).name.startswith("SUMMARY_") for k in analysis), analysis
+    assert any(Path(k).name.startswith("SUMMARY") for k in analysis), analysis
     training_run = client.get_run(mv.run_id)
     assert any(f"/{training_run.info.run_id}/" in k or "/models/" in k for k in keys if k not in analysis), keys[:50]
     assert any(k.endswith(".safetensors") for k in keys if k not in analysis), keys[:50]
