@@ -174,32 +174,29 @@ def write_matrices(mdir: Path, ts: str, w_dec, cooc: CooccurrenceCollector | Non
     """Neighbour lists (always) and dense matrices (``dense``) of decoder similarity and
     co-occurrence, each in one sweep over row blocks (see :mod:`sae_mlops.core.matrices`)."""
     d_sae = int(w_dec.shape[0])
-    files: list[Path] = []
     log.info("decoder similarity")
-    sink = DenseWriter(mdir / "feature_similarity.npy", d_sae) if dense else None
-    try:
-        idx, val = block_neighbours(similarity_blocks(w_dec), d_sae, opts.neighbours, sink, nan=False)
-    except BaseException:
-        if sink is not None:
-            sink.abort()
-        raise
-    if sink is not None:
-        files.append(sink.close())
-    files.append(write_neighbours(mdir / "similarity_neighbours.parquet", idx, val))
-
+    files = _sweep(mdir, "similarity", similarity_blocks(w_dec), d_sae, opts.neighbours, dense, nan=False)
     log.info("co-occurrence (%s)", opts.cooccurrence_measure)
     if cooc is not None:
         blocks = dense_count_blocks(cooc.finalize_counts(), cooc.fire, cooc.n_tokens, opts.cooccurrence_measure)
     else:
         blocks = csr_count_blocks(_csr(db_root), opts.cooccurrence_measure)
-    sink = DenseWriter(mdir / "feature_cooccurrence.npy", d_sae) if dense else None
+    nan = opts.cooccurrence_measure == "pmi"
+    return files + _sweep(mdir, "cooccurrence", blocks, d_sae, opts.neighbours, dense, nan=nan)
+
+
+def _sweep(mdir: Path, name: str, blocks, d_sae: int, neighbours: int, dense: bool, nan: bool) -> list[Path]:
+    """One sweep over the row blocks of a matrix: ``<name>_neighbours.parquet`` always, and the dense
+    ``feature_<name>.npy`` when ``dense`` (written block by block; removed if the sweep fails)."""
+    files: list[Path] = []
+    sink = DenseWriter(mdir / f"feature_{name}.npy", d_sae) if dense else None
     try:
-        idx, val = block_neighbours(blocks, d_sae, opts.neighbours, sink, nan=opts.cooccurrence_measure == "pmi")
+        idx, val = block_neighbours(blocks, d_sae, neighbours, sink, nan=nan)
     except BaseException:
         if sink is not None:
             sink.abort()
         raise
     if sink is not None:
         files.append(sink.close())
-    files.append(write_neighbours(mdir / "cooccurrence_neighbours.parquet", idx, val))
+    files.append(write_neighbours(mdir / f"{name}_neighbours.parquet", idx, val))
     return files
