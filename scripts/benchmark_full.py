@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import tempfile
@@ -89,22 +88,11 @@ def speed(sae: str, tokens: int, repeats: int = 3) -> dict:
 
 def child_memory(sae: str, tokens: int) -> None:
     from sae_mlops.analyses.full import run_full
+    from sae_mlops.telemetry import peak_rss_mib  # VmHWM: a child's ru_maxrss carries the parent's RSS
 
     with tempfile.TemporaryDirectory() as tmp:
         run_full(_cfg(sae, tokens), Path(tmp))
-    print(json.dumps({"tokens": tokens, "max_rss_mib": _peak_rss_mib()}))
-
-
-def _peak_rss_mib() -> float:
-    """This process's peak RSS. VmHWM, not ``getrusage``'s ru_maxrss: Linux carries the parent's
-    RSS at fork into a child's ru_maxrss across exec, so every child would report the parent's."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps({"tokens": tokens, "max_rss_mib": peak_rss_mib()}))
 
 
 def memory(sae: str, sizes: list[int]) -> list[dict]:

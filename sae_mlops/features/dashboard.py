@@ -31,7 +31,6 @@ features asked for, so a d_sae 65k analysis does not write 65k pages.
 from __future__ import annotations
 
 import html
-import json
 import logging
 import re
 import time
@@ -107,16 +106,9 @@ class DashboardOutcome:
 
 def read_labels(root: Path) -> dict[int, dict[str, Any]]:
     """The labels written by `sae-mlops label` under ``root`` (latest line per feature wins)."""
-    path = Path(root) / LABELS_FILE
-    out: dict[int, dict[str, Any]] = {}
-    if path.is_file():
-        for line in path.read_text(encoding="utf-8").splitlines():
-            try:
-                rec = json.loads(line)
-                out[int(rec["feature"])] = rec
-            except (ValueError, KeyError, TypeError):
-                continue
-    return out
+    from sae_mlops.features.label import read_done
+
+    return read_done(Path(root) / LABELS_FILE)
 
 
 def choose_features(stats: pd.DataFrame, features: list[int] | None, top: int) -> list[int]:
