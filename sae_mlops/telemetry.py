@@ -75,13 +75,22 @@ def device_name(device: str) -> str:
     return platform.processor() or platform.machine()
 
 
+_STARTUP_COUNTED: list[bool] = []  # the process's start-up belongs to its first analysis only
+
+
 class Stages:
-    """Seconds per named stage (a stage entered twice adds up)."""
+    """Seconds per named stage (a stage entered twice adds up).
+
+    ``startup`` is the process's age when the first analysis of the process starts (interpreter and
+    imports); a later analysis in the same process (``sae-mlops demo``, a warm worker) paid none, so
+    it has no ``time/startup`` and its ``time/total`` is its own.
+    """
 
     def __init__(self) -> None:
         self.seconds: dict[str, float] = {}
         self.cpu: dict[str, float] = {}  # process CPU seconds (all threads) per stage
-        self.startup = process_age_seconds()
+        self.startup = None if _STARTUP_COUNTED else process_age_seconds()
+        _STARTUP_COUNTED.append(True)
 
     @contextmanager
     def stage(self, name: str) -> Iterator[None]:

@@ -24,9 +24,12 @@ def test_stages_add_up_and_process_figures_are_plausible():
     assert "memory/peak_gpu_mib" not in m
 
 
-def test_quick_run_records_and_logs_its_cost(mlflow_store, demo_assets):
+def test_quick_run_records_and_logs_its_cost(mlflow_store, demo_assets, monkeypatch):
     from mlflow.tracking import MlflowClient
 
+    import sae_mlops.telemetry as telemetry
+
+    monkeypatch.setattr(telemetry, "_STARTUP_COUNTED", [])  # as in a fresh process: this is its first analysis
     from sae_mlops.config import AnalysisConfig
     from sae_mlops.demo import demo_sae_path
     from sae_mlops.workflows import run_quick_and_log
@@ -47,3 +50,6 @@ def test_quick_run_records_and_logs_its_cost(mlflow_store, demo_assets):
         assert key in run.data.metrics, key
     assert run.data.metrics["time/total"] == m["time/total"]
     assert run.data.params["device_name"] == p["device_name"]
+    # a second analysis in the same process (demo, warm worker) paid no start-up: its total is its own
+    second = run_quick_and_log(cfg, "out2").result.metrics
+    assert "time/startup" not in second and 0 < second["time/pass"] < second["time/total"] < m["time/total"]
