@@ -27,11 +27,6 @@ except ImportError as _e:  # pragma: no cover - the package is installed in ever
     _import_error(_e)
 
 
-def given(args: argparse.Namespace, names) -> dict[str, Any]:
-    """The arguments among `names` that were given (not None)."""
-    return {k: v for k, v in vars(args).items() if v is not None and k in names}
-
-
 def parser_for(prog: str, description: str, *classes: type) -> argparse.ArgumentParser:
     """A parser with one ``--flag VALUE`` per option of each configuration class (generated from the
     declarations in `sae_mlops.config` / `sae_mlops.training.config`) and ``--verbose``."""

@@ -26,7 +26,7 @@ import inspect
 import re
 import types
 import typing
-from dataclasses import MISSING, dataclass, fields
+from dataclasses import dataclass, fields
 from typing import Any, TypeVar
 
 from sae_mlops.errors import InputError
@@ -124,11 +124,6 @@ def option_specs(cls: type, *, include_internal: bool = False) -> list[OptionSpe
             )
         )
     return out
-
-
-def _field_default(cls: type, name: str) -> Any:
-    f = next(f for f in fields(cls) if f.name == name)
-    return f.default if f.default is not MISSING else ...
 
 
 # --- Typer ------------------------------------------------------------------------------------
