@@ -41,10 +41,10 @@ def parser_for(prog: str, description: str, *classes: type) -> argparse.Argument
 
 def analysis_parser(kind: str, description: str, *extra: type) -> argparse.ArgumentParser:
     """The parser of an analysis entry point: every `AnalysisConfig` option, the options of each class
-    in `extra` (e.g. `FullOptions`), then ``--out``."""
-    from sae_mlops.config import AnalysisConfig, RunOptions
+    in `extra` (e.g. `FullOptions`), the `ExecutionOptions` (shards, local or Ray), then ``--out``."""
+    from sae_mlops.config import AnalysisConfig, ExecutionOptions, RunOptions
 
-    return parser_for(f"entrypoints/{kind}.py", description, AnalysisConfig, *extra, RunOptions)
+    return parser_for(f"entrypoints/{kind}.py", description, AnalysisConfig, *extra, ExecutionOptions, RunOptions)
 
 
 def guarded(args: argparse.Namespace, body: Callable[[], int | None], errors: dict[type, int] | None = None) -> int:

@@ -25,11 +25,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _call(cfg, args: argparse.Namespace) -> None:
-    from sae_mlops.config import FullOptions
+    from sae_mlops.config import ExecutionOptions, FullOptions
     from sae_mlops.options import build
     from sae_mlops.workflows import run_full_and_log
 
-    run_full_and_log(cfg, args.out, opts=build(FullOptions, vars(args)), track=True)
+    run_full_and_log(cfg, args.out, opts=build(FullOptions, vars(args)), track=True,
+                     exec_opts=build(ExecutionOptions, vars(args)))
 
 
 def main(argv: list[str] | None = None) -> int:

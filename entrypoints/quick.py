@@ -24,9 +24,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _call(cfg, args: argparse.Namespace) -> None:
+    from sae_mlops.config import ExecutionOptions
+    from sae_mlops.options import build
     from sae_mlops.workflows import run_quick_and_log
 
-    run_quick_and_log(cfg, args.out, track=True)
+    run_quick_and_log(cfg, args.out, track=True, exec_opts=build(ExecutionOptions, vars(args)))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -181,6 +181,51 @@ class FullOptions:
     )
 
 
+Executor = Literal["local", "ray"]
+
+
+@user_errors
+@dataclass(config=_STRICT)
+class ExecutionOptions:
+    """How the pass is executed: in shards (whole batches, checkpointed so that an interrupted analysis
+    resumes), in this process or on a Ray cluster. Results do not depend on these options' values
+    except ``shard_tokens`` (float sums are added shard by shard; counts and examples are exact)."""
+
+    executor: Executor = Field(
+        default="local",
+        description="Where shards run: local (this process, one after another) or ray (Ray actors that load "
+        "model and SAE once each; the driver merges their results in shard order). (default: local)",
+    )
+    workers: int = Field(
+        default=1, ge=1, description="Ray actors processing shards at once (executor ray). Unit: workers. (default: 1)"
+    )
+    ray_address: str | None = Field(
+        default=None,
+        description="Ray cluster to connect to (host:port of a head, ray://host:10001, or auto). "
+        "(default: start a local Ray instance for this analysis and stop it at the end)",
+    )
+    cpus_per_worker: int = Field(
+        default=1, ge=1, description="CPUs requested per Ray actor; also its torch thread count. Unit: CPUs. (default: 1)"
+    )
+    gpus_per_worker: float = Field(
+        default=0.0, ge=0.0, description="GPUs requested per Ray actor (fractions share a GPU). Unit: GPUs. (default: 0)"
+    )
+    shard_tokens: int = Field(
+        default=131_072,
+        ge=1,
+        description="Analysed tokens per shard (a shard ends at the first whole pool of batches that reaches it); "
+        "each finished shard is checkpointed under <out>/checkpoint. Unit: tokens. (default: 131072)",
+    )
+
+    def __post_init__(self) -> None:
+        if self.executor == "local" and self.workers > 1:
+            raise InputError(
+                f"--workers {self.workers} needs --executor ray; the local executor runs shards one after another."
+            )
+        if self.executor == "local" and self.gpus_per_worker > 0:
+            raise InputError("--gpus-per-worker needs --executor ray; the local executor uses --device.")
+
+
 @user_errors
 @dataclass(config=_STRICT)
 class RunOptions:
@@ -202,6 +247,13 @@ class RunOptions:
     )
     no_track: bool = Field(
         default=False, description="Do not log to MLflow; only write files.", json_schema_extra={"mlproject": False}
+    )
+    resume: str | None = Field(
+        default=None,
+        description="Continue the interrupted analysis in this output directory from its first unfinished shard "
+        "(as re-running with the same --out does; refuses when the directory holds none or the inputs differ). "
+        "(default: none)",
+        json_schema_extra={"mlproject": False},
     )
     quiet: bool = Field(
         default=False,

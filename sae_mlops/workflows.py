@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import shutil
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -18,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from sae_mlops.config import AnalysisConfig
+from sae_mlops.config import AnalysisConfig, ExecutionOptions
 from sae_mlops.naming import utc_timestamp
 
 if TYPE_CHECKING:
@@ -70,34 +71,112 @@ def run_quick_and_log(
     track: bool = True,
     experiment: str | None = None,
     run_name: str | None = None,
+    exec_opts: ExecutionOptions | None = None,
+    resume: str | Path | None = None,
 ) -> QuickOutcome:
     """Run the quick analysis, write its files under `out_dir`, and log it all to MLflow.
 
     out_dir: None -> `default_out_dir(cfg)`.
     track: False skips MLflow entirely (files are still written).
     experiment / run_name: for a new MLflow run; ignored when ``MLFLOW_RUN_ID`` is set (``mlflow run``).
+    exec_opts: how the pass runs (local or Ray, shard size). resume: an output directory holding an
+    unfinished analysis to continue (`out_dir` is then that directory). The MLflow run is created
+    when the pass starts (RUNNING, with a ``progress/tokens_done`` metric per shard) and finished,
+    failed or killed with the analysis.
     """
-    out = Path(out_dir) if out_dir else default_out_dir(cfg)
+    out = _resolve_out(cfg, "quick", out_dir, resume)
     preflight(out, track, no_track_option=True)
     import sae_mlops.tracking.resolve  # noqa: F401 (registers the resolver of runs:/ and models:/ SAE URIs)
     from sae_mlops.analyses.quick import run_quick
+    from sae_mlops.analyses.sharding import CHECKPOINT_DIR
     from sae_mlops.outputs.summaries import write_quick_outputs
 
     started = _now_ms()
     started_s = time.perf_counter()
-    with interrupt_report(out, track, "quick"):
-        result = run_quick(cfg)
+    observer = RunObserver("quick", cfg, experiment, run_name, started) if track else None
+    with interrupt_report(out, track, "quick", observer):
+        result = run_quick(cfg, out, exec_opts, resume=resume is not None, observer=observer)
         out.mkdir(parents=True, exist_ok=True)
         t_reports = time.perf_counter()
         files = [Path(f) for f in write_quick_outputs(result, out)]
         result.metrics["time/reports"] = time.perf_counter() - t_reports  # logged to MLflow, not in the JSON
+        shutil.rmtree(out / CHECKPOINT_DIR, ignore_errors=True)
         log.info("Wrote %d file(s) under %s", len(files), out)
         outcome = QuickOutcome(result=result, out_dir=out, files=files, warnings=list(result.warnings))
         t_log = time.perf_counter()
         if track:
-            log_outcome(outcome, experiment, run_name, start_time=started)
+            log_outcome(outcome, experiment, run_name, start_time=started, run_id=observer.run_id if observer else None)
         _log_total(outcome, started_s, time.perf_counter() - t_log if track else 0.0)
     return outcome
+
+
+def _resolve_out(cfg: AnalysisConfig, kind: str, out_dir: Path | str | None, resume: str | Path | None) -> Path:
+    """The output directory: ``resume`` (which must agree with ``out_dir`` when both are given),
+    else ``out_dir``, else `default_out_dir`."""
+    from sae_mlops.errors import InputError
+
+    if resume is not None:
+        if out_dir and Path(out_dir).resolve() != Path(resume).resolve():
+            raise InputError(f"--resume {resume} and --out {out_dir} differ; --resume continues in its own directory, "
+                             "give only one of them.")
+        return Path(resume)
+    return Path(out_dir) if out_dir else default_out_dir(cfg, kind)
+
+
+class RunObserver:
+    """The MLflow side of a sharded pass (`sae_mlops.analyses.sharding.PassObserver`): creates (or, on
+    resume, reopens) the analysis's run when the pass starts, records its id in the checkpoint, and
+    logs ``progress/tokens_done`` after every shard. A tracking failure while the pass runs is
+    logged once as a warning and does not stop the analysis (it surfaces when the results are logged)."""
+
+    def __init__(self, kind: str, cfg: AnalysisConfig, experiment: str | None, run_name: str | None, start_time: int):
+        self.kind, self.cfg = kind, cfg
+        self.experiment, self.run_name, self.start_time = experiment, run_name, start_time
+        self.run_id: str | None = None
+        self.owned = False
+        self._warned = False
+
+    def started(self, checkpoint, total_tokens: int) -> None:
+        from sae_mlops.naming import run_title, sae_name
+        from sae_mlops.tracking.runs import start_analysis_run
+
+        fp = checkpoint.fingerprint
+        info = checkpoint.sae_info
+        name = run_title(self.kind, sae_name(self.cfg.sae, self.cfg.sae_id), info.get("architecture"), info.get("d_sae"),
+                         info.get("k"))
+        tags = {"sae_mlops.kind": self.kind}
+        if fp.get("sae_hash"):
+            tags["sae_mlops.sae_hash"] = str(fp["sae_hash"])
+        try:
+            self.run_id, self.owned = start_analysis_run(checkpoint.run_id, name, tags, self.experiment, self.run_name,
+                                                         self.start_time)
+        except Exception as e:  # noqa: BLE001 - see the class docstring
+            self._warn(e)
+            return
+        checkpoint.run_id = self.run_id
+        self.progress(checkpoint.tokens_done, total_tokens)
+
+    def progress(self, tokens_done: int, total_tokens: int) -> None:
+        if self.run_id is None:
+            return
+        from sae_mlops.tracking.runs import log_progress
+
+        try:
+            log_progress(self.run_id, tokens_done, total_tokens)
+        except Exception as e:  # noqa: BLE001 - see the class docstring
+            self._warn(e)
+
+    def ended(self, status: str) -> None:
+        if self.run_id and self.owned:
+            from sae_mlops.tracking.runs import end_run
+
+            end_run(self.run_id, status)
+
+    def _warn(self, e: Exception) -> None:
+        if not self._warned:
+            log.warning("MLflow did not take the running analysis's progress (%s: %s); the analysis goes on",
+                        type(e).__name__, str(e)[:200])
+            self._warned = True
 
 
 def _log_total(outcome: QuickOutcome, started: float, logging_seconds: float) -> None:
@@ -129,7 +208,8 @@ def preflight(out: Path | str | None, track: bool, no_track_option: bool = False
         check_tracking_store(no_track_option=no_track_option)
 
 
-def log_outcome(outcome: QuickOutcome, experiment: str | None, run_name: str | None, start_time: int | None = None) -> None:
+def log_outcome(outcome: QuickOutcome, experiment: str | None, run_name: str | None, start_time: int | None = None,
+                run_id: str | None = None) -> None:
     """Log a written analysis to MLflow; a failure becomes a `TrackingError` that says where the
     results are and how to log them later (`sae-mlops log OUT`)."""
     from sae_mlops.errors import TrackingError
@@ -139,7 +219,8 @@ def log_outcome(outcome: QuickOutcome, experiment: str | None, run_name: str | N
     uri = tracking_uri()
     try:
         outcome.run_id = log_analysis(
-            outcome.result, outcome.files, outcome.out_dir, experiment=experiment, run_name=run_name, start_time=start_time
+            outcome.result, outcome.files, outcome.out_dir, experiment=experiment, run_name=run_name, start_time=start_time,
+            run_id=run_id,
         )
     except Exception as e:
         log.debug("logging to MLflow failed", exc_info=True)
@@ -152,20 +233,28 @@ def log_outcome(outcome: QuickOutcome, experiment: str | None, run_name: str | N
 
 
 @contextmanager
-def interrupt_report(out: Path, track: bool, kind: str = "the") -> Iterator[None]:
-    """Turn Ctrl-C (SIGINT) into `Interrupted` with one sentence saying what was left behind: partial
-    files under `out` (or none), and the MLflow run, marked KILLED when one exists (the run of
-    ``MLFLOW_RUN_ID``, or the run `log_analysis` was logging into; a run is only created after the pass)."""
+def interrupt_report(out: Path, track: bool, kind: str = "the", observer: RunObserver | None = None) -> Iterator[None]:
+    """Turn Ctrl-C (SIGINT) into `Interrupted` with one sentence saying what was left behind: the
+    checkpoint of finished shards under `out` (and how to resume), partial files, or none; and the
+    MLflow run, marked KILLED when one exists (the analysis's run, created when the pass started, or
+    the run of ``MLFLOW_RUN_ID``). Any other error marks the analysis's own run FAILED."""
     from sae_mlops.errors import AnalysisInterrupted, Interrupted
 
     try:
         yield
     except Interrupted:
+        if observer is not None:
+            observer.ended("KILLED")
         raise
     except KeyboardInterrupt as e:
-        run_id = getattr(e, "mlflow_run_id", None) or (os.environ.get("MLFLOW_RUN_ID") if track else None)
+        run_id = getattr(e, "mlflow_run_id", None) or (observer.run_id if observer else None) or (
+            os.environ.get("MLFLOW_RUN_ID") if track else None)
         files = sorted(p for p in out.rglob("*") if p.is_file()) if out.is_dir() else []
-        if not files:
+        done = _finished_shards(out)
+        if done:
+            left = (f"{out} holds a checkpoint of {done} finished shard(s); run the same command again "
+                    f"(or with --resume {out}) to continue from there")
+        elif not files:
             left = f"nothing was written to {out}"
         elif getattr(e, "mlflow_run_id", None):
             left = f"the files in {out} are complete; log them again with `sae-mlops log {out}`"
@@ -177,10 +266,27 @@ def interrupt_report(out: Path, track: bool, kind: str = "the") -> Iterator[None
             killed = mark_killed(run_id)
             run = f"MLflow run {run_id} was marked KILLED" if killed else f"MLflow run {run_id} could not be marked KILLED"
         elif track:
-            run = "no MLflow run was created (a run is created only after the analysis)"
+            run = "no MLflow run was created (the run is created when the pass starts)"
         else:
             run = "nothing was tracked (--no-track)"
         raise AnalysisInterrupted(f"{kind} analysis interrupted: {left}; {run}.") from None
+    except BaseException:
+        if observer is not None:
+            observer.ended("FAILED")
+        raise
+
+
+def _finished_shards(out: Path) -> int:
+    """Shards recorded as finished in ``out``'s checkpoint (0 when there is none)."""
+    import json
+
+    from sae_mlops.analyses.sharding import CHECKPOINT_DIR
+
+    manifest = out / CHECKPOINT_DIR / "manifest.json"
+    try:
+        return len(json.loads(manifest.read_text(encoding="utf-8")).get("done", {}))
+    except (OSError, ValueError):
+        return 0
 
 
 @dataclass
@@ -200,15 +306,17 @@ def run_full_and_log(
     track: bool = True,
     experiment: str | None = None,
     run_name: str | None = None,
+    exec_opts: ExecutionOptions | None = None,
+    resume: str | Path | None = None,
 ) -> FullOutcome:
     """Run the full analysis (one pass; database, matrices, summaries, plots, reports under `out_dir`)
     and log it to MLflow: the quick metrics under the same names, and every file as an artifact at its
     path relative to `out_dir` (the run's artifacts have the directory's layout).
 
     out_dir: None -> `default_out_dir(cfg, "full")`. opts: None -> `FullOptions()` defaults.
-    track / experiment / run_name: as for `run_quick_and_log`.
+    track / experiment / run_name / exec_opts / resume: as for `run_quick_and_log`.
     """
-    out = Path(out_dir) if out_dir else default_out_dir(cfg, "full")
+    out = _resolve_out(cfg, "full", out_dir, resume)
     preflight(out, track, no_track_option=True)
     import sae_mlops.tracking.resolve  # noqa: F401 (registers the resolver of runs:/ and models:/ SAE URIs)
     from sae_mlops.analyses.full import FullOptions
@@ -216,18 +324,23 @@ def run_full_and_log(
     opts = opts or FullOptions()  # bounds are checked when FullOptions is built (sae_mlops.config)
     started = _now_ms()
     started_s = time.perf_counter()
-    with interrupt_report(out, track, "full"):
-        return _run_full_and_log(cfg, out, opts, track, experiment, run_name, started, started_s)
+    observer = RunObserver("full", cfg, experiment, run_name, started) if track else None
+    with interrupt_report(out, track, "full", observer):
+        return _run_full_and_log(cfg, out, opts, track, experiment, run_name, started, started_s, exec_opts,
+                                 resume is not None, observer)
 
 
 def _run_full_and_log(
     cfg: AnalysisConfig, out: Path, opts: FullOptions, track: bool, experiment: str | None, run_name: str | None,
     started: int,
     started_s: float,
+    exec_opts: ExecutionOptions | None = None,
+    resume: bool = False,
+    observer: RunObserver | None = None,
 ) -> FullOutcome:
     from sae_mlops.analyses.full import run_full
 
-    outputs = run_full(cfg, out, opts)
+    outputs = run_full(cfg, out, opts, exec_opts=exec_opts, resume=resume, observer=observer)
     files = [Path(f) for f in outputs.files]
     result = outputs.result
     if opts.dashboards:
@@ -242,9 +355,8 @@ def _run_full_and_log(
         elif f.name == "manifest.json" and f.parent.parent.name == "activation_database":
             outcome.database = f.parent
     t_log = time.perf_counter()
-    t_log = time.perf_counter()
     if track:
-        log_outcome(outcome, experiment, run_name, start_time=started)
+        log_outcome(outcome, experiment, run_name, start_time=started, run_id=observer.run_id if observer else None)
     _log_total(outcome, started_s, time.perf_counter() - t_log if track else 0.0)
     return outcome
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from sae_mlops.config import AnalysisConfig, FullOptions, RunOptions
+from sae_mlops.config import AnalysisConfig, ExecutionOptions, FullOptions, RunOptions
 from sae_mlops.options import OptionSpec, option_specs, plain
 from sae_mlops.training.config import TrainConfig, TrainRunOptions
 
@@ -21,8 +21,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # entry point / command -> the declaration classes it exposes, in order
 DECLARED = {
-    "quick": (AnalysisConfig, RunOptions),
-    "full": (AnalysisConfig, FullOptions, RunOptions),
+    "quick": (AnalysisConfig, ExecutionOptions, RunOptions),
+    "full": (AnalysisConfig, FullOptions, ExecutionOptions, RunOptions),
     "train": (TrainConfig, TrainRunOptions),
 }
 

@@ -82,3 +82,38 @@ def test_bad_sizes_are_input_errors(tok):
     plan = make_plan(tok, 8, True)
     with pytest.raises(InputError, match="batch size"):
         list(iter_batches(TEXTS, tok, plan, 0, None))
+
+
+def _same_batches(a, b) -> None:
+    assert len(a) == len(b)
+    for x, y in zip(a, b, strict=True):
+        for name in ("tokens", "valid", "analysed", "predicts", "doc_index", "doc_pos"):
+            assert torch.equal(getattr(x, name), getattr(y, name)), name
+
+
+@pytest.mark.parametrize("budget", [None, 333, 10_000])
+@pytest.mark.parametrize("shard_tokens", [1, 50, 120, 10**9])
+def test_shards_are_the_whole_stream_cut_at_pool_boundaries(tok, budget, shard_tokens):
+    """Shards planned without building batches give, one after the other, exactly the batches of
+    the whole stream (tokens, masks, document positions), with consecutive global token ranges."""
+    from sae_mlops.core.tokens import plan_shards
+
+    eos = tok.eos_token
+    texts = [f"doc {i} " + " ".join(f"w{j}" for j in range(i * 7 % 53)) + (f" {eos} tail" if i % 3 == 0 else "")
+             for i in range(60)]
+    plan = make_plan(tok, context_size=12, prepend_bos=True)
+    whole = list(iter_batches(texts, tok, plan, 3, budget, pool_batches=2))
+    shards = plan_shards(texts, tok, plan, 3, budget, shard_tokens, pool_batches=2)
+    assert len(shards) >= (2 if shard_tokens < 120 else 1)
+    pieces, token = [], 0
+    for spec in shards:
+        assert spec.token_start == token
+        got = list(iter_batches(texts, tok, plan, 3, budget, pool_batches=2, shard=spec))
+        assert len(got) == spec.batches
+        assert sum(b.n_analysed for b in got) == spec.tokens
+        token += spec.tokens
+        pieces += got
+    _same_batches(pieces, whole)
+    assert token == sum(b.n_analysed for b in whole)
+    if budget is not None and budget < token + 1:
+        assert token == budget

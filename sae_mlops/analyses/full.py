@@ -12,15 +12,16 @@ import logging
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from sae_mlops.outputs.activation_db.writer import ActivationDBWriter
-from sae_mlops.analyses.quick import Inputs, assemble_result, base_collectors, prepare, run_pass
+from sae_mlops.outputs.activation_db.writer import finalize_database
+from sae_mlops.analyses.quick import Inputs, assemble_result, prepare, run_sharded_pass, sharding_params
 from sae_mlops.core.collectors.cooccurrence import CooccurrenceCollector, measure_from_counts
 from sae_mlops.core.collectors.examples import TopExamplesCollector
 from sae_mlops.core.collectors.sparsity import SparsityCollector
-from sae_mlops.config import AnalysisConfig, FullOptions
+from sae_mlops.config import AnalysisConfig, ExecutionOptions, FullOptions
 from sae_mlops.errors import InputError
 from sae_mlops.core.logit_lens import decoder_in_residual, logit_lens
 from sae_mlops.core.matrices import (
@@ -39,6 +40,9 @@ from sae_mlops.outputs import plots
 from sae_mlops.files import atomic_write_text
 from sae_mlops.outputs.summaries import timestamp
 
+if TYPE_CHECKING:
+    from sae_mlops.analyses.sharding import PassObserver
+
 log = logging.getLogger(__name__)
 
 
@@ -56,9 +60,14 @@ def vocabulary_strings(tokenizer, d_vocab: int) -> list[str]:
     return strings + [f"<{i}>" for i in range(n, d_vocab)]
 
 
-def run_full(cfg: AnalysisConfig, out_dir: Path, opts: FullOptions | None = None, inputs: Inputs | None = None) -> FullOutputs:
+def run_full(cfg: AnalysisConfig, out_dir: Path, opts: FullOptions | None = None, inputs: Inputs | None = None,
+             exec_opts: ExecutionOptions | None = None, resume: bool = False,
+             observer: PassObserver | None = None) -> FullOutputs:
     """The full analysis of ``cfg`` into ``out_dir``. ``inputs``: already prepared inputs (benchmarks
-    pass their own model or SAE); None prepares them from ``cfg``."""
+    pass their own model or SAE); None prepares them from ``cfg``. exec_opts / resume / observer: how
+    the pass runs (:func:`sae_mlops.analyses.quick.run_sharded_pass`). The pass's checkpoint under
+    ``out_dir/checkpoint`` is removed once every output is written."""
+    exec_opts = exec_opts or ExecutionOptions()
     opts = opts or FullOptions()
     if opts.examples_per_feature < 1 or opts.context_window < 0:
         raise InputError("examples per feature must be at least 1 and the context window at least 0.")
@@ -70,26 +79,26 @@ def run_full(cfg: AnalysisConfig, out_dir: Path, opts: FullOptions | None = None
     d_sae = info.d_sae
     dense = d_sae <= opts.dense_limit
 
-    collectors = base_collectors(inputs)
-    examples = TopExamplesCollector(d_sae, opts.examples_per_feature, opts.context_window)
-    cooc = CooccurrenceCollector(d_sae) if dense else None
-    db = ActivationDBWriter(out_dir / "activation_database" / "activation_db", d_sae, opts.shard_rows)
-    try:
-        stats = run_pass(inputs, [*collectors, examples, *([cooc] if cooc else []), db])
-    except BaseException:
-        db.abort()
-        raise
+    sharded = run_sharded_pass(inputs, "full", out_dir, exec_opts, opts, resume=resume, observer=observer)
+    stats = sharded.stats
+    collectors = sharded.collectors
+    examples = next(c for c in collectors if isinstance(c, TopExamplesCollector))
+    cooc = next((c for c in collectors if isinstance(c, CooccurrenceCollector)), None)
     if cooc is not None:  # the last buffered pairs belong to the pass's cost
         t0, c0 = time.perf_counter(), time.process_time()
         cooc.finalize_counts()
-        dt = time.perf_counter() - t0
+        dt, dc = time.perf_counter() - t0, time.process_time() - c0
         stats.part_seconds["cooccurrence"] = stats.part_seconds.get("cooccurrence", 0.0) + dt
         stats.seconds += dt
-        stats.cpu_seconds += time.process_time() - c0
-        stats.part_cpu_seconds["cooccurrence"] = stats.part_cpu_seconds.get("cooccurrence", 0.0) + time.process_time() - c0
-        inputs.stages.add("pass", dt, time.process_time() - c0)
+        stats.cpu_seconds += dc
+        stats.part_cpu_seconds["cooccurrence"] = stats.part_cpu_seconds.get("cooccurrence", 0.0) + dc
+        inputs.stages.add("pass", dt, dc)
     result = assemble_result("full", inputs, stats, collectors)
     result.params.update({f"full_{k}": v for k, v in asdict(opts).items()})
+    result.params.update(sharding_params(sharded, exec_opts))
+    result.metrics["time/pass/merge"] = sharded.merge_seconds
+    if "worker_peak_rss_mib" in sharded.extra:
+        result.metrics["memory/worker_peak_rss_mib"] = sharded.extra["worker_peak_rss_mib"]
     sparsity = next(c for c in collectors if isinstance(c, SparsityCollector))
     pf = result.per_feature
     files: list[Path] = []
@@ -97,7 +106,7 @@ def run_full(cfg: AnalysisConfig, out_dir: Path, opts: FullOptions | None = None
     with stages.stage("database"):
         log.info("writing the activation database")
         vocab = vocabulary_strings(inputs.model.tokenizer, int(inputs.model.model.cfg.d_vocab))
-        db_root = db.finalize(pf, vocab)
+        db_root = finalize_database(out_dir / "activation_database" / "activation_db", sharded.part_dirs, d_sae, pf, vocab)
         files += sorted(p for p in db_root.rglob("*") if p.is_file())
 
     freq = np.asarray(pf["frequency"])
@@ -160,6 +169,7 @@ def run_full(cfg: AnalysisConfig, out_dir: Path, opts: FullOptions | None = None
     result.metrics.update(stages.metrics(inputs.device))
     result.metrics["artifacts/bytes"] = sum(p.stat().st_size for p in files if p.exists())
     atomic_write_text(results_path, result.to_json())
+    sharded.checkpoint.remove()
     return FullOutputs(result, files, out_dir)
 
 

@@ -9,9 +9,10 @@ from __future__ import annotations
 import logging
 import platform
 import time
+from pathlib import Path
 from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -20,12 +21,16 @@ from sae_mlops.core.collectors.base import Collector
 from sae_mlops.core.collectors.downstream import DownstreamCollector
 from sae_mlops.core.collectors.reconstruction import ReconstructionCollector
 from sae_mlops.core.collectors.sparsity import SparsityCollector
-from sae_mlops.config import AnalysisConfig
+from sae_mlops.config import AnalysisConfig, ExecutionOptions
 from sae_mlops.core.engine import Engine, HookSite, PassStats, resolve_device
 from sae_mlops.errors import InputError
 from sae_mlops.core.results import AnalysisResult
 from sae_mlops.sources.types import Corpus, LoadedModel, LoadedSAE
 from sae_mlops.telemetry import Stages, device_params
+
+if TYPE_CHECKING:
+    from sae_mlops.analyses.sharding import PassObserver, ShardedPass
+    from sae_mlops.config import FullOptions
 from sae_mlops.core.tokens import WindowPlan, check_enough_tokens, iter_batches, make_plan
 
 log = logging.getLogger(__name__)
@@ -152,7 +157,8 @@ def available_tokens(inputs: Inputs, budget: int | None) -> int:
 
 
 def run_pass(inputs: Inputs, collectors: list[Collector], downstream: bool = True, on_step=None) -> PassStats:
-    """Threshold calibration if needed, then the one streaming pass."""
+    """Threshold calibration if needed, then one unsharded streaming pass with ``collectors`` (tests
+    and benchmarks; the analyses run :func:`run_sharded_pass`)."""
     engine = Engine(inputs.model.model, inputs.sae.module, inputs.site, inputs.device, downstream=downstream)
     with inputs.stages.stage("calibration"):
         calibrate_threshold(inputs, engine)
@@ -165,11 +171,69 @@ def run_pass(inputs: Inputs, collectors: list[Collector], downstream: bool = Tru
             make_batches(inputs, budget), collectors, total_tokens=total, progress=inputs.cfg.progress, on_step=on_step
         )
     if stats.tokens_analysed == 0 or (downstream and stats.predictions == 0):
-        raise InputError(
-            f"the corpus '{inputs.corpus.path}' is too short: {stats.tokens_analysed} analysable tokens and "
-            f"{stats.predictions} next-token predictions; give longer texts or more of them."
-        )
+        raise _too_short(inputs, stats.tokens_analysed, stats.predictions)
     return stats
+
+
+def _too_short(inputs: Inputs, tokens: int, predictions: int) -> InputError:
+    return InputError(
+        f"the corpus '{inputs.corpus.path}' is too short: {tokens} analysable tokens and "
+        f"{predictions} next-token predictions; give longer texts or more of them."
+    )
+
+
+def run_sharded_pass(
+    inputs: Inputs,
+    kind: str,
+    out: Path,
+    exec_opts: ExecutionOptions | None = None,
+    opts: FullOptions | None = None,
+    resume: bool = False,
+    observer: PassObserver | None = None,
+) -> ShardedPass:
+    """Threshold calibration if needed, then the pass in shards (``exec_opts``: local or on Ray),
+    checkpointed under ``out/checkpoint`` and resumed from there when an unfinished pass of the same
+    fingerprint is found (``resume``: one must be). Timed as stages ``calibration``, ``plan`` (cutting
+    the corpus into shards) and ``pass`` (the shards, including checkpoint writes and the merge)."""
+    from tqdm.auto import tqdm
+
+    from sae_mlops.analyses.sharding import make_collectors, open_checkpoint, run_local
+
+    exec_opts = exec_opts or ExecutionOptions()
+    engine = Engine(inputs.model.model, inputs.sae.module, inputs.site, inputs.device)
+    with inputs.stages.stage("calibration"):
+        calibrate_threshold(inputs, engine)
+    with inputs.stages.stage("plan"):
+        ck = open_checkpoint(inputs, kind, out, exec_opts, opts, resume)
+    total = sum(s.tokens for s in ck.plan)
+    if total == 0:
+        raise _too_short(inputs, 0, 0)
+    ck.save()
+    if observer is not None:
+        observer.started(ck, total)
+        ck.save()
+
+    def factory(parts_dir: Path | None, prefix: str) -> list[Collector]:
+        return make_collectors(kind, inputs, opts, parts_dir, prefix)
+
+    if str(inputs.device).startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats(torch.device(inputs.device))
+    bar = tqdm(total=total, initial=ck.tokens_done, unit="tok", unit_scale=True, desc="analysing",
+               disable=not inputs.cfg.progress)
+    try:
+        with inputs.stages.stage("pass"):
+            if exec_opts.executor == "ray":
+                from sae_mlops.analyses.ray_executor import run_ray
+
+                result = run_ray(inputs, kind, opts, exec_opts, ck, factory, bar, observer)
+            else:
+                result = run_local(inputs, engine, ck, factory, bar, observer)
+    finally:
+        bar.close()
+    stats = result.stats
+    if stats.tokens_analysed == 0 or stats.predictions == 0:
+        raise _too_short(inputs, stats.tokens_analysed, stats.predictions)
+    return result
 
 
 def base_collectors(inputs: Inputs) -> list[Collector]:
@@ -290,9 +354,37 @@ def assemble_result(kind: str, inputs: Inputs, stats: PassStats, collectors: lis
     )
 
 
-def run_quick(cfg: AnalysisConfig) -> AnalysisResult:
-    """Quick analysis: sparsity, dead/rare/dense features, reconstruction, CE/KL ablation; one pass."""
+def sharding_params(result: ShardedPass, exec_opts: ExecutionOptions) -> dict[str, Any]:
+    """Params saying how the pass ran: executor, workers, shards (and how many were resumed)."""
+    return {
+        "executor": exec_opts.executor,
+        "workers": result.extra.get("workers", 1),
+        "shard_tokens": exec_opts.shard_tokens,
+        "shards": result.shards,
+        "shards_resumed": result.shards_resumed,
+    }
+
+
+def run_quick(
+    cfg: AnalysisConfig,
+    out: Path | None = None,
+    exec_opts: ExecutionOptions | None = None,
+    resume: bool = False,
+    observer: PassObserver | None = None,
+) -> AnalysisResult:
+    """Quick analysis: sparsity, dead/rare/dense features, reconstruction, CE/KL ablation; one pass
+    in shards, checkpointed under ``out/checkpoint`` (a temporary directory when ``out`` is None;
+    the caller removes ``out``'s checkpoint once it has written the outputs)."""
+    import tempfile
+
+    exec_opts = exec_opts or ExecutionOptions()
     inputs = prepare(cfg)
-    collectors = base_collectors(inputs)
-    stats = run_pass(inputs, collectors)
-    return assemble_result("quick", inputs, stats, collectors)
+    with tempfile.TemporaryDirectory(prefix="sae-mlops-quick-") as tmp:
+        sharded = run_sharded_pass(inputs, "quick", Path(out) if out is not None else Path(tmp), exec_opts,
+                                   resume=resume, observer=observer)
+        result = assemble_result("quick", inputs, sharded.stats, sharded.collectors)
+        result.params.update(sharding_params(sharded, exec_opts))
+        result.metrics["time/pass/merge"] = sharded.merge_seconds
+        if "worker_peak_rss_mib" in sharded.extra:
+            result.metrics["memory/worker_peak_rss_mib"] = sharded.extra["worker_peak_rss_mib"]
+    return result

@@ -29,7 +29,7 @@ from sae_mlops.commands.app import (
     show_outcome,
     with_signature,
 )
-from sae_mlops.config import FullOptions
+from sae_mlops.config import ExecutionOptions, FullOptions
 from sae_mlops.errors import InputError
 from sae_mlops.metrics import format_value
 
@@ -67,7 +67,9 @@ def quick(**options: Any) -> None:
     run = build(RunOptions, options)
     set_quiet(run.quiet)
     cfg = build(AnalysisConfig, options, progress=not run.quiet)
-    outcome = run_quick_and_log(cfg, run.out, track=not run.no_track, experiment=run.experiment, run_name=run.run_name)
+    execution = build(ExecutionOptions, options)
+    outcome = run_quick_and_log(cfg, run.out, track=not run.no_track, experiment=run.experiment, run_name=run.run_name,
+                                exec_opts=execution, resume=run.resume)
     show_outcome(outcome, title=f"Quick analysis: {cfg.sae}")
 
 
@@ -157,8 +159,10 @@ def full(**options: Any) -> None:
     set_quiet(run.quiet)
     cfg = build(AnalysisConfig, options, progress=not run.quiet)
     opts = build(FullOptions, options)
+    execution = build(ExecutionOptions, options)
     outcome = run_full_and_log(
-        cfg, run.out, opts=opts, track=not run.no_track, experiment=run.experiment, run_name=run.run_name
+        cfg, run.out, opts=opts, track=not run.no_track, experiment=run.experiment, run_name=run.run_name,
+        exec_opts=execution, resume=run.resume,
     )
     show_full_outcome(outcome, title=f"Full analysis: {cfg.sae}")
 

@@ -92,14 +92,16 @@ def main(
 
 def analysis_parameters(kind: str, *extra: type) -> list[inspect.Parameter]:
     """The Typer parameters of an analysis command: every `AnalysisConfig` option, then the options of
-    each class in `extra` (e.g. `FullOptions`), then the `RunOptions` (output and tracking)."""
-    from sae_mlops.config import AnalysisConfig, RunOptions
+    each class in `extra` (e.g. `FullOptions`), then the `ExecutionOptions` (shards, local or Ray), then
+    the `RunOptions` (output and tracking)."""
+    from sae_mlops.config import AnalysisConfig, ExecutionOptions, RunOptions
     from sae_mlops.options import typer_parameters
 
     out_help = {"out": f"Output directory. (default: analysis/<sae dir name>/{kind}_<UTC timestamp>)"}
     params = typer_parameters(AnalysisConfig)
     for cls in extra:
         params += typer_parameters(cls)
+    params += typer_parameters(ExecutionOptions)
     return params + typer_parameters(RunOptions, overrides=out_help)
 
 

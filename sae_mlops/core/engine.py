@@ -26,6 +26,7 @@ import re
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
@@ -105,6 +106,14 @@ class PassStats:
     #: then one entry per collector (its ``update``); on CUDA each part is synchronised first
     part_seconds: dict[str, float] = field(default_factory=dict)
     part_cpu_seconds: dict[str, float] = field(default_factory=dict)  # the same in process CPU time
+
+    def add(self, other: "PassStats") -> None:
+        """Fold in the stats of another part of the pass (a shard): counts and seconds add up."""
+        for name in ("batches", "windows", "tokens_analysed", "tokens_in_batches", "predictions", "seconds", "cpu_seconds"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        for mine, theirs in ((self.part_seconds, other.part_seconds), (self.part_cpu_seconds, other.part_cpu_seconds)):
+            for k, v in theirs.items():
+                mine[k] = mine.get(k, 0.0) + v
 
 
 class Engine:
@@ -325,7 +334,12 @@ class Engine:
         progress: bool = True,
         desc: str = "analysing",
         on_step: Callable[[StepData], None] | None = None,
+        token_offset: int = 0,
+        bar: Any = None,
     ) -> PassStats:
+        """Feed every batch to every collector. token_offset: the global index of the first analysed
+        token (a shard's start); bar: a progress bar to advance (one spanning many shards) instead
+        of a bar of this call's own."""
         stats = PassStats()
         parts, cpu_parts = stats.part_seconds, stats.part_cpu_seconds
         sync = torch.cuda.synchronize if str(self.device).startswith("cuda") else (lambda: None)
@@ -340,14 +354,16 @@ class Engine:
             return t1
 
         start, cpu_start = time.perf_counter(), time.process_time()
-        bar = tqdm(total=total_tokens, unit="tok", unit_scale=True, desc=desc, disable=not progress)
+        own_bar = bar is None
+        if own_bar:
+            bar = tqdm(total=total_tokens, unit="tok", unit_scale=True, desc=desc, disable=not progress)
         try:
             t, cpu[0] = time.perf_counter(), time.process_time()
             for batch in batches:
                 t = timed("batches", t)
                 step = self.step(batch)
                 t = timed("model", t)
-                step.token_start = stats.tokens_analysed
+                step.token_start = token_offset + stats.tokens_analysed
                 if collectors:
                     step.sparse  # noqa: B018 - found once here so that its cost is named
                     t = timed("sparse_codes", t)
@@ -364,7 +380,8 @@ class Engine:
                 bar.update(int(step.x.shape[0]))
                 t, cpu[0] = time.perf_counter(), time.process_time()
         finally:
-            bar.close()
+            if own_bar:
+                bar.close()
         stats.seconds = time.perf_counter() - start
         stats.cpu_seconds = time.process_time() - cpu_start
         return stats

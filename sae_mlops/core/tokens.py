@@ -93,20 +93,24 @@ def make_plan(tokenizer, context_size: int, prepend_bos: bool) -> WindowPlan:
     return WindowPlan(context_size, prepend_bos, bos_id, int(pad_id), special_token_ids(tokenizer))
 
 
-def iter_windows(texts: Sequence[str], tokenizer, plan: WindowPlan) -> Iterator[Window]:
-    """Tokenize documents lazily (in chunks) and yield their windows in document order."""
+def iter_windows(texts: Sequence[str], tokenizer, plan: WindowPlan, start: tuple[int, int] = (0, 0)) -> Iterator[Window]:
+    """Tokenize documents lazily (in chunks) and yield their windows in document order.
+
+    start: (document index, token offset of a window within it): begin there, as if every earlier
+    window had been yielded (a shard's first window, see :func:`plan_shards`)."""
     body = plan.context_size - (1 if plan.prepend_bos else 0)
-    for chunk_start in range(0, len(texts), TOKENIZE_CHUNK_DOCS):
+    first_doc, first_offset = start
+    for chunk_start in range(first_doc, len(texts), TOKENIZE_CHUNK_DOCS):
         chunk = list(texts[chunk_start : chunk_start + TOKENIZE_CHUNK_DOCS])
         encoded = tokenizer(chunk, add_special_tokens=False)["input_ids"]
         for offset, ids in enumerate(encoded):
             doc = chunk_start + offset
-            for start in range(0, len(ids), body):
-                piece = ids[start : start + body]
+            for start_tok in range(first_offset if doc == first_doc else 0, len(ids), body):
+                piece = ids[start_tok : start_tok + body]
                 if plan.prepend_bos and plan.bos_id is not None:  # bos_id is set whenever prepend_bos is
-                    yield Window(doc, start, [plan.bos_id, *piece], True)
+                    yield Window(doc, start_tok, [plan.bos_id, *piece], True)
                 else:
-                    yield Window(doc, start, list(piece), False)
+                    yield Window(doc, start_tok, list(piece), False)
 
 
 def collate(windows: list[Window], plan: WindowPlan) -> TokenBatch:
@@ -150,6 +154,60 @@ def _truncate_to(window: Window, remaining: int, special: set[int]) -> Window:
     return window
 
 
+@dataclass
+class Pool:
+    """Consecutive windows that are sorted by length and cut into batches together."""
+
+    start: tuple[int, int]  # (document index, window offset) of its first window in stream order
+    windows: list[Window]
+    tokens: int  # analysed tokens in it
+
+
+def iter_pools(
+    texts: Sequence[str],
+    tokenizer,
+    plan: WindowPlan,
+    batch_size: int,
+    max_tokens: int | None,
+    pool_batches: int = 32,
+    start: tuple[int, int] = (0, 0),
+) -> Iterator[Pool]:
+    """Windows grouped into pools of ``batch_size * pool_batches`` windows (the last pool smaller),
+    windows without analysed tokens skipped, until the corpus ends or ``max_tokens`` analysed tokens
+    are taken (the last window is cut so that they sum exactly to ``max_tokens``)."""
+    if batch_size < 1:
+        raise InputError(f"batch size {batch_size} must be at least 1.")
+    special = set(plan.special_ids)
+    special_ids = torch.tensor(sorted(special), dtype=torch.long)
+    taken = 0
+    pool = Pool(start, [], 0)
+    for window in iter_windows(texts, tokenizer, plan, start):
+        n = count_analysed(window, special, special_ids)
+        if n == 0:
+            continue
+        if not pool.windows:
+            pool.start = (window.doc_index, window.start)
+        if max_tokens is not None and taken + n >= max_tokens:
+            pool.windows.append(_truncate_to(window, max_tokens - taken, special))
+            pool.tokens += max_tokens - taken
+            break
+        pool.windows.append(window)
+        pool.tokens += n
+        taken += n
+        if len(pool.windows) >= batch_size * pool_batches:
+            yield pool
+            pool = Pool(start, [], 0)
+    if pool.windows:
+        yield pool
+
+
+def pool_batches_of(pool: Pool, plan: WindowPlan, batch_size: int) -> Iterator[TokenBatch]:
+    """A pool's batches: its windows sorted by length (stable), cut into ``batch_size`` windows."""
+    ordered = sorted(pool.windows, key=lambda w: len(w.tokens))
+    for i in range(0, len(ordered), batch_size):
+        yield collate(ordered[i : i + batch_size], plan)
+
+
 def iter_batches(
     texts: Sequence[str],
     tokenizer,
@@ -157,41 +215,74 @@ def iter_batches(
     batch_size: int,
     max_tokens: int | None,
     pool_batches: int = 32,
+    shard: "ShardSpec | None" = None,
 ) -> Iterator[TokenBatch]:
     """Yield batches until the corpus ends or ``max_tokens`` analysed tokens have been taken.
 
     The budget is exact: the last window is cut so that the analysed tokens sum to ``max_tokens``
     (unless the corpus is smaller). Windows are gathered in pools of ``pool_batches`` batches,
     sorted by length (stable) and cut into batches, to limit padding.
+
+    shard: only that shard's batches (from :func:`plan_shards` with the same arguments): the very
+    batches the whole stream has at those positions, since shards are whole pools.
     """
-    if batch_size < 1:
-        raise InputError(f"batch size {batch_size} must be at least 1.")
-    special = set(plan.special_ids)
-    special_ids = torch.tensor(sorted(special), dtype=torch.long)
-    taken = 0
-    pool: list[Window] = []
+    start, pools, budget = (0, 0), None, max_tokens
+    if shard is not None:
+        start, pools = (shard.start_doc, shard.start_offset), shard.pools
+        budget = None if max_tokens is None else max_tokens - shard.token_start
+    for i, pool in enumerate(iter_pools(texts, tokenizer, plan, batch_size, budget, pool_batches, start)):
+        if pools is not None and i >= pools:
+            return
+        yield from pool_batches_of(pool, plan, batch_size)
 
-    def flush(pool: list[Window]) -> Iterator[TokenBatch]:
-        ordered = sorted(pool, key=lambda w: len(w.tokens))
-        for i in range(0, len(ordered), batch_size):
-            yield collate(ordered[i : i + batch_size], plan)
 
-    for window in iter_windows(texts, tokenizer, plan):
-        n = count_analysed(window, special, special_ids)
-        if n == 0:
-            continue
-        if max_tokens is not None and taken + n >= max_tokens:
-            window = _truncate_to(window, max_tokens - taken, special)
-            pool.append(window)
-            taken = max_tokens
-            break
-        pool.append(window)
-        taken += n
-        if len(pool) >= batch_size * pool_batches:
-            yield from flush(pool)
-            pool = []
-    if pool:
-        yield from flush(pool)
+@dataclass(frozen=True)
+class ShardSpec:
+    """One shard of a pass: whole pools of whole batches, so that a batch-global rule (BatchTopK)
+    sees exactly the batches a single process sees. Token indices are global (stream order)."""
+
+    index: int
+    start_doc: int  # document of its first window
+    start_offset: int  # token offset of that window within the document
+    pools: int
+    batches: int
+    token_start: int  # global index of its first analysed token
+    tokens: int  # analysed tokens in it
+
+
+def plan_shards(
+    texts: Sequence[str],
+    tokenizer,
+    plan: WindowPlan,
+    batch_size: int,
+    max_tokens: int | None,
+    shard_tokens: int,
+    pool_batches: int = 32,
+) -> list[ShardSpec]:
+    """Cut the stream of :func:`iter_batches` into shards of about ``shard_tokens`` analysed tokens
+    (whole pools: a shard ends with the first pool that reaches ``shard_tokens``). Deterministic in
+    (corpus, tokenizer, context size, BOS, batch size, budget, shard size): it tokenizes the corpus
+    up to the budget once, without building batches. Unit of ``shard_tokens``: analysed tokens."""
+    shards: list[ShardSpec] = []
+    current: dict | None = None
+    token = 0
+    for pool in iter_pools(texts, tokenizer, plan, batch_size, max_tokens, pool_batches):
+        if current is None:
+            current = {"start": pool.start, "pools": 0, "batches": 0, "token_start": token, "tokens": 0}
+        current["pools"] += 1
+        current["batches"] += -(-len(pool.windows) // batch_size)
+        current["tokens"] += pool.tokens
+        token += pool.tokens
+        if current["tokens"] >= shard_tokens:
+            shards.append(_spec(len(shards), current))
+            current = None
+    if current is not None:
+        shards.append(_spec(len(shards), current))
+    return shards
+
+
+def _spec(index: int, c: dict) -> ShardSpec:
+    return ShardSpec(index, c["start"][0], c["start"][1], c["pools"], c["batches"], c["token_start"], c["tokens"])
 
 
 def minimum_tokens(plan: WindowPlan, max_tokens: int | None) -> int:

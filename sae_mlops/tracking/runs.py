@@ -113,13 +113,18 @@ def log_analysis(
     experiment: str | None = None,
     run_name: str | None = None,
     start_time: int | None = None,
+    run_id: str | None = None,
 ) -> str:
     """Log `result` and `files` (artifacts, relative to `out_dir`) to MLflow; return the run id.
 
     run_name: None -> `analysis_run_name(result)`. start_time: when the analysis started (ms since
-    the epoch), the start of a run created here (default: now)."""
+    the epoch), the start of a run created here (default: now). run_id: the run `start_analysis_run`
+    created when the pass started (it is finished here); None resolves or creates one now."""
     client = MlflowClient()
-    run_id, owned = resolve_run(client, experiment, run_name, start_time=start_time, default_name=analysis_run_name(result))
+    if run_id is not None:
+        owned = True
+    else:
+        run_id, owned = resolve_run(client, experiment, run_name, start_time=start_time, default_name=analysis_run_name(result))
     try:
         _log_into(client, run_id, result, [Path(f) for f in files], Path(out_dir))
     except BaseException as e:
@@ -133,6 +138,53 @@ def log_analysis(
         client.set_terminated(run_id, "FINISHED")
     log.info("Logged %s analysis to MLflow run %s (%s)", result.kind, run_id, mlflow.get_tracking_uri())
     return run_id
+
+
+def start_analysis_run(
+    previous: str | None,
+    name: str,
+    tags: dict[str, str],
+    experiment: str | None = None,
+    run_name: str | None = None,
+    start_time: int | None = None,
+) -> tuple[str, bool]:
+    """The run of an analysis whose pass is starting, status RUNNING: the run ``previous`` (the
+    interrupted run of a resumed analysis) when it still exists, else the run of ``MLFLOW_RUN_ID``
+    or a new run named ``run_name`` (else ``name``). Returns (run id, whether this program finishes
+    it: False for the run of ``mlflow run``)."""
+    client = MlflowClient()
+    if previous:
+        try:
+            run = client.get_run(previous)
+        except MlflowException:
+            log.warning("the interrupted analysis's MLflow run %s is gone; starting a new run", previous)
+        else:
+            if run.info.status != "RUNNING":
+                client.update_run(previous, status="RUNNING")
+            client.set_tag(previous, "sae_mlops.resumed", "true")
+            return previous, not os.environ.get("MLFLOW_RUN_ID")
+    run_id, owned = resolve_run(client, experiment, run_name, start_time=start_time, default_name=name)
+    client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
+    return run_id, owned
+
+
+def log_progress(run_id: str, tokens_done: int, tokens_total: int) -> None:
+    """``progress/tokens_done`` (step: tokens done, so the chart is a line) and ``progress/fraction``
+    of a running analysis."""
+    now = get_current_time_millis()
+    frac = tokens_done / tokens_total if tokens_total else 0.0
+    MlflowClient().log_batch(run_id, metrics=[Metric("progress/tokens_done", float(tokens_done), now, tokens_done),
+                                              Metric("progress/fraction", frac, now, tokens_done)])
+
+
+def end_run(run_id: str, status: str) -> None:
+    """Set a run's final status (FAILED, KILLED, FINISHED) if it is still RUNNING; never raises."""
+    try:
+        client = MlflowClient()
+        if client.get_run(run_id).info.status == "RUNNING":
+            client.set_terminated(run_id, status)
+    except Exception as e:  # noqa: BLE001 - runs while an error is being reported
+        log.debug("could not mark run %s %s: %s", run_id, status, e)
 
 
 def log_metrics(run_id: str, metrics: dict[str, float]) -> None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -43,18 +44,22 @@ TOKENS_ENCODING = {"use_dictionary": False, "column_encoding": {"token_index": _
 ACTS_ENCODING = {"use_dictionary": False, "column_encoding": {"token_index": _DELTA, "feature": _DELTA, "value": "BYTE_STREAM_SPLIT"}}
 
 
-class ActivationDBWriter:
+class ActivationPartsWriter:
+    """A collector writing the tokens/activations Parquet parts of a token range into ``parts_dir``
+    (``tokens/<prefix>NNNNN.parquet``, ``activations/<prefix>NNNNN.parquet``); a shard of a sharded
+    pass writes its own parts with prefix ``part-<shard>-`` so that parts sort in stream order."""
+
     name = "activation_db"
 
-    def __init__(self, root: Path, d_sae: int, shard_rows: int = 500_000):
-        self.root = Path(root)
-        self.partial = self.root.with_name(self.root.name + ".partial")
-        if self.partial.exists():
-            shutil.rmtree(self.partial)
-        (self.partial / "tokens").mkdir(parents=True)
-        (self.partial / "activations").mkdir(parents=True)
+    def __init__(self, parts_dir: Path, d_sae: int, shard_rows: int = 500_000, prefix: str = "part-"):
+        self.parts_dir = Path(parts_dir)
+        for sub in ("tokens", "activations"):
+            if (self.parts_dir / sub).exists():
+                shutil.rmtree(self.parts_dir / sub)
+            (self.parts_dir / sub).mkdir(parents=True)
         self.d_sae = d_sae
         self.shard_rows = shard_rows
+        self.prefix = prefix
         self.n_tokens = 0
         self.nnz = 0
         self.shards = 0
@@ -87,85 +92,119 @@ class ActivationDBWriter:
         self.nnz += len(values)
         self._buffered += len(values) + n
         if self._buffered >= self.shard_rows:
-            self._flush()
+            self.flush()
 
-    def _flush(self) -> None:
+    def flush(self) -> None:
+        """Write the buffered rows as one more part (nothing when the buffer is empty)."""
         if not self._tok:
             return
-        name = f"part-{self.shards:05d}.parquet"
-        pq.write_table(pa.Table.from_batches(self._tok, TOKENS_SCHEMA), self.partial / "tokens" / name, **TOKENS_ENCODING)
-        pq.write_table(pa.Table.from_batches(self._act, ACTS_SCHEMA), self.partial / "activations" / name, **ACTS_ENCODING)
+        name = f"{self.prefix}{self.shards:05d}.parquet"
+        pq.write_table(pa.Table.from_batches(self._tok, TOKENS_SCHEMA), self.parts_dir / "tokens" / name, **TOKENS_ENCODING)
+        pq.write_table(pa.Table.from_batches(self._act, ACTS_SCHEMA), self.parts_dir / "activations" / name, **ACTS_ENCODING)
         self.shards += 1
         self._tok, self._act, self._buffered = [], [], 0
 
-    def merge(self, other: "ActivationDBWriter") -> None:
-        raise NotImplementedError("activation databases of shards are combined by reading their Parquet files")
+    def merge(self, other: "ActivationPartsWriter") -> None:
+        raise NotImplementedError("activation database parts are combined as files (finalize_database)")
 
     def compute(self) -> dict[str, Any]:
         return {}
 
+
+class ActivationDBWriter(ActivationPartsWriter):
+    """The whole database of one pass: parts in ``<root>.partial``, then :meth:`finalize`."""
+
+    def __init__(self, root: Path, d_sae: int, shard_rows: int = 500_000):
+        self.root = Path(root)
+        self.partial = self.root.with_name(self.root.name + ".partial")
+        if self.partial.exists():
+            shutil.rmtree(self.partial)
+        super().__init__(self.partial, d_sae, shard_rows)
+
     def finalize(self, per_feature: dict[str, list[float]], vocab: list[str]) -> Path:
-        """Write the remaining shard, feature table, vocabulary, CSR export and manifest; then publish."""
-        self._flush()
-        features = pd.DataFrame(per_feature)
-        features.insert(0, "feature", np.arange(len(features), dtype=np.int32))
-        features.to_parquet(self.partial / "features.parquet", index=False)
-        pd.DataFrame({"token_id": np.arange(len(vocab), dtype=np.int32), "token_str": vocab}).to_parquet(
-            self.partial / "vocab.parquet", index=False
-        )
-        self._write_csr()
-        manifest = {
-            "format": FORMAT,
-            "n_tokens": self.n_tokens,
-            "nnz": self.nnz,
-            "d_sae": self.d_sae,
-            "shards": self.shards,
-            "tables": {"tokens": "tokens/*.parquet", "activations": "activations/*.parquet",
-                       "features": "features.parquet", "vocab": "vocab.parquet"},
-            "csr": {"indptr": "csr/indptr.npy", "indices": "csr/indices.npy", "data": "csr/data.npy",
-                    "shape": [self.n_tokens, self.d_sae]},
-        }
-        (self.partial / "manifest.json").write_text(json.dumps(manifest, indent=2))
-        if self.root.exists():
-            shutil.rmtree(self.root)
-        self.partial.rename(self.root)
-        log.info("activation database: %d tokens, %d activations in %d shards -> %s", self.n_tokens, self.nnz, self.shards, self.root)
-        return self.root
-
-    def _write_csr(self) -> None:
-        """CSR arrays streamed shard by shard into .npy files (memory: one shard).
-
-        Shards hold contiguous token ranges with rows sorted by token, so ``indices``, ``data`` and
-        ``indptr`` are each written front to back with plain file writes (no memory map, whose
-        touched pages would count against memory as the corpus grows).
-        """
-        csr = self.partial / "csr"
-        csr.mkdir()
-        files = {
-            "indptr": _npy_stream(csr / "indptr.npy", np.int64, self.n_tokens + 1),
-            "indices": _npy_stream(csr / "indices.npy", np.int32, self.nnz),
-            "data": _npy_stream(csr / "data.npy", np.float32, self.nnz),
-        }
-        try:
-            files["indptr"].write(np.zeros(1, dtype=np.int64).tobytes())
-            offset = 0
-            for shard in sorted((self.partial / "activations").glob("part-*.parquet")):
-                tokens = pq.read_table(self.partial / "tokens" / shard.name, columns=["token_index"]).column(0).to_numpy()
-                table = pq.read_table(shard)
-                tok = table.column("token_index").to_numpy()
-                files["indices"].write(table.column("feature").to_numpy().astype(np.int32).tobytes())
-                files["data"].write(table.column("value").to_numpy().astype(np.float32).tobytes())
-                t0, t1 = int(tokens[0]), int(tokens[-1]) + 1
-                per_token = np.bincount(tok - t0, minlength=t1 - t0)
-                files["indptr"].write((offset + np.cumsum(per_token)).astype(np.int64).tobytes())
-                offset += len(tok)
-        finally:
-            for fh in files.values():
-                fh.close()
+        """Write the remaining part, then the rest of the database (:func:`finalize_database`)."""
+        self.flush()
+        return finalize_database(self.root, [self.partial], self.d_sae, per_feature, vocab)
 
     def abort(self) -> None:
         """Remove the partial database (on error)."""
         shutil.rmtree(self.partial, ignore_errors=True)
+
+
+def finalize_database(root: Path, part_dirs: list[Path], d_sae: int, per_feature: dict[str, list[float]],
+                      vocab: list[str]) -> Path:
+    """Complete the database at ``root`` from the Parquet parts under ``part_dirs`` (in stream order;
+    moved, not copied, into ``<root>.partial``): feature table, vocabulary, CSR export and manifest;
+    then publish by renaming ``<root>.partial`` to ``<root>``."""
+    root = Path(root)
+    partial = root.with_name(root.name + ".partial")
+    if [Path(p) for p in part_dirs] != [partial]:
+        if partial.exists():
+            shutil.rmtree(partial)
+        for sub in ("tokens", "activations"):
+            (partial / sub).mkdir(parents=True)
+            for d in part_dirs:
+                for f in sorted((Path(d) / sub).glob("*.parquet")):
+                    os.replace(f, partial / sub / f.name)
+    parts = sorted((partial / "activations").glob("*.parquet"))
+    n_tokens = sum(pq.read_metadata(partial / "tokens" / f.name).num_rows for f in parts)
+    nnz = sum(pq.read_metadata(f).num_rows for f in parts)
+    features = pd.DataFrame(per_feature)
+    features.insert(0, "feature", np.arange(len(features), dtype=np.int32))
+    features.to_parquet(partial / "features.parquet", index=False)
+    pd.DataFrame({"token_id": np.arange(len(vocab), dtype=np.int32), "token_str": vocab}).to_parquet(
+        partial / "vocab.parquet", index=False
+    )
+    _write_csr(partial, n_tokens, nnz)
+    manifest = {
+        "format": FORMAT,
+        "n_tokens": n_tokens,
+        "nnz": nnz,
+        "d_sae": d_sae,
+        "shards": len(parts),
+        "tables": {"tokens": "tokens/*.parquet", "activations": "activations/*.parquet",
+                   "features": "features.parquet", "vocab": "vocab.parquet"},
+        "csr": {"indptr": "csr/indptr.npy", "indices": "csr/indices.npy", "data": "csr/data.npy",
+                "shape": [n_tokens, d_sae]},
+    }
+    (partial / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    if root.exists():
+        shutil.rmtree(root)
+    partial.rename(root)
+    log.info("activation database: %d tokens, %d activations in %d parts -> %s", n_tokens, nnz, len(parts), root)
+    return root
+
+
+def _write_csr(partial: Path, n_tokens: int, nnz: int) -> None:
+    """CSR arrays streamed part by part into .npy files (memory: one part).
+
+    Parts hold contiguous token ranges with rows sorted by token, so ``indices``, ``data`` and
+    ``indptr`` are each written front to back with plain file writes (no memory map, whose
+    touched pages would count against memory as the corpus grows).
+    """
+    csr = partial / "csr"
+    csr.mkdir()
+    files = {
+        "indptr": _npy_stream(csr / "indptr.npy", np.int64, n_tokens + 1),
+        "indices": _npy_stream(csr / "indices.npy", np.int32, nnz),
+        "data": _npy_stream(csr / "data.npy", np.float32, nnz),
+    }
+    try:
+        files["indptr"].write(np.zeros(1, dtype=np.int64).tobytes())
+        offset = 0
+        for shard in sorted((partial / "activations").glob("*.parquet")):
+            tokens = pq.read_table(partial / "tokens" / shard.name, columns=["token_index"]).column(0).to_numpy()
+            table = pq.read_table(shard)
+            tok = table.column("token_index").to_numpy()
+            files["indices"].write(table.column("feature").to_numpy().astype(np.int32).tobytes())
+            files["data"].write(table.column("value").to_numpy().astype(np.float32).tobytes())
+            t0, t1 = int(tokens[0]), int(tokens[-1]) + 1
+            per_token = np.bincount(tok - t0, minlength=t1 - t0)
+            files["indptr"].write((offset + np.cumsum(per_token)).astype(np.int64).tobytes())
+            offset += len(tok)
+    finally:
+        for fh in files.values():
+            fh.close()
 
 
 def _npy_stream(path: Path, dtype, length: int):

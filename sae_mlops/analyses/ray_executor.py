@@ -1,0 +1,174 @@
+"""The Ray executor: shards of one pass on Ray actors, merged by the driver in shard order.
+
+Each actor (:class:`ShardWorker`) loads the model and the SAE once, then processes shards: it runs
+a shard with fresh collectors (:func:`sae_mlops.analyses.sharding.run_shard`) in a temporary
+directory of its node and returns the shard's files (collector state, activation-database parts) as
+bytes through Ray's object store. The driver writes them into the checkpoint and records the shard
+as done, so nothing needs a shared filesystem for outputs: on a multi-node cluster the database
+parts travel through the object store to the driver's ``--out``.
+
+Inputs reach the actors as follows: the corpus texts and (for a local or MLflow SAE) the SAE
+directory's files go through the object store; the model is loaded by each actor from what
+``--model`` names (a TransformerLens name, fetched on each node, or a local checkpoint directory that
+must exist at the same path on every node, e.g. on a shared filesystem).
+
+Why an actor pool and not Ray Data: shards must be cut at whole pools of batches for BatchTopK and
+merged in order with state that is not a table; a few actors with ``ray.util.ActorPool`` are the
+whole mechanism.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from sae_mlops.analyses.sharding import Checkpoint, CollectorFactory, PassObserver, ShardedPass, finish_pass, run_shard
+from sae_mlops.core.engine import PassStats
+from sae_mlops.core.tokens import ShardSpec
+from sae_mlops.errors import InputError
+
+if TYPE_CHECKING:
+    from sae_mlops.analyses.quick import Inputs
+    from sae_mlops.config import ExecutionOptions, FullOptions
+
+log = logging.getLogger(__name__)
+
+
+def _read_tree(root: Path) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def _write_tree(root: Path, files: dict[str, bytes]) -> None:
+    for rel, data in files.items():
+        path = root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+
+
+class ShardWorker:
+    """A Ray actor: model and SAE loaded once, then one shard per :meth:`run` call."""
+
+    def __init__(self, cfg: Any, kind: str, opts: FullOptions | None, corpus: Any, sae_files: dict[str, bytes] | None,
+                 threads: int):
+        import torch
+
+        from sae_mlops.analyses.quick import _prepare
+        from sae_mlops.analyses.sharding import make_collectors
+        from sae_mlops.core.engine import Engine
+        from sae_mlops.sources.model import load_model
+        from sae_mlops.sources.sae import load_sae
+        from sae_mlops.sources.validate import check_compatible
+
+        torch.set_num_threads(threads)
+        self.tmp = Path(tempfile.mkdtemp(prefix="sae-mlops-worker-"))
+        if sae_files is not None:
+            _write_tree(self.tmp / "sae", sae_files)
+            cfg = dataclasses.replace(cfg, sae=str(self.tmp / "sae"))
+        self.inputs = _prepare(cfg, lambda *_a, **_k: corpus, load_model, load_sae, check_compatible)
+        self.engine = Engine(self.inputs.model.model, self.inputs.sae.module, self.inputs.site, self.inputs.device)
+        self.kind, self.opts = kind, opts
+        self.make_collectors = make_collectors
+
+    def run(self, spec: ShardSpec) -> dict[str, Any]:
+        """Run one shard; return its index, files (relative path -> bytes) and pass stats."""
+        import resource
+
+        work = Path(tempfile.mkdtemp(dir=self.tmp))
+        try:
+            def factory(parts_dir: Path | None, prefix: str):
+                return self.make_collectors(self.kind, self.inputs, self.opts, parts_dir, prefix)
+
+            _collectors, stats = run_shard(self.engine, self.inputs, spec, factory, work, save=True)
+            files = _read_tree(work)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+        return {"index": spec.index, "files": files, "stats": dataclasses.asdict(stats), "peak_rss_mib": peak,
+                "pid": os.getpid()}
+
+    def close(self) -> None:
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def _actor_config(inputs: Inputs) -> tuple[Any, dict[str, bytes] | None]:
+    """The analysis config an actor loads from (the driver's resolved model and threshold) and the
+    SAE directory's files when the SAE is a local directory (None: a release, loaded by name)."""
+    cfg, info = inputs.cfg, inputs.sae.info
+    changes: dict[str, Any] = {"model": inputs.model.name, "progress": False}
+    if info.topk_mode == "threshold" and info.threshold is not None:
+        changes["threshold"] = info.threshold
+    sae_files = None
+    if info.local_path is not None and Path(info.local_path).is_dir() and info.format != "saelens-release":
+        sae_files = _read_tree(Path(info.local_path))
+    return dataclasses.replace(cfg, **changes), sae_files
+
+
+def run_ray(inputs: Inputs, kind: str, opts: FullOptions | None, exec_opts: ExecutionOptions, ck: Checkpoint,
+            factory: CollectorFactory, bar: Any, observer: PassObserver | None) -> ShardedPass:
+    """Run the unfinished shards of ``ck`` on ``exec_opts.workers`` Ray actors; record each in the
+    checkpoint as it arrives (any order); merge all in shard order."""
+    import ray
+    from ray.util import ActorPool
+
+    owned = False
+    if not ray.is_initialized():
+        t0 = time.perf_counter()
+        kwargs: dict[str, Any] = {"log_to_driver": False, "configure_logging": False}
+        if exec_opts.ray_address:
+            try:
+                ray.init(address=exec_opts.ray_address, **kwargs)
+            except Exception as e:  # noqa: BLE001 - reported as a user error
+                raise InputError(f"cannot connect to the Ray cluster at {exec_opts.ray_address} ({type(e).__name__}: "
+                                 f"{str(e)[:200]}); start one with `ray start --head` or leave --ray-address out.") from e
+        else:
+            cpus = max(exec_opts.workers * exec_opts.cpus_per_worker, 1)
+            ray.init(num_cpus=cpus, include_dashboard=False, **kwargs)
+            owned = True
+        log.info("Ray %s in %.1f s", "started" if owned else f"connected to {exec_opts.ray_address}", time.perf_counter() - t0)
+    actors: list[Any] = []
+    try:
+        cfg, sae_files = _actor_config(inputs)
+        corpus_ref = ray.put(inputs.corpus)
+        sae_ref = ray.put(sae_files) if sae_files is not None else None
+        remote = ray.remote(ShardWorker).options(num_cpus=exec_opts.cpus_per_worker, num_gpus=exec_opts.gpus_per_worker)
+        todo = [s for s in ck.plan if s.index not in ck.done]
+        n = max(1, min(exec_opts.workers, len(todo)))
+        actors = [remote.remote(cfg, kind, opts, corpus_ref, sae_ref, exec_opts.cpus_per_worker) for _ in range(n)]
+        total = sum(s.tokens for s in ck.plan)
+        done_tokens = ck.tokens_done
+        by_index = {s.index: s for s in ck.plan}
+        peak = 0.0
+        pool = ActorPool(actors)
+        for spec in todo:
+            pool.submit(lambda a, s: a.run.remote(s), spec)
+        while pool.has_next():
+            res = pool.get_next_unordered()
+            index = int(res["index"])
+            staging = ck.staging_dir(index)
+            _write_tree(staging, res["files"])
+            ck.commit(index, staging, PassStats(**res["stats"]))
+            peak = max(peak, float(res["peak_rss_mib"]))
+            done_tokens += by_index[index].tokens
+            if bar is not None:
+                bar.update(by_index[index].tokens)
+            if observer is not None:
+                observer.progress(done_tokens, total)
+        out = finish_pass(ck, factory, {})
+        out.shards_resumed = len(ck.plan) - len(todo)
+        out.extra["worker_peak_rss_mib"] = peak
+        out.extra["workers"] = n
+        return out
+    finally:
+        for a in actors:
+            try:
+                ray.kill(a)
+            except Exception:  # noqa: BLE001 - best effort on the way out
+                pass
+        if owned:
+            ray.shutdown()
