@@ -4,6 +4,11 @@ A collector is a streaming metric in the torchmetrics shape: ``update(step)`` fo
 ``merge(other)`` folds in another collector of the same kind (a shard of the corpus), ``compute()``
 returns finished numbers. Collectors never run the model; they only reduce what the engine gives them.
 All running sums are float64 on the CPU so that averages are exact token averages.
+
+Each collector derives from :class:`sae_mlops.core.collectors.state.StateCollector` and declares its
+state once (``add_state(name, default, reduce)``, reduce sum / max / min / cat / top-k), so that
+``state_dict()``, ``load_state_dict()``, ``merge()`` and the files of ``save_states`` /
+``load_states`` (safetensors + JSON, no pickle) are generic; ``sync()`` folds buffers into the state.
 """
 
 from __future__ import annotations
@@ -64,6 +69,10 @@ class StepData:
 
 
 class Collector(Protocol):
+    """What the engine calls. The analysis collectors are also
+    :class:`~sae_mlops.core.collectors.state.StateCollector` (declared, mergeable state); a sink such
+    as the activation-database writer need not be."""
+
     name: str
 
     def update(self, step: StepData) -> None: ...

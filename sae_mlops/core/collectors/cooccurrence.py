@@ -33,6 +33,7 @@ import scipy.sparse as sp
 import torch
 
 from sae_mlops.core.collectors.base import StepData
+from sae_mlops.core.collectors.state import StateCollector
 
 MEASURES = ("correlation", "jaccard", "pmi")
 
@@ -67,23 +68,31 @@ def measure_from_counts(n_ij, n_i, n_j, n_tokens: int, measure: str) -> np.ndarr
     return out.float().cpu().numpy()
 
 
-class CooccurrenceCollector:
+class CooccurrenceCollector(StateCollector):
+    """State (declared, merged by sum): ``counts`` [d, d] (``n_ij``, numpy int64, int32 above
+    d_sae 8192), ``fire`` [d] (``n_i``, numpy int64), ``n_tokens`` (``N``). The buffered rows and
+    the device-side counts are not state: :meth:`sync` (= :meth:`_flush`) folds them in."""
+
     name = "cooccurrence"
+    n_tokens: int
+    fire: np.ndarray  # [d_sae] int64
+    counts: np.ndarray  # [d_sae, d_sae] int64 (int32 above d_sae 8192)
 
     def __init__(self, d_sae: int, flush_tokens: int = 32_768, workers: int | None = None, method: str | None = None):
         """method: "sparse" (buffered sparse products on the CPU), "matmul" (per-batch dense
         ``B^T B`` where the codes are) or None: matmul for codes on an accelerator, else sparse."""
         if method not in (None, "sparse", "matmul"):
             raise ValueError(f"unknown counting method {method!r}")
+        super().__init__()
         self.d_sae = d_sae
         self.method = method
         self._device_counts: torch.Tensor | None = None  # [d, d] int64 on an accelerator
         self.flush_tokens = flush_tokens
         self.workers = workers or max(1, torch.get_num_threads())
-        self.n_tokens = 0
-        self.fire = np.zeros(d_sae, dtype=np.int64)
+        self.add_state("n_tokens", 0, "sum")
+        self.add_state("fire", np.zeros(d_sae, dtype=np.int64), "sum")
         dtype = np.int64 if d_sae <= 8192 else np.int32  # int32 keeps 16384^2 at 1 GiB; exact below 2^31 tokens
-        self.counts = np.zeros((d_sae, d_sae), dtype=dtype)
+        self.add_state("counts", np.zeros((d_sae, d_sae), dtype=dtype), "sum")
         self._buf_rows: list[np.ndarray] = []
         self._buf_cols: list[np.ndarray] = []
         self._buf_n = 0
@@ -105,6 +114,17 @@ class CooccurrenceCollector:
         if self._buf_n >= self.flush_tokens:
             self._flush()
 
+    def state_config(self) -> dict[str, Any]:
+        return {"d_sae": self.d_sae}
+
+    def sync(self) -> None:
+        self._flush()
+
+    def reset(self) -> None:
+        super().reset()
+        self._device_counts = None
+        self._buf_rows, self._buf_cols, self._buf_n = [], [], 0
+
     def _flush(self) -> None:
         if self._device_counts is not None:
             self.counts += self._device_counts.cpu().numpy().astype(self.counts.dtype)
@@ -123,13 +143,6 @@ class CooccurrenceCollector:
                 self.counts[prod.row, prod.col] += prod.data.astype(self.counts.dtype)
         self.fire += np.bincount(cols, minlength=self.d_sae)
         self._buf_rows, self._buf_cols, self._buf_n = [], [], 0
-
-    def merge(self, other: "CooccurrenceCollector") -> None:
-        self._flush()
-        other._flush()
-        self.counts += other.counts
-        self.fire += other.fire
-        self.n_tokens += other.n_tokens
 
     def finalize_counts(self) -> np.ndarray:
         self._flush()

@@ -22,16 +22,25 @@ import math
 from typing import Any
 
 from sae_mlops.core.collectors.base import StepData, f64sum
+from sae_mlops.core.collectors.state import StateCollector
 
 
-class DownstreamCollector:
+class DownstreamCollector(StateCollector):
     name = "downstream"
+    n_pred: int  # predictions (CE terms)
+    n_kl: int  # KL terms (analysed positions)
+    sum_ce_clean: float  # nats, summed over predictions
+    sum_ce_sae: float
+    sum_ce_zero: float
+    sum_kl_sae: float  # nats, summed over analysed positions
+    sum_kl_zero: float
 
     def __init__(self) -> None:
-        self.n_pred = 0
-        self.n_kl = 0
-        self.sum_ce = {"clean": 0.0, "sae": 0.0, "zero": 0.0}
-        self.sum_kl = {"sae": 0.0, "zero": 0.0}
+        super().__init__()
+        self.add_state("n_pred", 0, "sum")
+        self.add_state("n_kl", 0, "sum")
+        for name in ("sum_ce_clean", "sum_ce_sae", "sum_ce_zero", "sum_kl_sae", "sum_kl_zero"):
+            self.add_state(name, 0.0, "sum")
         self.warnings: list[str] = []
 
     def update(self, step: StepData) -> None:
@@ -39,26 +48,19 @@ class DownstreamCollector:
             return
         assert step.ce_sae is not None and step.ce_zero is not None and step.kl_sae is not None and step.kl_zero is not None
         self.n_pred += int(step.ce_clean.numel())
-        self.sum_ce["clean"] += f64sum(step.ce_clean)
-        self.sum_ce["sae"] += f64sum(step.ce_sae)
-        self.sum_ce["zero"] += f64sum(step.ce_zero)
+        self.sum_ce_clean += f64sum(step.ce_clean)
+        self.sum_ce_sae += f64sum(step.ce_sae)
+        self.sum_ce_zero += f64sum(step.ce_zero)
         self.n_kl += int(step.kl_sae.numel())
-        self.sum_kl["sae"] += f64sum(step.kl_sae)
-        self.sum_kl["zero"] += f64sum(step.kl_zero)
-
-    def merge(self, other: "DownstreamCollector") -> None:
-        self.n_pred += other.n_pred
-        self.n_kl += other.n_kl
-        for k in self.sum_ce:
-            self.sum_ce[k] += other.sum_ce[k]
-        for k in self.sum_kl:
-            self.sum_kl[k] += other.sum_kl[k]
+        self.sum_kl_sae += f64sum(step.kl_sae)
+        self.sum_kl_zero += f64sum(step.kl_zero)
 
     def compute(self) -> dict[str, Any]:
         if self.n_pred == 0:
             return {}
-        ce = {k: v / self.n_pred for k, v in self.sum_ce.items()}
-        kl = {k: v / max(self.n_kl, 1) for k, v in self.sum_kl.items()}
+        sum_ce = {"clean": self.sum_ce_clean, "sae": self.sum_ce_sae, "zero": self.sum_ce_zero}
+        ce = {k: v / self.n_pred for k, v in sum_ce.items()}
+        kl = {k: v / max(self.n_kl, 1) for k, v in (("sae", self.sum_kl_sae), ("zero", self.sum_kl_zero))}
         gap = ce["zero"] - ce["clean"]
         if gap <= 0:
             self.warnings.append(

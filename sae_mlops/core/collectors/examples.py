@@ -16,31 +16,12 @@ Memory: ``d_sae * k * (2 * window + 5)`` numbers, independent of corpus size.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from sae_mlops.core.collectors.base import StepData
-
-
-@dataclass
-class Examples:
-    """Flat example records: one row each."""
-
-    feature: torch.Tensor  # int64
-    value: torch.Tensor  # float32
-    token: torch.Tensor  # int64 global token index
-    doc: torch.Tensor  # int64
-    pos: torch.Tensor  # int64
-    ctx: torch.Tensor  # int32 [m, 2w+1]
-
-    def take(self, idx: torch.Tensor) -> "Examples":
-        return Examples(*(getattr(self, f)[idx] for f in ("feature", "value", "token", "doc", "pos", "ctx")))
-
-    @staticmethod
-    def cat(parts: list["Examples"]) -> "Examples":
-        return Examples(*(torch.cat([getattr(p, f) for p in parts]) for f in ("feature", "value", "token", "doc", "pos", "ctx")))
+from sae_mlops.core.collectors.state import StateCollector, TopK
 
 
 def context_ids(tokens: torch.Tensor, keep: torch.Tensor, rows: torch.Tensor, window: int) -> torch.Tensor:
@@ -53,51 +34,37 @@ def context_ids(tokens: torch.Tensor, keep: torch.Tensor, rows: torch.Tensor, wi
     return padded.unfold(1, 2 * window + 1, 1)[rows].to(torch.int32)
 
 
-class TopExamplesCollector:
+class TopExamplesCollector(StateCollector):
+    """State: one :class:`~sae_mlops.core.collectors.state.TopK` group ordered by ``value``
+    descending, ties by ``token`` ascending, unfilled slots (value -inf, token -1) last; so the
+    generic :meth:`merge` of shards (token indices global) equals one pass over their tokens."""
+
     name = "examples"
+    value: torch.Tensor  # [d_sae, k] float32, -inf where unfilled
+    token: torch.Tensor  # [d_sae, k] int64 global token index, -1 where unfilled
+    doc: torch.Tensor  # [d_sae, k] int64 document index
+    pos: torch.Tensor  # [d_sae, k] int64 position in the document
+    ctx: torch.Tensor  # [d_sae, k, 2 window + 1] int32 context token ids, -1 where none
 
     def __init__(self, d_sae: int, k: int = 25, window: int = 10):
+        super().__init__()
         self.d_sae, self.k, self.window = d_sae, k, window
         width = 2 * window + 1
-        self.value = torch.full((d_sae, k), float("-inf"), dtype=torch.float32)
-        self.token = torch.full((d_sae, k), -1, dtype=torch.int64)
-        self.doc = torch.full((d_sae, k), -1, dtype=torch.int64)
-        self.pos = torch.full((d_sae, k), -1, dtype=torch.int64)
-        self.ctx = torch.full((d_sae, k, width), -1, dtype=torch.int32)
+        group = TopK(key="value", tie="token")
+        self.add_state("value", torch.full((d_sae, k), float("-inf"), dtype=torch.float32), group)
+        self.add_state("token", torch.full((d_sae, k), -1, dtype=torch.int64), group)
+        self.add_state("doc", torch.full((d_sae, k), -1, dtype=torch.int64), group)
+        self.add_state("pos", torch.full((d_sae, k), -1, dtype=torch.int64), group)
+        self.add_state("ctx", torch.full((d_sae, k, width), -1, dtype=torch.int32), group)
 
-    # -- state as flat records ------------------------------------------------------------
-    def _records(self, features: torch.Tensor | None = None) -> Examples:
-        rows = torch.arange(self.d_sae) if features is None else features
-        filled = self.token[rows] >= 0
-        feat = rows[:, None].expand(-1, self.k)[filled]
-        return Examples(feat, self.value[rows][filled], self.token[rows][filled], self.doc[rows][filled],
-                        self.pos[rows][filled], self.ctx[rows][filled])
-
-    def _store(self, features: torch.Tensor, records: Examples) -> None:
-        """Replace the kept examples of ``features`` by the best k of ``records`` (sorted)."""
-        order = torch.argsort(records.token, stable=True)
-        order = order[torch.argsort(-records.value[order], stable=True)]
-        order = order[torch.argsort(records.feature[order], stable=True)]
-        r = records.take(order)
-        start = torch.searchsorted(r.feature, r.feature)  # first row of each feature's group
-        rank = torch.arange(len(r.feature)) - start
-        keep = rank < self.k
-        r, rank = r.take(keep), rank[keep]
-        self.value[features] = float("-inf")
-        self.token[features] = -1
-        self.doc[features] = -1
-        self.pos[features] = -1
-        self.ctx[features] = -1
-        self.value[r.feature, rank] = r.value
-        self.token[r.feature, rank] = r.token
-        self.doc[r.feature, rank] = r.doc
-        self.pos[r.feature, rank] = r.pos
-        self.ctx[r.feature, rank] = r.ctx
+    def state_config(self) -> dict[str, Any]:
+        return {"d_sae": self.d_sae, "k": self.k, "window": self.window}
 
     # -- collector protocol ----------------------------------------------------------------
     def update(self, step: StepData) -> None:
         """Fold in one batch of a single pass: batches come in stream order (every token of this
-        batch is later than every kept one); shards of a corpus are combined with :meth:`merge`."""
+        batch is later than every kept one); shards of a corpus are combined with the generic
+        :meth:`merge` (their ``token_start`` global)."""
         sp = step.sparse
         # candidates: non-zero values at least the feature's current k-th (-inf while not full)
         cand = sp.values >= self.value[sp.cols, -1]
@@ -140,10 +107,6 @@ class TopExamplesCollector:
         for name in ("value", "token", "doc", "pos"):
             getattr(self, name)[affected] = merged[name].gather(1, best)
         self.ctx[affected] = merged["ctx"].gather(1, best[:, :, None].expand(-1, -1, merged["ctx"].shape[2]))
-
-    def merge(self, other: "TopExamplesCollector") -> None:
-        everything = torch.arange(self.d_sae)
-        self._store(everything, Examples.cat([self._records(), other._records()]))
 
     def compute(self) -> dict[str, Any]:
         return {}

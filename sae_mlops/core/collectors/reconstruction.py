@@ -21,21 +21,32 @@ from typing import Any
 import torch
 
 from sae_mlops.core.collectors.base import StepData, f64sum
+from sae_mlops.core.collectors.state import StateCollector
 
 
-class ReconstructionCollector:
+class ReconstructionCollector(StateCollector):
     name = "reconstruction"
+    n: int
+    sum_sq_err: float
+    sum_sq_norm: float
+    sum_x: torch.Tensor  # [d_in] float64
+    sum_cos: float
+    sum_l2_ratio: float
+    sum_xhat_sq: float
+    sum_dot: float
 
     def __init__(self, d_in: int):
+        super().__init__()
         self.d_in = d_in
-        self.n = 0
-        self.sum_sq_err = 0.0
-        self.sum_sq_norm = 0.0
-        self.sum_x = torch.zeros(d_in, dtype=torch.float64)
-        self.sum_cos = 0.0
-        self.sum_l2_ratio = 0.0
-        self.sum_xhat_sq = 0.0
-        self.sum_dot = 0.0
+        self.add_state("n", 0, "sum")
+        self.add_state("sum_sq_err", 0.0, "sum")
+        self.add_state("sum_sq_norm", 0.0, "sum")
+        self.add_state("sum_x", torch.zeros(d_in, dtype=torch.float64), "sum")
+        for name in ("sum_cos", "sum_l2_ratio", "sum_xhat_sq", "sum_dot"):
+            self.add_state(name, 0.0, "sum")
+
+    def state_config(self) -> dict[str, Any]:
+        return {"d_in": self.d_in}
 
     def update(self, step: StepData) -> None:
         x = step.x.float()
@@ -53,11 +64,6 @@ class ReconstructionCollector:
         self.sum_l2_ratio += f64sum(xh_norm / safe_norm)
         self.sum_xhat_sq += f64sum(xh_norm.pow(2))
         self.sum_dot += f64sum(dot)
-
-    def merge(self, other: "ReconstructionCollector") -> None:
-        for attr in ("n", "sum_sq_err", "sum_sq_norm", "sum_cos", "sum_l2_ratio", "sum_xhat_sq", "sum_dot"):
-            setattr(self, attr, getattr(self, attr) + getattr(other, attr))
-        self.sum_x += other.sum_x
 
     def compute(self) -> dict[str, Any]:
         n, d = self.n, self.d_in

@@ -19,24 +19,36 @@ from typing import Any
 import torch
 
 from sae_mlops.core.collectors.base import StepData, f64sum
+from sae_mlops.core.collectors.state import StateCollector
 
 
-class SparsityCollector:
+class SparsityCollector(StateCollector):
     name = "sparsity"
+    n_tokens: int
+    sum_l0: float
+    sum_l0_sq: float
+    sum_l1: float
+    sum_l1_sq: float
+    fire_count: torch.Tensor  # [d_sae] int64
+    act_sum: torch.Tensor  # [d_sae] float64, sum of f_i over its firings
+    act_max: torch.Tensor  # [d_sae] float64, max |f_i|
+    l0_hist: torch.Tensor  # [d_sae + 1] int64, tokens per L0 value
 
     def __init__(self, d_sae: int, rare_threshold: float = 1e-5, dense_threshold: float = 0.1):
+        super().__init__()
         self.d_sae = d_sae
         self.rare_threshold = rare_threshold
         self.dense_threshold = dense_threshold
-        self.n_tokens = 0
-        self.sum_l0 = 0.0
-        self.sum_l0_sq = 0.0
-        self.sum_l1 = 0.0
-        self.sum_l1_sq = 0.0
-        self.fire_count = torch.zeros(d_sae, dtype=torch.int64)
-        self.act_sum = torch.zeros(d_sae, dtype=torch.float64)
-        self.act_max = torch.zeros(d_sae, dtype=torch.float64)
-        self.l0_hist = torch.zeros(d_sae + 1, dtype=torch.int64)  # tokens per L0 value
+        self.add_state("n_tokens", 0, "sum")
+        for name in ("sum_l0", "sum_l0_sq", "sum_l1", "sum_l1_sq"):
+            self.add_state(name, 0.0, "sum")
+        self.add_state("fire_count", torch.zeros(d_sae, dtype=torch.int64), "sum")
+        self.add_state("act_sum", torch.zeros(d_sae, dtype=torch.float64), "sum")
+        self.add_state("act_max", torch.zeros(d_sae, dtype=torch.float64), "max")
+        self.add_state("l0_hist", torch.zeros(d_sae + 1, dtype=torch.int64), "sum")
+
+    def state_config(self) -> dict[str, Any]:
+        return {"d_sae": self.d_sae, "rare_threshold": self.rare_threshold, "dense_threshold": self.dense_threshold}
 
     def update(self, step: StepData) -> None:
         """O(nnz) from the batch's non-zero codes (``step.sparse``)."""
@@ -55,17 +67,6 @@ class SparsityCollector:
         self.l0_hist += torch.bincount(l0, minlength=self.d_sae + 1)
         self.act_sum += torch.bincount(sp.cols, weights=sp.values.double(), minlength=self.d_sae)
         self.act_max.scatter_reduce_(0, sp.cols, mag, reduce="amax")
-
-    def merge(self, other: "SparsityCollector") -> None:
-        self.n_tokens += other.n_tokens
-        self.sum_l0 += other.sum_l0
-        self.sum_l0_sq += other.sum_l0_sq
-        self.sum_l1 += other.sum_l1
-        self.sum_l1_sq += other.sum_l1_sq
-        self.fire_count += other.fire_count
-        self.act_sum += other.act_sum
-        self.act_max = torch.maximum(self.act_max, other.act_max)
-        self.l0_hist += other.l0_hist
 
     def frequency(self) -> torch.Tensor:
         return self.fire_count.double() / max(self.n_tokens, 1)
