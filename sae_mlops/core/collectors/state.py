@@ -294,13 +294,19 @@ class StateCollector:
         self.sync()
         other.sync()
         groups: dict[TopK, list[str]] = {}
-        for name, decl in self._decls.items():
-            a, b = getattr(self, name), getattr(other, name)
+        for name, decl in self._decls.items():  # check everything before changing anything
             if isinstance(decl.reduce, TopK):
                 groups.setdefault(decl.reduce, []).append(name)
                 continue
-            if decl.kind in ("tensor", "ndarray") and decl.reduce != "cat" and a.shape != b.shape:
+            a, b = getattr(self, name), getattr(other, name)
+            if decl.kind in ("tensor", "ndarray") and (a.shape[1:] != b.shape[1:] if decl.reduce == "cat" else a.shape != b.shape):
                 raise ValueError(f"collector {self.name!r}, state {name!r}: shapes {list(a.shape)} and {list(b.shape)} differ.")
+        for group, names in groups.items():
+            self._check_topk(other, group, names)
+        for name, decl in self._decls.items():
+            if isinstance(decl.reduce, TopK):
+                continue
+            a, b = getattr(self, name), getattr(other, name)
             if decl.kind in ("int", "float"):
                 setattr(self, name, a + b if decl.reduce == "sum" else (max(a, b) if decl.reduce == "max" else min(a, b)))
             elif decl.reduce == "sum":
@@ -314,7 +320,7 @@ class StateCollector:
         for group, names in groups.items():
             self._merge_topk(other, group, names)
 
-    def _merge_topk(self, other: StateCollector, group: TopK, names: list[str]) -> None:
+    def _check_topk(self, other: StateCollector, group: TopK, names: list[str]) -> None:
         who = f"collector {self.name!r}, top-k group {group.describe()}"
         for needed in (group.key, group.tie):
             if needed is not None and needed not in names:
@@ -325,7 +331,10 @@ class StateCollector:
             if tuple(a.shape[:2]) != lead or a.shape != b.shape:
                 raise ValueError(f"{who}: state {name!r} has shape {list(a.shape)} here and {list(b.shape)} in the other; "
                                  f"every state of the group must be [{lead[0]}, {lead[1]}, ...] in both.")
-        d, k = lead
+
+    def _merge_topk(self, other: StateCollector, group: TopK, names: list[str]) -> None:
+        """The joint top-k of this collector's and ``other``'s slots (see the module docstring)."""
+        d, k = getattr(self, group.key).shape[:2]
         joined = {n: torch.cat([getattr(self, n), getattr(other, n)], dim=1) for n in names}
         # unfilled: key and tie still at their defaults
         empty = self._decls[group.key].is_default(joined[group.key], repeat=2)
