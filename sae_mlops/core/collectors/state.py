@@ -34,7 +34,7 @@ and before a merge.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -376,8 +376,11 @@ def save_states(collectors: Sequence[StateCollector], path: Path) -> list[Path]:
     ``<path>.safetensors`` (keys ``<collector name>/<state>``) and the description of the states
     (:meth:`~StateCollector.state_spec` per collector) into ``<path>.json``; the safetensors header
     carries the same description, so a pair from different saves is detected on load. Each file is
-    written to a temporary name and renamed (atomic); the safetensors file first. No pickle.
-    Returns the two paths."""
+    written to a temporary name and renamed (atomic); the safetensors file first, so a save is
+    complete once this returns (record it in a manifest then). No pickle. Returns the two paths.
+
+    Files are never rewritten in place: :func:`load_states` adopts tensors that may be mapped from
+    the file, which stays valid when a later save replaces (renames over) it."""
     tensor_path, json_path = state_paths(path)
     tensors: dict[str, torch.Tensor] = {}
     for c in collectors:
@@ -446,3 +449,17 @@ def load_states(collectors: Sequence[StateCollector], path: Path) -> None:
         c.check_state_dict(parts[c.name])
     for c in collectors:
         c.load_state_dict(parts[c.name], copy=False)
+
+
+def merge_saved_states(collectors: Sequence[StateCollector], paths: Sequence[Path],
+                       fresh: Callable[[], Sequence[StateCollector]]) -> None:
+    """Merge the states saved at ``paths`` into ``collectors``, in the order given (shard order),
+    one file at a time: each is loaded into ``fresh()`` (new collectors of the same config) and
+    merged, so memory holds the target and one shard."""
+    for path in paths:
+        shard = fresh()
+        load_states(shard, path)
+        if len(shard) != len(collectors):
+            raise ValueError(f"fresh() gave {len(shard)} collectors for {len(collectors)} targets.")
+        for target, part in zip(collectors, shard, strict=True):
+            target.merge(part)
