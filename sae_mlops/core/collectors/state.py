@@ -34,7 +34,7 @@ and before a merge.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -294,13 +294,19 @@ class StateCollector:
         self.sync()
         other.sync()
         groups: dict[TopK, list[str]] = {}
-        for name, decl in self._decls.items():
-            a, b = getattr(self, name), getattr(other, name)
+        for name, decl in self._decls.items():  # check everything before changing anything
             if isinstance(decl.reduce, TopK):
                 groups.setdefault(decl.reduce, []).append(name)
                 continue
-            if decl.kind in ("tensor", "ndarray") and decl.reduce != "cat" and a.shape != b.shape:
+            a, b = getattr(self, name), getattr(other, name)
+            if decl.kind in ("tensor", "ndarray") and (a.shape[1:] != b.shape[1:] if decl.reduce == "cat" else a.shape != b.shape):
                 raise ValueError(f"collector {self.name!r}, state {name!r}: shapes {list(a.shape)} and {list(b.shape)} differ.")
+        for group, names in groups.items():
+            self._check_topk(other, group, names)
+        for name, decl in self._decls.items():
+            if isinstance(decl.reduce, TopK):
+                continue
+            a, b = getattr(self, name), getattr(other, name)
             if decl.kind in ("int", "float"):
                 setattr(self, name, a + b if decl.reduce == "sum" else (max(a, b) if decl.reduce == "max" else min(a, b)))
             elif decl.reduce == "sum":
@@ -314,7 +320,7 @@ class StateCollector:
         for group, names in groups.items():
             self._merge_topk(other, group, names)
 
-    def _merge_topk(self, other: StateCollector, group: TopK, names: list[str]) -> None:
+    def _check_topk(self, other: StateCollector, group: TopK, names: list[str]) -> None:
         who = f"collector {self.name!r}, top-k group {group.describe()}"
         for needed in (group.key, group.tie):
             if needed is not None and needed not in names:
@@ -325,7 +331,10 @@ class StateCollector:
             if tuple(a.shape[:2]) != lead or a.shape != b.shape:
                 raise ValueError(f"{who}: state {name!r} has shape {list(a.shape)} here and {list(b.shape)} in the other; "
                                  f"every state of the group must be [{lead[0]}, {lead[1]}, ...] in both.")
-        d, k = lead
+
+    def _merge_topk(self, other: StateCollector, group: TopK, names: list[str]) -> None:
+        """The joint top-k of this collector's and ``other``'s slots (see the module docstring)."""
+        d, k = getattr(self, group.key).shape[:2]
         joined = {n: torch.cat([getattr(self, n), getattr(other, n)], dim=1) for n in names}
         # unfilled: key and tie still at their defaults
         empty = self._decls[group.key].is_default(joined[group.key], repeat=2)
@@ -367,8 +376,11 @@ def save_states(collectors: Sequence[StateCollector], path: Path) -> list[Path]:
     ``<path>.safetensors`` (keys ``<collector name>/<state>``) and the description of the states
     (:meth:`~StateCollector.state_spec` per collector) into ``<path>.json``; the safetensors header
     carries the same description, so a pair from different saves is detected on load. Each file is
-    written to a temporary name and renamed (atomic); the safetensors file first. No pickle.
-    Returns the two paths."""
+    written to a temporary name and renamed (atomic); the safetensors file first, so a save is
+    complete once this returns (record it in a manifest then). No pickle. Returns the two paths.
+
+    Files are never rewritten in place: :func:`load_states` adopts tensors that may be mapped from
+    the file, which stays valid when a later save replaces (renames over) it."""
     tensor_path, json_path = state_paths(path)
     tensors: dict[str, torch.Tensor] = {}
     for c in collectors:
@@ -437,3 +449,17 @@ def load_states(collectors: Sequence[StateCollector], path: Path) -> None:
         c.check_state_dict(parts[c.name])
     for c in collectors:
         c.load_state_dict(parts[c.name], copy=False)
+
+
+def merge_saved_states(collectors: Sequence[StateCollector], paths: Sequence[Path],
+                       fresh: Callable[[], Sequence[StateCollector]]) -> None:
+    """Merge the states saved at ``paths`` into ``collectors``, in the order given (shard order),
+    one file at a time: each is loaded into ``fresh()`` (new collectors of the same config) and
+    merged, so memory holds the target and one shard."""
+    for path in paths:
+        shard = fresh()
+        load_states(shard, path)
+        if len(shard) != len(collectors):
+            raise ValueError(f"fresh() gave {len(shard)} collectors for {len(collectors)} targets.")
+        for target, part in zip(collectors, shard, strict=True):
+            target.merge(part)
