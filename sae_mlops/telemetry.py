@@ -34,6 +34,8 @@ from pathlib import Path
 
 #: metrics logged to MLflow that the results JSON cannot hold (it is written before they are known)
 AFTER_RESULTS_JSON = ("time/logging", "time/total", "time/pass_share")
+#: logged to the run while the pass runs (one value per finished shard), not in the results JSON
+PROGRESS_METRICS = ("progress/tokens_done", "progress/fraction")
 #: quick also times the writing of its results files, the JSON among them
 QUICK_AFTER_RESULTS_JSON = (*AFTER_RESULTS_JSON, "time/reports")
 

@@ -249,8 +249,10 @@ def interrupt_report(out: Path, track: bool, kind: str = "the", observer: RunObs
     except KeyboardInterrupt as e:
         run_id = getattr(e, "mlflow_run_id", None) or (observer.run_id if observer else None) or (
             os.environ.get("MLFLOW_RUN_ID") if track else None)
-        files = sorted(p for p in out.rglob("*") if p.is_file()) if out.is_dir() else []
         done = _finished_shards(out)
+        if not done:  # a checkpoint without a finished shard holds nothing worth resuming
+            _drop_checkpoint(out)
+        files = sorted(p for p in out.rglob("*") if p.is_file()) if out.is_dir() else []
         if done:
             left = (f"{out} holds a checkpoint of {done} finished shard(s); run the same command again "
                     f"(or with --resume {out}) to continue from there")
@@ -274,6 +276,17 @@ def interrupt_report(out: Path, track: bool, kind: str = "the", observer: RunObs
         if observer is not None:
             observer.ended("FAILED")
         raise
+
+
+def _drop_checkpoint(out: Path) -> None:
+    """Remove ``out``'s checkpoint, and ``out`` itself when that leaves it empty."""
+    from sae_mlops.analyses.sharding import CHECKPOINT_DIR
+
+    shutil.rmtree(out / CHECKPOINT_DIR, ignore_errors=True)
+    try:
+        out.rmdir()  # only when empty
+    except OSError:
+        pass
 
 
 def _finished_shards(out: Path) -> int:

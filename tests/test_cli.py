@@ -59,7 +59,7 @@ def failing_run_quick(monkeypatch):
 
     seen = {}
 
-    def boom(cfg):
+    def boom(cfg, *args, **kwargs):
         seen["cfg"] = cfg
         raise InputError("the SAE directory 'nope' does not exist;\n pass --sae with an existing directory.")
 

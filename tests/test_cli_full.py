@@ -65,7 +65,7 @@ def test_full_options_reach_config_and_full_options(monkeypatch, tmp_path):
 
     seen = {}
 
-    def boom(cfg, out_dir, opts=None):
+    def boom(cfg, out_dir, opts=None, **kwargs):
         seen.update(cfg=cfg, out=out_dir, opts=opts)
         raise InputError("the SAE directory 's' does not exist;\n pass --sae with an existing directory.")
 

@@ -26,8 +26,14 @@ def test_interrupt_mid_pass_leaves_nothing_complete(tmp_path, monkeypatch):
     cfg = AnalysisConfig(sae=str(demo_sae_path("standard")), model="demo", max_tokens=4000, batch_size=4, progress=False)
     with pytest.raises(KeyboardInterrupt):
         run_full(cfg, tmp_path, FullOptions(shard_rows=50))
-    leftovers = [p for p in tmp_path.rglob("*") if p.is_file()]
-    assert leftovers == []  # no shard, no manifest, no summary
+    leftovers = [p.relative_to(tmp_path) for p in tmp_path.rglob("*") if p.is_file()]
+    # only the checkpoint: its manifest (no shard finished) and the unfinished shard's staging parts
+    assert leftovers and all(p.parts[0] == "checkpoint" for p in leftovers)
+    import json
+
+    manifest = json.loads((tmp_path / "checkpoint" / "manifest.json").read_text())
+    assert manifest["done"] == {}
+    assert not any(p.parts[1].startswith("shard-") and ".tmp-" not in p.parts[1] for p in leftovers if len(p.parts) > 2)
     with pytest.raises(InputError):
         ActivationDB(tmp_path)
 

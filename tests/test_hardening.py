@@ -171,7 +171,7 @@ def test_interrupt_while_logging_marks_the_run_killed(tmp_path, mlflow_store, de
     assert f"the files in {out} are complete" in line and f"sae-mlops log {out}" in line
 
 
-def test_interrupt_during_the_full_pass_leaves_nothing_and_creates_no_run(tmp_path, mlflow_store, demo_assets, monkeypatch):
+def test_interrupt_during_the_full_pass_leaves_nothing_and_kills_its_run(tmp_path, mlflow_store, demo_assets, monkeypatch):
     from mlflow.tracking import MlflowClient
 
     from sae_mlops.demo import demo_sae_path
@@ -195,10 +195,13 @@ def test_interrupt_during_the_full_pass_leaves_nothing_and_creates_no_run(tmp_pa
     )
     assert r.exit_code == 130, r.output
     line = _error_line(r)
-    assert f"nothing was written to {out}" in line and "no MLflow run was created" in line
+    # the run was created when the pass started, and is KILLED now
+    assert f"nothing was written to {out}" in line and "was marked KILLED" in line
     assert not any(p.is_file() for p in out.rglob("*"))
     client = MlflowClient(mlflow_store)
-    assert client.search_runs([e.experiment_id for e in client.search_experiments()]) == []
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert [r.info.status for r in runs] == ["KILLED"]  # created when the pass started
+    assert runs[0].info.run_id in line
 
 
 def test_sigint_during_a_quick_analysis_under_mlflow_run(tmp_path, mlflow_store, demo_assets):

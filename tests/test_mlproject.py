@@ -12,7 +12,7 @@ from mlflow.projects import _project_spec
 
 import pytest
 
-from sae_mlops.config import AnalysisConfig
+from sae_mlops.config import ExecutionOptions, AnalysisConfig
 from sae_mlops.analyses.full import FullOptions
 from sae_mlops.options import option_specs
 
@@ -80,7 +80,11 @@ def test_every_parameter_is_passed_and_accepted(entry):
     # every accepted option maps to an AnalysisConfig field (or out, or a FullOptions option for full)
     fields = set(AnalysisConfig.__dataclass_fields__)
     full_specs = {s.name: s.field for s in option_specs(FullOptions)} if entry == "full" else {}
-    assert accepted - {"out"} - set(full_specs) <= fields
+    exec_defaults = ExecutionOptions()
+    exec_specs = {s.name: s.field for s in option_specs(ExecutionOptions)}
+    assert accepted - {"out"} - set(full_specs) - set(exec_specs) <= fields
+    for dest, field in exec_specs.items():  # the execution options reach ExecutionOptions with its defaults
+        assert getattr(args, dest) == getattr(exec_defaults, field), dest
     # full: its MLproject defaults are FullOptions' defaults, and each reaches a FullOptions field
     full_defaults = FullOptions()
     for dest, field in full_specs.items():

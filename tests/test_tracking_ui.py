@@ -94,7 +94,7 @@ def test_cli_links_and_interrupt_line(mlflow_store, tmp_path, monkeypatch):
                       terminal_width=300)
     assert r.exit_code == 130
     lines = [ln for ln in r.output.splitlines() if ln.strip()]
-    assert len(lines) == 1 and "quick analysis interrupted: nothing was written to" in lines[0] and "no MLflow run" in lines[0]
+    assert len(lines) == 1 and "quick analysis interrupted: nothing was written to" in lines[0] and "was marked KILLED" in lines[0]
 
 
 def test_progress_total_is_the_tokens_there(tmp_path):

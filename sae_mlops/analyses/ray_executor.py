@@ -109,6 +109,25 @@ def _actor_config(inputs: Inputs) -> tuple[Any, dict[str, bytes] | None]:
     return dataclasses.replace(cfg, **changes), sae_files
 
 
+def check_reachable(address: str, timeout_s: float = 3.0) -> None:
+    """`InputError` unless something accepts TCP connections at ``address`` (``host:port`` or
+    ``ray://host:port``; ``auto`` is left to Ray) within ``timeout_s``: ``ray.init`` retries an address
+    where nothing listens for minutes before it fails."""
+    import socket
+
+    if address == "auto":
+        return
+    hostport = address.split("://", 1)[-1]
+    host, _, port = hostport.rpartition(":")
+    if not host or not port.isdigit():
+        raise InputError(f"--ray-address {address} is not host:port, ray://host:port or auto.")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except OSError as e:
+        raise InputError(f"cannot connect to the Ray cluster at {address} ({e.strerror or e}); start one with "
+                         "`ray start --head` or leave --ray-address out to start a local Ray instance.") from None
+
+
 def run_ray(inputs: Inputs, kind: str, opts: FullOptions | None, exec_opts: ExecutionOptions, ck: Checkpoint,
             factory: CollectorFactory, bar: Any, observer: PassObserver | None) -> ShardedPass:
     """Run the unfinished shards of ``ck`` on ``exec_opts.workers`` Ray actors; record each in the
@@ -121,6 +140,7 @@ def run_ray(inputs: Inputs, kind: str, opts: FullOptions | None, exec_opts: Exec
         t0 = time.perf_counter()
         kwargs: dict[str, Any] = {"log_to_driver": False, "configure_logging": False}
         if exec_opts.ray_address:
+            check_reachable(exec_opts.ray_address)
             try:
                 ray.init(address=exec_opts.ray_address, **kwargs)
             except Exception as e:  # noqa: BLE001 - reported as a user error

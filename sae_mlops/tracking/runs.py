@@ -148,12 +148,12 @@ def start_analysis_run(
     run_name: str | None = None,
     start_time: int | None = None,
 ) -> tuple[str, bool]:
-    """The run of an analysis whose pass is starting, status RUNNING: the run ``previous`` (the
-    interrupted run of a resumed analysis) when it still exists, else the run of ``MLFLOW_RUN_ID``
-    or a new run named ``run_name`` (else ``name``). Returns (run id, whether this program finishes
-    it: False for the run of ``mlflow run``)."""
+    """The run of an analysis whose pass is starting, status RUNNING: the run of ``MLFLOW_RUN_ID``
+    when set (``mlflow run``, the service: the caller owns the run), else the run ``previous`` (the
+    interrupted run of a resumed analysis) when it still exists, else a new run named ``run_name``
+    (else ``name``). Returns (run id, whether this program finishes it)."""
     client = MlflowClient()
-    if previous:
+    if previous and not os.environ.get("MLFLOW_RUN_ID"):
         try:
             run = client.get_run(previous)
         except MlflowException:
@@ -162,7 +162,7 @@ def start_analysis_run(
             if run.info.status != "RUNNING":
                 client.update_run(previous, status="RUNNING")
             client.set_tag(previous, "sae_mlops.resumed", "true")
-            return previous, not os.environ.get("MLFLOW_RUN_ID")
+            return previous, True
     run_id, owned = resolve_run(client, experiment, run_name, start_time=start_time, default_name=name)
     client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
     return run_id, owned

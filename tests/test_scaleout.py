@@ -1,0 +1,262 @@
+"""Sharded, resumable analysis on one process and on a real Ray cluster (no mocks).
+
+The reference is one unsharded pass (a single shard). Every other way of running the same analysis
+must give the same result: integer counts, examples and feature summaries identical, float metrics
+within 1e-9 relative, the activation database identical row for row (compared with DuckDB).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import duckdb
+import numpy as np
+import pytest
+
+from sae_mlops.config import AnalysisConfig, ExecutionOptions, FullOptions
+from sae_mlops.demo import demo_sae_path
+from sae_mlops.errors import InputError
+from sae_mlops.workflows import run_full_and_log, run_quick_and_log
+
+SAE = str(demo_sae_path("batchtopk"))  # batch-global BatchTopK: shards must be whole batches
+TOKENS, BATCH = 12_000, 2  # a pool is 64 windows: about 4 pools, so 4 shards of shard_tokens=1
+CLI = [sys.executable, "-m", "sae_mlops.cli"]
+NOISE = ("time/", "time_cpu/", "speed/", "memory/", "artifacts/", "progress/")
+
+
+def _cfg(**kw) -> AnalysisConfig:
+    return AnalysisConfig(sae=SAE, model="demo", max_tokens=TOKENS, batch_size=BATCH, progress=False, **kw)
+
+
+def _full(out: Path, **exec_kw):
+    return run_full_and_log(_cfg(), out, opts=FullOptions(), track=False, exec_opts=ExecutionOptions(**exec_kw))
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("reference") / "full"
+    outcome = _full(out, shard_tokens=10**9)
+    assert outcome.result.params["shards"] == 1
+    return out
+
+
+def _results(out: Path) -> dict:
+    return json.loads((out / "results" / "analysis_results.json").read_text())
+
+
+def assert_same_analysis(got: Path, want: Path, full: bool = True) -> None:
+    a, b = _results(got), _results(want)
+    keys = {k for k in b["metrics"] if not k.startswith(NOISE)}
+    assert keys and keys <= set(a["metrics"])
+    for k in sorted(keys):
+        x, y = a["metrics"][k], b["metrics"][k]
+        if isinstance(y, int) and not isinstance(y, bool):
+            assert x == y, k
+        elif not (isinstance(y, float) and math.isnan(y)):
+            assert x == pytest.approx(y, rel=1e-9, abs=1e-12), k
+    import pandas as pd
+
+    fa, fb = pd.read_parquet(got / "results/feature_stats.parquet"), pd.read_parquet(want / "results/feature_stats.parquet")
+    assert fa["firing_count"].tolist() == fb["firing_count"].tolist()
+    assert np.allclose(fa["mean_activation"], fb["mean_activation"], rtol=1e-9, atol=0)
+    if not full:
+        return
+    assert (got / "results/feature_summaries.jsonl").read_text() == (want / "results/feature_summaries.jsonl").read_text()
+    assert np.array_equal(np.load(got / "matrices/feature_cooccurrence.npy"), np.load(want / "matrices/feature_cooccurrence.npy"))
+    for table, order in (("activations", "token_index, feature"), ("tokens", "token_index")):
+        q = f"select * from read_parquet('{{}}/activation_database/activation_db/{table}/*.parquet') order by {order}"
+        x, y = duckdb.sql(q.format(got)).df(), duckdb.sql(q.format(want)).df()
+        assert len(x) > 0 and x.equals(y), table
+    assert not (got / "checkpoint").exists()  # removed once the outputs are written
+
+
+def test_sharded_local_pass_equals_one_shard(reference, tmp_path):
+    outcome = _full(tmp_path / "sharded", shard_tokens=1)
+    assert outcome.result.params["shards"] >= 3
+    assert outcome.result.metrics["time/pass/checkpoint"] > 0
+    assert_same_analysis(tmp_path / "sharded", reference)
+
+
+# -- a real Ray cluster on loopback -------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def ray_cluster(tmp_path_factory):
+    """A Ray head (`ray start --head --block`) on 127.0.0.1 with 2 CPUs, in its own process group,
+    stopped (the whole group) at the end; yields its address. Ray's token authentication is off for
+    this loopback-only cluster (RAY_AUTH_MODE=disabled), so other Ray users of the machine, which may
+    rotate ~/.ray/auth_token, cannot lock the test out."""
+    import ray
+
+    mp = pytest.MonkeyPatch()
+    mp.setenv("RAY_AUTH_MODE", "disabled")
+    port = _free_port()
+    temp = tmp_path_factory.mktemp("ray")
+    ray_bin = Path(sys.executable).with_name("ray")
+    proc = subprocess.Popen(
+        [str(ray_bin), "start", "--head", "--block", f"--port={port}", "--node-ip-address=127.0.0.1", "--num-cpus=2",
+         "--include-dashboard=false", "--disable-usage-stats", f"--temp-dir={temp}"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True, env=dict(os.environ),
+    )
+    address = f"127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    try:
+        while True:
+            try:
+                ray.init(address=address, log_to_driver=False, configure_logging=False)
+                break
+            except Exception:
+                if time.monotonic() > deadline or proc.poll() is not None:
+                    raise
+                time.sleep(1)
+        assert ray.cluster_resources().get("CPU") == 2
+        yield address
+    finally:
+        if ray.is_initialized():
+            ray.shutdown()
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(5)
+        except subprocess.TimeoutExpired:
+            pass
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # whatever of the head's process group is left
+        except ProcessLookupError:
+            pass
+        proc.wait(10)
+        mp.undo()
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_full_on_ray_equals_the_local_pass(reference, ray_cluster, tmp_path, workers):
+    out = tmp_path / f"ray{workers}"
+    outcome = _full(out, shard_tokens=1, executor="ray", workers=workers, ray_address=ray_cluster)
+    assert outcome.result.params["executor"] == "ray"
+    assert outcome.result.params["workers"] == workers
+    assert outcome.result.metrics["memory/worker_peak_rss_mib"] > 0
+    assert_same_analysis(out, reference)
+
+
+def test_quick_on_ray_equals_quick_local(ray_cluster, tmp_path):
+    local = run_quick_and_log(_cfg(), tmp_path / "local", track=False, exec_opts=ExecutionOptions(shard_tokens=10**9))
+    ray_run = run_quick_and_log(_cfg(), tmp_path / "ray", track=False,
+                                exec_opts=ExecutionOptions(shard_tokens=1, executor="ray", workers=2, ray_address=ray_cluster))
+    assert ray_run.result.params["shards"] >= 3 and local.result.params["shards"] == 1
+    assert_same_analysis(tmp_path / "ray", tmp_path / "local", full=False)
+    assert not (tmp_path / "ray" / "checkpoint").exists()
+
+
+def test_ray_address_that_answers_nothing_is_a_user_error(tmp_path):
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    with pytest.raises(InputError, match="cannot connect to the Ray cluster"):
+        _full(tmp_path / "x", executor="ray", ray_address=f"127.0.0.1:{_free_port()}")
+
+
+# -- kill, then resume --------------------------------------------------------------------------
+
+
+def _cli_full(out: Path, *extra: str, env=None) -> list[str]:
+    return [*CLI, "full", "--sae", SAE, "--model", "demo", "--max-tokens", str(TOKENS), "--batch-size", str(BATCH),
+            "--shard-tokens", "1", "--out", str(out), "-q", *extra]
+
+
+def _manifest(out: Path) -> dict:
+    try:
+        return json.loads((out / "checkpoint" / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _kill_after_first_shard(cmd: list[str], out: Path, env: dict) -> dict:
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    deadline = time.monotonic() + 180
+    try:
+        while not _manifest(out).get("done"):
+            assert proc.poll() is None, proc.stderr.read().decode()[-2000:] if proc.stderr else ""
+            assert time.monotonic() < deadline, "no shard finished in time"
+            time.sleep(0.05)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(30)
+    manifest = _manifest(out)
+    assert 0 < len(manifest["done"]) < len(manifest["plan"])
+    return manifest
+
+
+@pytest.fixture()
+def tracked_env(tmp_path):
+    env = dict(os.environ)
+    env["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    env["MLFLOW_EXPERIMENT_NAME"] = "scaleout"
+    return env
+
+
+def test_sigkill_mid_pass_then_resume_equals_uninterrupted(reference, tmp_path, tracked_env):
+    from mlflow.tracking import MlflowClient
+
+    out = tmp_path / "killed"
+    manifest = _kill_after_first_shard(_cli_full(out), out, tracked_env)
+    run_id = manifest["mlflow_run_id"]
+    client = MlflowClient(tracked_env["MLFLOW_TRACKING_URI"])
+    run = client.get_run(run_id)
+    assert run.info.status == "RUNNING"  # killed hard: nobody could mark it, the resumed analysis takes it over
+    assert run.data.metrics["progress/tokens_done"] > 0
+    assert run.info.run_name.startswith("full · ")
+
+    # a changed pass option is refused with one sentence naming it, and nothing is lost
+    bad = subprocess.run(_cli_full(out, "--context-size", "64"), env=tracked_env, capture_output=True, text=True,
+                         timeout=300)
+    assert bad.returncode == 2, bad.stderr
+    assert "context_size was" in bad.stderr and "64" in bad.stderr
+    assert _manifest(out)["done"] == manifest["done"]
+
+    done = subprocess.run(_cli_full(out), env=tracked_env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert_same_analysis(out, reference)
+    results = _results(out)
+    assert results["params"]["shards_resumed"] == len(manifest["done"])
+    run = client.get_run(run_id)  # the same run, finished by the resumed analysis
+    assert run.info.status == "FINISHED"
+    assert run.data.tags.get("sae_mlops.resumed") == "true"
+    assert run.data.metrics["progress/fraction"] == 1.0
+    assert run.data.params["shards"] == str(len(manifest["plan"]))
+
+
+def test_resume_option_needs_an_unfinished_analysis(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(InputError, match="holds no unfinished analysis"):
+        run_quick_and_log(_cfg(), track=False, resume=tmp_path / "empty")
+    with pytest.raises(InputError, match="give only one of them"):
+        run_quick_and_log(_cfg(), tmp_path / "a", track=False, resume=tmp_path / "b")
+
+
+def test_resume_option_continues_a_quick_analysis(tmp_path, tracked_env):
+    out = tmp_path / "q"
+    cmd = [*CLI, "quick", "--sae", SAE, "--model", "demo", "--max-tokens", str(TOKENS), "--batch-size", str(BATCH),
+           "--shard-tokens", "1", "--out", str(out), "-q"]
+    manifest = _kill_after_first_shard(cmd, out, tracked_env)
+    cont = subprocess.run([*CLI, "quick", "--sae", SAE, "--model", "demo", "--max-tokens", str(TOKENS), "--batch-size",
+                           str(BATCH), "--shard-tokens", "1", "--resume", str(out), "-q"],
+                          env=tracked_env, capture_output=True, text=True, timeout=300)
+    assert cont.returncode == 0, cont.stderr[-3000:]
+    res = _results(out)
+    assert res["params"]["shards_resumed"] == len(manifest["done"])
+    assert res["metrics"]["tokens/analysed"] == TOKENS
+    assert not (out / "checkpoint").exists()
