@@ -99,6 +99,9 @@ METRICS: tuple[Metric, ...] = (
     Metric("time/import", "imports of model/SAE libraries", "s", "{:,.1f}", False, summary=False),
     Metric("time/load", "loading SAE, corpus and model", "s", "{:,.1f}", False, summary=False),
     Metric("time/pass", "the streaming pass", "s", "{:,.1f}", False, summary=False),
+    Metric("time/plan", "cutting the corpus into shards", "s", "{:,.1f}", False, summary=False),
+    Metric("time/ray_actor_startup", "Ray actors loading model and SAE", "s", "{:,.1f}", False, summary=False),
+    Metric("time/ray_shards", "Ray shards wall time (after start-up)", "s", "{:,.1f}", False, summary=False),
     Metric("time/database", "activation database", "s", "{:,.1f}", False, summary=False),
     Metric("time/matrices", "matrices and neighbour lists", "s", "{:,.1f}", False, summary=False),
     Metric("time/logit_lens", "logit lens", "s", "{:,.1f}", False, summary=False),
@@ -110,6 +113,9 @@ METRICS: tuple[Metric, ...] = (
     Metric("time/pass_share", "share of the total in the pass", "fraction", "{:.0%}", True, headline=True, summary=False),
     Metric("memory/peak_rss_mib", "peak resident memory", "MiB", "{:,.0f}", False, summary=False),
     Metric("memory/peak_gpu_mib", "peak GPU memory (torch)", "MiB", "{:,.0f}", False, summary=False),
+    Metric("memory/worker_peak_rss_mib", "largest Ray actor peak memory", "MiB", "{:,.0f}", False, summary=False),
+    Metric("progress/tokens_done", "tokens done (while running)", "tokens", "{:,.0f}", True, summary=False),
+    Metric("progress/fraction", "fraction done (while running)", "fraction", "{:.0%}", True, summary=False),
     Metric("artifacts/bytes", "bytes written", "bytes", "{:,.0f}", False, summary=False),
 )
 

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from sae_mlops.outputs.activation_db.writer import finalize_database
-from sae_mlops.analyses.quick import Inputs, assemble_result, prepare, run_sharded_pass, sharding_params
+from sae_mlops.analyses.quick import Inputs, assemble_result, executor_metrics, prepare, run_sharded_pass, sharding_params
 from sae_mlops.core.collectors.cooccurrence import CooccurrenceCollector, measure_from_counts
 from sae_mlops.core.collectors.examples import TopExamplesCollector
 from sae_mlops.core.collectors.sparsity import SparsityCollector
@@ -96,9 +96,7 @@ def run_full(cfg: AnalysisConfig, out_dir: Path, opts: FullOptions | None = None
     result = assemble_result("full", inputs, stats, collectors)
     result.params.update({f"full_{k}": v for k, v in asdict(opts).items()})
     result.params.update(sharding_params(sharded, exec_opts))
-    result.metrics["time/pass/merge"] = sharded.merge_seconds
-    if "worker_peak_rss_mib" in sharded.extra:
-        result.metrics["memory/worker_peak_rss_mib"] = sharded.extra["worker_peak_rss_mib"]
+    result.metrics.update(executor_metrics(sharded))
     sparsity = next(c for c in collectors if isinstance(c, SparsityCollector))
     pf = result.per_feature
     files: list[Path] = []

@@ -365,6 +365,17 @@ def sharding_params(result: ShardedPass, exec_opts: ExecutionOptions) -> dict[st
     }
 
 
+def executor_metrics(sharded: ShardedPass) -> dict[str, float]:
+    """What the executor measured: the merge's seconds; on Ray the actors' start-up (model and SAE
+    loaded in every actor), the wall time of the shards alone, and the largest actor peak RSS."""
+    m = {"time/pass/merge": sharded.merge_seconds}
+    for key, name in (("ray_actor_startup_s", "time/ray_actor_startup"), ("ray_shards_wall_s", "time/ray_shards"),
+                      ("worker_peak_rss_mib", "memory/worker_peak_rss_mib")):
+        if key in sharded.extra:
+            m[name] = float(sharded.extra[key])
+    return m
+
+
 def run_quick(
     cfg: AnalysisConfig,
     out: Path | None = None,
@@ -384,7 +395,5 @@ def run_quick(
                                    resume=resume, observer=observer)
         result = assemble_result("quick", inputs, sharded.stats, sharded.collectors)
         result.params.update(sharding_params(sharded, exec_opts))
-        result.metrics["time/pass/merge"] = sharded.merge_seconds
-        if "worker_peak_rss_mib" in sharded.extra:
-            result.metrics["memory/worker_peak_rss_mib"] = sharded.extra["worker_peak_rss_mib"]
+        result.metrics.update(executor_metrics(sharded))
     return result

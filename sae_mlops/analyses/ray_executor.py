@@ -92,6 +92,10 @@ class ShardWorker:
         return {"index": spec.index, "files": files, "stats": dataclasses.asdict(stats), "peak_rss_mib": peak,
                 "pid": os.getpid()}
 
+    def ready(self) -> int:
+        """Returns once the actor has loaded model and SAE (its pid)."""
+        return os.getpid()
+
     def close(self) -> None:
         shutil.rmtree(self.tmp, ignore_errors=True)
 
@@ -159,7 +163,10 @@ def run_ray(inputs: Inputs, kind: str, opts: FullOptions | None, exec_opts: Exec
         remote = ray.remote(ShardWorker).options(num_cpus=exec_opts.cpus_per_worker, num_gpus=exec_opts.gpus_per_worker)
         todo = [s for s in ck.plan if s.index not in ck.done]
         n = max(1, min(exec_opts.workers, len(todo)))
+        t_actors = time.perf_counter()
         actors = [remote.remote(cfg, kind, opts, corpus_ref, sae_ref, exec_opts.cpus_per_worker) for _ in range(n)]
+        ray.get([a.ready.remote() for a in actors])  # start-up apart from the shards' wall time
+        t_shards = time.perf_counter()
         total = sum(s.tokens for s in ck.plan)
         done_tokens = ck.tokens_done
         by_index = {s.index: s for s in ck.plan}
@@ -179,8 +186,11 @@ def run_ray(inputs: Inputs, kind: str, opts: FullOptions | None, exec_opts: Exec
                 bar.update(by_index[index].tokens)
             if observer is not None:
                 observer.progress(done_tokens, total)
+        shards_wall = time.perf_counter() - t_shards
         out = finish_pass(ck, factory, {})
         out.shards_resumed = len(ck.plan) - len(todo)
+        out.extra["ray_actor_startup_s"] = t_shards - t_actors
+        out.extra["ray_shards_wall_s"] = shards_wall
         out.extra["worker_peak_rss_mib"] = peak
         out.extra["workers"] = n
         return out
