@@ -223,7 +223,7 @@ def run_sharded_pass(
     try:
         with inputs.stages.stage("pass"):
             if exec_opts.executor == "ray":
-                from sae_mlops.analyses.ray_executor import run_ray
+                from sae_mlops.analyses.ray_shards import run_ray
 
                 result = run_ray(inputs, kind, opts, exec_opts, ck, factory, bar, observer)
             else:

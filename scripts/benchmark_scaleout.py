@@ -1,0 +1,161 @@
+"""Scale-out figures: shards, resume and Ray workers. Prints JSON; asserts nothing.
+
+    python scripts/benchmark_scaleout.py                       # defaults below, about 10 minutes on 2 cores
+    python scripts/benchmark_scaleout.py --tokens 131072 --shard-tokens 32768 --d-sae 16384 --k 128
+
+The model is a randomly initialised GPT-2-style Hugging Face checkpoint written to a temporary
+directory (``--d-model`` 512, ``--layers`` 4, 8 heads, the demo tokenizer's vocabulary), loaded by
+every process the way a user's local checkpoint is (so Ray actors load it too); the SAE a random
+SAELens TopK SAE (``--d-sae``, ``--k``) on ``blocks.1.hook_resid_post``; the corpus the demo corpus.
+Random weights: fine for cost, meaningless for metrics. Every analysis runs as the CLI in a child
+process with ``--no-track`` and is read back from its results JSON:
+
+- ``one_shard``: local executor, one shard (the unsharded pass);
+- ``sharded``: local executor, ``--shard-tokens`` shards: ``overhead_share`` = (saving shard state +
+  merging, ``time/pass/checkpoint + time/pass/merge``) / ``time/pass``;
+- ``ray_1`` / ``ray_2``: ``--executor ray`` with 1 and 2 actors of 1 thread each (a local Ray
+  instance started by the CLI): throughput = tokens / ``time/ray_shards`` (the shards' wall time
+  after the actors have loaded model and SAE, ``time/ray_actor_startup``), and ``speedup_2_over_1``;
+- ``resume``: the sharded run killed (SIGKILL) once half its shards are done, then the same command
+  again: ``resume_cost_s`` = killed wall + resumed wall - uninterrupted wall (what the interruption
+  cost beyond the lost partial shard is start-up, planning and loading the finished shards' state).
+
+``--kind full`` (default) measures the full analysis (examples, co-occurrence, activation database
+parts in every shard); ``--kind quick`` the quick one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+SAE_CLI = [sys.executable, "-m", "sae_mlops.cli"]
+HOOK = "blocks.1.hook_resid_post"
+
+
+def build_assets(root: Path, d_model: int, layers: int, d_sae: int, k: int) -> tuple[Path, Path]:
+    """A random GPT-2 checkpoint (with the demo tokenizer) and a random SAELens TopK SAE for it."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from sae_mlops.demo import load_demo_tokenizer
+
+    tok = load_demo_tokenizer()
+    model_dir = root / "model"
+    torch.manual_seed(0)
+    cfg = GPT2Config(vocab_size=len(tok), n_positions=128, n_ctx=128, n_embd=d_model, n_layer=layers, n_head=8,
+                     bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    GPT2LMHeadModel(cfg).save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+
+    from sae_lens.saes.sae import SAEMetadata
+    from sae_lens.saes.topk_sae import TopKSAE, TopKSAEConfig
+
+    meta = SAEMetadata(model_name=str(model_dir), hook_name=HOOK, hook_head_index=None, context_size=128,
+                       prepend_bos=True)
+    sae = TopKSAE(TopKSAEConfig(d_in=d_model, d_sae=d_sae, k=k, dtype="float32", device="cpu", metadata=meta))
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        w = torch.randn(d_sae, d_model, generator=g)
+        w /= w.norm(dim=1, keepdim=True)
+        sae.W_dec.copy_(w)
+        sae.W_enc.copy_(w.T)
+        sae.b_enc.zero_()
+        sae.b_dec.zero_()
+    sae_dir = root / "sae"
+    sae.save_model(str(sae_dir))
+    return model_dir, sae_dir
+
+
+def analysis(args, sae_dir: Path, out: Path, *extra: str) -> list[str]:
+    return [*SAE_CLI, args.kind, "--sae", str(sae_dir), "--corpus", "demo", "--max-tokens", str(args.tokens),
+            "--batch-size", str(args.batch_size), "--out", str(out), "--no-track", "-q", "--device", "cpu", *extra]
+
+
+def run(cmd: list[str]) -> tuple[dict, float]:
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise SystemExit(f"failed ({proc.returncode}): {' '.join(cmd)}\n{proc.stderr[-3000:]}")
+    out = Path(cmd[cmd.index("--out") + 1])
+    return json.loads((out / "results" / "analysis_results.json").read_text()), wall
+
+
+def killed_then_resumed(cmd: list[str], out: Path) -> dict:
+    """Run ``cmd``, SIGKILL it once half of its shards are recorded as done, run it again."""
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    manifest = out / "checkpoint" / "manifest.json"
+    deadline = time.monotonic() + 3600
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            m = json.loads(manifest.read_text())
+            if m["plan"] and len(m["done"]) >= max(1, len(m["plan"]) // 2):
+                break
+        except (OSError, ValueError, KeyError):
+            pass
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    killed_wall = time.perf_counter() - t0
+    m = json.loads(manifest.read_text())
+    res, resumed_wall = run(cmd)
+    return {"killed_after_shards": len(m["done"]), "shards": len(m["plan"]), "killed_wall_s": killed_wall,
+            "resumed_wall_s": resumed_wall, "resumed_time_pass_s": res["metrics"]["time/pass"],
+            "resumed_merge_s": res["metrics"]["time/pass/merge"], "shards_resumed": res["params"]["shards_resumed"]}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--kind", choices=("quick", "full"), default="full")
+    p.add_argument("--tokens", type=int, default=65536)
+    p.add_argument("--batch-size", type=int, default=4, help="windows per batch; a pool (the shard unit) is 32 batches")
+    p.add_argument("--shard-tokens", type=int, default=16384)
+    p.add_argument("--d-model", type=int, default=512)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--d-sae", type=int, default=4096)
+    p.add_argument("--k", type=int, default=64)
+    args = p.parse_args()
+    report: dict = {"config": vars(args), "cpus": os.cpu_count(), "torch": torch.__version__}
+    with tempfile.TemporaryDirectory(prefix="sae-mlops-scaleout-") as tmp:
+        root = Path(tmp)
+        _model_dir, sae_dir = build_assets(root, args.d_model, args.layers, args.d_sae, args.k)
+        shards = ("--shard-tokens", str(args.shard_tokens))
+        one, one_wall = run(analysis(args, sae_dir, root / "one", "--shard-tokens", str(10**9)))
+        sharded_cmd = analysis(args, sae_dir, root / "sharded", *shards)
+        sh, sh_wall = run(sharded_cmd)
+        m1, ms = one["metrics"], sh["metrics"]
+        overhead = ms.get("time/pass/checkpoint", 0.0) + ms["time/pass/merge"]
+        report["one_shard"] = {"time_pass_s": m1["time/pass"], "wall_s": one_wall, "shards": one["params"]["shards"]}
+        report["sharded"] = {"time_pass_s": ms["time/pass"], "wall_s": sh_wall, "shards": sh["params"]["shards"],
+                             "checkpoint_s": ms.get("time/pass/checkpoint", 0.0), "merge_s": ms["time/pass/merge"],
+                             "overhead_share": overhead / ms["time/pass"],
+                             "pass_over_one_shard": ms["time/pass"] / m1["time/pass"]}
+        for n in (1, 2):
+            r, wall = run(analysis(args, sae_dir, root / f"ray{n}", *shards, "--executor", "ray", "--workers", str(n),
+                                   "--cpus-per-worker", "1"))
+            rm = r["metrics"]
+            report[f"ray_{n}"] = {"wall_s": wall, "time_pass_s": rm["time/pass"],
+                                  "actor_startup_s": rm["time/ray_actor_startup"], "shards_wall_s": rm["time/ray_shards"],
+                                  "tokens_per_s": args.tokens / rm["time/ray_shards"],
+                                  "worker_peak_rss_mib": rm["memory/worker_peak_rss_mib"],
+                                  "driver_peak_rss_mib": rm.get("memory/peak_rss_mib")}
+        report["speedup_2_over_1"] = report["ray_2"]["tokens_per_s"] / report["ray_1"]["tokens_per_s"]
+        resume = killed_then_resumed(analysis(args, sae_dir, root / "resume", *shards), root / "resume")
+        resume["resume_cost_s"] = resume["killed_wall_s"] + resume["resumed_wall_s"] - sh_wall
+        report["resume"] = resume
+    json.dump(report, sys.stdout, indent=2)
+    sys.stdout.write("\n")
+
+
+if __name__ == "__main__":
+    main()
