@@ -133,7 +133,7 @@ def test_device_side_cooccurrence_counts_are_synced_into_the_state(tmp_path):
     _feed([whole], steps)
     merged, _ = _sharded(tmp_path, steps, make=lambda: [CooccurrenceCollector(D_SAE, method="matmul")])
     np.testing.assert_array_equal(merged[0].finalize_counts(), whole.finalize_counts())
-    assert merged[0].state_dict()["counts"].dtype == torch.int64
+    assert merged[0].state_dict()["counts"].dtype == torch.int32
 
 
 def test_topk_is_the_same_whatever_the_merge_order(tmp_path):

@@ -10,7 +10,7 @@ Measures (``measure_from_counts``):
   NaN where one of the two never fires.
 
 The collector accumulates ``B^T B`` during the pass into a dense ``d_sae x d_sae`` count matrix, so
-it is used only up to the dense limit (``--dense-limit``, default 4096: 128 MiB of int64):
+it is used only up to the dense limit (``--dense-limit``, default 4096: 64 MiB of int32):
 
 - codes on the CPU: firing rows are buffered and multiplied as a sparse matrix every
   ``flush_tokens`` tokens (cost ~ tokens x L0^2, not tokens x d_sae^2), in row blocks on
@@ -69,14 +69,14 @@ def measure_from_counts(n_ij, n_i, n_j, n_tokens: int, measure: str) -> np.ndarr
 
 
 class CooccurrenceCollector(StateCollector):
-    """State (declared, merged by sum): ``counts`` [d, d] (``n_ij``, numpy int64, int32 above
-    d_sae 8192), ``fire`` [d] (``n_i``, numpy int64), ``n_tokens`` (``N``). The buffered rows and
+    """State (declared, merged by sum): ``counts`` [d, d] (``n_ij``, numpy int32: exact below 2^31
+    tokens), ``fire`` [d] (``n_i``, numpy int64), ``n_tokens`` (``N``). The buffered rows and
     the device-side counts are not state: :meth:`sync` (= :meth:`_flush`) folds them in."""
 
     name = "cooccurrence"
     n_tokens: int
     fire: np.ndarray  # [d_sae] int64
-    counts: np.ndarray  # [d_sae, d_sae] int64 (int32 above d_sae 8192)
+    counts: np.ndarray  # [d_sae, d_sae] int32
 
     def __init__(self, d_sae: int, flush_tokens: int = 32_768, workers: int | None = None, method: str | None = None):
         """method: "sparse" (buffered sparse products on the CPU), "matmul" (per-batch dense
@@ -91,8 +91,9 @@ class CooccurrenceCollector(StateCollector):
         self.workers = workers or max(1, torch.get_num_threads())
         self.add_state("n_tokens", 0, "sum")
         self.add_state("fire", np.zeros(d_sae, dtype=np.int64), "sum")
-        dtype = np.int64 if d_sae <= 8192 else np.int32  # int32 keeps 16384^2 at 1 GiB; exact below 2^31 tokens
-        self.add_state("counts", np.zeros((d_sae, d_sae), dtype=dtype), "sum")
+        # int32: exact below 2^31 analysed tokens (a pair count is at most the token count), and half the
+        # memory and checkpoint bytes of int64 (64 MiB at d_sae 4096)
+        self.add_state("counts", np.zeros((d_sae, d_sae), dtype=np.int32), "sum")
         self._buf_rows: list[np.ndarray] = []
         self._buf_cols: list[np.ndarray] = []
         self._buf_n = 0
