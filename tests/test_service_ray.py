@@ -7,7 +7,8 @@
   2 CPUs, token authentication with a token made here, its own temp dir; stopped with its process
   group, never ``ray stop``, which would stop every Ray instance on the machine), ``mlflow server``
   (sqlite, proxied artifacts, webhooks) and ``sae-mlops serve`` with ``executor: ray`` pointed at
-  the head (``ray_address``), two actors. Registering two demo SAE versions makes two jobs that run
+  the head through Ray Client (``ray_address: ray://127.0.0.1:<port>``, as the compose service
+  reaches its head), two actors. Registering two demo SAE versions makes two jobs that run
   on the two actors and are written back; a third version runs on an already warm actor (no new
   actor started); an actor SIGKILLed mid-job (its run RUNNING in MLflow) is retried like a killed
   job process: the job completes on a new actor with one FINISHED run and the killed one FAILED.
@@ -103,15 +104,15 @@ def test_model_cache_an_analysis_leaves_the_cached_model_unchanged(model_cache):
 
 
 def _ray_head(tmp: Path, token: str):
-    """``ray start --head --block`` on loopback; returns (process, address)."""
-    port = free_port()
+    """``ray start --head --block`` on loopback; returns (process, its Ray Client address ray://...)."""
+    port, client_port = free_port(), free_port()
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token, "RAY_USAGE_STATS_ENABLED": "0"}
     env.pop("RAY_ADDRESS", None)
     log = tmp / "ray-head.log"
     with open(log, "ab") as f:
         proc = subprocess.Popen(
             [str(BIN / "ray"), "start", "--head", "--block", f"--port={port}", "--num-cpus=2", "--num-gpus=0",
-             "--include-dashboard=false", "--node-ip-address=127.0.0.1", "--disable-usage-stats",
+             "--include-dashboard=false", "--node-ip-address=127.0.0.1", f"--ray-client-server-port={client_port}", "--disable-usage-stats",
              f"--temp-dir={tmp / 'ray'}"],
             env=env, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
     deadline = time.monotonic() + 90
@@ -119,7 +120,7 @@ def _ray_head(tmp: Path, token: str):
         if proc.poll() is not None:
             raise RuntimeError(f"ray start exited with {proc.returncode}:\n{log.read_text(errors='replace')[-4000:]}")
         if "Ray runtime started" in log.read_text(errors="replace"):
-            return proc, f"127.0.0.1:{port}"
+            return proc, f"ray://127.0.0.1:{client_port}"
         time.sleep(0.3)
     stop_group(proc, timeout=5)
     raise RuntimeError(f"the Ray head did not start within 90s:\n{log.read_text(errors='replace')[-4000:]}")
