@@ -32,6 +32,7 @@ from service_stack import BIN, ServiceProc, mlflow_webhook_server, pid_alive, st
 
 MODEL = "sae-ray-demo"
 SLOW_MODEL = "sae-ray-slow"
+TIMEOUT_MODEL = "sae-ray-timeout"
 SECRET = "ray-test-secret"
 EXPERIMENT = "service-ray"
 TIMEOUT_S = 240.0
@@ -42,7 +43,10 @@ POLICY = (
     "    quick: {max_tokens: 2000, batch_size: 8}\n"
     "  - models: ['sae-ray-slow']\n"
     "    triggers: {created: true}\n"
-    "    quick: {max_tokens: 120000, batch_size: 16}\n"
+    "    quick: {max_tokens: 50000, batch_size: 16}\n"
+    "  - models: ['sae-ray-timeout']\n"
+    "    triggers: {created: true}\n"
+    "    quick: {max_tokens: 400000, batch_size: 16}\n"
 )
 
 
@@ -272,6 +276,74 @@ def test_an_actor_killed_mid_job_is_retried_and_the_job_completes(stack):
     runs = {r.info.run_id: r.info.status for r in client.search_runs([exp.experiment_id], flt)}
     assert runs[first.info.run_id] == "FAILED" and sorted(runs.values()) == ["FAILED", "FINISHED"], runs
     _check_written_back(client, SLOW_MODEL, version, done)
-    # The dead actor was replaced by a new one (another process).
-    replaced = [a for a in _actors(service).values() if a["actors_started"] == 2]
-    assert len(replaced) == 1 and replaced[0]["pid"] != pid, _actors(service)
+    # The dead actor's worker started a new one (another process) to stay warm.
+    replaced = _wait(lambda: [a for a in _actors(service).values() if a["actors_started"] == 2 and a["pid"]], 60,
+                     "a new actor in place of the killed one")
+    assert len(replaced) == 1 and replaced[0]["pid"] != pid and pid_alive(replaced[0]["pid"]), _actors(service)
+
+
+def test_a_job_over_its_timeout_has_its_actor_killed_on_a_ray_instance_the_service_owns(monkeypatch):
+    """No ray_address: `sae-mlops serve` starts its own Ray instance (its temp dir given by
+    RAY_TMPDIR), the reconciler enqueues a version of a sqlite tracking store, the job runs past
+    quick_timeout_s and its actor is killed; max_attempts 1, so the job fails with the reason,
+    written back; on shutdown the service stops its Ray instance (no process of it is left)."""
+    tmp = Path(tempfile.mkdtemp(prefix="sro-", dir="/tmp"))
+    uri = f"sqlite:///{tmp / 'mlflow.db'}"
+    service = None
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)  # MLflow resolves the logged model with its default client
+    try:
+        client = _client(uri)
+        version = _register(client, TIMEOUT_MODEL)
+        service = ServiceProc(
+            tmp, uri, SECRET, POLICY, SAE_MLOPS_EXPERIMENT=EXPERIMENT, SAE_MLOPS_WORKER_POLL_S="0.5",
+            SAE_MLOPS_RECONCILE_INTERVAL_S="0", SAE_MLOPS_EXECUTOR="ray", SAE_MLOPS_RAY_WORKERS="1",
+            SAE_MLOPS_QUICK_TIMEOUT_S="6", SAE_MLOPS_MAX_ATTEMPTS="1", RAY_TMPDIR=str(tmp / "ray"))
+        for k in ("RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN"):
+            service.env.pop(k, None)
+        service.start(timeout=180)
+        job = _job_for(service, TIMEOUT_MODEL, version)
+        running = service.wait_job(job["id"], lambda j: j.get("pid") and j.get("phase") == "analysing", 120, "analysing")
+        pid = running["pid"]
+        assert _processes_with(str(tmp / "ray"))  # its raylet...
+        failed = service.wait_job(job["id"], lambda j: j["state"] in ("done", "failed"), 120, "failed")
+        assert failed["state"] == "failed" and failed["attempts"] == 1, failed
+        assert failed["error"].startswith("timed out after 6s (Ray actor killed)"), failed["error"]
+        _wait(lambda: not pid_alive(pid), 30, "the timed-out actor's process gone")
+        # The queue says failed first, then the failure is written to the version.
+        tags = _wait(lambda: (t := client.get_model_version(TIMEOUT_MODEL, version).tags)
+                     .get("sae_mlops.analysis.quick.status") == "failed" and t, 60, "the failure written back")
+        assert "timed out" in tags["sae_mlops.analysis.quick.error"]
+        exp = client.get_experiment_by_name(EXPERIMENT)
+        runs = client.search_runs([exp.experiment_id], f"tags.`sae_mlops.service.job_id` = '{job['id']}'")
+        assert [r.info.status for r in runs] in ([], ["FAILED"]), [r.info.status for r in runs]
+        (worker,) = service.get("/health").json()["workers"]
+        assert worker["name"] == "ray-worker-0-cpu" and worker["alive"]
+    finally:
+        if service is not None:
+            service.stop()
+        deadline = time.monotonic() + 15  # Ray's processes exit within seconds of ray.shutdown()
+        while (leftovers := _processes_with(str(tmp / "ray"))) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        service_log = (tmp / "service.log").read_text(errors="replace")
+        stopped = "sae-mlops service stopped" in service_log
+        shutil.rmtree(tmp, ignore_errors=True)
+    assert stopped, (f"the service did not stop cleanly on SIGTERM (exit code {service.proc.returncode}):\n"
+                     f"{service_log[-6000:]}")
+    assert not leftovers, f"processes of the service's Ray instance left after shutdown: {leftovers}"
+
+
+def _processes_with(text: str) -> dict[int, str]:
+    out = {}
+    for p in os.listdir("/proc"):
+        if p.isdigit() and _cmdline_has(p, text) and pid_alive(int(p)):
+            with open(f"/proc/{p}/cmdline", "rb") as f:
+                out[int(p)] = f.read().replace(b"\0", b" ").decode(errors="replace")[:200]
+    return out
+
+
+def _cmdline_has(pid: str, text: str) -> bool:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return text.encode() in f.read()
+    except OSError:
+        return False

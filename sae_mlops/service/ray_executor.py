@@ -1,7 +1,8 @@
 """The service's Ray executor (``executor: ray``): jobs run in-process on long-lived Ray actors.
 
 `RayRuntime` connects the service to a Ray cluster (``ray_address``), or starts a local Ray
-instance owned by the service (stopped on shutdown). Each worker thread of the service owns one
+instance owned by the service (``ray start --head`` on loopback in its own session, stopped by a
+small watchdog process once the service has exited, cleanly or not). Each worker thread of the service owns one
 `ActorSlot`: one `JobActor` requesting ``ray_cpus_per_worker`` CPUs and ``ray_num_gpus`` GPUs, so
 Ray places it on a node with those resources and ``ray_workers`` jobs run at once across the
 cluster. The actor imports the analysis stack (torch, TransformerLens, MLflow, the library) once
@@ -28,6 +29,7 @@ import logging
 import os
 import shutil
 import socket
+import sys
 import tempfile
 import threading
 import time
@@ -42,6 +44,61 @@ log = logging.getLogger(__name__)
 FORWARDED_ENV_PREFIXES = ("MLFLOW_", "AWS_", "HF_", "HUGGING_FACE_", "GOOGLE_", "AZURE_")
 _DROP_ENV = ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME")
 LOG_RETURN_CHARS = 200_000
+HEAD_START_TIMEOUT_S = 120.0
+HEAD_STOP_GRACE_S = 8.0  # then SIGKILL to its process group (GCS, raylet; its workers exit with the raylet)
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+_WATCHDOG = """
+import os, shutil, signal, sys, time
+service, head, tmp = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+def alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return True
+while alive(service) and alive(head):
+    time.sleep(0.5)
+if alive(head):
+    os.kill(head, signal.SIGTERM)
+    deadline = time.time() + %r
+    while alive(head) and time.time() < deadline:
+        time.sleep(0.2)
+try:
+    os.killpg(head, signal.SIGKILL)
+except OSError:
+    pass
+shutil.rmtree(tmp, ignore_errors=True)
+""" % HEAD_STOP_GRACE_S
+
+
+def _token_auth_env() -> None:
+    """Token authentication for the local head and this process (the driver): RAY_AUTH_MODE=token
+    and a new RAY_AUTH_TOKEN unless one is set; Ray's cached configuration is refreshed if Ray
+    was imported already."""
+    import secrets
+
+    os.environ["RAY_AUTH_MODE"] = "token"
+    os.environ.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(32))
+    if "ray" in sys.modules:
+        try:
+            from ray._private.authentication.authentication_token_setup import _enable_token_auth
+
+            _enable_token_auth()
+        except (ImportError, AttributeError):  # pragma: no cover - another Ray version
+            pass
 
 
 class JobActor:
@@ -129,11 +186,15 @@ class RayRuntime:
         self.owned = False
         self.connected = False
         self._lock = threading.Lock()
+        self._head: Any = None  # the local head's `ray start` process, when the service started one
+        self._head_dir: Path | None = None
 
     def connect(self) -> None:
+        s = self.settings
+        if not s.ray_address and "RAY_AUTH_MODE" not in os.environ:
+            _token_auth_env()  # before Ray reads its configuration
         import ray
 
-        s = self.settings
         with self._lock:
             if self.connected:
                 return
@@ -144,8 +205,9 @@ class RayRuntime:
                 log.info("connecting to the Ray cluster at %s", s.ray_address)
                 ray.init(address=s.ray_address, log_to_driver=False, logging_level=logging.WARNING)
             else:
-                log.info("starting a local Ray instance for the service's workers")
-                ray.init(address="local", include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
+                address = self._start_local_head()
+                log.info("started a local Ray instance for the service's workers (%s, %s)", address, self._head_dir)
+                ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
                 self.owned = True
             self.connected = True
             resources = ray.cluster_resources()
@@ -157,8 +219,54 @@ class RayRuntime:
 
         with self._lock:
             if self.connected:
-                ray.shutdown()  # stops the local instance when the service started it
+                ray.shutdown()
             self.connected = False
+            self._stop_local_head()
+
+    def _start_local_head(self) -> str:
+        """``ray start --head --block`` on loopback in its own session (so that a signal to the
+        service's process group does not kill Ray under the running service), with a watchdog that
+        stops it (SIGTERM, then SIGKILL to its group) once this process has exited; returns its address.
+
+        Token authentication with a token made here unless RAY_AUTH_MODE is set; its temp dir
+        (sockets, logs) is a new directory under $RAY_TMPDIR (default: the system's temp dir)."""
+        import subprocess
+
+        root = os.environ.get("RAY_TMPDIR") or None
+        if root:
+            Path(root).mkdir(parents=True, exist_ok=True)
+        self._head_dir = Path(tempfile.mkdtemp(prefix="smr-", dir=root))
+        port = _free_port()
+        log_path = self._head_dir / "ray-head.log"
+        cmd = [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block", f"--port={port}",
+               "--node-ip-address=127.0.0.1", "--include-dashboard=false", "--disable-usage-stats",
+               f"--temp-dir={self._head_dir}"]
+        with open(log_path, "ab") as f:
+            self._head = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                          start_new_session=True)
+        # Stopping the head from inside a process that was its Ray driver can abort that process
+        # (seen with Ray 2.60), so a detached watchdog stops it after the service has exited
+        # (also when the service is killed).
+        subprocess.Popen([sys.executable, "-c", _WATCHDOG, str(os.getpid()), str(self._head.pid), str(self._head_dir)],
+                         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                         start_new_session=True)
+        deadline = time.monotonic() + HEAD_START_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if self._head.poll() is not None:
+                tail = log_path.read_text(errors="replace")[-2000:]
+                raise RuntimeError(f"the local Ray head exited with code {self._head.returncode}:\n{tail}")
+            if "Ray runtime started" in log_path.read_text(errors="replace"):
+                return f"127.0.0.1:{port}"
+            time.sleep(0.3)
+        self._stop_local_head()
+        raise RuntimeError(f"the local Ray head did not start within {HEAD_START_TIMEOUT_S:.0f}s (log: {log_path})")
+
+    def _stop_local_head(self) -> None:
+        """Forget the local head: its watchdog stops it once this process has exited."""
+        if self._head is not None:
+            log.info("the local Ray instance stops when the service process exits (its watchdog)")
+        self._head = None
+        self._head_dir = None
 
     def actor_env(self) -> dict[str, str]:
         """The environment the actors get: the service's MLflow/S3/hub variables and HTTP defaults."""

@@ -50,6 +50,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 KILL_GRACE_S = 10.0
+WARM_TIMEOUT_S = 600.0  # executor ray: the longest wait for a new actor before a job needs it
 LOG_TAIL_CHARS = 2000
 _DROP_ENV = ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME")
 
@@ -146,6 +147,8 @@ class Worker:
                 self._finish_failed(job, f"worker error: {e!r}", retry=True)
             finally:
                 self._set_state("idle", None)
+            if self.slot is not None and self.slot.actor is None and not self.stop_event.is_set():
+                self._warm_actor()  # the job's actor died or was killed: start its replacement now
         self._set_state("stopped", None)
         log.info("%s stopped", self.name, extra={"worker": self.name})
 
@@ -153,7 +156,10 @@ class Worker:
         """Start the worker's Ray actor before the first job (its imports then cost nothing to a job)."""
         assert self.slot is not None
         try:
-            self.slot.ensure()
+            if self._ensure_actor(time.monotonic() + WARM_TIMEOUT_S) is None:
+                raise TimeoutError(f"not ready within {WARM_TIMEOUT_S:.0f}s")
+        except _Interrupted:
+            return
         except Exception as e:  # noqa: BLE001 - the first job tries again (and fails with the reason)
             log.warning("%s: the Ray actor could not be started yet: %s", self.name, e, extra={"worker": self.name})
             self.slot.kill()
