@@ -12,6 +12,10 @@
   on the two actors and are written back; a third version runs on an already warm actor (no new
   actor started); an actor SIGKILLed mid-job (its run RUNNING in MLflow) is retried like a killed
   job process: the job completes on a new actor with one FINISHED run and the killed one FAILED.
+- Without ``ray_address`` the service starts its own Ray instance: a job past ``quick_timeout_s``
+  has its actor killed and fails with the reason (written back), and after the service stops no
+  process of its Ray instance is left.
+- The Ray settings parse from the environment and bad values are refused with one sentence.
 """
 
 from __future__ import annotations
@@ -102,6 +106,25 @@ def test_model_cache_an_analysis_leaves_the_cached_model_unchanged(model_cache):
     assert "downstream/loss_recovered" in numbers and "sparsity/l0_mean" in numbers
     for k, v in numbers.items():
         assert second.metrics[k] == pytest.approx(v, rel=1e-9, abs=1e-12, nan_ok=True), k
+
+
+def test_ray_settings_parse_and_refuse_bad_values():
+    from sae_mlops.errors import InputError
+    from sae_mlops.service.settings import load_settings
+
+    base = {"SAE_MLOPS_WEBHOOK_SECRET": "x"}
+    assert load_settings(environ=base).executor == "local"  # today's behaviour by default
+    s = load_settings(environ={**base, "SAE_MLOPS_EXECUTOR": "Ray", "SAE_MLOPS_RAY_ADDRESS": "ray://head:10001",
+                               "SAE_MLOPS_RAY_WORKERS": "3", "SAE_MLOPS_RAY_NUM_GPUS": "0.5",
+                               "SAE_MLOPS_RAY_CPUS_PER_WORKER": "2", "SAE_MLOPS_MODEL_CACHE_SIZE": "0"})
+    assert (s.executor, s.ray_address, s.ray_workers, s.ray_num_gpus, s.ray_cpus_per_worker, s.model_cache_size) == \
+        ("ray", "ray://head:10001", 3, 0.5, 2.0, 0)
+    for key, value, words in (("EXECUTOR", "spark", "executor"), ("RAY_WORKERS", "0", "ray_workers"),
+                              ("RAY_WORKERS", "two", "whole number"), ("RAY_NUM_GPUS", "-1", "ray_num_gpus"),
+                              ("RAY_CPUS_PER_WORKER", "0", "ray_cpus_per_worker"),
+                              ("MODEL_CACHE_SIZE", "-1", "model_cache_size")):
+        with pytest.raises(InputError, match=words):
+            load_settings(environ={**base, f"SAE_MLOPS_{key}": value})
 
 
 # --- the stack -----------------------------------------------------------------------------------
