@@ -19,6 +19,11 @@ permission or not found -> failed at once with the reason; anything else is a bu
 attempt and its traceback goes into the attempt's log. After an attempt that did not finish, runs
 the job process left RUNNING in MLflow are closed as FAILED.
 
+With ``executor: ray`` (`sae_mlops.service.ray_executor`) the worker owns a long-lived Ray actor
+and runs the job in it instead (`_run_actor`: the same spec and the same exit codes, from
+`job.execute`): the timeout and a shutdown kill the actor (a new one is started at once), and an
+actor that dies mid-job counts like a process killed by a signal (retried with an attempt).
+
 A ``result.json`` already present when a job is claimed (the service stopped between the analysis
 and the write-back) is written back without running the analysis again.
 """
