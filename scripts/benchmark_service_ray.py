@@ -13,8 +13,9 @@ Per job: ``wall_s`` (submitting the job to having its result, as the worker sees
 (``time/pass``: the streaming pass), ``overhead_s`` = wall - pass (what the job costs beyond its
 pass: start-up, imports, loading, MLflow run handling, logging), and ``first_batch_s`` (time to
 the first batch: wall - (time/total - time/startup) + time/import + time/load, i.e. everything
-before ``run_quick_and_log`` starts plus its imports and loading). The Ray instance is local
-(``ray.init``, 1 actor of 1 CPU) and stopped at the end.
+before ``run_quick_and_log`` starts plus its imports and loading). The Ray instance is the one
+the service would own (``ray_address`` unset: ``ray start --head`` on loopback, ``ray_init_s``;
+1 actor of 1 CPU), stopped by its watchdog when the script exits.
 """
 
 from __future__ import annotations
