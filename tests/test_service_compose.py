@@ -11,7 +11,8 @@ import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-SERVICES = {"postgres", "minio", "minio-init", "mlflow", "sae-mlops"}
+SERVICES = {"postgres", "minio", "minio-init", "mlflow", "sae-mlops", "ray-head", "ray-worker"}
+RAY_SERVICES = {"ray-head", "ray-worker"}
 # ${VAR}, ${VAR:-default}, ${VAR-default}, ${VAR:?error}, ${VAR?error}; $$ is a literal $.
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?:(:?[-?])([^}]*))?\}")
 
@@ -126,6 +127,8 @@ def test_depends_on_existing_services_with_matching_conditions(compose):
                 assert str(services[dep].get("restart", "no")) == "no", f"{dep} is a one-shot; it must not restart"
             else:
                 pytest.fail(f"{name} -> {dep}: use a condition (service_healthy / service_completed_successfully)")
+            if set(services[dep].get("profiles") or ()) - set(svc.get("profiles") or ()):
+                assert spec.get("required") is False, f"{name} needs {dep}, which only runs in a profile: required: false"
     # The chain: storage ready -> MLflow healthy -> the service.
     assert services["mlflow"]["depends_on"]["postgres"]["condition"] == "service_healthy"
     assert services["mlflow"]["depends_on"]["minio-init"]["condition"] == "service_completed_successfully"
@@ -233,3 +236,45 @@ def test_the_mounted_policy_is_valid(compose, env_example):
     host_path = mounts[svc_env["SAE_MLOPS_POLICY_FILE"]]
     policy = load_policy(ROOT / host_path)
     assert policy.rules
+
+
+def _flag(command: list[str], name: str) -> str:
+    (value,) = [c.split("=", 1)[1] for c in command if c.startswith(f"--{name}=")]
+    return value
+
+
+def test_the_ray_profile_head_worker_and_the_service_pointed_at_the_head(compose, env_example):
+    from sae_mlops.service.settings import load_settings
+
+    services = compose["services"]
+    head, worker, svc = services["ray-head"], services["ray-worker"], services["sae-mlops"]
+    # Only with `--profile ray`; the default stack is unchanged.
+    assert head["profiles"] == ["ray"] and worker["profiles"] == ["ray"]
+    assert all(not services[n].get("profiles") for n in SERVICES - RAY_SERVICES)
+    # The service's image: Ray and Python on the nodes match the service's (it is the Ray driver).
+    for node in (head, worker):
+        assert node["image"] == svc["image"] and node["build"] == svc["build"] and node["entrypoint"] == ["ray"]
+        assert node["command"][0] == "start" and "--block" in node["command"]
+        assert int(_flag(node["command"], "num-cpus")) >= 1
+        assert node.get("shm_size") and node.get("init") is True
+    assert "--head" in head["command"] and "--head" not in worker["command"]
+    # The worker joins the head's cluster port; the service reaches the head's Ray Client port.
+    gcs_port = int(_flag(head["command"], "port"))
+    joined = urlparse("//" + _flag(worker["command"], "address"))
+    assert joined.hostname == "ray-head" and joined.port == gcs_port
+    assert worker["depends_on"]["ray-head"]["condition"] == "service_healthy"
+    svc_env = _environment(svc)
+    client = urlparse(svc_env["SAE_MLOPS_RAY_ADDRESS"])
+    assert client.scheme == "ray" and client.hostname == "ray-head"
+    assert client.port == int(_flag(head["command"], "ray-client-server-port")) != gcs_port
+    assert f"{client.port}" in " ".join(head["healthcheck"]["test"])
+    # One token on every node and the service.
+    for env in (_environment(head), _environment(worker), svc_env):
+        assert env["RAY_AUTH_MODE"] == "token" and env["RAY_AUTH_TOKEN"] == env_example["RAY_AUTH_TOKEN"]
+    # The service's settings parse, as local (the default stack) and as ray.
+    keys = {k: v for k, v in svc_env.items() if k.startswith("SAE_MLOPS_")}
+    keys["SAE_MLOPS_WEBHOOK_SECRET"] = "x"
+    local = load_settings(environ={**keys, "SAE_MLOPS_POLICY_FILE": ""})
+    assert local.executor == "local"
+    ray = load_settings(environ={**keys, "SAE_MLOPS_POLICY_FILE": "", "SAE_MLOPS_EXECUTOR": "ray"})
+    assert ray.executor == "ray" and ray.ray_address == "ray://ray-head:10001" and ray.ray_workers >= 1

@@ -51,6 +51,20 @@ def main(argv: list[str] | None = None) -> int:
     from sae_mlops.service.logs import setup_service_logging
 
     setup_service_logging(spec.get("log_format", "text"), spec.get("log_level", "INFO"))
+    rc, result = execute(spec)
+    if rc != EXIT_OK or result is None:
+        return rc
+    from sae_mlops.files import atomic_write_text
+
+    atomic_write_text(Path(spec["result_path"]), json.dumps(result, indent=2, sort_keys=True))
+    log.info("job %s done: run %s", spec.get("job_id"), result.get("run_id"), extra={"job_id": spec.get("job_id")})
+    return EXIT_OK
+
+
+def execute(spec: dict[str, Any]) -> tuple[int, dict[str, Any] | None]:
+    """`run_job` with its exceptions sorted into the exit codes above: (code, result or None).
+
+    What the job process runs, and what the service's Ray actors run in-process."""
     from sae_mlops.errors import InputError
     from sae_mlops.service.mlflow_io import DENIED, UNAVAILABLE, classify, describe
 
@@ -62,20 +76,16 @@ def main(argv: list[str] | None = None) -> int:
         if cls == UNAVAILABLE:
             log.error("job %s: the tracking server is unavailable: %s", spec.get("job_id"), describe(e), extra=extra)
             sys.stderr.write(f"tracking server unavailable: {describe(e)}\n")
-            return EXIT_TRACKING_UNAVAILABLE
+            return EXIT_TRACKING_UNAVAILABLE, None
         if isinstance(e, InputError):
             log.error("job %s cannot run: %s", spec.get("job_id"), e, extra=extra)
-            return EXIT_INPUT_ERROR
+            return EXIT_INPUT_ERROR, None
         if cls == DENIED:
             log.error("job %s: MLflow refused a call (permission or not found): %s", spec.get("job_id"), describe(e), extra=extra)
-            return EXIT_DENIED
+            return EXIT_DENIED, None
         log.exception("job %s failed", spec.get("job_id"), extra=extra)
-        return EXIT_FAILED
-    from sae_mlops.files import atomic_write_text
-
-    atomic_write_text(Path(spec["result_path"]), json.dumps(result, indent=2, sort_keys=True))
-    log.info("job %s done: run %s", spec.get("job_id"), result.get("run_id"), extra={"job_id": spec.get("job_id")})
-    return EXIT_OK
+        return EXIT_FAILED, None
+    return EXIT_OK, result
 
 
 def run_job(spec: dict[str, Any]) -> dict[str, Any]:

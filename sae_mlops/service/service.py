@@ -1,5 +1,9 @@
 """The service object: opens the data directory, handles deliveries, runs workers and the reconciler.
 
+With ``executor: ray`` the workers are ``ray_workers`` threads, each running its jobs on its own
+long-lived Ray actor (`sae_mlops.service.ray_executor`); `stop` kills the actors and disconnects
+(stopping the local Ray instance when the service started one).
+
 `open` (before the HTTP server starts) takes an exclusive lock on ``<data_dir>/service.lock`` (one
 service per data directory), opens the queue and puts jobs a dead service left ``running`` back to
 ``queued``. `start` starts one worker per device and the reconciler; `stop` stops them (a job
@@ -55,6 +59,7 @@ class Service:
         self.started_at: float | None = None
         self.requeued_at_start: list[int] = []
         self.probe = TrackingProbe(settings.tracking_uri, timeout_s=settings.health_check_timeout_s)
+        self.ray: Any = None  # executor ray: the RayRuntime (ray_executor.py)
 
     # --- lifecycle ----------------------------------------------------------------------
 
@@ -77,17 +82,30 @@ class Service:
         assert self.queue is not None
         s = self.settings
         self._stop.clear()
-        self.workers = [
-            Worker(i, dev, s, self.policy, self.queue, self.registry_factory(s.tracking_uri), self._cond, self._stop, self.job_command)
-            for i, dev in enumerate(s.devices)
-        ]
+        if s.executor == "ray":
+            from sae_mlops.service.ray_executor import ActorSlot, RayRuntime
+
+            self.ray = RayRuntime(s)
+            self.ray.connect()  # fails start-up with Ray's reason when the cluster cannot be reached
+            device = "cuda" if s.ray_num_gpus > 0 else "cpu"
+            self.workers = [
+                Worker(i, device, s, self.policy, self.queue, self.registry_factory(s.tracking_uri), self._cond,
+                       self._stop, self.job_command, slot=ActorSlot(self.ray, f"ray-worker-{i}"))
+                for i in range(s.ray_workers)
+            ]
+        else:
+            self.workers = [
+                Worker(i, dev, s, self.policy, self.queue, self.registry_factory(s.tracking_uri), self._cond, self._stop, self.job_command)
+                for i, dev in enumerate(s.devices)
+            ]
         self.reconciler = Reconciler(s, self.policy, self.queue, self.registry_factory(s.tracking_uri), self.wake, self._stop)
         for w in self.workers:
             w.start()
         self.reconciler.start()
         self.started_at = time.time()
         log.info("sae-mlops service started: %d worker(s) on %s, queue %s, policy %s",
-                 len(self.workers), ",".join(s.devices), s.queue_path, self.policy.source,
+                 len(self.workers), ",".join(s.devices) if s.executor == "local" else
+                 f"Ray ({s.ray_address or 'local instance'})", s.queue_path, self.policy.source,
                  extra={"settings": s.public_dict()})
 
     def stop(self, timeout: float = 30.0) -> None:
@@ -97,6 +115,12 @@ class Service:
             w.join(timeout)
         if self.reconciler is not None:
             self.reconciler.join(timeout)
+        if self.ray is not None:
+            for w in self.workers:
+                if w.slot is not None:
+                    w.slot.kill()
+            self.ray.shutdown()
+            self.ray = None
         if self.queue is not None:
             self.queue.close()
             self.queue = None

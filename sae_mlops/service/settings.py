@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any, Literal, Mapping, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -94,6 +94,27 @@ class Settings(BaseModel):
     health_check_timeout_s: float = Field(
         2.0, description="Seconds: timeout of /health's probe of the tracking server (GET <uri>/health); the answer "
         "is cached for 5 s. Default 2.")
+    executor: Literal["local", "ray"] = Field(
+        "local", description="Where jobs run: local (each job in its own process on this machine, one worker per "
+        "device) or ray (in-process on long-lived Ray actors that keep imports and base models loaded; see the ray_* "
+        "settings; devices is then unused). Default local.")
+    ray_address: Optional[str] = Field(
+        None, description="executor ray: the Ray cluster to connect to (host:port of the head's GCS, ray://host:10001 "
+        "for Ray Client, or auto). Unset: the service starts a local Ray instance and stops it on shutdown. "
+        "Default unset.")
+    ray_workers: int = Field(
+        1, description="executor ray: number of long-lived actors, each running one job at a time (so up to this "
+        "many SAE versions are analysed at once, spread over the cluster's nodes). Default 1.")
+    ray_num_gpus: float = Field(
+        0.0, description="executor ray: GPUs each actor requests from Ray (fractions share a GPU; > 0 places actors "
+        "on GPU nodes and runs the analysis on cuda). Default 0 (CPU).")
+    ray_cpus_per_worker: float = Field(
+        1.0, description="executor ray: CPUs each actor requests from Ray (also its torch thread count, rounded "
+        "down, at least 1). Default 1.")
+    model_cache_size: int = Field(
+        2, description="executor ray: base models each actor keeps loaded between jobs, least recently used "
+        "evicted first, keyed by (model name, dtype, device, load kwargs); 0 loads the model for every job. "
+        "Default 2.")
 
     @property
     def queue_path(self) -> Path:
@@ -220,7 +241,7 @@ def _coerce(name: str, raw: Any, origin: str) -> Any:
     def bad(expected: str) -> InputError:
         return InputError(f"Setting {name} from {origin} must be {expected}, not {raw!r}.")
 
-    if name in ("port", "max_attempts", "mlflow_http_max_retries"):
+    if name in ("port", "max_attempts", "mlflow_http_max_retries", "ray_workers", "model_cache_size"):
         try:
             value = int(str(raw))
         except ValueError:
@@ -237,11 +258,15 @@ def _coerce(name: str, raw: Any, origin: str) -> Any:
         "tracking_outage_max_s",
         "mlflow_http_timeout_s",
         "health_check_timeout_s",
+        "ray_num_gpus",
+        "ray_cpus_per_worker",
     ):
         try:
             return float(str(raw))
         except ValueError:
-            raise bad("a number of seconds") from None
+            raise bad("a number" if name.startswith("ray_") else "a number of seconds") from None
+    if name == "executor":
+        return str(raw).strip().lower()
     if name == "keep_outputs":
         if isinstance(raw, bool):
             return raw
@@ -286,5 +311,13 @@ def _validate(s: Settings) -> None:
     s.log_level = s.log_level.upper()
     if s.log_level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
         raise InputError(f"log_level is {s.log_level!r}; use DEBUG, INFO, WARNING or ERROR.")
+    if s.ray_workers < 1:
+        raise InputError(f"ray_workers is {s.ray_workers}; it must be at least 1.")
+    if s.ray_num_gpus < 0:
+        raise InputError(f"ray_num_gpus is {s.ray_num_gpus}; it must not be negative.")
+    if s.ray_cpus_per_worker <= 0:
+        raise InputError(f"ray_cpus_per_worker is {s.ray_cpus_per_worker}; it must be a positive number of CPUs.")
+    if s.model_cache_size < 0:
+        raise InputError(f"model_cache_size is {s.model_cache_size}; it must not be negative.")
     if s.policy_file is not None and s.policy is not None:
         raise InputError("Both policy_file and an inline policy are set; keep one of them.")

@@ -19,6 +19,11 @@ permission or not found -> failed at once with the reason; anything else is a bu
 attempt and its traceback goes into the attempt's log. After an attempt that did not finish, runs
 the job process left RUNNING in MLflow are closed as FAILED.
 
+With ``executor: ray`` (`sae_mlops.service.ray_executor`) the worker owns a long-lived Ray actor
+and runs the job in it instead (`_run_actor`: the same spec and the same exit codes, from
+`job.execute`): the timeout and a shutdown kill the actor (a new one is started at once), and an
+actor that dies mid-job counts like a process killed by a signal (retried with an attempt).
+
 A ``result.json`` already present when a job is claimed (the service stopped between the analysis
 and the write-back) is written back without running the analysis again.
 """
@@ -36,7 +41,7 @@ import threading
 import time
 import traceback
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from sae_mlops.service import job as job_module
 from sae_mlops.service.mlflow_io import DENIED, UNAVAILABLE, RegistryIO, VersionMissing, apply_http_defaults, classify, describe
@@ -44,9 +49,13 @@ from sae_mlops.service.policy import Policy
 from sae_mlops.service.queue import FAILED, Job, JobQueue
 from sae_mlops.service.settings import Settings
 
+if TYPE_CHECKING:
+    from sae_mlops.service.ray_executor import ActorSlot
+
 log = logging.getLogger(__name__)
 
 KILL_GRACE_S = 10.0
+WARM_TIMEOUT_S = 600.0  # executor ray: the longest wait for a new actor before a job needs it
 LOG_TAIL_CHARS = 2000
 _DROP_ENV = ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME")
 
@@ -75,8 +84,10 @@ class Worker:
         cond: threading.Condition,
         stop: threading.Event,
         command: Command | None = None,
+        slot: "ActorSlot | None" = None,
     ) -> None:
-        self.name = f"worker-{index}-{device}"
+        self.name = f"worker-{index}-{device}" if slot is None else f"ray-worker-{index}-{device}"
+        self.slot = slot  # executor ray: the worker's Ray actor (jobs run in it instead of a process)
         self.device = device
         self.settings = settings
         self.policy = policy
@@ -101,7 +112,7 @@ class Worker:
         return self._thread.is_alive()
 
     def status(self) -> dict[str, Any]:
-        return {
+        out = {
             "name": self.name,
             "device": self.device,
             "alive": self.alive,
@@ -109,11 +120,16 @@ class Worker:
             "jobs_done": self.jobs_done,
             "jobs_failed": self.jobs_failed,
         }
+        if self.slot is not None:
+            out["ray_actor"] = self.slot.status()
+        return out
 
     # --- loop ---------------------------------------------------------------------------
 
     def _loop(self) -> None:
         log.info("%s started", self.name, extra={"worker": self.name})
+        if self.slot is not None:
+            self._warm_actor()
         while not self.stop_event.is_set():
             try:
                 job = self.queue.claim(self.name)
@@ -136,8 +152,22 @@ class Worker:
                 self._finish_failed(job, f"worker error: {e!r}", retry=True)
             finally:
                 self._set_state("idle", None)
+            if self.slot is not None and self.slot.actor is None and not self.stop_event.is_set():
+                self._warm_actor()  # the job's actor died or was killed: start its replacement now
         self._set_state("stopped", None)
         log.info("%s stopped", self.name, extra={"worker": self.name})
+
+    def _warm_actor(self) -> None:
+        """Start the worker's Ray actor before the first job (its imports then cost nothing to a job)."""
+        assert self.slot is not None
+        try:
+            if self._ensure_actor(time.monotonic() + WARM_TIMEOUT_S) is None:
+                raise TimeoutError(f"not ready within {WARM_TIMEOUT_S:.0f}s")
+        except _Interrupted:
+            return
+        except Exception as e:  # noqa: BLE001 - the first job tries again (and fails with the reason)
+            log.warning("%s: the Ray actor could not be started yet: %s", self.name, e, extra={"worker": self.name})
+            self.slot.kill()
 
     def _idle_wait(self) -> None:
         timeout = self.settings.worker_poll_s
@@ -168,7 +198,7 @@ class Worker:
             self.queue.tracking_ok(job.id)
             log.info("job %d: %s analysis of %s v%s, attempt %d/%d on %s", job.id, job.kind, job.model_name,
                      job.version, job.attempts, job.max_attempts, self.device, extra=extra)
-            rc, error = self._run_process(job, job_dir, result_path)
+            rc, error = (self._run_process if self.slot is None else self._run_actor)(job, job_dir, result_path)
             if rc == 0:
                 result = read_result(result_path)
                 if result is None:
@@ -272,10 +302,8 @@ class Worker:
 
     # --- the process --------------------------------------------------------------------
 
-    def _run_process(self, job: Job, job_dir: Path, result_path: Path) -> tuple[int, str]:
-        tmp = job_dir / "tmp"
-        tmp.mkdir(exist_ok=True)
-        spec = {
+    def _spec(self, job: Job, job_dir: Path, result_path: Path) -> dict[str, Any]:
+        return {
             "job_id": job.id,
             "job_key": self.queue.job_key(job.id),
             "attempt": job.attempts,
@@ -292,6 +320,11 @@ class Worker:
             "log_format": self.settings.log_format,
             "log_level": self.settings.log_level,
         }
+
+    def _run_process(self, job: Job, job_dir: Path, result_path: Path) -> tuple[int, str]:
+        tmp = job_dir / "tmp"
+        tmp.mkdir(exist_ok=True)
+        spec = self._spec(job, job_dir, result_path)
         spec_path = job_dir / "spec.json"
         spec_path.write_text(json.dumps(spec, indent=2, sort_keys=True), encoding="utf-8")
         env = {k: v for k, v in os.environ.items() if k not in _DROP_ENV}
@@ -330,6 +363,80 @@ class Worker:
             hint = " (out of memory?)" if sig == signal.SIGKILL else ""
             return rc, f"killed by {name}{hint}\n{_tail(log_path)}"
         return rc, f"exit code {rc}\n{_tail(log_path)}"
+
+    def _run_actor(self, job: Job, job_dir: Path, result_path: Path) -> tuple[int, str]:
+        """The job in the worker's Ray actor (see `ray_executor`); the same (code, error) as `_run_process`."""
+        import ray
+        from ray.exceptions import GetTimeoutError, RayActorError, RayError
+
+        from sae_mlops.files import atomic_write_text
+        from sae_mlops.service.ray_executor import append_log
+
+        assert self.slot is not None
+        log_path = job_dir / f"attempt-{job.attempts}.log"
+        spec = {**self._spec(job, job_dir, result_path), "log_path": str(log_path.resolve()),
+                "keep_outputs": self.settings.keep_outputs}
+        (job_dir / "spec.json").write_text(json.dumps(spec, indent=2, sort_keys=True), encoding="utf-8")
+        timeout = self.settings.timeout_for(job.kind)
+        started = time.monotonic()
+        deadline = started + timeout
+        try:
+            info = self._ensure_actor(deadline)
+        except RayError as e:
+            self.slot.kill()
+            return job_module.EXIT_FAILED, f"the Ray actor could not be started: {e}"
+        if info is None:
+            self.slot.kill()
+            return job_module.EXIT_FAILED, f"timed out after {timeout:.0f}s waiting for a Ray actor (killed)"
+        pid = info.get("pid")
+        self.queue.set_pid(job.id, pid)
+        self._set_state("busy", job.id, pid, phase="analysing")
+        ref = self.slot.actor.run.remote(spec)
+        while True:
+            ready, _ = ray.wait([ref], timeout=0.5)
+            if ready:
+                break
+            if self.stop_event.is_set():
+                self.slot.kill()
+                raise _Interrupted()
+            if time.monotonic() > deadline:
+                self.slot.kill()
+                return job_module.EXIT_FAILED, f"timed out after {timeout:.0f}s (Ray actor killed)\n{_tail(log_path)}"
+        try:
+            out = ray.get(ref, timeout=60)
+        except RayActorError as e:  # killed, out of memory, node lost: like a killed job process
+            self.slot.discard()
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            return -signal.SIGKILL, f"the Ray actor (pid {pid} on {info.get('host')}) died: {first}\n{_tail(log_path)}"
+        except (RayError, GetTimeoutError) as e:
+            self.slot.kill()
+            return job_module.EXIT_FAILED, f"Ray error: {type(e).__name__}: {e}\n{_tail(log_path)}"
+        append_log(log_path, out.get("log"))
+        rc = int(out.get("rc", job_module.EXIT_FAILED))
+        if rc == 0 and out.get("result") is not None:
+            atomic_write_text(result_path, json.dumps(out["result"], indent=2, sort_keys=True))
+            return 0, ""
+        return rc, f"exit code {rc}\n{_tail(log_path)}"
+
+    def _ensure_actor(self, deadline: float) -> dict[str, Any] | None:
+        """The actor's info once it is ready; None at the deadline; _Interrupted on shutdown."""
+        from ray.exceptions import GetTimeoutError, RayActorError
+
+        assert self.slot is not None
+        while True:
+            try:
+                return self.slot.ensure(timeout=1.0)
+            except GetTimeoutError:
+                pass
+            except RayActorError as e:  # the warm actor died while idle: start another
+                log.warning("%s: the Ray actor died while idle (%s); starting another", self.name,
+                            str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__)
+                self.slot.discard()
+            if self.stop_event.is_set():
+                self.slot.kill()
+                raise _Interrupted()
+            if time.monotonic() > deadline:
+                return None
 
     def _wait(self, proc: subprocess.Popen, deadline: float) -> int | None:
         """The exit code, or None after a timeout; raises _Interrupted on shutdown (process killed)."""

@@ -8,6 +8,9 @@
 
 `from_pretrained_kwargs` overrides the processing flags (e.g. SAELens' recorded
 ``model_from_pretrained_kwargs`` such as ``{"center_writing_weights": False}``).
+
+In a process with a model cache set (`sae_mlops.sources.model_cache.set_model_cache`, the service's
+Ray actors), a model already loaded with the same name, dtype, device and kwargs is returned from it.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import torch
 from sae_mlops.errors import InputError
 from sae_mlops.sources.device import resolve_device, resolve_dtype
 from sae_mlops.sources.hub import hub_errors, hub_offline_unless_reachable
+from sae_mlops.sources.model_cache import ModelCache, active_model_cache
 from sae_mlops.sources.types import LoadedModel
 
 logger = logging.getLogger(__name__)
@@ -56,6 +60,14 @@ def load_model(
     """Load `name` (see the module docstring) on `device` ("auto" allowed) in `dtype`."""
     device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype)
+    cache = active_model_cache()
+    if cache is not None:  # a long-lived process (the service's Ray actors): see sources/model_cache.py
+        key = ModelCache.key(name, str(torch_dtype), device, from_pretrained_kwargs)
+        return cache.get(key, lambda: _load(name, device, torch_dtype, from_pretrained_kwargs))
+    return _load(name, device, torch_dtype, from_pretrained_kwargs)
+
+
+def _load(name: str, device: str, torch_dtype: torch.dtype, from_pretrained_kwargs: dict[str, Any] | None) -> LoadedModel:
     kwargs = dict(from_pretrained_kwargs or {})
     if name == DEMO:
         return _load_demo(device, torch_dtype)

@@ -1,0 +1,372 @@
+"""The service's Ray executor with real Ray (no mocks), and the base-model cache its actors use.
+
+- `test_model_cache_*`: `load_model("demo")` through a `ModelCache` returns the same object for the
+  same (name, dtype, device, kwargs), evicts the least recently used, and an analysis leaves the
+  cached model as it found it (two quick analyses on the cached model give the same metrics).
+- The stack, all on 127.0.0.1: a Ray head started here (``ray start --head --block`` on a free port,
+  2 CPUs, token authentication with a token made here, its own temp dir; stopped with its process
+  group, never ``ray stop``, which would stop every Ray instance on the machine), ``mlflow server``
+  (sqlite, proxied artifacts, webhooks) and ``sae-mlops serve`` with ``executor: ray`` pointed at
+  the head through Ray Client (``ray_address: ray://127.0.0.1:<port>``, as the compose service
+  reaches its head), two actors. Registering two demo SAE versions makes two jobs that run
+  on the two actors and are written back; a third version runs on an already warm actor (no new
+  actor started); an actor SIGKILLed mid-job (its run RUNNING in MLflow) is retried like a killed
+  job process: the job completes on a new actor with one FINISHED run and the killed one FAILED.
+- Without ``ray_address`` the service starts its own Ray instance: a job past ``quick_timeout_s``
+  has its actor killed and fails with the reason (written back), and after the service stops no
+  process of its Ray instance is left.
+- The Ray settings parse from the environment and bad values are refused with one sentence.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from mlflow_servers import free_port
+from service_stack import BIN, ServiceProc, mlflow_webhook_server, pid_alive, stop_group
+
+MODEL = "sae-ray-demo"
+SLOW_MODEL = "sae-ray-slow"
+TIMEOUT_MODEL = "sae-ray-timeout"
+SECRET = "ray-test-secret"
+EXPERIMENT = "service-ray"
+TIMEOUT_S = 240.0
+POLICY = (
+    "rules:\n"
+    "  - models: ['sae-ray-demo']\n"
+    "    triggers: {created: true}\n"
+    "    quick: {max_tokens: 2000, batch_size: 8}\n"
+    "  - models: ['sae-ray-slow']\n"
+    "    triggers: {created: true}\n"
+    "    quick: {max_tokens: 50000, batch_size: 16}\n"
+    "  - models: ['sae-ray-timeout']\n"
+    "    triggers: {created: true}\n"
+    "    quick: {max_tokens: 400000, batch_size: 16}\n"
+)
+
+
+# --- the model cache -----------------------------------------------------------------------------
+
+
+@pytest.fixture()
+def model_cache():
+    from sae_mlops.sources.model_cache import ModelCache, set_model_cache
+
+    cache = ModelCache(2)
+    previous = set_model_cache(cache)
+    try:
+        yield cache
+    finally:
+        set_model_cache(previous)
+
+
+def test_model_cache_same_object_for_the_same_key_and_lru_eviction(model_cache):
+    from sae_mlops.sources.model import load_model
+
+    a = load_model("demo")
+    assert load_model("demo", device="cpu", dtype="float32") is a  # the same key
+    b = load_model("demo", from_pretrained_kwargs={"center_unembed": False})  # kwargs are part of the key
+    assert b is not a and b.model is not a.model
+    assert load_model("demo") is a  # a is now the most recently used
+    c = load_model("demo", from_pretrained_kwargs={"fold_ln": False})  # evicts b, the least recently used
+    assert model_cache.stats()["evictions"] == 1 and len(model_cache.keys()) == 2
+    kwargs_of = [k[3] for k in model_cache.keys()]
+    assert kwargs_of == ["{}", '{"fold_ln": false}'], kwargs_of
+    assert load_model("demo") is a and load_model("demo", from_pretrained_kwargs={"fold_ln": False}) is c
+    assert model_cache.hits == 4 and model_cache.misses == 3
+    assert model_cache.key("demo", "float32", "cpu", None) != model_cache.key("demo", "float64", "cpu", None)
+
+
+def test_model_cache_an_analysis_leaves_the_cached_model_unchanged(model_cache):
+    from sae_mlops.analyses.quick import run_quick
+    from sae_mlops.config import AnalysisConfig
+    from sae_mlops.demo import demo_sae_path
+
+    cfg = AnalysisConfig(sae=str(demo_sae_path("saelens")), device="cpu", max_tokens=1500, batch_size=8, progress=False)
+    first = run_quick(cfg)
+    (key,) = model_cache.keys()
+    model = model_cache._items[key].model
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    second = run_quick(cfg)  # on the cached model
+    assert model_cache.hits == 1
+    assert not any(model.hook_dict[name].fwd_hooks for name in model.hook_dict)
+    for k, v in model.state_dict().items():
+        assert v.equal(weights[k]), k
+    numbers = {k: v for k, v in first.metrics.items()
+               if k.startswith(("downstream/", "recon/", "sparsity/", "features/", "tokens/")) and isinstance(v, (int, float))}
+    assert "downstream/loss_recovered" in numbers and "sparsity/l0_mean" in numbers
+    for k, v in numbers.items():
+        assert second.metrics[k] == pytest.approx(v, rel=1e-9, abs=1e-12, nan_ok=True), k
+
+
+def test_ray_settings_parse_and_refuse_bad_values():
+    from sae_mlops.errors import InputError
+    from sae_mlops.service.settings import load_settings
+
+    base = {"SAE_MLOPS_WEBHOOK_SECRET": "x"}
+    assert load_settings(environ=base).executor == "local"  # today's behaviour by default
+    s = load_settings(environ={**base, "SAE_MLOPS_EXECUTOR": "Ray", "SAE_MLOPS_RAY_ADDRESS": "ray://head:10001",
+                               "SAE_MLOPS_RAY_WORKERS": "3", "SAE_MLOPS_RAY_NUM_GPUS": "0.5",
+                               "SAE_MLOPS_RAY_CPUS_PER_WORKER": "2", "SAE_MLOPS_MODEL_CACHE_SIZE": "0"})
+    assert (s.executor, s.ray_address, s.ray_workers, s.ray_num_gpus, s.ray_cpus_per_worker, s.model_cache_size) == \
+        ("ray", "ray://head:10001", 3, 0.5, 2.0, 0)
+    for key, value, words in (("EXECUTOR", "spark", "executor"), ("RAY_WORKERS", "0", "ray_workers"),
+                              ("RAY_WORKERS", "two", "whole number"), ("RAY_NUM_GPUS", "-1", "ray_num_gpus"),
+                              ("RAY_CPUS_PER_WORKER", "0", "ray_cpus_per_worker"),
+                              ("MODEL_CACHE_SIZE", "-1", "model_cache_size")):
+        with pytest.raises(InputError, match=words):
+            load_settings(environ={**base, f"SAE_MLOPS_{key}": value})
+
+
+# --- the stack -----------------------------------------------------------------------------------
+
+
+def _ray_head(tmp: Path, token: str):
+    """``ray start --head --block`` on loopback; returns (process, its Ray Client address ray://...)."""
+    port, client_port = free_port(), free_port()
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token, "RAY_USAGE_STATS_ENABLED": "0"}
+    env.pop("RAY_ADDRESS", None)
+    log = tmp / "ray-head.log"
+    with open(log, "ab") as f:
+        proc = subprocess.Popen(
+            [str(BIN / "ray"), "start", "--head", "--block", f"--port={port}", "--num-cpus=2", "--num-gpus=0",
+             "--include-dashboard=false", "--node-ip-address=127.0.0.1", f"--ray-client-server-port={client_port}", "--disable-usage-stats",
+             f"--temp-dir={tmp / 'ray'}"],
+            env=env, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"ray start exited with {proc.returncode}:\n{log.read_text(errors='replace')[-4000:]}")
+        if "Ray runtime started" in log.read_text(errors="replace"):
+            return proc, f"ray://127.0.0.1:{client_port}"
+        time.sleep(0.3)
+    stop_group(proc, timeout=5)
+    raise RuntimeError(f"the Ray head did not start within 90s:\n{log.read_text(errors='replace')[-4000:]}")
+
+
+def _stop_ray_head(proc: subprocess.Popen) -> None:
+    # `ray start --block` stops its processes on SIGTERM; whatever is left gets SIGKILL with the group.
+    stop_group(proc, timeout=10)
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+@pytest.fixture(scope="module")
+def stack():
+    # Ray's socket paths must stay short: its temp dir goes directly under /tmp.
+    tmp = Path(tempfile.mkdtemp(prefix="sray-", dir="/tmp"))
+    token = secrets.token_hex(32)
+    head = None
+    service = None
+    try:
+        head, address = _ray_head(tmp, token)
+        with mlflow_webhook_server(tmp, f"sqlite:///{tmp / 'mlflow.db'}", str(tmp / "mlartifacts")) as (uri, _):
+            service = ServiceProc(
+                tmp, uri, SECRET, POLICY, SAE_MLOPS_EXPERIMENT=EXPERIMENT, SAE_MLOPS_RETRY_BACKOFF_S="1",
+                SAE_MLOPS_RECONCILE_INTERVAL_S="600", SAE_MLOPS_WORKER_POLL_S="0.5", SAE_MLOPS_EXECUTOR="ray",
+                SAE_MLOPS_RAY_ADDRESS=address, SAE_MLOPS_RAY_WORKERS="2", SAE_MLOPS_RAY_CPUS_PER_WORKER="1",
+                SAE_MLOPS_MODEL_CACHE_SIZE="1", RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token)
+            service.env.pop("RAY_ADDRESS", None)
+            service.env["SAE_MLOPS_WEBHOOK_URL"] = f"{service.url}/webhooks/mlflow"
+            try:
+                service.start(timeout=180)
+                yield {"uri": uri, "service": service, "tmp": tmp}
+            finally:
+                service.stop()
+    finally:
+        if head is not None:
+            _stop_ray_head(head)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _client(uri: str):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def _register(client, name: str) -> str:
+    """The demo SAELens SAE as an MLflow logged model, registered as a new version of `name`."""
+    from mlflow.exceptions import MlflowException
+
+    from sae_mlops.demo import demo_sae_path
+
+    exp = client.get_experiment_by_name("sae-training")
+    exp_id = exp.experiment_id if exp is not None else client.create_experiment("sae-training")
+    run = client.create_run(exp_id, run_name="train-demo-sae")
+    model = client.create_logged_model(exp_id, name="sae", source_run_id=run.info.run_id, model_type="sae")
+    client.log_model_artifacts(model.model_id, str(demo_sae_path("saelens")))
+    client.finalize_logged_model(model.model_id, "READY")
+    client.set_terminated(run.info.run_id, "FINISHED")
+    try:
+        client.create_registered_model(name)
+    except MlflowException:
+        pass
+    mv = client.create_model_version(name, source=f"models:/{model.model_id}", run_id=run.info.run_id,
+                                     model_id=model.model_id)
+    return str(mv.version)
+
+
+def _wait(pred, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = pred()
+        if value:
+            return value
+        time.sleep(0.3)
+    raise AssertionError(f"{what} not reached within {timeout:.0f}s")
+
+
+def _job_for(service: ServiceProc, name: str, version: str) -> dict:
+    return _wait(lambda: next((j for j in service.jobs() if j["model_name"] == name and j["version"] == version), None),
+                 60, f"a job for {name} v{version}")
+
+
+def _actors(service: ServiceProc) -> dict[str, dict]:
+    return {w["name"]: w["ray_actor"] for w in service.get("/health").json()["workers"]}
+
+
+def _check_written_back(client, name: str, version: str, job: dict) -> None:
+    tags = client.get_model_version(name, version).tags
+    assert tags["sae_mlops.analysis.quick.status"] == "done", tags
+    run_id = tags["sae_mlops.analysis.quick.run_id"]
+    assert run_id == job["run_id"] and tags["sae_mlops.analysis.quick.job_id"] == str(job["id"])
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["sae_mlops.source_model_name"] == name and run.data.tags["sae_mlops.source_model_version"] == version
+    assert float(tags["sae_mlops.analysis.quick.l0"]) == pytest.approx(run.data.metrics["sparsity/l0_mean"], rel=1e-5)
+
+
+def test_ray_workers_analyse_registered_versions_end_to_end(stack):
+    uri, service = stack["uri"], stack["service"]
+    client = _client(uri)
+    _wait(lambda: [h for h in client.list_webhooks() if h.name == "sae-mlops"], 60, "the service's webhook")
+    health = service.get("/health").json()
+    assert health["status"] == "ok" and [w["name"] for w in health["workers"]] == ["ray-worker-0-cpu", "ray-worker-1-cpu"]
+
+    # Two versions at once: two jobs, one on each actor, both analysed and written back.
+    v1, v2 = _register(client, MODEL), _register(client, MODEL)
+    jobs = [_job_for(service, MODEL, v) for v in (v1, v2)]
+    done = [service.wait_job(j["id"], lambda j: j["state"] in ("done", "failed"), TIMEOUT_S, "done") for j in jobs]
+    assert [d["state"] for d in done] == ["done", "done"], [(d, service.job_log(d["id"])) for d in done]
+    assert {d["worker"] for d in done} == {"ray-worker-0-cpu", "ray-worker-1-cpu"}
+    for v, d in zip((v1, v2), done, strict=True):
+        _check_written_back(client, MODEL, v, d)
+    log = service.job_log(done[0]["id"])
+    assert "quick analysis of models:/" in log  # the actor wrote the attempt's log where the job process would
+
+    # A third version runs on a warm actor: no actor was started again, the actors' processes live on.
+    actors = _actors(service)
+    assert all(a["actors_started"] == 1 and pid_alive(a["pid"]) for a in actors.values()), actors
+    v3 = _register(client, MODEL)
+    job3 = service.wait_job(_job_for(service, MODEL, v3)["id"], lambda j: j["state"] in ("done", "failed"), TIMEOUT_S, "done")
+    assert job3["state"] == "done" and job3["attempts"] == 1, (job3, service.job_log(job3["id"]))
+    _check_written_back(client, MODEL, v3, job3)
+    after = _actors(service)
+    assert {n: (a["pid"], a["actors_started"]) for n, a in after.items()} == \
+        {n: (a["pid"], 1) for n, a in actors.items()}, (actors, after)
+
+
+def test_an_actor_killed_mid_job_is_retried_and_the_job_completes(stack):
+    uri, service = stack["uri"], stack["service"]
+    client = _client(uri)
+    version = _register(client, SLOW_MODEL)
+    job = _job_for(service, SLOW_MODEL, version)
+    running = service.wait_job(job["id"], lambda j: j.get("pid") and j.get("phase") == "analysing", 120, "analysing")
+    pid = running["pid"]
+    exp = _wait(lambda: client.get_experiment_by_name(EXPERIMENT), 60, "the analysis experiment")
+    flt = f"tags.`sae_mlops.service.job_id` = '{job['id']}'"
+    (first,) = _wait(lambda: client.search_runs([exp.experiment_id], flt), 120, "the attempt's run")
+    assert first.info.status == "RUNNING" and pid_alive(pid)
+    os.kill(pid, signal.SIGKILL)  # the actor's process, mid-analysis
+
+    done = service.wait_job(job["id"], lambda j: j["state"] in ("done", "failed"), TIMEOUT_S, "done")
+    assert done["state"] == "done" and done["attempts"] == 2, (done, service.job_log(job["id"]))
+    failed = [line for line in service.log.read_text(errors="replace").splitlines()
+              if f"job {job['id']} attempt 1 failed" in line]
+    assert failed and "Ray actor" in failed[0] and "died" in failed[0], failed
+    runs = {r.info.run_id: r.info.status for r in client.search_runs([exp.experiment_id], flt)}
+    assert runs[first.info.run_id] == "FAILED" and sorted(runs.values()) == ["FAILED", "FINISHED"], runs
+    _check_written_back(client, SLOW_MODEL, version, done)
+    # The dead actor's worker started a new one (another process) to stay warm.
+    replaced = _wait(lambda: [a for a in _actors(service).values() if a["actors_started"] == 2 and a["pid"]], 60,
+                     "a new actor in place of the killed one")
+    assert len(replaced) == 1 and replaced[0]["pid"] != pid and pid_alive(replaced[0]["pid"]), _actors(service)
+
+
+def test_a_job_over_its_timeout_has_its_actor_killed_on_a_ray_instance_the_service_owns(monkeypatch):
+    """No ray_address: `sae-mlops serve` starts its own Ray instance (its temp dir given by
+    RAY_TMPDIR), the reconciler enqueues a version of a sqlite tracking store, the job runs past
+    quick_timeout_s and its actor is killed; max_attempts 1, so the job fails with the reason,
+    written back; on shutdown the service stops its Ray instance (no process of it is left)."""
+    tmp = Path(tempfile.mkdtemp(prefix="sro-", dir="/tmp"))
+    uri = f"sqlite:///{tmp / 'mlflow.db'}"
+    service = None
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)  # MLflow resolves the logged model with its default client
+    try:
+        client = _client(uri)
+        version = _register(client, TIMEOUT_MODEL)
+        service = ServiceProc(
+            tmp, uri, SECRET, POLICY, SAE_MLOPS_EXPERIMENT=EXPERIMENT, SAE_MLOPS_WORKER_POLL_S="0.5",
+            SAE_MLOPS_RECONCILE_INTERVAL_S="0", SAE_MLOPS_EXECUTOR="ray", SAE_MLOPS_RAY_WORKERS="1",
+            SAE_MLOPS_QUICK_TIMEOUT_S="6", SAE_MLOPS_MAX_ATTEMPTS="1", RAY_TMPDIR=str(tmp / "ray"))
+        for k in ("RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN"):
+            service.env.pop(k, None)
+        service.start(timeout=180)
+        job = _job_for(service, TIMEOUT_MODEL, version)
+        running = service.wait_job(job["id"], lambda j: j.get("pid") and j.get("phase") == "analysing", 120, "analysing")
+        pid = running["pid"]
+        assert _processes_with(str(tmp / "ray"))  # its raylet...
+        failed = service.wait_job(job["id"], lambda j: j["state"] in ("done", "failed"), 120, "failed")
+        assert failed["state"] == "failed" and failed["attempts"] == 1, failed
+        assert failed["error"].startswith("timed out after 6s (Ray actor killed)"), failed["error"]
+        _wait(lambda: not pid_alive(pid), 30, "the timed-out actor's process gone")
+        # The queue says failed first, then the failure is written to the version.
+        tags = _wait(lambda: (t := client.get_model_version(TIMEOUT_MODEL, version).tags)
+                     .get("sae_mlops.analysis.quick.status") == "failed" and t, 60, "the failure written back")
+        assert "timed out" in tags["sae_mlops.analysis.quick.error"]
+        exp = client.get_experiment_by_name(EXPERIMENT)
+        runs = client.search_runs([exp.experiment_id], f"tags.`sae_mlops.service.job_id` = '{job['id']}'")
+        assert [r.info.status for r in runs] in ([], ["FAILED"]), [r.info.status for r in runs]
+        (worker,) = service.get("/health").json()["workers"]
+        assert worker["name"] == "ray-worker-0-cpu" and worker["alive"]
+    finally:
+        if service is not None:
+            service.stop()
+        deadline = time.monotonic() + 15  # Ray's processes exit within seconds of ray.shutdown()
+        while (leftovers := _processes_with(str(tmp / "ray"))) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        service_log = (tmp / "service.log").read_text(errors="replace")
+        stopped = "sae-mlops service stopped" in service_log
+        shutil.rmtree(tmp, ignore_errors=True)
+    assert stopped, (f"the service did not stop cleanly on SIGTERM (exit code {service.proc.returncode}):\n"
+                     f"{service_log[-6000:]}")
+    assert not leftovers, f"processes of the service's Ray instance left after shutdown: {leftovers}"
+
+
+def _processes_with(text: str) -> dict[int, str]:
+    out = {}
+    for p in os.listdir("/proc"):
+        if p.isdigit() and _cmdline_has(p, text) and pid_alive(int(p)):
+            with open(f"/proc/{p}/cmdline", "rb") as f:
+                out[int(p)] = f.read().replace(b"\0", b" ").decode(errors="replace")[:200]
+    return out
+
+
+def _cmdline_has(pid: str, text: str) -> bool:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return text.encode() in f.read()
+    except OSError:
+        return False
