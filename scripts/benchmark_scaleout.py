@@ -124,6 +124,7 @@ def main() -> None:
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--d-sae", type=int, default=4096)
     p.add_argument("--k", type=int, default=64)
+    p.add_argument("--local-only", action="store_true", help="only the one-shard and sharded local runs")
     args = p.parse_args()
     report: dict = {"config": vars(args), "cpus": os.cpu_count(), "torch": torch.__version__}
     with tempfile.TemporaryDirectory(prefix="sae-mlops-scaleout-") as tmp:
@@ -140,6 +141,10 @@ def main() -> None:
                              "checkpoint_s": ms.get("time/pass/checkpoint", 0.0), "merge_s": ms["time/pass/merge"],
                              "overhead_share": overhead / ms["time/pass"],
                              "pass_over_one_shard": ms["time/pass"] / m1["time/pass"]}
+        if args.local_only:
+            json.dump(report, sys.stdout, indent=2)
+            sys.stdout.write("\n")
+            return
         for n in (1, 2):
             r, wall = run(analysis(args, sae_dir, root / f"ray{n}", *shards, "--executor", "ray", "--workers", str(n),
                                    "--cpus-per-worker", "1"))

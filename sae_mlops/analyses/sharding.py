@@ -223,18 +223,25 @@ def run_shard(engine: Engine, inputs: Inputs, spec: ShardSpec, factory: Collecto
     batches = iter_batches(inputs.corpus.texts, inputs.model.tokenizer, inputs.plan, cfg.batch_size, cfg.max_tokens,
                            shard=spec)
     stats = engine.run(batches, collectors, progress=False, token_offset=spec.token_start, bar=bar)
-    t0, c0 = time.perf_counter(), time.process_time()
-    for c in collectors:
+    for c in collectors:  # buffered work (co-occurrence pairs, the last database part) is the collector's
+        t0, c0 = time.perf_counter(), time.process_time()
+        if hasattr(c, "sync"):
+            c.sync()
         if hasattr(c, "flush"):
             c.flush()
+        _add_part(stats, getattr(c, "name", type(c).__name__), time.perf_counter() - t0, time.process_time() - c0)
     if save:
+        t0, c0 = time.perf_counter(), time.process_time()
         save_states(state_collectors(collectors), shard_dir / "state")
-    dt, dc = time.perf_counter() - t0, time.process_time() - c0
-    stats.part_seconds["checkpoint"] = stats.part_seconds.get("checkpoint", 0.0) + dt
-    stats.part_cpu_seconds["checkpoint"] = stats.part_cpu_seconds.get("checkpoint", 0.0) + dc
-    stats.seconds += dt
-    stats.cpu_seconds += dc
+        _add_part(stats, "checkpoint", time.perf_counter() - t0, time.process_time() - c0)
     return collectors, stats
+
+
+def _add_part(stats: PassStats, name: str, seconds: float, cpu_seconds: float) -> None:
+    stats.part_seconds[name] = stats.part_seconds.get(name, 0.0) + seconds
+    stats.part_cpu_seconds[name] = stats.part_cpu_seconds.get(name, 0.0) + cpu_seconds
+    stats.seconds += seconds
+    stats.cpu_seconds += cpu_seconds
 
 
 def load_shard(factory: CollectorFactory, shard_dir: Path) -> list[Collector]:
