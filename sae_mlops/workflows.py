@@ -93,7 +93,7 @@ def run_quick_and_log(
 
     started = _now_ms()
     started_s = time.perf_counter()
-    observer = RunObserver("quick", cfg, experiment, run_name, started) if track else None
+    observer = RunObserver("quick", cfg, experiment, run_name, started, out) if track else None
     with interrupt_report(out, track, "quick", observer):
         result = run_quick(cfg, out, exec_opts, resume=resume is not None, observer=observer)
         out.mkdir(parents=True, exist_ok=True)
@@ -129,8 +129,9 @@ class RunObserver:
     logs ``progress/tokens_done`` after every shard. A tracking failure while the pass runs is
     logged once as a warning and does not stop the analysis (it surfaces when the results are logged)."""
 
-    def __init__(self, kind: str, cfg: AnalysisConfig, experiment: str | None, run_name: str | None, start_time: int):
-        self.kind, self.cfg = kind, cfg
+    def __init__(self, kind: str, cfg: AnalysisConfig, experiment: str | None, run_name: str | None, start_time: int,
+                 out: Path | None = None):
+        self.kind, self.cfg, self.out = kind, cfg, out
         self.experiment, self.run_name, self.start_time = experiment, run_name, start_time
         self.run_id: str | None = None
         self.owned = False
@@ -147,9 +148,12 @@ class RunObserver:
         tags = {"sae_mlops.kind": self.kind}
         if fp.get("sae_hash"):
             tags["sae_mlops.sae_hash"] = str(fp["sae_hash"])
+        note = (f"{self.kind} analysis of `{self.cfg.sae}`; `progress/fraction` (Model metrics) shows how far the "
+                f"pass is ({len(checkpoint.plan)} shards of {total_tokens:,} tokens). If it stops, run the same command "
+                f"again or add `--resume {self.out}` to continue from the last finished shard.")
         try:
             self.run_id, self.owned = start_analysis_run(checkpoint.run_id, name, tags, self.experiment, self.run_name,
-                                                         self.start_time)
+                                                         self.start_time, note=note)
         except Exception as e:  # noqa: BLE001 - see the class docstring
             self._warn(e)
             return
@@ -337,7 +341,7 @@ def run_full_and_log(
     opts = opts or FullOptions()  # bounds are checked when FullOptions is built (sae_mlops.config)
     started = _now_ms()
     started_s = time.perf_counter()
-    observer = RunObserver("full", cfg, experiment, run_name, started) if track else None
+    observer = RunObserver("full", cfg, experiment, run_name, started, out) if track else None
     with interrupt_report(out, track, "full", observer):
         return _run_full_and_log(cfg, out, opts, track, experiment, run_name, started, started_s, exec_opts,
                                  resume is not None, observer)

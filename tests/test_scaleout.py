@@ -219,6 +219,8 @@ def test_sigkill_mid_pass_then_resume_equals_uninterrupted(reference, tmp_path, 
     assert run.info.status == "RUNNING"  # killed hard: nobody could mark it, the resumed analysis takes it over
     assert run.data.metrics["progress/tokens_done"] > 0
     assert run.info.run_name.startswith("full · ")
+    note = run.data.tags["mlflow.note.content"]  # the description says it runs and how to resume
+    assert note.startswith("**running**") and f"--resume {out}" in note
 
     # a changed pass option is refused with one sentence naming it, and nothing is lost
     bad = subprocess.run(_cli_full(out, "--context-size", "64"), env=tracked_env, capture_output=True, text=True,
@@ -235,6 +237,7 @@ def test_sigkill_mid_pass_then_resume_equals_uninterrupted(reference, tmp_path, 
     run = client.get_run(run_id)  # the same run, finished by the resumed analysis
     assert run.info.status == "FINISHED"
     assert run.data.tags.get("sae_mlops.resumed") == "true"
+    assert run.data.tags["mlflow.note.content"].startswith("**full analysis**")  # the running note is replaced
     assert run.data.metrics["progress/fraction"] == 1.0
     assert run.data.params["shards"] == str(len(manifest["plan"]))
 

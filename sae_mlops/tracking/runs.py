@@ -140,6 +140,9 @@ def log_analysis(
     return run_id
 
 
+RUNNING_NOTE = "**running** · "  # the description of a run whose pass is running (replaced at the end)
+
+
 def start_analysis_run(
     previous: str | None,
     name: str,
@@ -147,12 +150,17 @@ def start_analysis_run(
     experiment: str | None = None,
     run_name: str | None = None,
     start_time: int | None = None,
+    note: str | None = None,
 ) -> tuple[str, bool]:
     """The run of an analysis whose pass is starting, status RUNNING: the run of ``MLFLOW_RUN_ID``
     when set (``mlflow run``, the service: the caller owns the run), else the run ``previous`` (the
     interrupted run of a resumed analysis) when it still exists, else a new run named ``run_name``
-    (else ``name``). Returns (run id, whether this program finishes it)."""
+    (else ``name``). ``note``: the run's description while it runs (prefixed with `RUNNING_NOTE`;
+    the finished analysis replaces it). Returns (run id, whether this program finishes it)."""
     client = MlflowClient()
+    tags = dict(tags)
+    if note:
+        tags[TAG_NOTE] = RUNNING_NOTE + note
     if previous and not os.environ.get("MLFLOW_RUN_ID"):
         try:
             run = client.get_run(previous)
@@ -161,7 +169,7 @@ def start_analysis_run(
         else:
             if run.info.status != "RUNNING":
                 client.update_run(previous, status="RUNNING")
-            client.set_tag(previous, "sae_mlops.resumed", "true")
+            client.log_batch(previous, tags=[RunTag(k, v) for k, v in {**tags, "sae_mlops.resumed": "true"}.items()])
             return previous, True
     run_id, owned = resolve_run(client, experiment, run_name, start_time=start_time, default_name=name)
     client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
@@ -418,7 +426,7 @@ def run_note(client: MlflowClient, result: AnalysisResult, tags: dict[str, str],
     if not lines:
         return None
     note = "\n\n".join(lines)
-    if current and current.strip() and not current.startswith(lines[0]):
+    if current and current.strip() and not current.startswith((lines[0], RUNNING_NOTE)):
         note += "\n\n" + current.strip()
     return note
 
