@@ -161,11 +161,15 @@ class RunObserver:
         self.progress(checkpoint.tokens_done, total_tokens)
 
     def progress(self, tokens_done: int, total_tokens: int) -> None:
-        if self.run_id is None:
+        """Log progress; the store is asked first with a 2 s health check (MLflow's client would retry
+        a dead server for minutes, holding up the pass), and after a failure no more progress is sent."""
+        if self.run_id is None or self._warned:
             return
+        from sae_mlops.tracking.preflight import check_tracking_store
         from sae_mlops.tracking.runs import log_progress
 
         try:
+            check_tracking_store(timeout_s=2.0)
             log_progress(self.run_id, tokens_done, total_tokens)
         except Exception as e:  # noqa: BLE001 - see the class docstring
             self._warn(e)
@@ -222,6 +226,9 @@ def log_outcome(outcome: QuickOutcome, experiment: str | None, run_name: str | N
 
     uri = tracking_uri()
     try:
+        from sae_mlops.tracking.preflight import check_tracking_store
+
+        check_tracking_store(timeout_s=3.0)  # a store lost during the analysis fails here in seconds
         outcome.run_id = log_analysis(
             outcome.result, outcome.files, outcome.out_dir, experiment=experiment, run_name=run_name, start_time=start_time,
             run_id=run_id,

@@ -263,3 +263,28 @@ def test_resume_option_continues_a_quick_analysis(tmp_path, tracked_env):
     assert res["params"]["shards_resumed"] == len(manifest["done"])
     assert res["metrics"]["tokens/analysed"] == TOKENS
     assert not (out / "checkpoint").exists()
+
+
+def test_tracking_server_lost_mid_pass_the_analysis_finishes_and_says_how_to_log(tmp_path):
+    """The MLflow server goes away after the first shard: the pass goes on (one warning, no minutes of
+    retries per shard), the outputs are complete, and the one error line says how to log them later."""
+    from mlflow_servers import mlflow_server
+
+    out = tmp_path / "lost"
+    with mlflow_server(f"sqlite:///{tmp_path / 'm.db'}", tmp_path) as uri:
+        env = dict(os.environ, MLFLOW_TRACKING_URI=uri, MLFLOW_EXPERIMENT_NAME="lost")
+        proc = subprocess.Popen(_cli_full(out), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                                start_new_session=True)
+        deadline = time.monotonic() + 180
+        while not _manifest(out).get("done"):
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+    try:
+        _, stderr = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 2, stderr[-3000:]
+    assert "MLflow did not take the running analysis's progress" in stderr
+    assert f"sae-mlops log {out}" in stderr
+    assert (out / "SUMMARY.json").is_file() and not (out / "checkpoint").exists()

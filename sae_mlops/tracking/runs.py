@@ -188,6 +188,9 @@ def log_progress(run_id: str, tokens_done: int, tokens_total: int) -> None:
 def end_run(run_id: str, status: str) -> None:
     """Set a run's final status (FAILED, KILLED, FINISHED) if it is still RUNNING; never raises."""
     try:
+        from sae_mlops.tracking.preflight import check_tracking_store
+
+        check_tracking_store(timeout_s=2.0)  # MLflow's client would retry a dead server for minutes
         client = MlflowClient()
         if client.get_run(run_id).info.status == "RUNNING":
             client.set_terminated(run_id, status)
