@@ -133,7 +133,10 @@ def test_ray_settings_parse_and_refuse_bad_values():
 def _ray_head(tmp: Path, token: str):
     """``ray start --head --block`` on loopback; returns (process, its Ray Client address ray://...)."""
     port, client_port = free_port(), free_port()
-    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token, "RAY_USAGE_STATS_ENABLED": "0"}
+    # the head's Ray Client proxy gives each client's server 30 s to start by default; a loaded 2-core CI
+    # machine has exceeded that once (the service then refuses to start), so allow 120 s
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token, "RAY_USAGE_STATS_ENABLED": "0",
+           "RAY_CLIENT_SERVER_CHECK_CHANNEL_TIMEOUT_S": "120"}
     env.pop("RAY_ADDRESS", None)
     log = tmp / "ray-head.log"
     with open(log, "ab") as f:
