@@ -288,3 +288,25 @@ def test_tracking_server_lost_mid_pass_the_analysis_finishes_and_says_how_to_log
     assert "MLflow did not take the running analysis's progress" in stderr
     assert f"sae-mlops log {out}" in stderr
     assert (out / "SUMMARY.json").is_file() and not (out / "checkpoint").exists()
+
+
+def test_failure_after_the_pass_keeps_the_checkpoint_and_the_resume_is_complete(reference, tmp_path, monkeypatch):
+    """An error after the database was assembled (here: writing the feature summaries) leaves the
+    checkpoint with every shard's database parts (they are linked into the database, not moved), so
+    the same command afterwards gives the complete analysis."""
+    import sae_mlops.outputs.full_reports as writers
+
+    def boom(*args, **kwargs):
+        raise OSError("no space left on device")
+
+    out = tmp_path / "failed"
+    with monkeypatch.context() as m:
+        m.setattr(writers, "write_feature_summaries", boom)
+        with pytest.raises(OSError, match="no space"):
+            _full(out, shard_tokens=1)
+    assert (out / "activation_database" / "activation_db").is_dir()
+    done = _manifest(out)["done"]
+    assert done and all((out / "checkpoint" / f"shard-{int(i):05d}" / "db" / "activations").glob("*.parquet") for i in done)
+    outcome = _full(out, shard_tokens=1)
+    assert outcome.result.params["shards_resumed"] == len(done)
+    assert_same_analysis(out, reference)

@@ -134,8 +134,9 @@ class ActivationDBWriter(ActivationPartsWriter):
 def finalize_database(root: Path, part_dirs: list[Path], d_sae: int, per_feature: dict[str, list[float]],
                       vocab: list[str]) -> Path:
     """Complete the database at ``root`` from the Parquet parts under ``part_dirs`` (in stream order;
-    moved, not copied, into ``<root>.partial``): feature table, vocabulary, CSR export and manifest;
-    then publish by renaming ``<root>.partial`` to ``<root>``."""
+    hard-linked into ``<root>.partial``, copied where links are impossible, so that the parts stay in
+    a checkpoint until it is removed and a resumed analysis still finds them): feature table,
+    vocabulary, CSR export and manifest; then publish by renaming ``<root>.partial`` to ``<root>``."""
     root = Path(root)
     partial = root.with_name(root.name + ".partial")
     if [Path(p) for p in part_dirs] != [partial]:
@@ -145,7 +146,10 @@ def finalize_database(root: Path, part_dirs: list[Path], d_sae: int, per_feature
             (partial / sub).mkdir(parents=True)
             for d in part_dirs:
                 for f in sorted((Path(d) / sub).glob("*.parquet")):
-                    os.replace(f, partial / sub / f.name)
+                    try:
+                        os.link(f, partial / sub / f.name)
+                    except OSError:
+                        shutil.copy2(f, partial / sub / f.name)
     parts = sorted((partial / "activations").glob("*.parquet"))
     n_tokens = sum(pq.read_metadata(partial / "tokens" / f.name).num_rows for f in parts)
     nnz = sum(pq.read_metadata(f).num_rows for f in parts)
