@@ -217,7 +217,9 @@ def test_sigkill_mid_pass_then_resume_equals_uninterrupted(reference, tmp_path, 
     client = MlflowClient(tracked_env["MLFLOW_TRACKING_URI"])
     run = client.get_run(run_id)
     assert run.info.status == "RUNNING"  # killed hard: nobody could mark it, the resumed analysis takes it over
-    assert run.data.metrics["progress/tokens_done"] > 0
+    # logged when the pass started (0) and after each shard; the kill may fall between a shard's
+    # manifest entry and its progress metric, so only its presence is certain here
+    assert "progress/tokens_done" in run.data.metrics
     assert run.info.run_name.startswith("full · ")
     note = run.data.tags["mlflow.note.content"]  # the description says it runs and how to resume
     assert note.startswith("**running**") and f"--resume {out}" in note
