@@ -40,6 +40,10 @@ from sae_mlops.service.settings import Settings
 
 log = logging.getLogger(__name__)
 
+#: tries of ``ray.init`` on a cluster address: a Ray Client proxy under load has failed to start a
+#: client's server once and then worked (ConnectionAbortedError: "Starting Ray client server failed")
+CONNECT_ATTEMPTS = 3
+
 #: environment variables the actors get from the service (tracking server, credentials, hub cache)
 FORWARDED_ENV_PREFIXES = ("MLFLOW_", "AWS_", "HF_", "HUGGING_FACE_", "GOOGLE_", "AZURE_")
 _DROP_ENV = ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME")
@@ -203,7 +207,17 @@ class RayRuntime:
                 return
             if s.ray_address:
                 log.info("connecting to the Ray cluster at %s", s.ray_address)
-                ray.init(address=s.ray_address, log_to_driver=False, logging_level=logging.WARNING)
+                for attempt in range(1, CONNECT_ATTEMPTS + 1):
+                    try:
+                        ray.init(address=s.ray_address, log_to_driver=False, logging_level=logging.WARNING)
+                        break
+                    except ConnectionError as e:  # Ray Client: the head's proxy failed to start our server
+                        if attempt == CONNECT_ATTEMPTS:
+                            raise
+                        log.warning("connecting to %s failed (%s: %s); retrying (%d of %d)", s.ray_address,
+                                    type(e).__name__, str(e).splitlines()[0][:200], attempt + 1, CONNECT_ATTEMPTS)
+                        ray.shutdown()
+                        time.sleep(2.0 * attempt)
             else:
                 address = self._start_local_head()
                 log.info("started a local Ray instance for the service's workers (%s, %s)", address, self._head_dir)
