@@ -239,3 +239,26 @@ def pid_alive(pid: int) -> bool:
             return f.read().split(")")[-1].split()[0] != "Z"
     except OSError:
         return False
+
+
+def register_demo_version(client, name: str) -> str:
+    """The demo SAELens SAE logged in a run as an MLflow 3 logged model (its files, no flavor) and
+    registered as a new version of `name` (the way sae-mlops registers SAEs); returns the version."""
+    from mlflow.exceptions import MlflowException
+
+    from sae_mlops.demo import demo_sae_path
+
+    exp = client.get_experiment_by_name("sae-training")
+    exp_id = exp.experiment_id if exp is not None else client.create_experiment("sae-training")
+    run = client.create_run(exp_id, run_name="train-demo-sae")
+    model = client.create_logged_model(exp_id, name="sae", source_run_id=run.info.run_id, model_type="sae")
+    client.log_model_artifacts(model.model_id, str(demo_sae_path("saelens")))
+    client.finalize_logged_model(model.model_id, "READY")
+    client.set_terminated(run.info.run_id, "FINISHED")
+    try:
+        client.create_registered_model(name)
+    except MlflowException:
+        pass  # exists
+    mv = client.create_model_version(name, source=f"models:/{model.model_id}", run_id=run.info.run_id,
+                                     model_id=model.model_id)
+    return str(mv.version)

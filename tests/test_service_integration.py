@@ -228,26 +228,10 @@ def client(stack):
 
 
 def _register_demo_version(uri: str, client) -> str:
-    """Log the demo SAELens SAE in a run as an MLflow 3 logged model (its files, no flavor) and
-    register it as a new version of MODEL (the way sae-mlops registers SAEs); returns the version."""
-    from mlflow.exceptions import MlflowException
+    """A new version of MODEL holding the demo SAELens SAE (`service_stack.register_demo_version`)."""
+    from service_stack import register_demo_version
 
-    from sae_mlops.demo import demo_sae_path
-
-    exp = client.get_experiment_by_name("sae-training")
-    exp_id = exp.experiment_id if exp is not None else client.create_experiment("sae-training")
-    run = client.create_run(exp_id, run_name="train-demo-sae")
-    model = client.create_logged_model(exp_id, name="sae", source_run_id=run.info.run_id, model_type="sae")
-    client.log_model_artifacts(model.model_id, str(demo_sae_path("saelens")))
-    client.finalize_logged_model(model.model_id, "READY")
-    client.set_terminated(run.info.run_id, "FINISHED")
-    try:
-        client.create_registered_model(MODEL)
-    except MlflowException:
-        pass  # exists
-    mv = client.create_model_version(MODEL, source=f"models:/{model.model_id}", run_id=run.info.run_id,
-                                     model_id=model.model_id)
-    return str(mv.version)
+    return register_demo_version(client, MODEL)
 
 
 def _wait_status(client, version: str, timeout: float = ANALYSIS_TIMEOUT_S) -> dict:

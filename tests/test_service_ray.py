@@ -201,24 +201,9 @@ def _client(uri: str):
 
 def _register(client, name: str) -> str:
     """The demo SAELens SAE as an MLflow logged model, registered as a new version of `name`."""
-    from mlflow.exceptions import MlflowException
+    from service_stack import register_demo_version
 
-    from sae_mlops.demo import demo_sae_path
-
-    exp = client.get_experiment_by_name("sae-training")
-    exp_id = exp.experiment_id if exp is not None else client.create_experiment("sae-training")
-    run = client.create_run(exp_id, run_name="train-demo-sae")
-    model = client.create_logged_model(exp_id, name="sae", source_run_id=run.info.run_id, model_type="sae")
-    client.log_model_artifacts(model.model_id, str(demo_sae_path("saelens")))
-    client.finalize_logged_model(model.model_id, "READY")
-    client.set_terminated(run.info.run_id, "FINISHED")
-    try:
-        client.create_registered_model(name)
-    except MlflowException:
-        pass
-    mv = client.create_model_version(name, source=f"models:/{model.model_id}", run_id=run.info.run_id,
-                                     model_id=model.model_id)
-    return str(mv.version)
+    return register_demo_version(client, name)
 
 
 def _wait(pred, timeout: float, what: str):
