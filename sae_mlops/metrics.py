@@ -117,6 +117,10 @@ METRICS: tuple[Metric, ...] = (
     Metric("progress/tokens_done", "tokens done (while running)", "tokens", "{:,.0f}", True, summary=False),
     Metric("progress/fraction", "fraction done (while running)", "fraction", "{:.0%}", True, summary=False),
     Metric("artifacts/bytes", "bytes written", "bytes", "{:,.0f}", False, summary=False),
+    # intervals (sae_mlops.core.intervals): each metric above that the per-block sums determine also has
+    # <name>_ci_low / <name>_ci_high, the bounds of its 95 % bootstrap interval (see ci_names)
+    Metric("stats/blocks", "blocks of windows (bootstrap unit)", "blocks", "{:,.0f}", summary=False),
+    Metric("time/intervals", "bootstrap intervals", "s", "{:,.1f}", False, summary=False),
 )
 
 BY_NAME: dict[str, Metric] = {m.name: m for m in METRICS}
@@ -164,5 +168,42 @@ def headline_line(metrics: dict[str, Any], bold: bool = False) -> str:
         v = metrics.get(m.name)
         if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v)):
             value = m.format(float(v))
-            parts.append(f"{label} **{value}**" if bold else f"{label} {value}")
+            ci = interval_of(metrics, m.name)
+            pm = f" ± {m.format((ci[1] - ci[0]) / 2.0)}" if ci else ""
+            parts.append(f"{label} **{value}**{pm}" if bold else f"{label} {value}{pm}")
     return " · ".join(parts)
+
+
+# ---- intervals (sae_mlops.core.intervals): names and formatting -------------------------------------
+#: suffixes of a metric's 95 % bootstrap interval bounds: ``recon/cosine_ci_low``, ``recon/cosine_ci_high``
+CI_LOW, CI_HIGH = "_ci_low", "_ci_high"
+
+
+def ci_names(name: str) -> tuple[str, str]:
+    """The metric names of ``name``'s interval bounds (logged to MLflow and the results JSON)."""
+    return name + CI_LOW, name + CI_HIGH
+
+
+def is_interval_name(name: str) -> bool:
+    """True for an interval bound's name (``..._ci_low`` / ``..._ci_high``)."""
+    return name.endswith(CI_LOW) or name.endswith(CI_HIGH)
+
+
+def interval_of(metrics: dict[str, Any], name: str) -> tuple[float, float] | None:
+    """``(low, high)`` of ``name``'s interval in ``metrics``; None when absent or not finite."""
+    lo, hi = (metrics.get(n) for n in ci_names(name))
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v)) for v in (lo, hi)):
+        return None
+    return float(lo), float(hi)  # type: ignore[arg-type]
+
+
+def format_with_interval(metric: Metric, metrics: dict[str, Any]) -> str:
+    """``value ± half-width`` (the half-width of the 95 % interval, in the metric's format) when the
+    interval is known, else the value alone; 'n/a' when the value is absent."""
+    value = metrics.get(metric.name)
+    text = metric.format(value)
+    ci = interval_of(metrics, metric.name)
+    if ci is None or text == "n/a":
+        return text
+    half = (ci[1] - ci[0]) / 2.0
+    return f"{text} ± {metric.format(half)}"

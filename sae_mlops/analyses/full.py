@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from sae_mlops.outputs.summaries import write_block_sums
 from sae_mlops.outputs.activation_db.writer import finalize_database
 from sae_mlops.analyses.quick import Inputs, assemble_result, executor_metrics, prepare, run_sharded_pass, sharding_params
 from sae_mlops.core.collectors.cooccurrence import CooccurrenceCollector, measure_from_counts
@@ -152,6 +153,7 @@ def run_full(cfg: AnalysisConfig, out_dir: Path, opts: FullOptions | None = None
     with stages.stage("reports"):
         log.info("reports")
         files.append(atomic_write_text(out_dir / "config.json", full_writers.config_json(cfg, opts)))
+        files += write_block_sums(result, out_dir)
         results_path = rdir / "analysis_results.json"
         files.append(results_path)
         rel = {p.relative_to(out_dir).as_posix(): p for p in files}

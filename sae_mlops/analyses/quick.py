@@ -214,7 +214,7 @@ def run_sharded_pass(
         ck.save()
 
     def factory(parts_dir: Path | None, prefix: str) -> list[Collector]:
-        return make_collectors(kind, inputs, opts, parts_dir, prefix)
+        return make_collectors(kind, inputs, opts, parts_dir, prefix, blocks=ck.blocks)
 
     if str(inputs.device).startswith("cuda"):
         torch.cuda.reset_peak_memory_stats(torch.device(inputs.device))
@@ -335,6 +335,7 @@ def assemble_result(kind: str, inputs: Inputs, stats: PassStats, collectors: lis
     metrics.update({f"time_cpu/pass/{k}": v for k, v in stats.part_cpu_seconds.items()})
     for w in warnings[len(inputs.warnings) :]:
         log.warning(w)
+    block_sums, interval_details = _intervals(inputs, collectors, metrics)
     tags = dict(info.lineage)
     tags["sae_mlops.kind"] = kind
     if info.content_hash:
@@ -349,9 +350,41 @@ def assemble_result(kind: str, inputs: Inputs, stats: PassStats, collectors: lis
             "thresholds": {"dead": 0.0, "rare": inputs.cfg.rare_threshold, "dense": inputs.cfg.dense_threshold},
             "sae_name": sae_name(inputs.cfg.sae, inputs.cfg.sae_id),
             "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            **({"intervals": interval_details} if interval_details else {}),
         },
         warnings=warnings,
+        block_sums=block_sums,
     )
+
+
+def _intervals(inputs: Inputs, collectors: list[Collector], metrics: dict[str, float]) -> tuple[Any, dict[str, Any]]:
+    """The per-block sums of the pass (when a :class:`BlockStatsCollector` ran) and the 95 % bootstrap
+    interval of every metric they determine, added to ``metrics`` as ``<name>_ci_low`` /
+    ``<name>_ci_high`` (method: :mod:`sae_mlops.core.intervals`). Timed as ``time/intervals``."""
+    from sae_mlops.core.collectors.blocks import BlockStatsCollector
+    from sae_mlops.core.intervals import DEFAULT_LEVEL, DEFAULT_RESAMPLES, DEFAULT_SEED, BlockSums, bootstrap_intervals
+    from sae_mlops.metrics import ci_names
+
+    blocks = next((c for c in collectors if isinstance(c, BlockStatsCollector)), None)
+    if blocks is None:
+        return None, {}
+    t0 = time.perf_counter()
+    cfg, info = inputs.cfg, inputs.sae.info
+    plan = {"corpus_digest": inputs.corpus.digest, "model": inputs.model.name, "context_size": inputs.plan.context_size,
+            "prepend_bos": inputs.plan.prepend_bos, "batch_size": cfg.batch_size, "max_tokens": cfg.max_tokens,
+            "layout": blocks.layout.digest(), "hook": inputs.site.name}
+    sums = BlockSums(blocks.arrays(), info.d_in, info.d_sae, cfg.rare_threshold, cfg.dense_threshold, plan)
+    intervals = bootstrap_intervals(sums)
+    for name, iv in intervals.items():
+        if name in metrics:
+            low, high = ci_names(name)
+            metrics[low], metrics[high] = iv.low, iv.high
+    metrics["stats/blocks"] = sums.n_blocks
+    metrics["time/intervals"] = time.perf_counter() - t0
+    details = {"method": "percentile block bootstrap of metrics recomputed from resampled per-block sums",
+               "level": DEFAULT_LEVEL, "resamples": DEFAULT_RESAMPLES, "seed": DEFAULT_SEED, "blocks": sums.n_blocks,
+               "windows": blocks.layout.windows, "plan": plan}
+    return sums, details
 
 
 def sharding_params(result: ShardedPass, exec_opts: ExecutionOptions) -> dict[str, Any]:

@@ -75,14 +75,15 @@ class ShardWorker:
         self.kind, self.opts = kind, opts
         self.make_collectors = make_collectors
 
-    def run(self, spec: ShardSpec) -> dict[str, Any]:
-        """Run one shard; return its index, files (relative path -> bytes) and pass stats."""
+    def run(self, spec: ShardSpec, blocks: Any = None) -> dict[str, Any]:
+        """Run one shard (``blocks``: the pass's block layout, for the per-block statistics); return
+        its index, files (relative path -> bytes) and pass stats."""
         import resource
 
         work = Path(tempfile.mkdtemp(dir=self.tmp))
         try:
             def factory(parts_dir: Path | None, prefix: str):
-                return self.make_collectors(self.kind, self.inputs, self.opts, parts_dir, prefix)
+                return self.make_collectors(self.kind, self.inputs, self.opts, parts_dir, prefix, blocks=blocks)
 
             _collectors, stats = run_shard(self.engine, self.inputs, spec, factory, work, save=True)
             files = _read_tree(work)
@@ -173,7 +174,7 @@ def run_ray(inputs: Inputs, kind: str, opts: FullOptions | None, exec_opts: Exec
         peak = 0.0
         pool = ActorPool(actors)
         for spec in todo:
-            pool.submit(lambda a, s: a.run.remote(s), spec)
+            pool.submit(lambda a, s: a.run.remote(s, ck.blocks), spec)
         while pool.has_next():
             res = pool.get_next_unordered()
             index = int(res["index"])

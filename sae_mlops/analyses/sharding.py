@@ -32,9 +32,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
+from sae_mlops.core.blocks import BlockLayout
 from sae_mlops.core.collectors.base import Collector
 from sae_mlops.core.engine import Engine, PassStats
-from sae_mlops.core.tokens import ShardSpec, iter_batches, plan_shards
+from sae_mlops.core.tokens import ShardSpec, iter_batches, plan_pass
 from sae_mlops.errors import InputError
 from sae_mlops.files import atomic_write_text
 
@@ -53,10 +54,11 @@ CollectorFactory = Callable[[Path | None, str], list[Collector]]
 
 
 def make_collectors(kind: str, inputs: Inputs, opts: FullOptions | None, parts_dir: Path | None,
-                    prefix: str = "part-") -> list[Collector]:
+                    prefix: str = "part-", blocks: BlockLayout | None = None) -> list[Collector]:
     """The collectors of a ``kind`` ("quick" or "full") pass, in a fixed order: sparsity,
-    reconstruction, downstream; for full also examples, co-occurrence (d_sae <= dense limit) and,
-    when ``parts_dir`` is given, the activation-database parts writer (last)."""
+    reconstruction, downstream; for full also examples, co-occurrence (d_sae <= dense limit); the
+    per-block statistics when ``blocks`` is given (the intervals); and, when ``parts_dir`` is given,
+    the activation-database parts writer (last)."""
     from sae_mlops.core.collectors.cooccurrence import CooccurrenceCollector
     from sae_mlops.core.collectors.downstream import DownstreamCollector
     from sae_mlops.core.collectors.examples import TopExamplesCollector
@@ -74,10 +76,15 @@ def make_collectors(kind: str, inputs: Inputs, opts: FullOptions | None, parts_d
         collectors.append(TopExamplesCollector(info.d_sae, opts.examples_per_feature, opts.context_window))
         if info.d_sae <= opts.dense_limit:
             collectors.append(CooccurrenceCollector(info.d_sae))
-        if parts_dir is not None:
-            from sae_mlops.outputs.activation_db.writer import ActivationPartsWriter
+    if blocks is not None:
+        from sae_mlops.core.collectors.blocks import BlockStatsCollector
 
-            collectors.append(ActivationPartsWriter(parts_dir, info.d_sae, opts.shard_rows, prefix))
+        collectors.append(BlockStatsCollector(blocks, info.d_in, info.d_sae))
+    if kind == "full" and parts_dir is not None:
+        assert opts is not None
+        from sae_mlops.outputs.activation_db.writer import ActivationPartsWriter
+
+        collectors.append(ActivationPartsWriter(parts_dir, info.d_sae, opts.shard_rows, prefix))
     return collectors
 
 
@@ -120,6 +127,7 @@ class Checkpoint:
         self.manifest_path = self.dir / "manifest.json"
         self.fingerprint: dict[str, Any] = {}
         self.plan: list[ShardSpec] = []
+        self.blocks: BlockLayout | None = None  # the pass's blocks of windows (intervals), planned with the shards
         self.done: dict[int, dict[str, Any]] = {}  # shard index -> its pass stats
         self.run_id: str | None = None
         self.resumed = False
@@ -151,6 +159,7 @@ class Checkpoint:
                 )
             ck.fingerprint = old
             ck.plan = [ShardSpec(**s) for s in data["plan"]]
+            ck.blocks = BlockLayout.from_dict(data["blocks"]) if data.get("blocks") else None
             ck.done = {int(k): v for k, v in data["done"].items()}
             ck.run_id = data.get("mlflow_run_id")
             ck.resumed = True
@@ -170,6 +179,7 @@ class Checkpoint:
             "format": FORMAT,
             "fingerprint": self.fingerprint,
             "plan": [asdict(s) for s in self.plan],
+            "blocks": self.blocks.to_dict() if self.blocks is not None else None,
             "done": {str(k): v for k, v in sorted(self.done.items())},
             "mlflow_run_id": self.run_id,
         }
@@ -294,10 +304,12 @@ def open_checkpoint(inputs: Inputs, kind: str, out: Path, exec_opts: ExecutionOp
                     resume: bool) -> Checkpoint:
     """Open (or start) the checkpoint and make sure it has a shard plan (planned once, kept on resume)."""
     ck = Checkpoint.open(out, pass_fingerprint(inputs, kind, exec_opts.shard_tokens, opts), require_existing=resume)
-    if not ck.plan:
+    if not ck.plan or ck.blocks is None:
         cfg = inputs.cfg
-        ck.plan = plan_shards(inputs.corpus.texts, inputs.model.tokenizer, inputs.plan, cfg.batch_size, cfg.max_tokens,
-                              exec_opts.shard_tokens)
+        plan, ck.blocks = plan_pass(inputs.corpus.texts, inputs.model.tokenizer, inputs.plan, cfg.batch_size,
+                                    cfg.max_tokens, exec_opts.shard_tokens)
+        if not ck.plan:
+            ck.plan = plan
     info = inputs.sae.info
     ck.sae_info = {"architecture": info.architecture, "d_sae": info.d_sae,
                    "k": info.k if info.k is not None else (info.extra or {}).get("k")}

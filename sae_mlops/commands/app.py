@@ -23,7 +23,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from sae_mlops.errors import InputError, Interrupted, TrackingError
-from sae_mlops.metrics import headline_metrics
+from sae_mlops.metrics import format_with_interval, headline_metrics
 
 if TYPE_CHECKING:
     from sae_mlops.workflows import QuickOutcome
@@ -124,11 +124,15 @@ def show_headline(outcome: QuickOutcome, title: str) -> None:
     table = Table(title=title)
     table.add_column("metric")
     table.add_column("name", style="dim")
-    table.add_column("value", justify="right")
+    table.add_column("value ± 95 % half-width", justify="right")
     for metric in headline_metrics():
         if metric.name in m:
-            table.add_row(metric.label, metric.name, metric.format(m[metric.name]))
+            table.add_row(metric.label, metric.name, format_with_interval(metric, m))
     out_console.print(table)
+    if "stats/blocks" in m:
+        out_console.print(f"± : half-width of the 95 % bootstrap interval over {int(m['stats/blocks'])} blocks of "
+                          "windows (token-sample noise); `sae-mlops compare` pairs analyses for tighter differences.",
+                          style="dim", soft_wrap=True)
     for w in outcome.warnings:
         err_console.print(f"[yellow]Warning:[/yellow] {escape(w)}", soft_wrap=True)
 

@@ -31,6 +31,7 @@ class AnalysisResult:
     per_feature: dict[str, list[float]] = field(default_factory=dict)  # e.g. firing_count, frequency
     details: dict[str, Any] = field(default_factory=dict)  # anything else worth writing (thresholds...)
     warnings: list[str] = field(default_factory=list)
+    block_sums: Any = None  # sae_mlops.core.intervals.BlockSums: written as blocks.safetensors/json, not in the JSON
 
     def to_json_dict(self) -> dict[str, Any]:
         """JSON-safe dict: NaN/inf become None."""

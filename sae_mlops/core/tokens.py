@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
+from sae_mlops.core.blocks import BlockLayout, window_key
 from sae_mlops.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -60,6 +61,16 @@ class TokenBatch:
     predicts: torch.Tensor  # [B, L-1] bool: analysed at t and valid at t+1
     doc_index: torch.Tensor  # [B] int64
     doc_pos: torch.Tensor  # [B, L] int64: position within the document (-1 for BOS / padding)
+    window_start: torch.Tensor | None = None  # [B] int64: document offset of each window's first token
+
+    @property
+    def starts(self) -> torch.Tensor:
+        """[B] document offset of each window's first non-BOS token."""
+        if self.window_start is not None:
+            return self.window_start
+        first = self.doc_pos.clamp(min=-1)
+        masked = torch.where(first >= 0, first, torch.full_like(first, 2**62))
+        return masked.min(dim=1).values
 
     @property
     def n_analysed(self) -> int:
@@ -131,7 +142,7 @@ def collate(windows: list[Window], plan: WindowPlan) -> TokenBatch:
         analysed[:, 0] = False
     predicts = analysed[:, :-1] & valid[:, 1:]
     doc_index = torch.tensor([w.doc_index for w in windows], dtype=torch.long)
-    return TokenBatch(tokens, valid, analysed, predicts, doc_index, doc_pos)
+    return TokenBatch(tokens, valid, analysed, predicts, doc_index, doc_pos, start[:, 0].clone())
 
 
 def count_analysed(window: Window, special: set[int], special_ids: torch.Tensor) -> int:
@@ -259,14 +270,31 @@ def plan_shards(
     shard_tokens: int,
     pool_batches: int = 32,
 ) -> list[ShardSpec]:
+    """The shards of :func:`plan_pass` (without the block layout)."""
+    return plan_pass(texts, tokenizer, plan, batch_size, max_tokens, shard_tokens, pool_batches)[0]
+
+
+def plan_pass(
+    texts: Sequence[str],
+    tokenizer,
+    plan: WindowPlan,
+    batch_size: int,
+    max_tokens: int | None,
+    shard_tokens: int,
+    pool_batches: int = 32,
+) -> tuple[list[ShardSpec], BlockLayout]:
     """Cut the stream of :func:`iter_batches` into shards of about ``shard_tokens`` analysed tokens
-    (whole pools: a shard ends with the first pool that reaches ``shard_tokens``). Deterministic in
-    (corpus, tokenizer, context size, BOS, batch size, budget, shard size): it tokenizes the corpus
-    up to the budget once, without building batches. Unit of ``shard_tokens``: analysed tokens."""
+    (whole pools: a shard ends with the first pool that reaches ``shard_tokens``), and its windows
+    into the blocks of :class:`~sae_mlops.core.blocks.BlockLayout` (the resampling unit of the
+    intervals). Deterministic in (corpus, tokenizer, context size, BOS, batch size, budget, shard
+    size): it tokenizes the corpus up to the budget once, without building batches. Unit of
+    ``shard_tokens``: analysed tokens. The blocks do not depend on ``shard_tokens``."""
     shards: list[ShardSpec] = []
     current: dict | None = None
     token = 0
+    keys: list[int] = []
     for pool in iter_pools(texts, tokenizer, plan, batch_size, max_tokens, pool_batches):
+        keys.extend(window_key(w.doc_index, w.start) for w in pool.windows)
         if current is None:
             current = {"start": pool.start, "pools": 0, "batches": 0, "token_start": token, "tokens": 0}
         current["pools"] += 1
@@ -278,7 +306,7 @@ def plan_shards(
             current = None
     if current is not None:
         shards.append(_spec(len(shards), current))
-    return shards
+    return shards, BlockLayout.from_keys(keys)
 
 
 def _spec(index: int, c: dict) -> ShardSpec:

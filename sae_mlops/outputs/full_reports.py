@@ -191,6 +191,12 @@ def summary_dict(result: AnalysisResult, ts: str, per_feature: dict[str, list[fl
             if counts[i] > 0
         ],
         "definitions": "per-token averages over non-special tokens; see the README metric table",
+        "intervals": {
+            "method": (result.details.get("intervals") or {}).get("method"),
+            "level": (result.details.get("intervals") or {}).get("level"),
+            "blocks": (result.details.get("intervals") or {}).get("blocks"),
+            "bounds": {k: [m.get(k + "_ci_low"), m.get(k + "_ci_high")] for k in m if (k + "_ci_low") in m},
+        },
         "files": {
             kind: next((k for k in files if pattern in k), None)
             for kind, pattern in (

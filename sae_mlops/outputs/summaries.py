@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from sae_mlops.metrics import summary_metrics
+from sae_mlops.metrics import interval_of, summary_metrics
 from sae_mlops.core.results import AnalysisResult
 from sae_mlops.files import atomic_write, atomic_write_text
 
@@ -54,11 +54,18 @@ def summary_markdown(result: AnalysisResult) -> str:
     ]
     if p.get("topk_mode"):
         lines.append(f"- BatchTopK: k={p.get('topk_k')}, mode `{p.get('topk_mode')}`, theta {fmt(p.get('topk_threshold'))}")
-    lines += ["", "| metric | value | unit |", "|---|---:|---|"]
+    lines += ["", "| metric | value | 95 % interval | unit |", "|---|---:|---:|---|"]
     for metric in summary_metrics():
         key, label, unit = metric.name, metric.label, metric.unit
         if key in result.metrics:
-            lines.append(f"| {md_cell(label)} | {md_cell(fmt(result.metrics[key]))} | {md_cell(unit)} |")
+            ci = interval_of(result.metrics, key)
+            interval = f"{metric.format(ci[0])} to {metric.format(ci[1])}" if ci else ""
+            lines.append(f"| {md_cell(label)} | {md_cell(fmt(result.metrics[key]))} | {md_cell(interval)} | {md_cell(unit)} |")
+    iv = result.details.get("intervals")
+    if iv:
+        lines += ["", f"Intervals: 95 % percentile bootstrap over {iv['blocks']} blocks of whole windows "
+                  f"({iv['resamples']} resamples, seed {iv['seed']}), each metric recomputed from resampled sums; "
+                  "they cover the token-sample noise, not the training seed's (see `sae-mlops compare`)."]
     if result.warnings:
         lines += ["", "## Warnings", ""] + [f"- {w}" for w in result.warnings]
     lines += ["", "Metric definitions: see the README's metric table.", ""]
@@ -78,4 +85,13 @@ def write_quick_outputs(result: AnalysisResult, out_dir: Path) -> list[Path]:
     if result.per_feature:
         files.append(write_feature_stats(result, out_dir / "results" / "feature_stats.parquet"))
     files.append(atomic_write_text(out_dir / "SUMMARY.md", summary_markdown(result)))
+    files += write_block_sums(result, out_dir)
     return files
+
+
+def write_block_sums(result: AnalysisResult, out_dir: Path) -> list[Path]:
+    """``results/blocks.safetensors`` + ``results/blocks.json``: the per-block sums behind the
+    intervals, which `sae-mlops compare` pairs block by block (nothing when the pass kept none)."""
+    if result.block_sums is None:
+        return []
+    return list(result.block_sums.save(Path(out_dir) / "results"))

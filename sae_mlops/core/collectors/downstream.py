@@ -19,7 +19,10 @@ All averages are per prediction (per token), never a mean of batch means.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import Any
+
+import numpy as np
 
 from sae_mlops.core.collectors.base import StepData, f64sum
 from sae_mlops.core.collectors.state import StateCollector
@@ -58,24 +61,35 @@ class DownstreamCollector(StateCollector):
     def compute(self) -> dict[str, Any]:
         if self.n_pred == 0:
             return {}
-        sum_ce = {"clean": self.sum_ce_clean, "sae": self.sum_ce_sae, "zero": self.sum_ce_zero}
-        ce = {k: v / self.n_pred for k, v in sum_ce.items()}
-        kl = {k: v / max(self.n_kl, 1) for k, v in (("sae", self.sum_kl_sae), ("zero", self.sum_kl_zero))}
-        gap = ce["zero"] - ce["clean"]
-        if gap <= 0:
+        out = {k: float(v) for k, v in downstream_metrics({k: getattr(self, k) for k in SUM_NAMES}).items()}
+        if out["downstream/ce_zero"] - out["downstream/ce_clean"] <= 0:
             self.warnings.append(
-                f"zero-ablation does not raise the loss (CE zero {ce['zero']:.4f} <= CE clean "
-                f"{ce['clean']:.4f}): loss recovered is undefined (NaN) at this hook."
+                f"zero-ablation does not raise the loss (CE zero {out['downstream/ce_zero']:.4f} <= CE clean "
+                f"{out['downstream/ce_clean']:.4f}): loss recovered is undefined (NaN) at this hook."
             )
-            recovered = math.nan
-        else:
-            recovered = (ce["zero"] - ce["sae"]) / gap
+        return out
+
+
+SUM_NAMES = ("n_pred", "n_kl", "sum_ce_clean", "sum_ce_sae", "sum_ce_zero", "sum_kl_sae", "sum_kl_zero")
+
+
+def downstream_metrics(s: Mapping[str, Any]) -> dict[str, Any]:
+    """The downstream metrics from the :data:`SUM_NAMES` sums (scalars or [R] arrays; the module
+    docstring's formulas). Vectorised over R for the bootstrap; ``loss_recovered`` is NaN where
+    ``ce_zero <= ce_clean``, ``kl_score`` NaN where ``kl_zero`` is 0."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        n_pred = np.asarray(s["n_pred"], dtype=np.float64)
+        n_kl = np.maximum(np.asarray(s["n_kl"], dtype=np.float64), 1.0)
+        ce = {k: np.asarray(s[f"sum_ce_{k}"], dtype=np.float64) / n_pred for k in ("clean", "sae", "zero")}
+        kl_sae = np.asarray(s["sum_kl_sae"], dtype=np.float64) / n_kl
+        kl_zero = np.asarray(s["sum_kl_zero"], dtype=np.float64) / n_kl
+        gap = ce["zero"] - ce["clean"]
         return {
             "downstream/ce_clean": ce["clean"],
             "downstream/ce_sae": ce["sae"],
             "downstream/ce_zero": ce["zero"],
-            "downstream/loss_recovered": recovered,
-            "downstream/kl_sae": kl["sae"],
-            "downstream/kl_zero": kl["zero"],
-            "downstream/kl_score": 1.0 - kl["sae"] / kl["zero"] if kl["zero"] > 0 else math.nan,
+            "downstream/loss_recovered": np.where(gap > 0, (ce["zero"] - ce["sae"]) / np.where(gap > 0, gap, 1.0), math.nan),
+            "downstream/kl_sae": kl_sae,
+            "downstream/kl_zero": kl_zero,
+            "downstream/kl_score": np.where(kl_zero > 0, 1.0 - kl_sae / np.where(kl_zero > 0, kl_zero, 1.0), math.nan),
         }

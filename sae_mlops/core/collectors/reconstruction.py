@@ -16,8 +16,10 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import Any
 
+import numpy as np
 import torch
 
 from sae_mlops.core.collectors.base import StepData, f64sum
@@ -49,47 +51,80 @@ class ReconstructionCollector(StateCollector):
         return {"d_in": self.d_in}
 
     def update(self, step: StepData) -> None:
+        t = per_token_reconstruction(step.x, step.x_hat)
         x = step.x.float()
-        x_hat = step.x_hat.float()
-        x_norm = x.norm(dim=-1)
-        xh_norm = x_hat.norm(dim=-1)
-        dot = (x * x_hat).sum(dim=-1)
         self.n += x.shape[0]
-        self.sum_sq_err += f64sum((x - x_hat).pow(2).sum(dim=-1))
-        self.sum_sq_norm += f64sum(x.pow(2).sum(dim=-1))
+        self.sum_sq_err += f64sum(t["sum_sq_err"])
+        self.sum_sq_norm += f64sum(t["sum_sq_norm"])
         self.sum_x += x.sum(dim=0, dtype=torch.float64).cpu()
-        denom = x_norm * xh_norm
-        self.sum_cos += f64sum(torch.where(denom > 0, dot / denom.clamp(min=1e-30), torch.zeros_like(dot)))
-        safe_norm = torch.where(x_norm.abs() < 1e-4, torch.ones_like(x_norm), x_norm)
-        self.sum_l2_ratio += f64sum(xh_norm / safe_norm)
-        self.sum_xhat_sq += f64sum(xh_norm.pow(2))
-        self.sum_dot += f64sum(dot)
+        self.sum_cos += f64sum(t["sum_cos"])
+        self.sum_l2_ratio += f64sum(t["sum_l2_ratio"])
+        self.sum_xhat_sq += f64sum(t["sum_xhat_sq"])
+        self.sum_dot += f64sum(t["sum_dot"])
 
     def compute(self) -> dict[str, Any]:
-        n, d = self.n, self.d_in
-        if n == 0:
+        if self.n == 0:
             return {}
-        mse = self.sum_sq_err / n
-        mean_sq_norm = self.sum_sq_norm / n
-        total_var = mean_sq_norm - float((self.sum_x / n).pow(2).sum())
-        ev = _ev(mse, total_var)
-        pooled_mean = float(self.sum_x.sum()) / (n * d)
-        pooled_var = mean_sq_norm / d - pooled_mean**2
+        sums: dict[str, Any] = {k: getattr(self, k) for k in SUM_NAMES}
+        sums["sum_x"] = self.sum_x.numpy()
+        return {k: float(v) for k, v in reconstruction_metrics(sums, self.d_in).items()}
+
+
+SUM_NAMES = ("n", "sum_sq_err", "sum_sq_norm", "sum_cos", "sum_l2_ratio", "sum_xhat_sq", "sum_dot")
+#: the per-token terms of :func:`per_token_reconstruction`, summed into the state of the same name
+TERM_NAMES = SUM_NAMES[1:]
+
+
+def per_token_reconstruction(x: torch.Tensor, x_hat: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The per-token terms the metrics sum ([n] each, on x's device): ``sum_sq_err = ||x - x_hat||^2``,
+    ``sum_sq_norm = ||x||^2``, ``sum_cos = cos(x, x_hat)`` (0 for a zero-norm vector), ``sum_l2_ratio
+    = ||x_hat|| / ||x||`` (``||x|| < 1e-4`` divides by 1), ``sum_xhat_sq = ||x_hat||^2``, ``sum_dot =
+    <x, x_hat>``."""
+    x = x.float()
+    x_hat = x_hat.float()
+    x_norm = x.norm(dim=-1)
+    xh_norm = x_hat.norm(dim=-1)
+    dot = (x * x_hat).sum(dim=-1)
+    denom = x_norm * xh_norm
+    safe_norm = torch.where(x_norm.abs() < 1e-4, torch.ones_like(x_norm), x_norm)
+    return {
+        "sum_sq_err": (x - x_hat).pow(2).sum(dim=-1),
+        "sum_sq_norm": x.pow(2).sum(dim=-1),
+        "sum_cos": torch.where(denom > 0, dot / denom.clamp(min=1e-30), torch.zeros_like(dot)),
+        "sum_l2_ratio": xh_norm / safe_norm,
+        "sum_xhat_sq": xh_norm.pow(2),
+        "sum_dot": dot,
+    }
+
+
+def reconstruction_metrics(s: Mapping[str, Any], d_in: int) -> dict[str, Any]:
+    """The reconstruction metrics from sums (the module docstring's formulas): ``s`` holds the
+    :data:`SUM_NAMES` (scalars or [R] arrays) and ``sum_x`` ([d_in] or [R, d_in]). Vectorised over
+    the leading R axis for the bootstrap (:mod:`sae_mlops.core.intervals`)."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        n = np.asarray(s["n"], dtype=np.float64)
+        mse = np.asarray(s["sum_sq_err"], dtype=np.float64) / n
+        mean_sq_norm = np.asarray(s["sum_sq_norm"], dtype=np.float64) / n
+        sum_x = np.asarray(s["sum_x"], dtype=np.float64)
+        total_var = mean_sq_norm - ((sum_x / n[..., None]) ** 2).sum(axis=-1)
+        pooled_mean = sum_x.sum(axis=-1) / (n * d_in)
+        pooled_var = mean_sq_norm / d_in - pooled_mean**2
+        sum_dot = np.asarray(s["sum_dot"], dtype=np.float64)
         return {
             "recon/mse_per_token": mse,
-            "recon/mse_per_element": mse / d,
-            "recon/explained_variance": ev,
-            "recon/explained_variance_pooled": _ev(mse / d, pooled_var),
-            "recon/cosine": self.sum_cos / n,
-            "recon/l2_ratio": self.sum_l2_ratio / n,
-            "recon/relative_reconstruction_bias": (
-                self.sum_xhat_sq / self.sum_dot if self.sum_dot != 0 else math.nan
-            ),
+            "recon/mse_per_element": mse / d_in,
+            "recon/explained_variance": _ev(mse, total_var),
+            "recon/explained_variance_pooled": _ev(mse / d_in, pooled_var),
+            "recon/cosine": np.asarray(s["sum_cos"], dtype=np.float64) / n,
+            "recon/l2_ratio": np.asarray(s["sum_l2_ratio"], dtype=np.float64) / n,
+            "recon/relative_reconstruction_bias": np.where(
+                sum_dot != 0, np.asarray(s["sum_xhat_sq"], dtype=np.float64) / np.where(sum_dot != 0, sum_dot, 1.0),
+                math.nan),
         }
 
 
-def _ev(mse: float, variance: float) -> float:
-    """1 - mse / variance, with SAELens's convention for a (near) constant input."""
-    if variance < 1e-10:
-        return 1.0 if mse < 1e-10 else 0.0
-    return 1.0 - mse / variance
+def _ev(mse: Any, variance: Any) -> Any:
+    """1 - mse / variance, with SAELens's convention for a (near) constant input (elementwise)."""
+    mse, variance = np.asarray(mse, dtype=np.float64), np.asarray(variance, dtype=np.float64)
+    const = np.where(mse < 1e-10, 1.0, 0.0)
+    return np.where(variance < 1e-10, const, 1.0 - mse / np.where(variance < 1e-10, 1.0, variance))

@@ -13,13 +13,57 @@ signed architectures count correctly).
 
 from __future__ import annotations
 
-import math
+from collections.abc import Mapping
 from typing import Any
 
+import numpy as np
 import torch
 
-from sae_mlops.core.collectors.base import StepData, f64sum
+from sae_mlops.core.collectors.base import SparseCodes, StepData, f64sum
 from sae_mlops.core.collectors.state import StateCollector
+
+
+SUM_NAMES = ("n_tokens", "sum_l0", "sum_l0_sq", "sum_l1", "sum_l1_sq")  #: the scalar sums the metrics need
+
+
+def per_token_sparsity(sp: SparseCodes, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(L0, L1)`` per analysed row, [n] each (int64 and float64), from a batch's non-zero codes."""
+    l0 = torch.bincount(sp.rows, minlength=n)
+    l1 = torch.bincount(sp.rows, weights=sp.values.abs().double(), minlength=n)
+    return l0, l1
+
+
+def sparsity_metrics(s: Mapping[str, Any], d_sae: int, rare_threshold: float, dense_threshold: float) -> dict[str, Any]:
+    """The sparsity and feature-class metrics from sums (the module docstring's formulas).
+
+    ``s``: ``n_tokens``, ``sum_l0``, ``sum_l0_sq``, ``sum_l1``, ``sum_l1_sq`` (scalars or arrays of
+    shape [R]) and ``fire_count`` ([d_sae] or [R, d_sae]). Vectorised over the leading R axis, so
+    the bootstrap (:mod:`sae_mlops.core.intervals`) recomputes the very same formulas from
+    resampled sums. NaN where ``n_tokens`` is 0."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        n = np.asarray(s["n_tokens"], dtype=np.float64)
+        l0_mean = np.asarray(s["sum_l0"], dtype=np.float64) / n
+        l1_mean = np.asarray(s["sum_l1"], dtype=np.float64) / n
+        l0_var = np.asarray(s["sum_l0_sq"], dtype=np.float64) / n - l0_mean**2
+        l1_var = np.asarray(s["sum_l1_sq"], dtype=np.float64) / n - l1_mean**2
+        fire = np.asarray(s["fire_count"])
+        freq = fire / n[..., None]
+        dead = (fire == 0).sum(axis=-1)
+        rare = ((freq > 0) & (freq < rare_threshold)).sum(axis=-1)
+        dense = (freq > dense_threshold).sum(axis=-1)
+        return {
+            "sparsity/l0_mean": l0_mean,
+            "sparsity/l0_std": np.sqrt(np.maximum(l0_var, 0.0)),
+            "sparsity/l1_mean": l1_mean,
+            "sparsity/l1_std": np.sqrt(np.maximum(l1_var, 0.0)),
+            "features/dead_count": dead,
+            "features/dead_fraction": dead / d_sae,
+            "features/rare_count": rare,
+            "features/rare_fraction": rare / d_sae,
+            "features/dense_count": dense,
+            "features/dense_fraction": dense / d_sae,
+            "features/alive_count": d_sae - dead,
+        }
 
 
 class SparsityCollector(StateCollector):
@@ -55,8 +99,7 @@ class SparsityCollector(StateCollector):
         n = int(step.f.shape[0])
         sp = step.sparse
         mag = sp.values.abs().double()
-        l0 = torch.bincount(sp.rows, minlength=n)
-        l1 = torch.bincount(sp.rows, weights=mag, minlength=n)
+        l0, l1 = per_token_sparsity(sp, n)
         l0f = l0.double()
         self.n_tokens += n
         self.sum_l0 += float(l0f.sum())
@@ -72,29 +115,12 @@ class SparsityCollector(StateCollector):
         return self.fire_count.double() / max(self.n_tokens, 1)
 
     def compute(self) -> dict[str, Any]:
-        n = self.n_tokens
-        if n == 0:
-            nan = float("nan")
-            return {"sparsity/l0_mean": nan, "sparsity/l0_std": nan, "sparsity/l1_mean": nan, "sparsity/l1_std": nan}
-        l0_mean, l1_mean = self.sum_l0 / n, self.sum_l1 / n
-        freq = self.frequency()
-        dead = int((self.fire_count == 0).sum())
-        rare = int(((freq > 0) & (freq < self.rare_threshold)).sum())
-        dense = int((freq > self.dense_threshold).sum())
-        d = self.d_sae
-        return {
-            "sparsity/l0_mean": l0_mean,
-            "sparsity/l0_std": math.sqrt(max(self.sum_l0_sq / n - l0_mean**2, 0.0)),
-            "sparsity/l1_mean": l1_mean,
-            "sparsity/l1_std": math.sqrt(max(self.sum_l1_sq / n - l1_mean**2, 0.0)),
-            "features/dead_count": dead,
-            "features/dead_fraction": dead / d,
-            "features/rare_count": rare,
-            "features/rare_fraction": rare / d,
-            "features/dense_count": dense,
-            "features/dense_fraction": dense / d,
-            "features/alive_count": d - dead,
-        }
+        sums = {k: getattr(self, k) for k in SUM_NAMES}
+        sums["fire_count"] = self.fire_count.numpy()
+        out = sparsity_metrics(sums, self.d_sae, self.rare_threshold, self.dense_threshold)
+        if self.n_tokens == 0:
+            return {k: v for k, v in out.items() if k.startswith("sparsity/")}
+        return {k: (int(v) if k.endswith("_count") else float(v)) for k, v in out.items()}
 
     def per_feature(self) -> dict[str, list[float]]:
         count = self.fire_count.double()
