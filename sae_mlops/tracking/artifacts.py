@@ -14,6 +14,7 @@ The tracking store is ``tracking_uri`` when given, else ``MLFLOW_TRACKING_URI`` 
 from __future__ import annotations
 
 import logging
+from typing import Any
 import os
 from contextlib import contextmanager
 from pathlib import Path
@@ -126,3 +127,23 @@ def log_report(
 def artifact_paths(run_id: str, path: str | None = None, tracking_uri: str | None = None) -> list[str]:
     """File artifact paths of a run directly under ``path`` (default: the root)."""
     return [f.path for f in _client(tracking_uri).list_artifacts(run_id, path)]
+
+
+def load_block_sums(run_id: str, client: Any = None) -> Any:
+    """The per-block sums (:class:`sae_mlops.core.intervals.BlockSums`) an analysis run logged as
+    ``results/blocks.{json,safetensors}``; None when the run has none (analysed before intervals
+    existed, or not an analysis run)."""
+    import tempfile
+
+    from mlflow.tracking import MlflowClient
+
+    from sae_mlops.core.intervals import FILE_STEM, BlockSums
+
+    client = client or MlflowClient()
+    names = {a.path for a in client.list_artifacts(run_id, "results")}
+    if f"results/{FILE_STEM}.json" not in names or f"results/{FILE_STEM}.safetensors" not in names:
+        return None
+    with tempfile.TemporaryDirectory(prefix="sae-mlops-blocks-") as tmp:
+        for suffix in ("json", "safetensors"):
+            client.download_artifacts(run_id, f"results/{FILE_STEM}.{suffix}", tmp)
+        return BlockSums.load(Path(tmp) / "results")

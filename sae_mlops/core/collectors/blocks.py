@@ -46,6 +46,11 @@ class BlockStatsCollector(StateCollector):
     """The sums of the headline metrics per block of windows (see the module docstring)."""
 
     name = "blocks"
+    n_tokens: torch.Tensor  # [B] int64
+    n_pred: torch.Tensor  # [B] int64
+    n_kl: torch.Tensor  # [B] int64
+    sum_x: torch.Tensor  # [B, d_in] float64
+    fire_count: torch.Tensor  # [B, d_sae] int32 ([0, d_sae] when not kept)
 
     def __init__(self, layout: BlockLayout, d_in: int, d_sae: int, downstream: bool = True):
         super().__init__()
