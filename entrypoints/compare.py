@@ -28,6 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--experiments", type=opt(_names), default=None, help="comma-separated experiment names (empty: every experiment)")
     p.add_argument("--filter", type=opt(str), default=None, help="MLflow search filter string (empty: none)")
     p.add_argument("--out", type=opt(str), default=None, help="output directory (empty: analysis/comparisons/compare_<ts>)")
+    p.add_argument("--reference", type=opt(str), default=None, help="run id / run name / SAE name every analysis is judged against (empty: the first)")
     p.add_argument("--verbose", action="store_true", help="debug logging")
     return p
 
@@ -38,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     def body() -> None:
         from sae_mlops.tracking.compare import compare_and_log
 
-        outcome = compare_and_log(args.experiments or None, args.filter, args.out, track=True)
+        outcome = compare_and_log(args.experiments or None, args.filter, args.out, track=True, reference=args.reference)
         sys.stdout.write(f"{len(outcome.table)} analyses compared; files in {outcome.out_dir}; run {outcome.run_id}\n")
 
     return guarded(args, body)

@@ -64,6 +64,18 @@ def assert_same_analysis(got: Path, want: Path, full: bool = True) -> None:
             assert x == pytest.approx(y, rel=1e-9, abs=1e-12), k
     import pandas as pd
 
+    # the intervals: present, and from identical per-block sums (so sharded, resumed and Ray runs give
+    # the same intervals as one local pass; the bounds are among the metrics compared above)
+    assert any(k.endswith("_ci_low") for k in keys) and "downstream/loss_recovered_ci_high" in keys
+    from sae_mlops.core.intervals import BlockSums
+
+    ba, bb = BlockSums.load(got / "results"), BlockSums.load(want / "results")
+    assert ba.plan == bb.plan and set(ba.arrays) == set(bb.arrays)
+    for name, arr in bb.arrays.items():
+        if arr.dtype.kind in "iu":
+            assert np.array_equal(ba.arrays[name], arr), name
+        else:
+            assert np.allclose(ba.arrays[name], arr, rtol=1e-9, atol=1e-12), name
     fa, fb = pd.read_parquet(got / "results/feature_stats.parquet"), pd.read_parquet(want / "results/feature_stats.parquet")
     assert fa["firing_count"].tolist() == fb["firing_count"].tolist()
     assert np.allclose(fa["mean_activation"], fb["mean_activation"], rtol=1e-9, atol=0)

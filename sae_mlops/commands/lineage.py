@@ -118,25 +118,36 @@ def compare(
         CompareFormat.table, "--format", case_sensitive=False,
         help="How the table is printed on stdout: table (for reading; full width when piped), csv or md (Markdown).",
     ),
+    reference: Optional[str] = typer.Option(
+        None, "--reference", help="The analysis every other is judged against: a run id (or its first 8+ characters), "
+        "run name or SAE name. (default: the first, i.e. oldest, analysis compared)"),
+    verdicts: bool = typer.Option(True, "--verdicts/--no-verdicts", help="Judge each analysis against --reference: "
+        "difference, 95 % block-bootstrap interval (paired when the two share a token plan), Holm-corrected verdict "
+        "better / worse / within noise, and seed noise floors when several seeds of a recipe are compared."),
+    alpha: float = typer.Option(0.05, "--alpha", min=1e-6, max=0.5, help="Family-wise error rate of the verdicts (Holm over metrics x variants)."),
+    resamples: int = typer.Option(9999, "--resamples", min=199, help="Bootstrap resamples per comparison (the smallest p-value is 2/(resamples+1))."),
     match: bool = typer.Option(False, "--match", help="Also match the features of every pair of full analyses compared (see `sae-mlops match`)."),
     match_limit: int = typer.Option(6, "--match-limit", min=2, help="With --match: at most this many full analyses (the newest)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Only warnings and errors on stderr."),
 ) -> None:
-    """Compare tracked analyses: a table (CSV + Markdown) and Pareto plots of L0 vs loss recovered and
-    vs explained variance, written under --out and logged as artifacts of a comparison run."""
+    """Compare tracked analyses: a table (CSV + Markdown), Pareto plots of L0 vs loss recovered and vs
+    explained variance with 95 % error bars, and verdicts against a reference (better / worse / within
+    noise, with intervals of the differences), written under --out and logged as a comparison run."""
     from sae_mlops.workflows import preflight
     from sae_mlops.tracking.compare import compare_and_log
 
     set_quiet(quiet)
     preflight(out, track=True)  # the analyses are read from MLflow even with --no-track
     outcome = compare_and_log(
-        experiment or None, filter_string, out, track=not no_track, experiment=log_to, run_name=run_name, all_runs=all_runs
+        experiment or None, filter_string, out, track=not no_track, experiment=log_to, run_name=run_name, all_runs=all_runs,
+        reference=reference, verdicts=verdicts, alpha=alpha, resamples=resamples,
     )
     if fmt is not CompareFormat.table:
         print_table(outcome.table, fmt)
         where = err_console  # stdout holds only the table, for piping
     else:
         show_table(outcome.table)
+        show_verdicts(outcome)
         where = out_console
     where.print(f"Files: {outcome.out_dir}", soft_wrap=True, highlight=False)
     for f in outcome.files:
@@ -201,6 +212,32 @@ def show_table(df: Any) -> None:
         out_console.print(table)
     else:
         Console(file=out_console.file, width=1000, color_system=None).print(table, crop=False, overflow="ignore")
+
+
+def show_verdicts(outcome: Any) -> None:
+    """The verdict table (one row per variant and metric), coloured by verdict, then how it was reached."""
+    from sae_mlops.outputs.comparison import VERDICT_COLUMNS, verdict_cells
+
+    if not outcome.verdicts:
+        if outcome.verdict_note:
+            out_console.print(outcome.verdict_note, soft_wrap=True, highlight=False)
+        return
+    table = Table(title=f"Verdicts against {outcome.verdicts[0].reference}")
+    for h in VERDICT_COLUMNS:
+        table.add_column(h, justify="right" if h in ("difference", "p (Holm)") else "left")
+    colour = {"better": "green", "worse": "red"}
+    for v in outcome.verdicts:
+        cells = [escape(c) for c in verdict_cells(v)]
+        if v.verdict in colour:
+            cells[7] = f"[{colour[v.verdict]}]{cells[7]}[/]"
+        table.add_row(*cells)
+    if out_console.is_terminal:
+        out_console.print(table)
+    else:
+        from rich.console import Console
+
+        Console(file=out_console.file, width=1000, color_system=None).print(table, crop=False, overflow="ignore")
+    out_console.print(outcome.verdict_note, soft_wrap=True, highlight=False, style="dim")
 
 
 def print_table(df: Any, fmt: CompareFormat) -> None:

@@ -21,7 +21,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from sae_mlops.metrics import BY_SHORT  # noqa: E402
+from sae_mlops.metrics import BY_SHORT, lookup  # noqa: E402
 from sae_mlops.files import atomic_write, atomic_write_text  # noqa: E402
 
 #: (column, header, format) of the table, in order.
@@ -88,9 +88,19 @@ def _cell(value: Any, fmt: str) -> str:
 
 
 def table_rows(df: pd.DataFrame) -> tuple[list[str], list[list[str]]]:
-    """Headers and formatted cells of the comparison table."""
+    """Headers and formatted cells of the comparison table (``value ± half-width`` where the row has
+    the column's interval bounds ``<column>_low`` / ``<column>_high``)."""
     cols = [(c, h, f) for c, h, f in COLUMNS if c in df.columns]
-    rows = [[_cell(row[c], f) for c, _, f in cols] for _, row in df.iterrows()]
+    rows = []
+    for _, row in df.iterrows():
+        cells = []
+        for c, _, f in cols:
+            cell = _cell(row[c], f)
+            lo, hi = row.get(f"{c}_low"), row.get(f"{c}_high")
+            if cell and isinstance(lo, float) and isinstance(hi, float) and math.isfinite(lo) and math.isfinite(hi):
+                cell += " ± " + _cell((hi - lo) / 2.0, f)
+            cells.append(cell)
+        rows.append(cells)
     return [h for _, h, _ in cols], rows
 
 
@@ -105,17 +115,61 @@ def markdown_table(df: pd.DataFrame) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_comparison(df: pd.DataFrame, out_dir: Path, title: str = "SAE comparison", context: str = "") -> list[Path]:
-    """Write ``comparison.csv``, ``comparison.md``, the two Pareto plots and ``comparison.html`` (the
-    markdown with the plots embedded) under `out_dir`."""
+VERDICT_COLUMNS = ("variant", "metric", "reference value", "variant value", "difference", "95 % interval",
+                   "p (Holm)", "verdict", "bound", "paired")
+
+
+def verdict_cells(v: Any) -> list[str]:
+    """One verdict (`sae_mlops.core.verdicts.Verdict`) as the cells of :data:`VERDICT_COLUMNS`."""
+    m = lookup(v.metric)
+    f = m.format if m is not None else (lambda x: f"{x:.4g}")
+    interval = f"{f(v.low)} to {f(v.high)}" if math.isfinite(v.low) and math.isfinite(v.high) else "n/a"
+    diff = f"{'+' if v.diff > 0 else ''}{f(v.diff)}" if math.isfinite(v.diff) else "n/a"
+    p = "n/a" if not math.isfinite(v.p_holm) else ("<0.001" if v.p_holm < 0.001 else f"{v.p_holm:.3f}")
+    floor = f" (seed floor {f(v.seed_floor)})" if v.seed_floor is not None else ""
+    return [v.variant, v.label, f(v.reference_value), f(v.variant_value), diff, interval, p, v.verdict,
+            v.bound + floor, "yes" if v.paired else "no"]
+
+
+def verdict_markdown(verdicts: list[Any], note: str) -> str:
+    """The verdict table in Markdown, after the note saying how it was reached."""
+    lines = ["## Verdicts", "", note, "", "| " + " | ".join(VERDICT_COLUMNS) + " |",
+             "|" + "|".join(" --- " for _ in VERDICT_COLUMNS) + "|"]
+    for v in verdicts:
+        lines.append("| " + " | ".join(c.replace("|", "\\|") for c in verdict_cells(v)) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_verdicts(verdicts: list[Any], out_dir: Path) -> Path:
+    """``verdicts.csv``: one row per (variant, metric) with the raw numbers."""
+    frame = pd.DataFrame([v.to_dict() for v in verdicts])
+    return atomic_write(Path(out_dir) / "verdicts.csv", lambda p: frame.to_csv(p, index=False))
+
+
+def write_comparison(df: pd.DataFrame, out_dir: Path, title: str = "SAE comparison", context: str = "",
+                     verdicts: list[Any] | None = None, verdict_note: str = "") -> list[Path]:
+    """Write ``comparison.csv``, ``comparison.md``, the two Pareto plots (95 % intervals as error bars
+    where the analyses have them) and ``comparison.html`` (the markdown with the plots embedded; also
+    as ``README.html``) under `out_dir`; with ``verdicts``, also ``verdicts.csv`` / ``verdicts.md``
+    and the verdict table in both pages."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     files = [atomic_write(out_dir / "comparison.csv", lambda p: df.to_csv(p, index=False))]
     md = [f"# {title}", ""]
     if context:
         md += [context, ""]
+    if verdicts:
+        vmd = verdict_markdown(verdicts, verdict_note)
+        files.append(write_verdicts(verdicts, out_dir))
+        files.append(atomic_write_text(out_dir / "verdicts.md", f"# {title}: verdicts\n\n" + vmd))
+        md += [vmd, ""]
+    elif verdict_note:
+        md += [verdict_note, ""]
     md += [
-        "Lower L0 and higher quality are better; `frontier` marks the Pareto-optimal analyses.",
+        "## Analyses",
+        "",
+        "Lower L0 and higher quality are better; `frontier` marks the Pareto-optimal analyses; ± is the",
+        "half-width of each analysis's own 95 % interval (token-sample noise).",
         "Loss recovered = 1 - (CE_SAE - CE_clean) / (CE_zero - CE_clean); explained variance is per",
         "dimension about the mean (see `sae_mlops.core.results`).",
         "",
@@ -130,7 +184,9 @@ def write_comparison(df: pd.DataFrame, out_dir: Path, title: str = "SAE comparis
     # the same page with the plots embedded: MLflow's artifact viewer shows no markdown images
     from sae_mlops.outputs.full_reports import report_html
 
-    files.append(atomic_write_text(out_dir / "comparison.html", report_html(text, out_dir, title)))
+    html = report_html(text, out_dir, title)
+    files.append(atomic_write_text(out_dir / "comparison.html", html))
+    files.append(atomic_write_text(out_dir / "README.html", html))
     return files
 
 
@@ -168,6 +224,18 @@ def place_labels(fig: Any, ax: Any, points: list[tuple[float, float, str]], font
     return placed
 
 
+def _errors(df: pd.DataFrame, column: str, values: np.ndarray) -> np.ndarray | None:
+    """[2, n] distances from each value to its interval bounds (``<column>_low`` / ``_high``; 0 where
+    a row has none), for ``errorbar``; None when no row has bounds."""
+    if f"{column}_low" not in df or f"{column}_high" not in df:
+        return None
+    lo = df[f"{column}_low"].to_numpy(dtype=float)
+    hi = df[f"{column}_high"].to_numpy(dtype=float)
+    if not np.isfinite(lo).any():
+        return None
+    return np.vstack([np.nan_to_num(values - lo, nan=0.0).clip(min=0), np.nan_to_num(hi - values, nan=0.0).clip(min=0)])
+
+
 def pareto_plot(df: pd.DataFrame, column: str, label: str, path: Path) -> Path:
     """Scatter of L0 (x) against `column` (y), the Pareto frontier drawn as a step line."""
     x = df["l0"].to_numpy(dtype=float) if "l0" in df else np.array([])
@@ -176,6 +244,10 @@ def pareto_plot(df: pd.DataFrame, column: str, label: str, path: Path) -> Path:
     ok = np.isfinite(x) & np.isfinite(y)
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     if ok.any():
+        xerr, yerr = _errors(df, "l0", x), _errors(df, column, y)
+        if xerr is not None or yerr is not None:
+            ax.errorbar(x[ok], y[ok], xerr=None if xerr is None else xerr[:, ok], yerr=None if yerr is None else yerr[:, ok],
+                        fmt="none", ecolor="tab:gray", elinewidth=1, capsize=2, alpha=0.8, label="95 % interval")
         ax.scatter(x[ok & ~on], y[ok & ~on], color="tab:gray", alpha=0.7, label="analysis")
         ax.scatter(x[on], y[on], color="tab:red", zorder=3, label="Pareto frontier")
         order = np.argsort(x[on])

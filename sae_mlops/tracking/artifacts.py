@@ -143,7 +143,15 @@ def load_block_sums(run_id: str, client: Any = None) -> Any:
     names = {a.path for a in client.list_artifacts(run_id, "results")}
     if f"results/{FILE_STEM}.json" not in names or f"results/{FILE_STEM}.safetensors" not in names:
         return None
-    with tempfile.TemporaryDirectory(prefix="sae-mlops-blocks-") as tmp:
-        for suffix in ("json", "safetensors"):
-            client.download_artifacts(run_id, f"results/{FILE_STEM}.{suffix}", tmp)
-        return BlockSums.load(Path(tmp) / "results")
+    quiet = os.environ.get("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR")
+    os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"  # two small files: no progress bars
+    try:
+        with tempfile.TemporaryDirectory(prefix="sae-mlops-blocks-") as tmp:
+            got = [Path(client.download_artifacts(run_id, f"results/{FILE_STEM}.{suffix}", tmp))
+                   for suffix in ("json", "safetensors")]
+            return BlockSums.load(got[0].parent)
+    finally:
+        if quiet is None:
+            os.environ.pop("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", None)
+        else:
+            os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = quiet

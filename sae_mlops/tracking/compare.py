@@ -30,7 +30,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from sae_mlops.errors import InputError
-from sae_mlops.metrics import BY_SHORT
+from sae_mlops.metrics import BY_SHORT, CI_HIGH, CI_LOW
 from sae_mlops.naming import sae_name
 from sae_mlops.tracking.lineage import (
     ANALYSIS_KINDS,
@@ -62,6 +62,14 @@ class CompareOutcome:
     run_id: str | None = None
     experiments: list[str] = field(default_factory=list)
     tracking_uri: str | None = None
+    verdicts: list[Any] = field(default_factory=list)  # sae_mlops.core.verdicts.Verdict rows
+    verdict_note: str = ""  # how the verdicts were reached (reference, pairing, correction, seed floors)
+
+
+#: tag of a training run: the hash of its recipe (every training option but the seed), set by `train --seeds`
+TAG_RECIPE_HASH = "sae_mlops.recipe_hash"
+#: interval columns of the table: column -> its metric (bounds in <column>_low / <column>_high)
+INTERVAL_COLUMNS = ("l0", "loss_recovered", "explained_variance", "dead_fraction")
 
 
 def _experiment_ids(client: MlflowClient, names: list[str] | None) -> tuple[list[str], list[str]]:
@@ -168,6 +176,9 @@ def _row(client: MlflowClient, run: Run, exp_names: dict[str, str], cache: dict[
     }
     for column, metric in METRICS.items():
         row[column] = m.get(metric, float("nan"))
+    for column in INTERVAL_COLUMNS:
+        row[f"{column}_low"] = m.get(METRICS[column] + CI_LOW, float("nan"))
+        row[f"{column}_high"] = m.get(METRICS[column] + CI_HIGH, float("nan"))
     row["label"] = f"{row['sae_name'] or run.info.run_name} · {row['kind']}"
     return row
 
@@ -190,9 +201,18 @@ def compare_and_log(
     experiment: str | None = None,
     run_name: str | None = None,
     all_runs: bool = False,
+    reference: str | None = None,
+    verdicts: bool = True,
+    alpha: float = 0.05,
+    resamples: int = 9999,
 ) -> CompareOutcome:
     """Collect the analyses, write the table and the Pareto plots under `out_dir`, and log them as a
-    comparison run (in `experiment`; default: the single compared experiment, else the default)."""
+    comparison run (in `experiment`; default: the single compared experiment, else the default).
+
+    verdicts: also judge every analysis against ``reference`` (a run id or its first 8+ characters, a
+    run name or an SAE name; default the first analysis) on the judged metrics
+    (:mod:`sae_mlops.core.verdicts`: paired block bootstrap, Holm at ``alpha``, seed floors when
+    several seeds of a recipe are compared), with ``resamples`` bootstrap resamples."""
     from sae_mlops.naming import utc_timestamp
     from sae_mlops.tracking.lineage import code_version_tags
     from sae_mlops.outputs.comparison import add_frontiers, write_comparison
@@ -202,8 +222,10 @@ def compare_and_log(
     out = Path(out_dir) if out_dir else Path("analysis") / "comparisons" / f"compare_{utc_timestamp()}"
     scope = ", ".join(experiments) if experiments else "all experiments"
     context = f"{len(df)} analyses from {scope}" + (f", filter `{filter_string}`" if filter_string else "")
-    files = write_comparison(df, out, context=context)
-    outcome = CompareOutcome(table=df, out_dir=out, files=files, experiments=list(experiments or []))
+    rows, note = judge_analyses(client, df, reference, alpha=alpha, resamples=resamples) if verdicts else ([], "")
+    files = write_comparison(df, out, context=context, verdicts=rows, verdict_note=note)
+    outcome = CompareOutcome(table=df, out_dir=out, files=files, experiments=list(experiments or []), verdicts=rows,
+                             verdict_note=note)
     if not track:
         return outcome
     from sae_mlops.tracking.runs import resolve_run
@@ -224,6 +246,11 @@ def compare_and_log(
             key = f"frontier_size_{column}"
             if key not in existing:
                 client.log_param(run_id, key, str(int(df[f"pareto_{column}"].sum())))
+        if rows:
+            if "reference" not in existing:
+                client.log_param(run_id, "reference", rows[0].reference[:500])
+            client.log_batch(run_id, metrics=_difference_metrics(rows))
+            client.set_tag(run_id, "mlflow.note.content", _compare_note(rows, note))
         for f in files:
             client.log_artifact(run_id, str(f))
     except BaseException:
@@ -236,3 +263,132 @@ def compare_and_log(
     outcome.tracking_uri = mlflow.get_tracking_uri()
     log.info("Comparison of %d analyses logged to run %s", len(df), run_id)
     return outcome
+
+
+# ---- verdicts ---------------------------------------------------------------------------------------
+
+
+def find_reference(df: pd.DataFrame, reference: str | None) -> int:
+    """Row position of the reference analysis: ``reference`` matched against run ids (a prefix of 8
+    or more characters), run names, SAE names and labels; the first row when None. InputError naming
+    the candidates when nothing (or more than one analysis) matches."""
+    if reference is None:
+        return 0
+    ref = reference.strip()
+    hits = [i for i, (_, r) in enumerate(df.iterrows())
+            if (len(ref) >= 8 and str(r["run_id"]).startswith(ref)) or ref in (r.get("run_name"), r.get("sae_name"), r.get("label"))]
+    if len(hits) != 1:
+        names = ", ".join(f"{r['run_name']} ({str(r['run_id'])[:8]})" for _, r in df.head(8).iterrows())
+        what = "matches no compared analysis" if not hits else f"matches {len(hits)} analyses"
+        raise InputError(f"--reference {reference!r} {what}; give a run id, run name or SAE name of one of: {names}.")
+    return hits[0]
+
+
+def _recipe_hash(client: MlflowClient, source_run_id: str, cache: dict[str, str | None]) -> str | None:
+    if not source_run_id:
+        return None
+    if source_run_id not in cache:
+        try:
+            cache[source_run_id] = client.get_run(source_run_id).data.tags.get(TAG_RECIPE_HASH)
+        except MlflowException:
+            cache[source_run_id] = None
+    return cache[source_run_id]
+
+
+def judge_analyses(client: MlflowClient, df: pd.DataFrame, reference: str | None, alpha: float = 0.05,
+                   resamples: int = 9999) -> tuple[list[Any], str]:
+    """Verdicts of every compared analysis against the reference (see `compare_and_log`), and a note
+    saying how they were reached. Analyses without per-block statistics are named in the note."""
+    from sae_mlops.core.intervals import same_plan
+    from sae_mlops.core.verdicts import judge, judged_metrics, seed_floors
+    from sae_mlops.tracking.artifacts import load_block_sums
+
+    ref_pos = find_reference(df, reference)
+    sums: dict[int, Any] = {}
+    missing: list[str] = []
+    for i, (_, row) in enumerate(df.iterrows()):
+        try:
+            got = load_block_sums(str(row["run_id"]), client)
+        except (MlflowException, ValueError, OSError) as e:
+            log.warning("no per-block statistics for run %s: %s", row["run_id"], e)
+            got = None
+        if got is None:
+            missing.append(str(row["label"]))
+        else:
+            sums[i] = got
+    labels = [str(v) for v in df["label"]]
+    if ref_pos not in sums:
+        return [], (f"No verdicts: the reference {labels[ref_pos]} has no per-block statistics (analysed before "
+                    "intervals existed); re-run its analysis or pick another --reference.")
+    metrics = judged_metrics()
+    cache: dict[str, str | None] = {}
+    groups: dict[str, list[dict[str, float]]] = {}
+    for i, (_, row) in enumerate(df.iterrows()):
+        recipe = _recipe_hash(client, str(row.get("source_run_id") or ""), cache)
+        if recipe and i in sums:
+            groups.setdefault(recipe, []).append(sums[i].point())
+    floors = seed_floors(groups, metrics)
+    variants = [(labels[i], sums[i]) for i in sorted(sums) if i != ref_pos]
+    rows = judge((labels[ref_pos], sums[ref_pos]), variants, metrics, alpha=alpha, resamples=resamples, floors=floors)
+    paired = [label for label, s in variants if same_plan(s, sums[ref_pos])]
+    unpaired = [label for label, s in variants if not same_plan(s, sums[ref_pos])]
+    n_seeds = sum(len(g) for g in groups.values() if len(g) >= 2)
+    parts = [f"Reference: {labels[ref_pos]}.",
+             f"Differences are variant - reference with 95 % block-bootstrap intervals ({resamples} resamples); "
+             f"paired block by block for {len(paired)} variant(s) on the reference's token plan"
+             + (f", unpaired (independent resamples; wider) for {len(unpaired)}: {', '.join(unpaired)}" if unpaired else "")
+             + ".",
+             f"Verdicts: Holm-adjusted bootstrap p < {alpha} over {len(rows)} tests (metrics x variants), direction "
+             "from the metric registry; 'within noise' otherwise."]
+    parts.append(f"Seed noise floors from {n_seeds} seed analyses of {sum(1 for g in groups.values() if len(g) >= 2)} "
+                 "recipe(s) apply: a verdict also needs |difference| > floor." if floors else
+                 "No seed noise floor (fewer than two seeds of any compared recipe): the verdicts cover token-sample "
+                 "noise only; train with `sae-mlops train --seeds N` to measure the seed's.")
+    if missing:
+        parts.append(f"Not judged (no per-block statistics; analysed before intervals existed): {', '.join(missing)}.")
+    return rows, " ".join(parts)
+
+
+def _metric_key(text: str) -> str:
+    """``text`` as a valid MLflow metric-name part."""
+    import re
+
+    return re.sub(r"[^A-Za-z0-9_.\- ]+", "_", text).strip("_ ")[:80] or "variant"
+
+
+def _difference_metrics(rows: list[Any]) -> list[Any]:
+    """The compare run's metrics: ``diff/<metric short>/<variant>`` and its interval bounds."""
+    import math
+    import time
+
+    from mlflow.entities import Metric
+
+    from sae_mlops.metrics import lookup
+
+    now = int(time.time() * 1000)
+    out = []
+    for r in rows:
+        m = lookup(r.metric)
+        key = f"diff/{(m.short if m and m.short else r.metric.split('/')[-1])}/{_metric_key(r.variant)}"
+        for name, value in ((key, r.diff), (key + CI_LOW, r.low), (key + CI_HIGH, r.high)):
+            if value is not None and math.isfinite(value):
+                out.append(Metric(name, float(value), now, 0))
+    return out
+
+
+def _compare_note(rows: list[Any], note: str) -> str:
+    """The compare run's description: verdict counts per variant, then how they were reached."""
+    from sae_mlops.core.verdicts import summary_counts
+
+    by_variant: dict[str, list[Any]] = {}
+    for r in rows:
+        by_variant.setdefault(r.variant, []).append(r)
+    lines = [f"**Comparison against {rows[0].reference}**", ""]
+    for variant, rs in by_variant.items():
+        counts = summary_counts(rs)
+        better = ", ".join(r.label for r in rs if r.verdict == "better") or "none"
+        worse = ", ".join(r.label for r in rs if r.verdict == "worse") or "none"
+        lines.append(f"- {variant}: better on {better}; worse on {worse}; "
+                     f"{counts.get('within noise', 0)} within noise.")
+    lines += ["", note, "", "The full table: `verdicts.md` / `README.html` among the artifacts."]
+    return "\n".join(lines)
