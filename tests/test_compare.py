@@ -56,6 +56,7 @@ def test_write_comparison(tmp_path):
     assert df["pareto_explained_variance"].tolist() == [True, False, True]
     files = write_comparison(df, tmp_path, context="3 analyses")
     assert sorted(f.name for f in files) == [
+        "README.html",
         "comparison.csv",
         "comparison.html",
         "comparison.md",

@@ -140,11 +140,14 @@ def test_train_register_analyse_compare(server, demo_assets, tmp_path):
     assert table["pareto_loss_recovered"].any() and table["pareto_explained_variance"].any()
     names = sorted(a.path for a in client.list_artifacts(outcome.run_id))
     assert names == [
+        "README.html",
         "comparison.csv",
         "comparison.html",
         "comparison.md",
         "pareto_l0_vs_explained_variance.png",
         "pareto_l0_vs_loss_recovered.png",
+        "verdicts.csv",
+        "verdicts.md",
     ]
     assert client.get_run(outcome.run_id).data.tags["sae_mlops.kind"] == "compare"
     filtered = compare_and_log([exp], f"attributes.run_id = '{quick.run_id}'", tmp_path / "cmp2", track=False)
