@@ -135,6 +135,9 @@ def test_demo_end_to_end(tmp_path, monkeypatch):
     r = runner.invoke(app, ["demo", "--max-tokens", "2000", "--quiet"])
     assert r.exit_code == 0, r.output
     assert f"mlflow ui --backend-store-uri {uri}" in r.stdout
+    # intervals: every headline figure as value ± half-width, in each SAE's table and in the summary
+    assert "Demo results (± half-width of the 95 % interval)" in r.stdout and r.stdout.count(" ± ") >= 9
+    assert "sae-mlops compare -e sae-mlops-demo" in r.stdout
     client = MlflowClient(uri)
     exp = client.get_experiment_by_name("sae-mlops-demo")
     runs = client.search_runs([exp.experiment_id])
@@ -146,4 +149,7 @@ def test_demo_end_to_end(tmp_path, monkeypatch):
         assert run.data.params["model"] == "demo"
         assert int(run.data.params["tokens_analysed"]) == 2000
         assert run.data.metrics["tokens/analysed"] == 2000
+        m = run.data.metrics
+        assert m["downstream/loss_recovered_ci_low"] <= m["downstream/loss_recovered"] <= m["downstream/loss_recovered_ci_high"]
+        assert {a.path for a in client.list_artifacts(run.info.run_id, "results")} >= {"results/blocks.json", "results/blocks.safetensors"}
     assert len(list((tmp_path / "analysis").glob("sae_*/quick_*/results/analysis_results.json"))) == 3

@@ -31,7 +31,7 @@ from sae_mlops.commands.app import (
 )
 from sae_mlops.config import ExecutionOptions, FullOptions
 from sae_mlops.errors import InputError
-from sae_mlops.metrics import format_value
+from sae_mlops.metrics import BY_NAME, format_with_interval
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -112,20 +112,16 @@ def demo(
         outcomes.append((kind, outcome))
         show_outcome(outcome, title=f"Demo SAE: {kind}")
 
-    summary = Table(title="Demo results")
+    summary = Table(title="Demo results (± half-width of the 95 % interval)")
     summary.add_column("SAE")
-    summary.add_column("L0", justify="right")
-    summary.add_column("explained variance", justify="right")
-    summary.add_column("loss recovered", justify="right")
+    shown = [BY_NAME[n] for n in ("sparsity/l0_mean", "recon/explained_variance", "downstream/loss_recovered")]
+    for metric in shown:
+        summary.add_column(metric.label.split(" (")[0], justify="right")
     for kind, o in outcomes:
-        m = o.result.metrics
-        summary.add_row(
-            kind,
-            format_value(m.get("sparsity/l0_mean"), "{:.2f}"),
-            format_value(m.get("recon/explained_variance"), "{:.4f}"),
-            format_value(m.get("downstream/loss_recovered"), "{:.4f}"),
-        )
+        summary.add_row(kind, *[format_with_interval(metric, o.result.metrics) for metric in shown])
     out_console.print(summary)
+    if len(outcomes) > 1 and any(o.run_id for _, o in outcomes):
+        out_console.print(f"Which differences are real: sae-mlops compare -e {experiment}", soft_wrap=True, highlight=False)
     for kind, o in outcomes:
         run = f"MLflow run {o.run_id}" if o.run_id else "not tracked"
         out_console.print(f"{kind}: results in {o.out_dir} ({run})", soft_wrap=True, highlight=False)
