@@ -128,7 +128,7 @@ def judge(reference: tuple[str, BlockSums], variants: Sequence[tuple[str, BlockS
             assert m is not None
             if d is None:
                 continue
-            rows.append(Verdict(label, ref_label, name, m.label, d.a, d.b, d.diff, d.low, d.high, d.p_value,
+            rows.append(Verdict(label, ref_label, name, m.label.split(" (")[0], d.a, d.b, d.diff, d.low, d.high, d.p_value,
                                 float("nan"), d.paired, (floors or {}).get(name), "n/a", ""))
     for row, p_adj in zip(rows, holm([r.p_value for r in rows]), strict=True):
         row.p_holm = p_adj

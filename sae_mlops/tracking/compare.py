@@ -353,7 +353,7 @@ def _metric_key(text: str) -> str:
     """``text`` as a valid MLflow metric-name part."""
     import re
 
-    return re.sub(r"[^A-Za-z0-9_.\- ]+", "_", text).strip("_ ")[:80] or "variant"
+    return re.sub(r"[^A-Za-z0-9_.\-]+", "_", text.replace(" · ", "-")).strip("_")[:80] or "variant"
 
 
 def _difference_metrics(rows: list[Any]) -> list[Any]:
