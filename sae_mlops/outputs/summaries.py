@@ -61,7 +61,7 @@ def summary_markdown(result: AnalysisResult) -> str:
             lines.append(f"| {md_cell(label)} | {md_cell(fmt(result.metrics[key]))} | {md_cell(unit)} |")
     if result.warnings:
         lines += ["", "## Warnings", ""] + [f"- {w}" for w in result.warnings]
-    lines += ["", "Metric definitions: see the README's metric table.", ""]
+    lines += ["", "Metric definitions: see the metric table of the sae-mlops documentation (docs/guides/quick.md).", ""]
     return "\n".join(lines)
 
 
