@@ -41,6 +41,11 @@ def _cell(text: Any) -> str:
     return str(text).replace("|", "\\|").replace("\n", " ").strip()
 
 
+def _text(text: Any) -> str:
+    """A table cell of prose: as `_cell`, and `<name>` placeholders shown rather than taken for HTML tags."""
+    return _cell(str(text).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;"))
+
+
 def _default(spec: Any) -> str:
     if spec.required:
         return "required"
@@ -91,7 +96,7 @@ def render_options() -> str:
         out.append("| option | MLproject | type | default | description |\n|---|---|---|---|---|\n")
         for s in option_specs(cls):
             mlproject = "—" if s.extra.get("mlproject") is False else f"`{s.name}`"
-            out.append(f"| `{s.flag}` | {mlproject} | {_kind(s)} | {_default(s)} | {_cell(s.help)} |\n")
+            out.append(f"| `{s.flag}` | {mlproject} | {_kind(s)} | {_default(s)} | {_text(s.help)} |\n")
         out.append("\n")
     out.append("## Service settings (`Settings`)\n\n"
                "`sae-mlops serve`: defaults < `--config` file < environment (`SAE_MLOPS_<KEY>`) < command-line "
@@ -100,7 +105,7 @@ def render_options() -> str:
     for name, field in Settings.model_fields.items():
         default = "required" if field.is_required() else field.get_default(call_default_factory=True)
         shown = "not given" if default is None else f"`{default}`"
-        out.append(f"| `{name}` | `SAE_MLOPS_{name.upper()}` | {_cell(shown)} | {_cell(field.description or '')} |\n")
+        out.append(f"| `{name}` | `SAE_MLOPS_{name.upper()}` | {_cell(shown)} | {_text(field.description or '')} |\n")
     return "".join(out)
 
 
@@ -120,7 +125,7 @@ def render_metrics() -> str:
            "| metric | label | unit | better | short | SAELens | headline | in SUMMARY |\n|---|---|---|---|---|---|---|---|\n"]
     for m in METRICS:
         out.append(
-            f"| `{m.name}` | {_cell(m.label)} | {_cell(m.unit) or '—'} | {direction[m.higher_is_better]} | "
+            f"| `{m.name}` | {_text(m.label)} | {_text(m.unit) or '—'} | {direction[m.higher_is_better]} | "
             f"{f'`{m.short}`' if m.short else '—'} | {f'`{m.saelens}`' if m.saelens else '—'} | "
             f"{'yes' if m.headline else ''} | {'yes' if m.summary else ''} |\n"
         )
@@ -187,7 +192,7 @@ def render_troubleshooting() -> tuple[str, list[str]]:
         line = f"{message} {fix}".replace("'", "").replace("`", "")  # the error line holds both
         if "{" not in words and words.replace("'", "") not in line:
             problems.append(f"{case_id}: the message and fix in {FIXES.name} lack the words the test asserts: {words!r}")
-        out.append(f"| `{case_id}` | `{_cell(_command(argv, env))}` | {_cell(message)} | {_cell(fix)} |\n")
+        out.append(f"| `{case_id}` | `{_cell(_command(argv, env))}` | {_text(message)} | {_text(fix)} |\n")
     out.append("\nCtrl-C is not a mistake: it exits with 130 and one line saying what was left behind (see "
                "[MLflow runs](../guides/mlflow.md)).\n")
     return "".join(out), problems
