@@ -6,6 +6,7 @@
 VENV ?= .venv
 PYTHON ?= python3
 STAMP := $(VENV)/.sae-mlops-installed
+RUNTIME_STAMP := $(VENV)/.sae-mlops-runtime
 # uv itself, pinned, outside .venv (uv sync removes packages the lock does not list).
 UV_VERSION := 0.13.9
 TOOLS ?= .tools
@@ -16,9 +17,12 @@ UV_DEP := $(if $(filter $(TOOLS)/bin/uv,$(UV)),$(UV),)
 export UV_PROJECT_ENVIRONMENT := $(VENV)
 export NO_MKDOCS_2_WARNING := 1
 
-.PHONY: install demo check test lock lock-check docs docs-serve clean distclean
+.PHONY: install install-runtime demo check test lock lock-check docs docs-serve clean distclean
 
+# install: everything make check / make test need (the dev and docs extras too).
 install: $(STAMP)
+# install-runtime: what the package itself needs (make demo); --inexact keeps extras already installed.
+install-runtime: $(RUNTIME_STAMP)
 
 # (pip --target: no venv to create, about half the time of a venv + pip; uv is one static binary)
 $(TOOLS)/bin/uv:
@@ -27,7 +31,11 @@ $(TOOLS)/bin/uv:
 # Re-runs only when the venv is missing or the lock changed; installs the locked versions, nothing else.
 $(STAMP): pyproject.toml uv.lock | $(UV_DEP)
 	$(UV) sync --frozen --python $(PYTHON) $(EXTRAS)
-	touch $(STAMP)
+	touch $(STAMP) $(RUNTIME_STAMP)
+
+$(RUNTIME_STAMP): pyproject.toml uv.lock | $(UV_DEP)
+	$(UV) sync --frozen --inexact --python $(PYTHON)
+	touch $(RUNTIME_STAMP)
 
 # Re-resolve every dependency (after editing pyproject.toml), then export the same pins for pip users.
 lock: | $(UV_DEP)
@@ -49,7 +57,7 @@ docs-serve: install
 	$(VENV)/bin/python scripts/gen_reference.py
 	$(VENV)/bin/mkdocs serve
 
-demo: install
+demo: install-runtime
 	$(VENV)/bin/sae-mlops demo
 
 # Static checks: ruff (lint), mypy (types, on the package), import-linter (layers; MLflow only in tracking).
