@@ -1,6 +1,6 @@
 # sae-mlops: the registry-triggered analysis service (`sae-mlops serve`); the image also runs the
 # analysis commands (docker run IMAGE quick --sae ..., full ...).
-# torch is the CPU build, pinned by constraints.txt (torch==2.13.0 matches 2.13.0+cpu).
+# Every package at the version uv.lock pins (requirements-lock.txt is its export for pip; torch the CPU build).
 FROM python:3.11-slim
 
 ARG MLFLOW_VERSION=3.17.2
@@ -12,14 +12,16 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 
 WORKDIR /app
 
-# torch first, from the CPU index, in its own layer (large, rarely changes).
-COPY constraints.txt ./
-RUN pip install --index-url "${TORCH_INDEX_URL}" "$(grep -E '^torch==' constraints.txt)"
+# torch first (the locked version, e.g. 2.13.0+cpu), from the CPU index, in its own layer (large, rarely changes).
+COPY requirements-lock.txt ./
+RUN pip install --index-url "${TORCH_INDEX_URL}" "$(grep -oE '^torch==[^ ;]+' requirements-lock.txt)"
 
-# Then the package; the constraints keep the torch installed above. mlflow matches the server image.
+# Then every other locked package, then the package itself (--no-deps: nothing beyond the lock).
+# mlflow matches the server image: a different MLFLOW_VERSION than the lock's conflicts here, loudly.
+RUN pip install -r requirements-lock.txt "mlflow==${MLFLOW_VERSION}"
 COPY pyproject.toml README.md ./
 COPY sae_mlops ./sae_mlops
-RUN pip install -c constraints.txt . "mlflow==${MLFLOW_VERSION}" \
+RUN pip install --no-deps . \
     && useradd --create-home --uid 10001 sae \
     && mkdir -p /data \
     && chown sae /data

@@ -1,28 +1,73 @@
 # sae-mlops: fresh clone -> `make demo` / `make test`.
-# torch is pinned at install time by constraints.txt (the local CPU build), not by the package.
+# Every package (torch: the local CPU build) is pinned by uv.lock; `make install` installs exactly those pins
+# with uv (`uv sync --frozen`), `make lock` re-resolves after pyproject.toml changes (then commit uv.lock and
+# requirements-lock.txt, the same pins exported for pip: MLproject, conda.yaml, Dockerfile).
 
 VENV ?= .venv
 PYTHON ?= python3
 STAMP := $(VENV)/.sae-mlops-installed
+RUNTIME_STAMP := $(VENV)/.sae-mlops-runtime
+# uv itself, pinned, outside .venv (uv sync removes packages the lock does not list).
+UV_VERSION := 0.13.9
+TOOLS ?= .tools
+UV ?= $(TOOLS)/bin/uv
+EXTRAS := --extra dev --extra docs
+# (with UV=uv, an uv already on PATH is used and nothing is bootstrapped)
+UV_DEP := $(if $(filter $(TOOLS)/bin/uv,$(UV)),$(UV),)
+export UV_PROJECT_ENVIRONMENT := $(VENV)
+export NO_MKDOCS_2_WARNING := 1
 
-.PHONY: install demo check test clean distclean
+.PHONY: install install-runtime demo check test lock lock-check docs docs-serve clean distclean
 
+# install: everything make check / make test need (the dev and docs extras too).
 install: $(STAMP)
+# install-runtime: what the package itself needs (make demo); --inexact keeps extras already installed.
+install-runtime: $(RUNTIME_STAMP)
 
-# Re-runs only when the venv is missing or the dependency declarations changed.
-$(STAMP): pyproject.toml constraints.txt
-	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
-	$(VENV)/bin/pip install -c constraints.txt -e ".[dev]"
-	touch $(STAMP)
+# (pip --target: no venv to create, about half the time of a venv + pip; uv is one static binary)
+$(TOOLS)/bin/uv:
+	$(PYTHON) -m pip install --quiet --disable-pip-version-check --no-warn-script-location --target $(TOOLS) "uv==$(UV_VERSION)"
 
-demo: install
+# Re-runs only when the venv is missing or the lock changed; installs the locked versions, nothing else.
+$(STAMP): pyproject.toml uv.lock | $(UV_DEP)
+	$(UV) sync --frozen --python $(PYTHON) $(EXTRAS)
+	touch $(STAMP) $(RUNTIME_STAMP)
+
+$(RUNTIME_STAMP): pyproject.toml uv.lock | $(UV_DEP)
+	$(UV) sync --frozen --inexact --python $(PYTHON)
+	touch $(RUNTIME_STAMP)
+
+# Re-resolve every dependency (after editing pyproject.toml), then export the same pins for pip users.
+lock: | $(UV_DEP)
+	$(UV) lock
+	$(UV) export --frozen --no-emit-project --no-dev --no-hashes --no-header --quiet -o requirements-lock.txt
+
+# Fails when pyproject.toml and uv.lock (or requirements-lock.txt) drift apart.
+lock-check: | $(UV_DEP)
+	$(UV) lock --check
+	$(UV) export --frozen --no-emit-project --no-dev --no-hashes --no-header --quiet | diff -q - requirements-lock.txt >/dev/null \
+		|| { echo "requirements-lock.txt is not the export of uv.lock: run make lock" >&2; exit 1; }
+
+# The documentation site (docs/, mkdocs.yml): reference pages are generated from the code first.
+docs: install
+	$(VENV)/bin/python scripts/gen_reference.py
+	$(VENV)/bin/mkdocs build --strict
+
+docs-serve: install
+	$(VENV)/bin/python scripts/gen_reference.py
+	$(VENV)/bin/mkdocs serve
+
+demo: install-runtime
 	$(VENV)/bin/sae-mlops demo
 
 # Static checks: ruff (lint), mypy (types, on the package), import-linter (layers; MLflow only in tracking).
-check: install
+# Then the lock (pyproject.toml and uv.lock agree) and the documentation site, built strictly.
+check: install lock-check
 	$(VENV)/bin/ruff check sae_mlops tests scripts entrypoints
 	$(VENV)/bin/mypy
 	$(VENV)/bin/lint-imports
+	$(VENV)/bin/python scripts/gen_reference.py --check
+	$(VENV)/bin/mkdocs build --strict --site-dir build/site
 
 test: install
 	$(VENV)/bin/pytest -q
@@ -32,6 +77,6 @@ clean:
 	rm -rf build dist .pytest_cache
 	find . -path ./$(VENV) -prune -o -name __pycache__ -type d -prune -exec rm -rf {} +
 
-# Also the virtualenv (the next `make` reinstalls).
+# Also the virtualenvs (the next `make` reinstalls).
 distclean: clean
-	rm -rf $(VENV)
+	rm -rf $(VENV) $(TOOLS) site

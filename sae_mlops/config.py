@@ -4,7 +4,7 @@ Every option of the quick and the full analysis is one field below, with its mea
 in ``Field(description=...)`` and its bounds in ``ge=`` / ``le=``. The Typer commands (`sae-mlops quick`,
 `sae-mlops full`), the MLproject entry points' argument parsers and the service policy's
 ``full_options`` are generated from these declarations (`sae_mlops.options`); a test checks that the
-``MLproject`` file and the README's option tables name every field with the same default.
+``MLproject`` file names every field with the same default, and docs/reference/options.md is generated from them.
 
 The classes are pydantic dataclasses: plain dataclasses (``dataclasses.asdict``, equality, keyword
 construction) whose types and bounds are validated on construction. Checks that involve more than one

@@ -2,7 +2,7 @@
 
 Every place that shows or judges a metric reads this table: the CLI's headline table, the SUMMARY and
 README writers, `compare` (its columns and Pareto plots), the service's version tags and quality gate,
-and the MLflow run description. Definitions (formulas) are in the README's metric table and in the
+and the MLflow run description. Definitions (formulas) are in the metric table of docs/guides/quick.md and in the
 collectors' docstrings; here is how each is named, shown and judged.
 
 name: the results / MLflow metric name (``group/name``); short: the short name used in version tags,

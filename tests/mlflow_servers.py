@@ -109,7 +109,7 @@ def postgres_missing() -> str | None:
     try:
         import psycopg2  # noqa: F401
     except ImportError:
-        return "psycopg2 is not installed (pip install -c constraints.txt -e '.[dev]')"
+        return "psycopg2 is not installed (make install)"
     if os.geteuid() == 0 and _service_user() is None:
         return "running as root and no postgres/nobody user to run the cluster as"
     return None

@@ -219,13 +219,14 @@ def test_builds_and_images(compose):
 
     svc_build = services["sae-mlops"]["build"]
     project_df = (ROOT / svc_build["context"] / svc_build["dockerfile"]).read_text()
-    assert "constraints.txt" in project_df and "download.pytorch.org/whl/cpu" in project_df
-    assert "torch==2.13.0" in (ROOT / "constraints.txt").read_text()
+    assert "requirements-lock.txt" in project_df and "download.pytorch.org/whl/cpu" in project_df
+    locked = dict(re.findall(r"^([A-Za-z0-9_.-]+)==([^ ;]+)", (ROOT / "requirements-lock.txt").read_text(), re.M))
+    assert locked["torch"] == "2.13.0+cpu"
     # Client and server MLflow versions come from the same variable.
     assert mlf_build["args"]["MLFLOW_VERSION"] == svc_build["args"]["MLFLOW_VERSION"]
     import mlflow
 
-    assert mlf_build["args"]["MLFLOW_VERSION"] == mlflow.__version__
+    assert mlf_build["args"]["MLFLOW_VERSION"] == mlflow.__version__ == locked["mlflow"]
 
 
 def test_the_mounted_policy_is_valid(compose, env_example):

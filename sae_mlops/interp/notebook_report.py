@@ -105,7 +105,7 @@ def execute_notebook(
         import papermill as pm
         from papermill.exceptions import PapermillExecutionError
     except ImportError as e:
-        raise InputError(f"papermill is not installed ({e}); run `make install` (or pip install -e . -c constraints.txt).") from e
+        raise InputError(f"papermill is not installed ({e}); run `make install` (or pip install -r requirements-lock.txt -e .).") from e
     output.parent.mkdir(parents=True, exist_ok=True)
     partial = output.with_name(f".{output.stem}.partial.ipynb")
     extra: dict[str, Any] = {} if kernel_name else {"kernel_manager_class": current_python_kernel_manager()}

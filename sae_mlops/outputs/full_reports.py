@@ -190,7 +190,7 @@ def summary_dict(result: AnalysisResult, ts: str, per_feature: dict[str, list[fl
             for i in top
             if counts[i] > 0
         ],
-        "definitions": "per-token averages over non-special tokens; see the README metric table",
+        "definitions": "per-token averages over non-special tokens; see the metric table in docs/guides/quick.md",
         "intervals": {
             "method": (result.details.get("intervals") or {}).get("method"),
             "level": (result.details.get("intervals") or {}).get("level"),

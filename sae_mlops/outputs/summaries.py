@@ -68,7 +68,7 @@ def summary_markdown(result: AnalysisResult) -> str:
                   "they cover the token-sample noise, not the training seed's (see `sae-mlops compare`)."]
     if result.warnings:
         lines += ["", "## Warnings", ""] + [f"- {w}" for w in result.warnings]
-    lines += ["", "Metric definitions: see the README's metric table.", ""]
+    lines += ["", "Metric definitions: see the metric table of the sae-mlops documentation (docs/guides/quick.md).", ""]
     return "\n".join(lines)
 
 

@@ -85,7 +85,7 @@ DEFAULT_UI = "http://127.0.0.1:5000"  # where `mlflow ui` serves by default
 
 EXPERIMENT_NOTE = """SAE analyses logged by sae-mlops.
 
-**Metrics that matter** (per analysed token; definitions in the sae-mlops README):
+**Metrics that matter** (per analysed token; definitions in the sae-mlops documentation, docs/guides/quick.md):
 `sparsity/l0_mean` (active features per token, lower is sparser), `downstream/loss_recovered`
 (1 = as good as the clean model, 0 = as bad as zero-ablation), `recon/explained_variance`,
 `features/dead_fraction` (never fired on the corpus), `downstream/kl_sae`.
