@@ -13,7 +13,18 @@ from pathlib import Path
 import pytest
 import yaml
 
-from sae_mlops.config import AnalysisConfig, ExecutionOptions, FullOptions, RunOptions
+from sae_mlops.config import (
+    AbsorptionOptions,
+    AnalysisConfig,
+    AutointerpOptions,
+    EvalRunOptions,
+    EvalsOptions,
+    EvalTarget,
+    ExecutionOptions,
+    FullOptions,
+    ProbeOptions,
+    RunOptions,
+)
 from sae_mlops.options import OptionSpec, option_specs, plain
 from sae_mlops.training.config import TrainConfig, TrainRunOptions
 
@@ -24,7 +35,11 @@ DECLARED = {
     "quick": (AnalysisConfig, ExecutionOptions, RunOptions),
     "full": (AnalysisConfig, FullOptions, ExecutionOptions, RunOptions),
     "train": (TrainConfig, TrainRunOptions),
+    "probe": (EvalTarget, ProbeOptions, EvalRunOptions),
+    "evals": (AnalysisConfig, EvalsOptions, ProbeOptions, AbsorptionOptions, AutointerpOptions, EvalRunOptions),
 }
+#: commands documented in a guide instead of the README (the README keeps to one screen)
+GUIDES = {"probe": "docs/guides/evals.md", "evals": "docs/guides/evals.md"}
 
 
 def _specs(name: str, *, mlproject: bool) -> list[OptionSpec]:
@@ -121,12 +136,23 @@ def test_every_option_has_a_description_with_its_default():
 def test_readme_documents_every_option():
     readme = (ROOT / "README.md").read_text()
     missing = []
-    for classes in DECLARED.values():
+    for name, classes in DECLARED.items():
+        if name in GUIDES:
+            continue
         for cls in classes:
             for s in option_specs(cls):
                 if f"`{s.flag}`" not in readme and not re.search(rf"`{s.flag}[ =/`]", readme):
                     missing.append(f"{cls.__name__}.{s.field} ({s.flag})")
     assert not missing, f"options missing from README.md: {', '.join(sorted(set(missing)))}"
+
+
+@pytest.mark.parametrize("command", sorted(GUIDES))
+def test_guide_documents_every_option(command):
+    guide = (ROOT / GUIDES[command]).read_text()
+    missing = [s.flag for cls in DECLARED[command] for s in option_specs(cls)
+               if f"`{s.flag}`" not in guide and not re.search(rf"`{s.flag}[ =/`]", guide)
+               and cls not in (AnalysisConfig,)]  # the analysis options are the README's
+    assert not missing, f"options missing from {GUIDES[command]}: {', '.join(sorted(set(missing)))}"
 
 
 def test_cross_field_checks_and_bounds_are_user_errors():
