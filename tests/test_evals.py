@@ -231,3 +231,21 @@ def test_autointerp_summary_counts_and_interval() -> None:
     assert "autointerp/detection_score" not in autointerp_metrics({1: recs[10]})
     for name in m:
         assert lookup(name) is not None or name.endswith(("_ci_low", "_ci_high")), name
+
+
+def test_eval_metrics_are_registered_apart_and_documented() -> None:
+    import re
+    from pathlib import Path
+
+    from sae_mlops.metrics import BY_NAME, EVAL_METRICS, ci_names
+
+    guide = (Path(__file__).resolve().parents[1] / "docs" / "guides" / "evals.md").read_text()
+    for m in EVAL_METRICS:
+        assert m.name not in BY_NAME and re.fullmatch(r"[a-z]+/[a-z0-9_]+", m.name), m.name
+        assert lookup(m.name) is m and m.higher_is_better in (True, False, None) and m.label and m.unit
+        stem = re.sub(r"_k\d+$", "_k", m.name)
+        assert f"`{m.name}`" in guide or f"`{stem}" in guide, f"{m.name} is not in docs/guides/evals.md"
+    assert lookup("probe/my_dataset/sae_acc_k5").name == "probe/sae_acc_k5"
+    assert lookup("absorption/s/full_absorption_rate").higher_is_better is False
+    assert lookup("autointerp").name == "autointerp/detection_score"
+    assert ci_names("probe/sae_acc_k1") == ("probe/sae_acc_k1_ci_low", "probe/sae_acc_k1_ci_high")
