@@ -260,3 +260,186 @@ class RunOptions:
         description="Only warnings and errors on stderr; no progress bars.",
         json_schema_extra={"mlproject": False, "short": "-q"},
     )
+
+
+# --- evals (sae_mlops.evals): k-sparse probing, absorption, auto-interpretability ------------------
+
+Pooling = Literal["mean", "last"]
+EVAL_SUITES = ("core", "probe", "absorption", "autointerp")
+
+
+@user_errors
+@dataclass(config=_STRICT)
+class EvalTarget:
+    """The SAE an eval runs on and how its model is run (the analysis options that evals use)."""
+
+    sae: str = Field(
+        description="The SAE: a directory in the prior tool's format, a SAELens directory, a SAELens release (with "
+        "--sae-id), runs:/<run_id>/<path>, models:/<name>/<version> or models:/<name>@<alias>."
+    )
+    sae_id: str | None = Field(default=None, description="SAE id within a SAELens release given as --sae. (default: none)")
+    model: str | None = Field(
+        default=None,
+        description="Base model: a TransformerLens name, a local Hugging Face checkpoint directory, or 'demo'. "
+        "(default: the model recorded in the SAE's metadata)",
+    )
+    hook: str | None = Field(default=None, description="TransformerLens hook name. (default: the SAE's recorded hook)")
+    context_size: int | None = Field(
+        default=None, ge=2, description="Tokens per text (longer texts are cut). Unit: tokens. "
+        "(default: the SAE's training context size, else 128)"
+    )
+    prepend_bos: bool | None = Field(
+        default=None, description="Start each text with BOS. (default: as the SAE's metadata says, else the model's default)"
+    )
+    topk_mode: TopkMode | None = Field(
+        default=None, description="Prior-format BatchTopK SAEs only: batch or threshold. (default: batch)"
+    )
+    threshold: float | None = Field(
+        default=None, description="Activation threshold theta for --topk-mode threshold. Unit: activation. "
+        "(default: required in threshold mode)"
+    )
+    batch_size: int = Field(
+        default=16, ge=1, description="Texts per model call and per SAE encode call. Unit: texts. (default: 16)"
+    )
+    device: str = Field(default="auto", description="Torch device: auto, cpu, cuda, cuda:1, mps. (default: auto)")
+    dtype: str = Field(default="float32", description="Model and SAE dtype: float32, float16 or bfloat16. (default: float32)")
+
+
+@user_errors
+@dataclass(config=_STRICT)
+class ProbeOptions:
+    """k-sparse probing (sae_mlops.evals.probe)."""
+
+    datasets: str = Field(
+        default="demo",
+        description="Labelled datasets, comma-separated: NAME=PATH (JSONL, CSV or Parquet with a text and a label "
+        "column) or PATH (named after the file), or 'demo' for the built-in tasks made from the demo corpus. "
+        "(default: demo)",
+    )
+    text_column: str = Field(default="text", description="Column (JSONL field) holding the text. (default: text)")
+    label_column: str = Field(default="label", description="Column (JSONL field) holding the label. (default: label)")
+    pooling: Pooling = Field(
+        default="mean",
+        description="How a text's token activations become one vector: mean (over non-special tokens) or last "
+        "(the last non-special token). (default: mean)",
+    )
+    ks: str = Field(
+        default="1,2,5,10,20,50", description="Latent counts k of the k-sparse probes, comma-separated. (default: 1,2,5,10,20,50)"
+    )
+    test_fraction: float = Field(
+        default=0.2, gt=0.0, lt=1.0, description="Share of each task held out for testing (stratified). Unit: fraction. (default: 0.2)"
+    )
+    seed: int = Field(default=0, description="Seed of the train/test split and the one-vs-rest negatives. (default: 0)")
+    cache_dir: str | None = Field(
+        default=None,
+        description="Directory of the activation cache (one file per model, hook, dataset and pooling). "
+        "(default: ~/.cache/sae-mlops/activations)",
+    )
+    no_cache: bool = Field(default=False, description="Neither read nor write the activation cache.")
+
+    def __post_init__(self) -> None:
+        self.k_values()
+
+    def k_values(self) -> tuple[int, ...]:
+        try:
+            ks = tuple(sorted({int(k) for k in self.ks.split(",") if k.strip()}))
+        except ValueError:
+            raise InputError(f"--ks {self.ks!r} is not a list of whole numbers; write e.g. 1,2,5,10.") from None
+        if not ks or ks[0] < 1:
+            raise InputError(f"--ks {self.ks!r} needs whole numbers of at least 1; write e.g. 1,2,5,10.")
+        return ks
+
+
+@user_errors
+@dataclass(config=_STRICT)
+class AbsorptionOptions:
+    """First-letter feature absorption (sae_mlops.evals.absorption)."""
+
+    absorption_min_probe_f1: float = Field(
+        default=0.6, ge=0.0, le=1.0,
+        description="A letter is evaluated only when the first-letter probe's test F1 on it reaches this "
+        "(SAEBench's floor). Unit: F1. (default: 0.6)",
+    )
+    absorption_min_letters: int = Field(
+        default=3, ge=1,
+        description="Fewer evaluated letters than this: the activations do not encode first letters and no absorption "
+        "figure is reported. Unit: letters. (default: 3)",
+    )
+    absorption_max_k: int = Field(
+        default=10, ge=1, description="Largest k of the k-sparse probes that find a letter's main and split latents. (default: 10)"
+    )
+
+
+@user_errors
+@dataclass(config=_STRICT)
+class AutointerpOptions:
+    """Auto-interpretability through an OpenAI-compatible endpoint (sae_mlops.features.label)."""
+
+    llm_model: str = Field(default="gpt-4o-mini", description="Model name at the endpoint. (default: gpt-4o-mini)")
+    llm_base_url: str | None = Field(
+        default=None, description="OpenAI-compatible endpoint, e.g. http://localhost:8000/v1. (default: OpenAI)"
+    )
+    llm_api_key_env: str = Field(
+        default="OPENAI_API_KEY", description="Environment variable holding the API key (never logged). (default: OPENAI_API_KEY)"
+    )
+    autointerp_features: int = Field(
+        default=50, ge=1, description="Features labelled and scored: the N most frequent that fired. Unit: features. (default: 50)"
+    )
+    detection_activating: int = Field(
+        default=5, ge=1, description="Held-out activating snippets per detection request. Unit: snippets. (default: 5)"
+    )
+    detection_non_activating: int = Field(
+        default=5, ge=1, description="Non-activating snippets per detection request. Unit: snippets. (default: 5)"
+    )
+    non_activating_quantile: float = Field(
+        default=0.0, ge=0.0, lt=1.0,
+        description="A non-activating snippet holds no activation of the feature above this quantile of its non-zero "
+        "activations (0: none at all). Unit: quantile. (default: 0.0)",
+    )
+    llm_concurrency: int = Field(default=4, ge=1, description="Requests in flight at once. (default: 4)")
+    llm_rpm: float = Field(default=60.0, ge=0.0, description="Requests per minute at most (0: no limit). (default: 60.0)")
+
+
+@user_errors
+@dataclass(config=_STRICT)
+class EvalsOptions:
+    """Which evals `sae-mlops evals` runs."""
+
+    suite: str = Field(
+        default="core,probe,absorption",
+        description="Evals to run, comma-separated, from core (the quick analysis; the full analysis when autointerp is "
+        "asked), probe, absorption and autointerp. (default: core,probe,absorption)",
+    )
+
+    def __post_init__(self) -> None:
+        self.names()
+
+    def names(self) -> list[str]:
+        names = [s.strip() for s in self.suite.split(",") if s.strip()]
+        bad = [s for s in names if s not in EVAL_SUITES]
+        if bad or not names:
+            raise InputError(f"--suite {self.suite!r}: give some of {', '.join(EVAL_SUITES)}, comma-separated.")
+        return names
+
+
+@user_errors
+@dataclass(config=_STRICT)
+class EvalRunOptions:
+    """Where an eval writes and how it is tracked."""
+
+    out: str | None = Field(default=None, description="Output directory. (default: analysis/<sae dir name>/<eval>_<UTC timestamp>)")
+    run_id: str | None = Field(
+        default=None,
+        description="Log into this existing MLflow run (e.g. the SAE's analysis run) instead of a new one. (default: a new "
+        "run, tagged with the SAE's hash and linked to its analysis run when one exists)",
+        json_schema_extra={"mlproject": False},
+    )
+    experiment: str | None = Field(
+        default=None, description="MLflow experiment. (default: $MLFLOW_EXPERIMENT_NAME, else sae-mlops)",
+        json_schema_extra={"mlproject": False},
+    )
+    run_name: str | None = Field(default=None, description="MLflow run name. (default: <eval> · <SAE name>)",
+                                 json_schema_extra={"mlproject": False})
+    no_track: bool = Field(default=False, description="Do not log to MLflow; only write files.", json_schema_extra={"mlproject": False})
+    quiet: bool = Field(default=False, description="Only warnings and errors on stderr; no progress bars.",
+                        json_schema_extra={"mlproject": False, "short": "-q"})

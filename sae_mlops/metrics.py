@@ -135,7 +135,7 @@ def lookup(name: str) -> Metric | None:
         return BY_NAME[name]
     if name in BY_SHORT:
         return BY_SHORT[name]
-    return BY_NAME.get(ALIASES.get(name, ""))
+    return BY_NAME.get(ALIASES.get(name, "")) or eval_metric(name)
 
 
 def full_name(name: str) -> str:
@@ -207,3 +207,60 @@ def format_with_interval(metric: Metric, metrics: dict[str, Any]) -> str:
         return text
     half = (ci[1] - ci[0]) / 2.0
     return f"{text} ± {metric.format(half)}"
+
+
+# --- evals (sae_mlops.evals; docs/guides/evals.md) -------------------------------------------------
+# Kept apart from METRICS (the analysis's table, which the README's metric table lists) and found by
+# `lookup` like any other. Per-dataset and per-letter metrics (``probe/<dataset>/<name>``,
+# ``absorption/<letter>/<name>``) are described by the row of ``<group>/<name>``. Intervals are logged
+# as ``<name>_ci_low`` / ``<name>_ci_high`` (95 %), found through `ci_names`.
+PROBE_KS = (1, 2, 5, 10, 20, 50)
+EVAL_METRICS: tuple[Metric, ...] = (
+    *(Metric(f"probe/sae_acc_k{k}", f"k-sparse probe accuracy, SAE top-{k} latents", "accuracy", "{:.3f}", True,
+             "probe_acc_k1" if k == 1 else None) for k in PROBE_KS),
+    *(Metric(f"probe/sae_auc_k{k}", f"k-sparse probe AUC, SAE top-{k} latents", "AUC", "{:.3f}", True) for k in PROBE_KS),
+    *(Metric(f"probe/raw_acc_k{k}", f"probe accuracy, top-{k} raw dimensions (baseline)", "accuracy", "{:.3f}", True)
+      for k in PROBE_KS),
+    *(Metric(f"probe/raw_auc_k{k}", f"probe AUC, top-{k} raw dimensions (baseline)", "AUC", "{:.3f}", True) for k in PROBE_KS),
+    Metric("probe/dense_acc", "probe accuracy, all raw dimensions (dense baseline)", "accuracy", "{:.3f}", True),
+    Metric("probe/dense_auc", "probe AUC, all raw dimensions (dense baseline)", "AUC", "{:.3f}", True),
+    Metric("probe/datasets", "probing datasets", "datasets", "{:,.0f}"),
+    Metric("probe/tasks", "probing tasks (binary, one-vs-rest)", "tasks", "{:,.0f}"),
+    Metric("absorption/probe_accuracy", "first-letter probe accuracy (on hook activations)", "accuracy", "{:.3f}"),
+    Metric("absorption/letters_evaluated", "letters whose probe clears the F1 floor", "letters", "{:,.0f}"),
+    Metric("absorption/letters_with_words", "letters with enough single-token words", "letters", "{:,.0f}"),
+    Metric("absorption/words", "single-token words", "words", "{:,.0f}"),
+    Metric("absorption/full_absorption_rate", "full absorption rate (mean over letters)", "fraction", "{:.3f}", False,
+           "absorption_rate"),
+    Metric("absorption/absorption_fraction", "absorption fraction (mean over letters)", "fraction", "{:.3f}", False),
+    Metric("absorption/split_latents", "split latents per letter", "latents", "{:.2f}", False),
+    Metric("autointerp/detection_score", "auto-interp detection score (balanced accuracy)", "balanced accuracy", "{:.3f}",
+           True, "autointerp"),
+    Metric("autointerp/features_scored", "features with a detection score", "features", "{:,.0f}"),
+    Metric("autointerp/features_not_scored", "features not scored (too few snippets)", "features", "{:,.0f}"),
+    Metric("autointerp/features_labelled", "features labelled", "features", "{:,.0f}"),
+    Metric("time/eval_probe", "k-sparse probing", "s", "{:,.1f}", False, summary=False),
+    Metric("time/eval_absorption", "absorption eval", "s", "{:,.1f}", False, summary=False),
+    Metric("time/eval_autointerp", "auto-interp (labels and detection)", "s", "{:,.1f}", False, summary=False),
+)
+EVAL_BY_NAME: dict[str, Metric] = {m.name: m for m in EVAL_METRICS}
+EVAL_BY_SHORT: dict[str, Metric] = {m.short: m for m in EVAL_METRICS if m.short}
+_PER_ITEM_GROUPS = ("probe", "absorption")
+
+
+def eval_metric(name: str) -> Metric | None:
+    """The eval metric for a name: exact (``probe/sae_acc_k5``), short (``autointerp``), per dataset or
+    letter (``probe/<dataset>/sae_acc_k5`` -> ``probe/sae_acc_k5``); None if unknown."""
+    if name in EVAL_BY_NAME:
+        return EVAL_BY_NAME[name]
+    if name in EVAL_BY_SHORT:
+        return EVAL_BY_SHORT[name]
+    parts = name.split("/")
+    if len(parts) == 3 and parts[0] in _PER_ITEM_GROUPS:
+        return EVAL_BY_NAME.get(f"{parts[0]}/{parts[2]}")
+    return None
+
+
+def ci_names(name: str) -> tuple[str, str]:
+    """The names of a metric's 95 % interval bounds: (``<name>_ci_low``, ``<name>_ci_high``)."""
+    return f"{name}_ci_low", f"{name}_ci_high"

@@ -431,3 +431,160 @@ def log_existing(out_dir: Path | str, *, experiment: str | None = None, run_name
     outcome = QuickOutcome(result=result, out_dir=out, files=files, warnings=list(result.warnings))
     log_outcome(outcome, experiment, run_name)
     return outcome
+
+
+# --- evals (sae_mlops.evals): `sae-mlops probe` and `sae-mlops evals` -----------------------------
+
+
+@dataclass
+class EvalOutcome:
+    out_dir: Path
+    metrics: dict[str, float]
+    files: list[Path]
+    seconds: dict[str, float]
+    messages: dict[str, str]
+    run_id: str | None = None
+    analysis: QuickOutcome | None = None
+    cache_hits: int = 0
+    cache_misses: int = 0
+
+
+def _eval_tags(loaded_sae) -> dict[str, str]:
+    from sae_mlops.tracking.lineage import TAG_SAE_HASH
+
+    tags = {k: str(v) for k, v in (loaded_sae.info.lineage or {}).items()}
+    if loaded_sae.info.content_hash:
+        tags[TAG_SAE_HASH] = loaded_sae.info.content_hash
+    return tags
+
+
+def _eval_params(loaded, popts=None) -> dict[str, str]:
+    p = {"sae": loaded.target.sae, "model": loaded.model.name, "hook": loaded.engine.site.name,
+         "context_size": str(loaded.context_size), "prepend_bos": str(loaded.prepend_bos),
+         "sae_architecture": loaded.sae.info.architecture, "d_sae": str(loaded.sae.info.d_sae)}
+    if popts is not None:
+        p.update({"probe_datasets": popts.datasets, "probe_pooling": popts.pooling, "probe_ks": popts.ks,
+                  "probe_test_fraction": str(popts.test_fraction), "probe_seed": str(popts.seed)})
+    return p
+
+
+def run_probe_and_log(target, popts, ropts) -> EvalOutcome:
+    """`sae-mlops probe`: k-sparse probing of one SAE (`sae_mlops.evals.run.run_probe`), files under the
+    output directory, logged to ``--run-id`` or a new ``probe`` run linked to the SAE's analysis run."""
+    from sae_mlops.evals.run import EvalsResult, load_target, run_probe, write_report
+    from sae_mlops.naming import sae_name
+
+    out = Path(ropts.out) if ropts.out else DEFAULT_ANALYSIS_ROOT / sae_label(target.sae, target.sae_id) / f"probe_{utc_timestamp()}"
+    preflight(out, not ropts.no_track, no_track_option=True)
+    import sae_mlops.tracking.resolve  # noqa: F401 (registers the resolver of runs:/ and models:/ SAE URIs)
+
+    loaded = load_target(target)
+    result = EvalsResult()
+    out.mkdir(parents=True, exist_ok=True)
+    run_probe(loaded, popts, out, result)
+    result.metrics["time/eval_probe"] = result.seconds["probe"]
+    files = result.files + write_report(result, out, target.sae)
+    run_id = None
+    if not ropts.no_track:
+        from sae_mlops.tracking.evals import finish_run, log_eval_results, start_eval_run
+
+        owned = False
+        run_id = ropts.run_id
+        if run_id is None:
+            run_id, owned = start_eval_run("probe", f"probe · {sae_name(target.sae, target.sae_id)}", _eval_tags(loaded.sae),
+                                           ropts.experiment, ropts.run_name)
+        try:
+            log_eval_results(run_id, result.metrics, files, out, ["probe"], _eval_params(loaded, popts))
+        except BaseException:
+            if owned:
+                finish_run(run_id, "FAILED")
+            raise
+        if owned:
+            finish_run(run_id)
+    return EvalOutcome(out, result.metrics, files, result.seconds, result.messages, run_id,
+                       cache_hits=result.cache.hits, cache_misses=result.cache.misses)
+
+
+def run_evals_and_log(cfg: AnalysisConfig, eopts, popts, aopts, iopts, ropts) -> EvalOutcome:
+    """`sae-mlops evals --suite ...`: the asked evals on one SAE, logged to one run.
+
+    ``core`` is the quick analysis (the full analysis when ``autointerp`` is asked, which needs its
+    activation database); its run is the run every other eval logs into. Without core or autointerp
+    the evals log into ``--run-id`` or a new ``evals`` run linked to the SAE's analysis run."""
+    from sae_mlops.config import EvalTarget
+    from sae_mlops.errors import InputError
+    from sae_mlops.evals.run import EvalsResult, load_target, run_absorption, run_probe, write_report
+    from sae_mlops.naming import sae_name
+
+    suite = eopts.names()
+    track = not ropts.no_track
+    needs_analysis = "core" in suite or "autointerp" in suite
+    if ropts.run_id and needs_analysis:
+        raise InputError("--run-id names a run to log into, but core and autointerp make their own analysis run; "
+                         "drop --run-id or run only probe and absorption.")
+    out = Path(ropts.out) if ropts.out else default_out_dir(cfg, "evals")
+    preflight(out, track, no_track_option=True)
+    import sae_mlops.tracking.resolve  # noqa: F401 (registers the resolver of runs:/ and models:/ SAE URIs)
+
+    result = EvalsResult()
+    analysis: QuickOutcome | None = None
+    if needs_analysis:
+        t0 = time.perf_counter()
+        kind = "full" if "autointerp" in suite else "quick"
+        runner = run_full_and_log if kind == "full" else run_quick_and_log
+        analysis = runner(cfg, out / "analysis", track=track, experiment=ropts.experiment, run_name=ropts.run_name)
+        result.seconds["core"] = time.perf_counter() - t0
+    target = EvalTarget(**{f: getattr(cfg, f) for f in ("sae", "sae_id", "model", "hook", "context_size", "prepend_bos",
+                                                        "topk_mode", "threshold", "batch_size", "device", "dtype")})
+    loaded = None
+    if "probe" in suite or "absorption" in suite:
+        loaded = load_target(target)
+    out.mkdir(parents=True, exist_ok=True)
+    if "probe" in suite:
+        assert loaded is not None
+        run_probe(loaded, popts, out, result)
+        result.metrics["time/eval_probe"] = result.seconds["probe"]
+    if "absorption" in suite:
+        assert loaded is not None
+        run_absorption(loaded, aopts, out, result)
+        result.metrics["time/eval_absorption"] = result.seconds["absorption"]
+    if "autointerp" in suite:
+        assert analysis is not None
+        from sae_mlops.evals.autointerp import autointerp_metrics
+        from sae_mlops.features.label import LabelOptions, label_features, read_done
+
+        t0 = time.perf_counter()
+        lopts = LabelOptions(model=iopts.llm_model, base_url=iopts.llm_base_url, api_key_env=iopts.llm_api_key_env,
+                             concurrency=iopts.llm_concurrency, rpm=iopts.llm_rpm, n_activating=iopts.detection_activating,
+                             n_non=iopts.detection_non_activating, non_activating_quantile=iopts.non_activating_quantile)
+        labelled = label_features(analysis.out_dir, lopts, top=iopts.autointerp_features)
+        result.metrics.update(autointerp_metrics(read_done(labelled.labels_file)))
+        result.metrics.update(labelled.metrics)
+        result.files += labelled.files
+        n = result.metrics.get("autointerp/features_scored", 0)
+        result.messages["autointerp"] = (f"{int(n)} of {int(result.metrics.get('autointerp/features_labelled', 0))} labelled features "
+                                         f"scored ({int(result.metrics.get('autointerp/features_not_scored', 0))} had too few "
+                                         "activating or non-activating snippets)")
+        result.seconds["autointerp"] = time.perf_counter() - t0
+        result.metrics["time/eval_autointerp"] = result.seconds["autointerp"]
+    files = result.files + write_report(result, out, cfg.sae)
+    run_id = analysis.run_id if analysis is not None else ropts.run_id
+    if track:
+        from sae_mlops.tracking.evals import finish_run, log_eval_results, start_eval_run
+
+        owned = False
+        if run_id is None:
+            assert loaded is not None
+            run_id, owned = start_eval_run("evals", f"evals · {sae_name(cfg.sae, cfg.sae_id)}", _eval_tags(loaded.sae),
+                                           ropts.experiment, ropts.run_name)
+        params = _eval_params(loaded, popts if "probe" in suite else None) if loaded is not None else {}
+        try:
+            log_eval_results(run_id, result.metrics, [f for f in files if Path(f).is_relative_to(out)], out, suite, params)
+        except BaseException:
+            if owned:
+                finish_run(run_id, "FAILED")
+            raise
+        if owned:
+            finish_run(run_id)
+    return EvalOutcome(out, result.metrics, files, result.seconds, result.messages, run_id, analysis,
+                       result.cache.hits, result.cache.misses)

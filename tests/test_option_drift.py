@@ -13,7 +13,18 @@ from pathlib import Path
 import pytest
 import yaml
 
-from sae_mlops.config import AnalysisConfig, ExecutionOptions, FullOptions, RunOptions
+from sae_mlops.config import (
+    AbsorptionOptions,
+    AnalysisConfig,
+    AutointerpOptions,
+    EvalRunOptions,
+    EvalsOptions,
+    EvalTarget,
+    ExecutionOptions,
+    FullOptions,
+    ProbeOptions,
+    RunOptions,
+)
 from sae_mlops.options import OptionSpec, option_specs, plain
 from sae_mlops.training.config import TrainConfig, TrainRunOptions
 
@@ -24,7 +35,11 @@ DECLARED = {
     "quick": (AnalysisConfig, ExecutionOptions, RunOptions),
     "full": (AnalysisConfig, FullOptions, ExecutionOptions, RunOptions),
     "train": (TrainConfig, TrainRunOptions),
+    "probe": (EvalTarget, ProbeOptions, EvalRunOptions),
+    "evals": (AnalysisConfig, EvalsOptions, ProbeOptions, AbsorptionOptions, AutointerpOptions, EvalRunOptions),
 }
+#: commands documented in a guide instead of the README (the README keeps to one screen)
+GUIDES = {"probe": "docs/guides/evals.md", "evals": "docs/guides/evals.md"}
 
 
 def _specs(name: str, *, mlproject: bool) -> list[OptionSpec]:
@@ -125,7 +140,9 @@ def _options_page() -> str:
 def test_the_options_reference_documents_every_option():
     page = _options_page()
     missing = []
-    for classes in DECLARED.values():
+    for name, classes in DECLARED.items():
+        if name in GUIDES:
+            continue
         for cls in classes:
             for s in option_specs(cls):
                 rows = [ln for ln in page.splitlines() if ln.startswith(f"| `{s.flag}` |")]  # one per class
@@ -140,6 +157,15 @@ def test_the_options_reference_is_generated_from_the_declarations():
     gen = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(gen)
     assert _options_page() == gen.render_options(), "docs/reference/options.md is stale: run make docs"
+
+
+@pytest.mark.parametrize("command", sorted(GUIDES))
+def test_guide_documents_every_option(command):
+    guide = (ROOT / GUIDES[command]).read_text()
+    missing = [s.flag for cls in DECLARED[command] for s in option_specs(cls)
+               if f"`{s.flag}`" not in guide and not re.search(rf"`{s.flag}[ =/`]", guide)
+               and cls not in (AnalysisConfig,)]  # the analysis options are the README's
+    assert not missing, f"options missing from {GUIDES[command]}: {', '.join(sorted(set(missing)))}"
 
 
 def test_cross_field_checks_and_bounds_are_user_errors():

@@ -277,3 +277,29 @@ def test_classify_the_tracking_preflight(monkeypatch):
             raise TrackingError("the analysis finished ... logging them to MLflow failed") from err
     except TrackingError as err:
         assert classify(err) == "bug"
+
+
+def test_policy_probe_options_probe_the_version_into_the_job_run(calls, monkeypatch, tmp_path, store):
+    from sae_mlops.service.policy import parse_policy
+
+    policy = parse_policy({"rules": [{"quick": {"max_tokens": 100, "probe_options": {"datasets": "demo", "ks": "1,5"}}}]})
+    assert policy.rules[0].analyses["quick"]["probe_options"] == {"datasets": "demo", "ks": "1,5"}
+    for bad, msg in (({"ks": "0"}, "probe_options: --ks '0' needs whole numbers"), ({"k": "1"}, "probe_options: k is not an option"),
+                     ("demo", "probe_options: expected a mapping")):
+        with pytest.raises(InputError, match=msg):
+            parse_policy({"rules": [{"quick": {"probe_options": bad}}]})
+    probed: list = []
+
+    def probe(target, popts, ropts):
+        probed.append((target, popts, ropts, os.environ.get("MLFLOW_RUN_ID")))
+        return pipeline.EvalOutcome(tmp_path, {"probe/sae_acc_k1": 0.75}, [], {}, {}, ropts.run_id)
+
+    monkeypatch.setattr(pipeline, "run_probe_and_log", probe)
+    result = job_module.run_job(_spec(tmp_path, store, options={"max_tokens": 100, "probe_options": {"datasets": "demo", "ks": "1,5"}}))
+    target, popts, ropts, env_run = probed[0]
+    assert target.sae == "models:/sae-a/3" and target.device == "cpu" and popts.k_values() == (1, 5)
+    assert ropts.run_id == result["run_id"] == env_run  # the analysis's run, still open
+    assert result["metrics"]["probe/sae_acc_k1"] == 0.75 and result["metrics"]["sparsity/l0_mean"] == 5.0
+    assert "probe_options" not in vars(calls[0][1])  # not passed to the analysis
+    with pytest.raises(InputError, match="probe_options in the policy"):
+        job_module.run_job(_spec(tmp_path, store, options={"probe_options": {"pooling": "max"}}))

@@ -27,6 +27,7 @@ def label(
     examples: int = typer.Option(15, "--examples", min=1, help="Top activating examples in the label prompt."),
     n_activating: int = typer.Option(5, "--detection-activating", min=1, help="Held-out activating snippets per detection request."),
     n_non: int = typer.Option(5, "--detection-non-activating", min=0, help="Non-activating snippets per detection request."),
+    non_activating_quantile: float = typer.Option(0.0, "--non-activating-quantile", min=0.0, max=1.0, help="A non-activating snippet's window holds no activation above this quantile of the feature's non-zero activations (0: none at all); features with too few such windows are not scored."),
     no_detection: bool = typer.Option(False, "--no-detection", help="Labels only (one request per feature)."),
     seed: int = typer.Option(0, "--seed", help="Seed for the detection snippets."),
     run_id: Optional[str] = typer.Option(None, "--run-id", help="MLflow run to log to when ANALYSIS is a local directory."),
@@ -46,7 +47,7 @@ def label(
     opts = LabelOptions(
         model=model, base_url=base_url, api_key_env=api_key_env, concurrency=concurrency, rpm=rpm, max_tries=max_tries,
         http_retries=http_retries, timeout=timeout, examples=examples, n_activating=n_activating, n_non=n_non,
-        seed=seed, detection=not no_detection,
+        seed=seed, detection=not no_detection, non_activating_quantile=non_activating_quantile,
     )
     outcome = label_features(ref.root, opts, parse_features(features), top=top)
     m = outcome.metrics
@@ -57,7 +58,8 @@ def label(
     )
     out_console.print(
         f"Mean interpretability {m['label/mean_interpretability']:.2f}, monosemantic {m['label/share_monosemantic']:.2f}, "
-        f"detection balanced accuracy {m['label/mean_detection_balanced_accuracy']:.2f}; {int(m['label/requests'])} requests, "
+        f"detection balanced accuracy {m['label/mean_detection_balanced_accuracy']:.2f} on {int(m['label/features_scored'])} scored "
+        f"features ({int(m['label/features_not_scored'])} not scored: too few activating or non-activating snippets); {int(m['label/requests'])} requests, "
         f"{int(m['label/tokens_total']):,} tokens",
         soft_wrap=True, highlight=False,
     )

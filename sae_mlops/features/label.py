@@ -14,9 +14,15 @@ Per feature, two requests (plus retries):
 2. **Detection score** (as delphi / SAEBench score labels). The model sees the label and
    description and ``n`` unmarked snippets in a seeded random order: ``n_activating`` *held-out*
    activating contexts (tokens where the feature fired that were not among the prompt's examples,
-   drawn uniformly at random from the activation database) and ``n_non`` non-activating ones
-   (random tokens whose whole window holds no firing of the feature). It answers which snippets
-   make the feature fire. With TP, TN, FP, FN over the snippets:
+   drawn uniformly at random from the activation database) and ``n_non`` non-activating ones:
+   tokens whose whole snippet window (``context`` tokens either side) holds no activation of the
+   feature above tau, drawn uniformly from *every* such token (found exactly, with a sliding-window
+   maximum, not by rejection sampling), where tau = 0 (the feature is zero in the whole window) or,
+   with ``non_activating_quantile`` q > 0, the q-quantile of the feature's non-zero activations.
+   A feature with fewer than ``n_activating`` held-out activating or ``n_non`` non-activating
+   snippets is **not scored** (its record says why): a dense feature firing in every window would
+   otherwise be scored on activating snippets alone, where balanced accuracy is only recall. It
+   answers which snippets make the feature fire. With TP, TN, FP, FN over the snippets:
    ``accuracy = (TP + TN) / n`` and ``balanced accuracy = (TP / (TP + FN) + TN / (TN + FP)) / 2``
    (0.5 is chance). Without an activation database there is no detection score.
 
@@ -118,6 +124,7 @@ class LabelOptions:
     max_answer_tokens: int = 400
     seed: int = 0
     detection: bool = True
+    non_activating_quantile: float = 0.0
 
 
 @dataclass
@@ -269,24 +276,42 @@ def _snippet(db: Any, row: int, width: int) -> str:
     return "".join(text for text, _, _ in db.window(-1, row, width)) if db is not None else ""
 
 
-def detection_set(db: Any, feature: int, exclude: set[int], n_act: int, n_non: int, width: int, rng: random.Random) -> tuple[list[str], list[int]]:
-    """Shuffled snippets and their 0/1 truth: held-out activating rows (not in ``exclude``) and
-    rows whose window holds no firing of the feature."""
+def non_activating_rows(db: Any, feature: int, width: int, quantile: float = 0.0) -> np.ndarray:
+    """Every token index whose window of ``width`` tokens either side holds no activation of
+    ``feature`` above tau (tau = 0, or the ``quantile`` of its non-zero activations when > 0).
+
+    Windows are taken over the token index (across document ends, a superset of what a snippet
+    shows), so a token kept here has a snippet with no activation above tau."""
+    from scipy.ndimage import maximum_filter1d
+
+    n_tokens = len(db.doc)
+    firing = np.asarray(db.rows.get(feature, np.zeros(0, dtype=np.int64)), dtype=np.int64)
+    values = np.abs(np.asarray(db.values.get(feature, np.zeros(0)), dtype=np.float64))
+    dense = np.zeros(n_tokens, dtype=np.float64)
+    dense[firing] = values
+    tau = float(np.quantile(values, quantile)) if quantile > 0 and values.size else 0.0
+    peak = maximum_filter1d(dense, size=2 * width + 1, mode="constant", cval=0.0)
+    return np.flatnonzero(peak <= tau)
+
+
+def detection_set(db: Any, feature: int, exclude: set[int], n_act: int, n_non: int, width: int, rng: random.Random,
+                  quantile: float = 0.0) -> tuple[list[str], list[int], str | None]:
+    """Shuffled snippets, their 0/1 truth, and None; or ([], [], reason) when the feature has fewer
+    than ``n_act`` held-out activating rows (not in ``exclude``) or fewer than ``n_non`` rows whose
+    window holds no activation above tau (:func:`non_activating_rows`)."""
     firing = np.sort(db.rows.get(feature, np.zeros(0, dtype=np.int64)))
     pool = [int(r) for r in firing if int(r) not in exclude]
-    act = rng.sample(pool, min(n_act, len(pool)))
-    n_tokens = len(db.doc)
-    non: list[int] = []
-    for _ in range(50 * max(n_non, 1)):
-        if len(non) >= n_non:
-            break
-        r = rng.randrange(n_tokens)
-        lo, hi = r - width, r + width
-        if np.searchsorted(firing, lo) == np.searchsorted(firing, hi, side="right") and r not in non:
-            non.append(r)
+    if len(pool) < n_act:
+        return [], [], f"{len(pool)} held-out activating snippets, fewer than {n_act}"
+    act = rng.sample(pool, n_act)
+    candidates = non_activating_rows(db, feature, width, quantile) if n_non else np.zeros(0, dtype=np.int64)
+    if len(candidates) < n_non:
+        where = "zero" if quantile <= 0 else f"at most its {quantile:g}-quantile"
+        return [], [], f"{len(candidates)} windows where the feature is {where}, fewer than {n_non} non-activating snippets"
+    non = [int(candidates[i]) for i in rng.sample(range(len(candidates)), n_non)]
     items = [(_snippet(db, r, width), 1) for r in act] + [(_snippet(db, r, width), 0) for r in non]
     rng.shuffle(items)
-    return [s for s, _ in items], [t for _, t in items]
+    return [s for s, _ in items], [t for _, t in items], None
 
 
 def label_features(
@@ -336,8 +361,11 @@ def label_features(
             rec: dict[str, Any] = {"feature": f, **ans.model_dump(), "tries": tries}
             if db is not None:
                 rng = random.Random(opts.seed * 1_000_003 + f)
-                snippets, truth = detection_set(db, f, {int(e["global_idx"]) for e in exs}, opts.n_activating, opts.n_non, opts.context, rng)
-                if snippets and any(truth):
+                snippets, truth, skipped = detection_set(db, f, {int(e["global_idx"]) for e in exs}, opts.n_activating, opts.n_non,
+                                                         opts.context, rng, opts.non_activating_quantile)
+                if skipped:
+                    rec["detection_skipped"] = skipped
+                elif snippets and any(truth):
                     det, det_tries = labeler.ask(DETECTION_SYSTEM, detection_prompt(rec, snippets), DetectionAnswer)
                     picked = {int(i) for i in det.active}  # type: ignore[attr-defined]
                     answer = [1 if i in picked else 0 for i in range(1, len(snippets) + 1)]
@@ -411,6 +439,8 @@ def label_metrics(done: dict[int, dict[str, Any]], usage: dict[str, float], fail
         "label/share_monosemantic": float(np.mean([bool(r.get("monosemantic")) for r in recs])) if recs else float("nan"),
         "label/mean_detection_accuracy": float(np.mean(acc)) if acc else float("nan"),
         "label/mean_detection_balanced_accuracy": float(np.mean(bal)) if bal else float("nan"),
+        "label/features_scored": float(len(bal)),
+        "label/features_not_scored": float(sum(1 for r in recs if r.get("detection_skipped"))),
         "label/requests": float(usage["requests"]),
         "label/tokens_prompt": float(usage["prompt_tokens"]),
         "label/tokens_completion": float(usage["completion_tokens"]),

@@ -99,11 +99,13 @@ def run_job(spec: dict[str, Any]) -> dict[str, Any]:
         raise InputError(f"Unknown analysis kind {kind!r}; the policy allows quick and full.")
     options = dict(spec.get("options") or {})
     full_options = options.pop("full_options", None)
+    probe_options = options.pop("probe_options", None)
     try:
         cfg = AnalysisConfig(sae=f"models:/{name}/{version}", device=spec.get("device") or "auto", progress=False, **options)
     except (TypeError, InputError) as e:
         raise InputError(f"The policy gives an option AnalysisConfig does not take, or a bad value ({e}); fix the policy file.") from None
     full_opts = _full_options(full_options) if kind == "full" else None  # bad options: InputError before any run
+    probe_opts = _probe_options(probe_options)
     out_dir = Path(spec["out_dir"])
     run_name = f"{kind} {name} v{version}"
     experiment = spec.get("experiment") or "sae-mlops-service"
@@ -139,6 +141,13 @@ def run_job(spec: dict[str, Any]) -> dict[str, Any]:
             )
         if outcome.run_id and outcome.run_id != run_id:
             raise RuntimeError(f"the analysis logged into run {outcome.run_id}, not the job's run {run_id}")
+        if probe_opts is not None:  # the policy's probe_options: k-sparse probing into the same run
+            from sae_mlops.config import EvalRunOptions, EvalTarget
+
+            target = EvalTarget(**{f: getattr(cfg, f) for f in ("sae", "sae_id", "model", "hook", "context_size", "prepend_bos",
+                                                                "topk_mode", "threshold", "batch_size", "device", "dtype")})
+            probed = pipeline.run_probe_and_log(target, probe_opts, EvalRunOptions(out=str(out_dir / "probe"), run_id=run_id, quiet=True))
+            outcome.result.metrics.update(probed.metrics)
     except BaseException:
         try:
             registry.end_run(run_id, "FAILED")
@@ -175,6 +184,19 @@ def _full_options(given: dict[str, Any] | None):
         return FullOptions(**given)
     except (TypeError, InputError) as e:
         raise InputError(f"full_options in the policy has an option the full analysis does not take, or a bad value ({e}); fix the policy file.") from None
+
+
+def _probe_options(given: dict[str, Any] | None):
+    """`ProbeOptions` from the policy's ``probe_options`` mapping (None: no probing)."""
+    if given is None:
+        return None
+    from sae_mlops.config import ProbeOptions
+    from sae_mlops.errors import InputError
+
+    try:
+        return ProbeOptions(**given)
+    except (TypeError, InputError) as e:
+        raise InputError(f"probe_options in the policy has an option probing does not take, or a bad value ({e}); fix the policy file.") from None
 
 
 def _finite(v: Any) -> bool:

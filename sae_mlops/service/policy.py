@@ -21,7 +21,9 @@ A policy file (YAML or JSON)::
 Analysis options are `sae_mlops.config.AnalysisConfig` fields (``max_tokens``, ``model``,
 ``corpus``, ``text_field``, ``hook``, ``context_size``, ``batch_size``, ``prepend_bos``, ``dtype``,
 ``topk_mode``...); ``sae`` is the version (``models:/<name>/<version>``) and ``device`` the worker's
-device. A full analysis also takes ``full_options`` (a mapping passed to the full analysis).
+device. A full analysis also takes ``full_options`` (a mapping passed to the full analysis). Either kind
+takes ``probe_options`` (`sae_mlops.config.ProbeOptions` fields, e.g. ``{datasets: "topics=/data/t.jsonl"}``):
+k-sparse probing of the version after the analysis, logged into the analysis's run.
 
 Without a policy file the default applies: a quick analysis, with the library defaults, of every
 new version of every registered model, and no gate.
@@ -433,8 +435,8 @@ def _options(raw: Any, kind: str, where: str, bad) -> dict[str, Any]:
             raise bad(f"{where}.{k}", "is set by the service (the version and the worker's device)")
         if k not in allowed:
             raise bad(f"{where}.{k}", f"unknown option; known: {', '.join(sorted(allowed))}")
-        if k == "full_options" and not isinstance(v, Mapping):
-            raise bad(f"{where}.full_options", "expected a mapping")
+        if k in ("full_options", "probe_options") and not isinstance(v, Mapping):
+            raise bad(f"{where}.{k}", "expected a mapping")
         if k in ("max_tokens", "batch_size", "context_size") and isinstance(v, float) and v.is_integer():
             v = int(v)  # YAML's 2e5 is a float
         out[str(k)] = v
@@ -448,7 +450,7 @@ def _check_declared(options: dict[str, Any], where: str, bad) -> None:
     from sae_mlops.config import AnalysisConfig, FullOptions
     from sae_mlops.errors import InputError
 
-    analysis = {k: v for k, v in options.items() if k != "full_options"}
+    analysis = {k: v for k, v in options.items() if k not in ("full_options", "probe_options")}
     try:
         AnalysisConfig(sae="models:/policy-check/1", **analysis)
     except InputError as e:
@@ -458,6 +460,13 @@ def _check_declared(options: dict[str, Any], where: str, bad) -> None:
             FullOptions(**dict(options["full_options"]))
         except InputError as e:
             raise bad(f"{where}.full_options", str(e).rstrip(".")) from None
+    if "probe_options" in options:
+        from sae_mlops.config import ProbeOptions
+
+        try:
+            ProbeOptions(**dict(options["probe_options"]))
+        except InputError as e:
+            raise bad(f"{where}.probe_options", str(e).rstrip(".")) from None
 
 
 def analysis_option_names(kind: str) -> set[str]:
@@ -466,6 +475,7 @@ def analysis_option_names(kind: str) -> set[str]:
     names = {f.name for f in fields(AnalysisConfig)} - _RESERVED_OPTIONS
     if kind == "full":
         names.add("full_options")
+    names.add("probe_options")  # k-sparse probing after the analysis, into its run (ProbeOptions fields)
     return names
 
 
