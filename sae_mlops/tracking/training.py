@@ -43,6 +43,8 @@ from sae_mlops.tracking.runs import flat_params, metric_key, resolve_run
 log = logging.getLogger(__name__)
 
 SAE_ARTIFACT_PATH = "sae"
+#: Tag of a training run that trained a random baseline (its value: the baseline's name).
+TAG_BASELINE = "sae_mlops.baseline"
 HISTORY_NAMES = {
     "loss": "train/loss",
     "recon_loss": "train/mse",
