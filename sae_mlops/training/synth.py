@@ -73,7 +73,8 @@ class Recipe:
 
     @property
     def name(self) -> str:
-        sparsity = f"k{self.k}" if self.k is not None else f"c{self.coefficient:g}"
+        # no '.' (MLflow model names refuse it): coefficient 0.2 -> c0p2
+        sparsity = f"k{self.k}" if self.k is not None else f"c{self.coefficient:g}".replace(".", "p")
         base = f"{self.architecture}_w{self.d_sae}_{sparsity}"
         return f"{base}_{self.baseline}" if self.baseline else base
 
