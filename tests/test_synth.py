@@ -176,6 +176,8 @@ def test_report_files(tmp_path):
 
     assert set(metrics) <= set(BY_NAME)
     assert pd.read_csv(tmp_path / "recipes.csv", index_col="recipe").shape[0] == len(table)
+    scopes = pd.read_csv(tmp_path / "correlations.csv").groupby("scope")["n"].max()
+    assert scopes["all recipes"] == len(table) and scopes.drop("all recipes").iloc[0] == len(table) - 1  # one baseline
     assert {f.name for f in files} >= {"README.md", "README.html", "correlations.csv", "picks.csv", "proxies_vs_mcc.png"}
 
 
