@@ -355,3 +355,18 @@ def test_random_directions_baseline_of_match():
     wide, _ = random_mean_max_cosine(128, 512, 4096)
     narrow_space, _ = random_mean_max_cosine(512, 512, 512)
     assert wide > ab > narrow_space
+
+
+def test_train_baseline_run_is_tagged(mlflow_store, demo_assets, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from sae_mlops.training import TrainConfig, train_and_log
+
+    cfg = TrainConfig(training_tokens=2048, batch_size_tokens=512, d_sae=64, k=4, baseline="frozen-encoder", device="cpu")
+    outcome = train_and_log(cfg, tmp_path / "sae")
+    run = MlflowClient().get_run(outcome.run_id)
+    assert run.data.tags["sae_mlops.baseline"] == "frozen-encoder" and "baseline frozen-encoder" in run.info.run_name
+    assert run.data.metrics["train/baseline_frozen_change"] == 0.0
+    assert run.data.params["baseline"] == "frozen-encoder"
+    with pytest.raises(InputError, match="--baseline 'random-everything' is not a baseline; use one of frozen-decoder"):
+        TrainConfig(baseline="random-everything")

@@ -96,7 +96,7 @@ class TrainConfig:
                 f"architecture {self.architecture!r} is not supported; use one of {', '.join(ARCHITECTURES)}."
             )
         if self.baseline is not None and self.baseline not in BASELINES:
-            raise InputError(f"baseline {self.baseline!r} is not supported; use one of {', '.join(BASELINES)}.")
+            raise InputError(f"--baseline {self.baseline!r} is not a baseline; use one of {', '.join(BASELINES)}.")
         if self.training_tokens < self.batch_size_tokens:
             raise InputError(
                 f"training tokens ({self.training_tokens}) are fewer than one batch ({self.batch_size_tokens}); "

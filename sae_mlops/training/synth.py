@@ -27,8 +27,8 @@ every recipe sees the same evaluation samples and a recipe gives the same number
 (locally or as a Ray task: :func:`run_grid`). A recipe receives the world as its files' bytes and
 returns its SAE as files' bytes, so Ray workers need no shared disk.
 
-Nothing here imports mlflow (`sae_mlops.tracking.synth` logs; `sae_mlops.workflows.synth_and_log`
-would be its caller; here :func:`synth_and_log` ties the two together from the training layer).
+Nothing here imports mlflow: :func:`synth_and_log` logs through `sae_mlops.tracking.synth` (as
+`sae_mlops.training.run.train_and_log` logs through `sae_mlops.tracking.training`).
 """
 
 from __future__ import annotations
