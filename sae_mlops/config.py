@@ -266,6 +266,7 @@ class RunOptions:
 
 Pooling = Literal["mean", "last"]
 EVAL_SUITES = ("core", "probe", "absorption", "autointerp")
+SynthExecutor = Literal["local", "ray"]
 
 
 @user_errors
@@ -420,6 +421,97 @@ class EvalsOptions:
         if bad or not names:
             raise InputError(f"--suite {self.suite!r}: give some of {', '.join(EVAL_SUITES)}, comma-separated.")
         return names
+class SynthConfig:
+    """A synthetic world with known features (sae_lens.synthetic: Zipfian firing, low-rank correlations,
+    a hierarchy) and the grid of SAE recipes trained and scored against its truth (`sae-mlops synth`).
+    The defaults are the default size (finishes in minutes on 2 CPU cores); docs/guides/synth.md gives
+    the tiny and the large sizes."""
+
+    features: int = Field(default=256, ge=2, description="True features in the world. Unit: features. (default: 256)")
+    d_model: int = Field(default=64, ge=2, description="Width of the world's activations (the SAE's d_in). Unit: dims. (default: 64)")
+    world_seed: int = Field(default=0, description="Seed of the world (dictionary, firing probabilities, correlations, hierarchy). (default: 0)")
+    zipf_exponent: float = Field(default=1.0, gt=0.0, description="Exponent of the Zipfian firing probabilities. (default: 1.0)")
+    max_firing_prob: float = Field(
+        default=0.2, gt=0.0, le=1.0, description="Firing probability of the most frequent feature. Unit: probability. (default: 0.2)"
+    )
+    min_firing_prob: float = Field(
+        default=0.005, gt=0.0, le=1.0, description="Firing probability of the rarest feature. Unit: probability. (default: 0.005)"
+    )
+    correlation_rank: int = Field(
+        default=16, ge=0, description="Rank of the low-rank feature correlation matrix; 0 = independent features. (default: 16)"
+    )
+    correlation_scale: float = Field(
+        default=0.1, ge=0.0, description="Scale of the feature correlations (sae_lens LowRankCorrelationConfig). (default: 0.1)"
+    )
+    hierarchy_roots: int = Field(
+        default=16, ge=0, description="Root features of the hierarchy (children fire only with their parent); 0 = none. (default: 16)"
+    )
+    hierarchy_branching: int = Field(default=4, ge=2, description="Children per hierarchy parent. Unit: features. (default: 4)")
+    magnitude_std: float = Field(
+        default=0.1, ge=0.0, description="Standard deviation of a firing feature's magnitude (mean 1). Unit: activation. (default: 0.1)"
+    )
+    architectures: str = Field(
+        default="standard,topk,batchtopk,jumprelu,matryoshka",
+        description="Comma-separated SAE architectures of the grid: standard, topk, batchtopk, jumprelu, matryoshka "
+        "(SAELens's Matryoshka BatchTopK). (default: standard,topk,batchtopk,jumprelu,matryoshka)",
+    )
+    widths: str = Field(default="256,512", description="Comma-separated dictionary sizes (d_sae) of the grid. Unit: features. (default: 256,512)")
+    k_values: str = Field(
+        default="4,8",
+        description="Comma-separated L0 targets k of the topk, batchtopk and matryoshka recipes. Unit: features. (default: 4,8)",
+    )
+    l1_coefficients: str = Field(
+        default="0.2,0.5", description="Comma-separated L1 coefficients of the standard recipes. (default: 0.2,0.5)"
+    )
+    l0_coefficients: str = Field(
+        default="1,10", description="Comma-separated L0 coefficients of the jumprelu recipes. (default: 1,10)"
+    )
+    baselines: str = Field(
+        default="frozen-decoder",
+        description="Comma-separated random baselines (frozen-decoder, soft-frozen-decoder, frozen-encoder) trained "
+        "for each topk recipe; none (or empty) for none. (default: frozen-decoder)",
+    )
+    training_samples: int = Field(
+        default=100_000, ge=1, description="Synthetic activations each recipe trains on. Unit: samples. (default: 100000)"
+    )
+    batch_size: int = Field(default=256, ge=1, description="Samples per training step. Unit: samples. (default: 256)")
+    lr: float = Field(default=3e-3, gt=0.0, description="Adam learning rate. (default: 0.003)")
+    eval_samples: int = Field(
+        default=20_000, ge=1, description="Fresh samples each SAE is scored on against the truth. Unit: samples. (default: 20000)"
+    )
+    seed: int = Field(default=42, description="Training and evaluation seed of every recipe. (default: 42)")
+    threads: int = Field(
+        default=1, ge=1, description="Torch threads per recipe (fixed so that local and Ray runs give identical results). (default: 1)"
+    )
+    device: str = Field(default="cpu", description="Torch device for training: cpu, cuda, cuda:N. (default: cpu)")
+    log_every: int = Field(default=10, ge=1, description="Keep training metrics every this many steps. Unit: steps. (default: 10)")
+    executor: SynthExecutor = Field(
+        default="local", description="Where recipes train: local (one after another) or ray (one Ray task each). (default: local)"
+    )
+    ray_address: str | None = Field(
+        default=None,
+        description="Ray cluster (host:port, ray://host:10001 or auto) for --executor ray. (default: a local Ray instance on "
+        "127.0.0.1, stopped at the end)",
+    )
+    bootstrap_resamples: int = Field(
+        default=2000, ge=100, description="Bootstrap resamples (over recipes) of each rank correlation's 95% interval. (default: 2000)"
+    )
+
+    def __post_init__(self) -> None:
+        if self.min_firing_prob > self.max_firing_prob:
+            raise InputError(
+                f"--min-firing-prob ({self.min_firing_prob:g}) is above --max-firing-prob ({self.max_firing_prob:g}); swap them."
+            )
+        if self.hierarchy_roots * (1 + self.hierarchy_branching) > self.features:
+            raise InputError(
+                f"a hierarchy of {self.hierarchy_roots} roots x {self.hierarchy_branching} children needs more than "
+                f"--features {self.features}; lower --hierarchy-roots or raise --features."
+            )
+        if self.executor == "local" and self.ray_address:
+            raise InputError("--ray-address needs --executor ray.")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
 
 
 @user_errors
@@ -443,3 +535,17 @@ class EvalRunOptions:
     no_track: bool = Field(default=False, description="Do not log to MLflow; only write files.", json_schema_extra={"mlproject": False})
     quiet: bool = Field(default=False, description="Only warnings and errors on stderr; no progress bars.",
                         json_schema_extra={"mlproject": False, "short": "-q"})
+class SynthRunOptions:
+    """Where `sae-mlops synth` writes and how it is tracked."""
+
+    out: str | None = Field(
+        default=None, description="Directory for the world, the SAEs (SAELens format) and the report. (default: synth/<UTC timestamp>)"
+    )
+    experiment: str | None = Field(
+        default=None,
+        description="MLflow experiment. (default: $MLFLOW_EXPERIMENT_NAME, else sae-mlops)",
+        json_schema_extra={"mlproject": False},
+    )
+    quiet: bool = Field(
+        default=False, description="Only warnings and errors on stderr.", json_schema_extra={"mlproject": False, "short": "-q"}
+    )

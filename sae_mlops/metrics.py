@@ -121,6 +121,39 @@ METRICS: tuple[Metric, ...] = (
     # <name>_ci_low / <name>_ci_high, the bounds of its 95 % bootstrap interval (see ci_names)
     Metric("stats/blocks", "blocks of windows (bootstrap unit)", "blocks", "{:,.0f}", summary=False),
     Metric("time/intervals", "bootstrap intervals", "s", "{:,.1f}", False, summary=False),
+    # ground truth on a synthetic world (sae_mlops.training.synth; sae_lens.synthetic.eval_sae_on_synthetic_data)
+    Metric("synth/mcc", "MCC vs true features (Hungarian-matched |cos|)", "cosine", "{:.4f}", True, "synth_mcc", summary=False),
+    Metric("synth/uniqueness", "feature uniqueness (distinct true features / latents)", "fraction", "{:.4f}", True, summary=False),
+    Metric("synth/f1", "mean F1 of latents as detectors of their true feature", "fraction", "{:.4f}", True, "synth_f1",
+           summary=False),
+    Metric("synth/precision", "mean precision (latent fires -> its true feature fires)", "fraction", "{:.4f}", True,
+           summary=False),
+    Metric("synth/recall", "mean recall (true feature fires -> latent fires)", "fraction", "{:.4f}", True, summary=False),
+    Metric("synth/accuracy", "mean detection accuracy", "fraction", "{:.4f}", True, summary=False),
+    Metric("synth/dead_latents", "dead latents on the eval samples", "features", "{:,.0f}", False, summary=False),
+    Metric("synth/dead_fraction", "dead fraction on the eval samples", "of d_sae", "{:.4f}", False, summary=False),
+    Metric("synth/shrinkage", "shrinkage (mean ||x_hat|| / ||x||)", "ratio", "{:.4f}", None, summary=False),
+    Metric("synth/explained_variance", "explained variance on the world", "fraction", "{:.4f}", True, summary=False),
+    Metric("synth/l0", "L0 on the world", "features", "{:.2f}", False, summary=False),
+    Metric("synth/true_l0", "true L0 (true features firing per sample)", "features", "{:.2f}", None, summary=False),
+    Metric("synth/mse", "MSE per sample (sum over dims) on the world", "act^2", "{:.4g}", False, summary=False),
+    Metric("synth/cosine", "cosine(x, x_hat) on the world", "", "{:.4f}", True, summary=False),
+    Metric("synth/train_loss", "final training loss", "loss", "{:.4g}", False, summary=False),
+    Metric("synth/train_seconds", "training time of the recipe", "s", "{:.1f}", False, summary=False),
+    Metric("synth/baseline_frozen_change", "largest change of a baseline's frozen part (soft: min cosine)", "", "{:.3g}",
+           None, summary=False),
+    Metric("synth/recipes", "recipes in the synth grid", "count", "{:,.0f}", None, summary=False),
+    Metric("synth/grid_seconds", "synth grid wall time (world, training, scoring)", "s", "{:.1f}", False, summary=False),
+)
+
+#: Proxies whose rank correlation with the truth the synth report gives (``synth/rho_<truth>_vs_<proxy>``).
+SYNTH_PROXIES = ("synth/explained_variance", "synth/mse", "synth/cosine", "synth/l0", "synth/dead_fraction",
+                 "synth/shrinkage", "synth/train_loss")
+SYNTH_TRUTHS = ("synth/mcc", "synth/f1")
+METRICS = METRICS + tuple(
+    Metric(f"synth/rho_{t.split('/')[1]}_vs_{p.split('/')[1]}", f"Spearman rho of {p} with {t} across the grid", "rho",
+           "{:+.3f}", None, summary=False)
+    for t in SYNTH_TRUTHS for p in SYNTH_PROXIES
 )
 
 BY_NAME: dict[str, Metric] = {m.name: m for m in METRICS}

@@ -24,6 +24,8 @@ from sae_mlops.config import (
     FullOptions,
     ProbeOptions,
     RunOptions,
+    SynthConfig,
+    SynthRunOptions,
 )
 from sae_mlops.options import OptionSpec, option_specs, plain
 from sae_mlops.training.config import TrainConfig, TrainRunOptions
@@ -37,9 +39,10 @@ DECLARED = {
     "train": (TrainConfig, TrainRunOptions),
     "probe": (EvalTarget, ProbeOptions, EvalRunOptions),
     "evals": (AnalysisConfig, EvalsOptions, ProbeOptions, AbsorptionOptions, AutointerpOptions, EvalRunOptions),
+    "synth": (SynthConfig, SynthRunOptions),
 }
 #: commands documented in a guide instead of the README (the README keeps to one screen)
-GUIDES = {"probe": "docs/guides/evals.md", "evals": "docs/guides/evals.md"}
+GUIDES = {"probe": "docs/guides/evals.md", "evals": "docs/guides/evals.md", "synth": "docs/guides/synth.md"}
 
 
 def _specs(name: str, *, mlproject: bool) -> list[OptionSpec]:
@@ -98,7 +101,7 @@ def test_entrypoint_parser_is_the_declaration(entry):
     from mlflow.projects import _project_spec
 
     project = _project_spec.load_project(str(ROOT))
-    given = {"sae": "some/sae"} if entry != "train" else {}
+    given = {"sae": "some/sae"} if entry in ("quick", "full") else {}
     argv = shlex.split(project.get_entry_point(entry).compute_command(given, storage_dir=None))[2:]
     args = vars(parser.parse_args(argv))
     for s in _specs(entry, mlproject=True):

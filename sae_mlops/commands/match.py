@@ -48,6 +48,11 @@ def match(
         shutil.rmtree(tmp, ignore_errors=True)
     m = result.metrics
     out_console.print(f"Mean max decoder cosine: A->B {m['match/mean_max_cos_a_to_b']:.4f}, B->A {m['match/mean_max_cos_b_to_a']:.4f}", highlight=False)
+    if "match/random_mean_max_cos_a_to_b" in m:
+        out_console.print(
+            f"  random directions (same d_in and widths, simulated): A->B {m['match/random_mean_max_cos_a_to_b']:.4f}, "
+            f"B->A {m['match/random_mean_max_cos_b_to_a']:.4f}", highlight=False,
+        )
     for t in (0.9, 0.7):
         out_console.print(f"Share with a match >= {t}: A {m[f'match/share_a_cos_ge_{t}']:.3f}, B {m[f'match/share_b_cos_ge_{t}']:.3f}", highlight=False)
     if result.activation is not None:

@@ -98,6 +98,9 @@ def _markdown(result: MatchResult, summary: dict[str, Any], label_a: str, label_
         lines.append(f"- {label}: `{inp.get('given', '')}` (SAE `{inp.get('sae', '')}`, d_sae {inp.get('d_sae', '')})")
     lines += ["", "| measure | A -> B | B -> A |", "|---|---|---|"]
     lines.append(f"| mean max decoder cosine | {m['match/mean_max_cos_a_to_b']:.4f} | {m['match/mean_max_cos_b_to_a']:.4f} |")
+    if "match/random_mean_max_cos_a_to_b" in m:
+        lines.append(f"| random directions, same d_in and widths (simulated) | {m['match/random_mean_max_cos_a_to_b']:.4f} | "
+                     f"{m['match/random_mean_max_cos_b_to_a']:.4f} |")
     for t in THRESHOLDS:
         lines.append(f"| share with a match >= {t} (cosine) | {m[f'match/share_a_cos_ge_{t}']:.3f} | {m[f'match/share_b_cos_ge_{t}']:.3f} |")
     if result.activation is not None:

@@ -43,6 +43,8 @@ from sae_mlops.tracking.runs import flat_params, metric_key, resolve_run
 log = logging.getLogger(__name__)
 
 SAE_ARTIFACT_PATH = "sae"
+#: Tag of a training run that trained a random baseline (its value: the baseline's name).
+TAG_BASELINE = "sae_mlops.baseline"
 HISTORY_NAMES = {
     "loss": "train/loss",
     "recon_loss": "train/mse",
@@ -80,10 +82,15 @@ class SourceRun:
     """One MLflow run recording where an SAE came from. Use as a context manager: a run created here
     ends FINISHED, or FAILED when the block raises."""
 
-    def __init__(self, kind: str, experiment: str | None = None, run_name: str | None = None):
+    def __init__(self, kind: str, experiment: str | None = None, run_name: str | None = None, parent_run_id: str | None = None):
         self.kind = kind
         self.client = MlflowClient()
-        self.run_id, self._owned = resolve_run(self.client, experiment, run_name)
+        if parent_run_id:  # a child run (mlflow.parentRunId) in the parent's experiment, e.g. a synth recipe
+            parent = self.client.get_run(parent_run_id)
+            run = self.client.create_run(parent.info.experiment_id, run_name=run_name, tags={"mlflow.parentRunId": parent_run_id})
+            self.run_id, self._owned = run.info.run_id, True
+        else:
+            self.run_id, self._owned = resolve_run(self.client, experiment, run_name)
         self._buffer: list[Metric] = []
         self._last_flush = time.monotonic()
         self._last: dict[str, float] = {}

@@ -13,6 +13,8 @@ from sae_mlops.errors import InputError
 from sae_mlops.options import user_errors
 
 ARCHITECTURES = ("standard", "topk", "batchtopk", "jumprelu")
+#: Random baselines of `sae_mlops.training.baselines` (arXiv 2602.14111).
+BASELINES = ("frozen-decoder", "soft-frozen-decoder", "frozen-encoder")
 #: Sparsity penalty when none is given: L1 coefficient (standard), L0 coefficient (jumprelu).
 DEFAULT_SPARSITY_COEFFICIENT = {"standard": 5.0, "jumprelu": 1.0}
 DEFAULT_TRAINING_TOKENS = 300_000  # about 10 s on the demo model on a laptop CPU
@@ -76,6 +78,13 @@ class TrainConfig:
     device: str = Field(default="auto", description="Torch device: auto, cpu, cuda, mps. (default: auto)")
     dtype: str = Field(default="float32", description="Model and SAE dtype: float32, float16 or bfloat16. (default: float32)")
     log_every: int = Field(default=1, ge=1, description="Send metrics to MLflow every this many steps. Unit: steps. (default: 1)")
+    baseline: str | None = Field(
+        default=None,
+        description="Train a random baseline (arXiv 2602.14111) instead of a full SAE: frozen-decoder (feature "
+        "directions fixed at random), soft-frozen-decoder (kept within cosine 0.8 of random) or frozen-encoder "
+        "(activation patterns fixed by a random encoder); the rest is trained. (default: none, a normal SAE)",
+        json_schema_extra={"choices": list(BASELINES)},
+    )
 
     def __post_init__(self) -> None:
         self.check()
@@ -86,6 +95,8 @@ class TrainConfig:
             raise InputError(
                 f"architecture {self.architecture!r} is not supported; use one of {', '.join(ARCHITECTURES)}."
             )
+        if self.baseline is not None and self.baseline not in BASELINES:
+            raise InputError(f"--baseline {self.baseline!r} is not a baseline; use one of {', '.join(BASELINES)}.")
         if self.training_tokens < self.batch_size_tokens:
             raise InputError(
                 f"training tokens ({self.training_tokens}) are fewer than one batch ({self.batch_size_tokens}); "

@@ -29,6 +29,8 @@ from sae_mlops.training.trainer import MetricsCallback
 log = logging.getLogger(__name__)
 
 DEFAULT_SAE_ROOT = Path("saes")
+#: A random baseline's fixed tensors at initialisation (safetensors, parameter names as keys).
+BASELINE_INIT_FILE = "baseline_init.safetensors"
 
 
 @dataclass
@@ -45,7 +47,8 @@ class TrainResult:
 
 def default_out_dir(cfg: TrainConfig) -> Path:
     ts = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    return DEFAULT_SAE_ROOT / f"{cfg.architecture}_{cfg.d_sae or 'auto'}_{ts}"
+    suffix = f"_{cfg.baseline}" if cfg.baseline else ""
+    return DEFAULT_SAE_ROOT / f"{cfg.architecture}_{cfg.d_sae or 'auto'}{suffix}_{ts}"
 
 
 def _sae_config(cfg: TrainConfig, d_in: int, d_sae: int, dtype: str, device: str):
@@ -169,8 +172,13 @@ def train_sae(
                 override_model=model.model,
                 on_metrics=on_metrics,
                 log_every=cfg.log_every,
+                baseline=cfg.baseline,
             )
             sae = runner.run()
+            if runner.baseline is not None:  # the random initial values of the fixed part, beside the SAE
+                from safetensors.torch import save_file
+
+                save_file(runner.baseline.frozen_tensors(), str(tmp / BASELINE_INIT_FILE))
         seconds = time.perf_counter() - t0
         if out.exists():
             out.rmdir()
@@ -189,6 +197,10 @@ def train_sae(
         "train/seconds": seconds,
         "train/tokens_per_s": trainer.n_training_samples / seconds if seconds > 0 else None,
     }
+    if runner.baseline is not None:
+        from sae_mlops.training.baselines import frozen_change
+
+        summary["train/baseline_frozen_change"] = frozen_change(sae, runner.baseline)
     for key in ("train/loss", "train/mse", "train/explained_variance"):
         if key in trainer.last_metrics:
             summary[key.replace("train/", "train/final_", 1)] = trainer.last_metrics[key]
@@ -228,6 +240,7 @@ def train_sae(
         "context_size": context_size,
         "training_tokens": trainer.n_training_samples,
         "sae_format": "saelens",
+        "baseline": cfg.baseline,
     }
     sae_hash = sha256_directory(out)
     log.info("Trained %s SAE (d_sae=%d) in %.1fs; saved to %s", cfg.architecture, d_sae, seconds, out)
@@ -256,7 +269,7 @@ def train_and_log(
     a dataset input, the SAE as artifacts and as a LoggedModel, optionally registered (+ alias).
     Returns `sae_mlops.tracking.training.SourceOutcome`."""
     from sae_mlops.tracking.registry import check_model_name
-    from sae_mlops.tracking.training import SourceRun
+    from sae_mlops.tracking.training import TAG_BASELINE, SourceRun
 
     check_model_name(register, alias)
     prepared = prepare_training(cfg, out_dir)  # bad input stops here, before a run exists
@@ -265,7 +278,11 @@ def train_and_log(
     k = cfg.k if cfg.architecture in ("topk", "batchtopk") else None
     # train · <model>/<hook> · <architecture> d<d_sae> k<k> (the output directory name carries a timestamp)
     name = run_name or run_title("train", f"{cfg.model}/{prepared.hook}", cfg.architecture, prepared.d_sae, k)
+    if cfg.baseline:
+        name = f"{name} · baseline {cfg.baseline}" if not run_name else name
     with SourceRun("train", experiment=experiment, run_name=name) as run:
+        if cfg.baseline:
+            run.set_tags({TAG_BASELINE: cfg.baseline})
         run.log_params(cfg.to_dict())
         result = train_sae(cfg, on_metrics=run.log_metrics, prepared=prepared)
         run.log_params(result.params)  # resolved values differing from the given ones: resolved.<name>

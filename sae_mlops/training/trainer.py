@@ -43,6 +43,8 @@ from sae_lens.llm_sae_training_runner import LanguageModelSAETrainingRunner
 from sae_lens.saes.sae import TrainStepOutput
 from sae_lens.training.sae_trainer import SAETrainer
 
+from sae_mlops.training.baselines import BaselineState, after_step, apply_baseline
+
 log = logging.getLogger(__name__)
 
 MetricsCallback = Callable[[int, dict[str, float]], None]
@@ -77,14 +79,23 @@ def numeric(log_dict: dict[str, Any]) -> dict[str, float]:
 class MetricsSAETrainer(SAETrainer):
     """``SAETrainer`` that reports each step's metrics to `on_metrics(step, metrics)` (see module doc)."""
 
-    def __init__(self, *args: Any, on_metrics: MetricsCallback | None = None, log_every: int = 1, **kwargs: Any):
+    def __init__(
+        self,
+        *args: Any,
+        on_metrics: MetricsCallback | None = None,
+        log_every: int = 1,
+        baseline: BaselineState | None = None,
+        **kwargs: Any,
+    ):
         super().__init__(*args, **kwargs)
         self.on_metrics = on_metrics
         self.log_every = max(1, int(log_every))
         self.last_metrics: dict[str, float] = {}
+        self.baseline = baseline  # a random baseline's state (sae_mlops.training.baselines), or None
 
     def step(self, batch: torch.Tensor) -> TrainStepOutput:
         output = super().step(batch)
+        after_step(self.sae, self.baseline)
         if self.n_training_steps % self.log_every == 0 or self.n_training_samples >= self.cfg.total_training_samples:
             with torch.no_grad():
                 metrics = numeric(self.build_train_step_log_dict(output, self.n_training_samples))
@@ -103,17 +114,27 @@ class MetricsSAETrainer(SAETrainer):
 class CallbackTrainingRunner(LanguageModelSAETrainingRunner):
     """SAELens's training runner whose trainer is a :class:`MetricsSAETrainer` (see module doc)."""
 
-    def __init__(self, *args: Any, on_metrics: MetricsCallback | None = None, log_every: int = 1, **kwargs: Any):
+    def __init__(
+        self,
+        *args: Any,
+        on_metrics: MetricsCallback | None = None,
+        log_every: int = 1,
+        baseline: str | None = None,
+        **kwargs: Any,
+    ):
         super().__init__(*args, **kwargs)
         self.on_metrics = on_metrics
         self.log_every = log_every
         self.trainer: MetricsSAETrainer | None = None
+        self.baseline_name = baseline
+        self.baseline: BaselineState | None = None
 
     def run(self):  # noqa: D401 - mirrors LanguageModelSAETrainingRunner.run
         """Train and return the SAE (saved to ``cfg.output_path`` when set)."""
         if self.cfg.logger.log_to_wandb:
             raise ValueError("CallbackTrainingRunner sends metrics to its callback; set logger.log_to_wandb=False")
         self._set_sae_metadata()
+        self.baseline = apply_baseline(self.sae, self.baseline_name)  # before the optimizer exists
         trainer = MetricsSAETrainer(
             cfg=self.cfg.to_sae_trainer_config(),
             sae=self.sae,
@@ -122,6 +143,7 @@ class CallbackTrainingRunner(LanguageModelSAETrainingRunner):
             save_checkpoint_fn=self.save_checkpoint,
             on_metrics=self.on_metrics,
             log_every=self.log_every,
+            baseline=self.baseline,
         )
         self.trainer = trainer
         self._compile_sae_if_needed()
