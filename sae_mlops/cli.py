@@ -10,7 +10,6 @@ from __future__ import annotations
 
 # in the order `sae-mlops --help` lists them
 from sae_mlops.commands import analyse, lineage, match, dashboard, label, notebook, log, serve, evals  # noqa: F401 (registration)
-from sae_mlops.commands import analyse, lineage, match, dashboard, label, notebook, log, serve  # noqa: F401 (registration)
 from sae_mlops.commands import synth  # noqa: F401 (registration)
 from sae_mlops.commands.app import app
 

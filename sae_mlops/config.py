@@ -421,6 +421,10 @@ class EvalsOptions:
         if bad or not names:
             raise InputError(f"--suite {self.suite!r}: give some of {', '.join(EVAL_SUITES)}, comma-separated.")
         return names
+
+
+@user_errors
+@dataclass(config=_STRICT)
 class SynthConfig:
     """A synthetic world with known features (sae_lens.synthetic: Zipfian firing, low-rank correlations,
     a hierarchy) and the grid of SAE recipes trained and scored against its truth (`sae-mlops synth`).
@@ -535,6 +539,10 @@ class EvalRunOptions:
     no_track: bool = Field(default=False, description="Do not log to MLflow; only write files.", json_schema_extra={"mlproject": False})
     quiet: bool = Field(default=False, description="Only warnings and errors on stderr; no progress bars.",
                         json_schema_extra={"mlproject": False, "short": "-q"})
+
+
+@user_errors
+@dataclass(config=_STRICT)
 class SynthRunOptions:
     """Where `sae-mlops synth` writes and how it is tracked."""
 

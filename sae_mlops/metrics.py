@@ -293,7 +293,3 @@ def eval_metric(name: str) -> Metric | None:
         return EVAL_BY_NAME.get(f"{parts[0]}/{parts[2]}")
     return None
 
-
-def ci_names(name: str) -> tuple[str, str]:
-    """The names of a metric's 95 % interval bounds: (``<name>_ci_low``, ``<name>_ci_high``)."""
-    return f"{name}_ci_low", f"{name}_ci_high"
