@@ -10,6 +10,8 @@ import inspect
 import shlex
 from pathlib import Path
 
+import re
+
 import pytest
 import yaml
 
