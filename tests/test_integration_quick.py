@@ -56,8 +56,9 @@ def launched(tmp_path_factory, demo_sae):
     runs = client.search_runs([exp.experiment_id])
     assert len(runs) == 1
     run = runs[0]
-    results = [a.path for a in client.list_artifacts(run.info.run_id, "results") if a.path.endswith(".json")]
-    assert len(results) == 1 and Path(results[0]).name == "analysis_results.json"
+    jsons = [a.path for a in client.list_artifacts(run.info.run_id, "results") if a.path.endswith(".json")]
+    assert sorted(Path(p).name for p in jsons) == ["analysis_results.json", "blocks.json"]  # blocks: the intervals' sums
+    results = [p for p in jsons if p.endswith("analysis_results.json")]
     local = client.download_artifacts(run.info.run_id, results[0], str(tmp / "download"))
     return {"client": client, "run": run, "json": json.loads(Path(local).read_text()), "out": out, "tmp": tmp}
 
