@@ -103,7 +103,7 @@ def test_entrypoint_parser_is_the_declaration(entry):
     from mlflow.projects import _project_spec
 
     project = _project_spec.load_project(str(ROOT))
-    given = {"sae": "some/sae"} if entry in ("quick", "full") else {}
+    given = {"sae": "some/sae"} if entry in ("quick", "full", "evals", "probe") else {}
     argv = shlex.split(project.get_entry_point(entry).compute_command(given, storage_dir=None))[2:]
     args = vars(parser.parse_args(argv))
     for s in _specs(entry, mlproject=True):

@@ -113,10 +113,43 @@ def seed_floors(groups: Mapping[str, Sequence[Mapping[str, float]]], metrics: Se
     return floors
 
 
+#: eval metrics judged from their logged intervals when both analyses have them (sae_mlops.evals)
+EVAL_VERDICT_METRICS = ("probe/sae_acc_k1", "probe/sae_acc_k5", "absorption/full_absorption_rate",
+                        "autointerp/detection_score")
+
+
+def interval_rows(reference: tuple[str, Mapping[str, Any]], variants: Sequence[tuple[str, Mapping[str, Any]]],
+                  metrics: Sequence[str] = EVAL_VERDICT_METRICS) -> list[Verdict]:
+    """Unpaired rows for metrics that have a logged 95 % interval but no per-block sums (the evals:
+    probing, absorption, auto-interp): each interval is read as ``value ± 1.96 se`` (a normal
+    approximation), the difference's standard error is ``sqrt(se_a^2 + se_b^2)`` and its p-value
+    ``2 (1 - Phi(|diff| / se))``. Only metrics both analyses have, with intervals, get a row."""
+    from statistics import NormalDist
+
+    from sae_mlops.metrics import interval_of
+
+    ref_label, ref = reference
+    rows: list[Verdict] = []
+    for label, m in variants:
+        for name in metrics:
+            meta = lookup(name)
+            ca, cb = interval_of(dict(m), name), interval_of(dict(ref), name)
+            a, b = m.get(name), ref.get(name)
+            if meta is None or ca is None or cb is None or a is None or b is None:
+                continue
+            se = math.hypot((ca[1] - ca[0]) / 3.92, (cb[1] - cb[0]) / 3.92)
+            diff = float(a) - float(b)
+            p = 1.0 if se == 0 and diff == 0 else (0.0 if se == 0 else 2 * (1 - NormalDist().cdf(abs(diff) / se)))
+            rows.append(Verdict(label, ref_label, name, meta.label.split(" (")[0], float(a), float(b), diff,
+                                diff - 1.96 * se, diff + 1.96 * se, p, float("nan"), False, None, "n/a", ""))
+    return rows
+
+
 def judge(reference: tuple[str, BlockSums], variants: Sequence[tuple[str, BlockSums]],
           metrics: Sequence[str] | None = None, alpha: float = DEFAULT_ALPHA, resamples: int = 9999, seed: int = 0,
-          floors: Mapping[str, float] | None = None) -> list[Verdict]:
-    """The verdict of every variant against ``reference`` on every judged metric (module docstring)."""
+          floors: Mapping[str, float] | None = None, extra: Sequence[Verdict] = ()) -> list[Verdict]:
+    """The verdict of every variant against ``reference`` on every judged metric (module docstring);
+    ``extra`` rows (e.g. :func:`interval_rows` for the evals) join the same Holm family."""
     names = judged_metrics(metrics)
     ref_label, ref = reference
     rows: list[Verdict] = []
@@ -130,6 +163,7 @@ def judge(reference: tuple[str, BlockSums], variants: Sequence[tuple[str, BlockS
                 continue
             rows.append(Verdict(label, ref_label, name, m.label.split(" (")[0], d.a, d.b, d.diff, d.low, d.high, d.p_value,
                                 float("nan"), d.paired, (floors or {}).get(name), "n/a", ""))
+    rows += list(extra)
     for row, p_adj in zip(rows, holm([r.p_value for r in rows]), strict=True):
         row.p_holm = p_adj
         row.verdict, row.bound = _decide(row, alpha)

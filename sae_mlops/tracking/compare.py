@@ -68,6 +68,9 @@ class CompareOutcome:
 
 #: tag of a training run: the hash of its recipe (every training option but the seed), set by `train --seeds`
 TAG_RECIPE_HASH = "sae_mlops.recipe_hash"
+#: eval columns (sae-mlops evals / probe, logged into the analysis run): shown when an analysis has them
+EVAL_COLUMNS = {"probe_acc_k1": "probe/sae_acc_k1", "probe_acc_k5": "probe/sae_acc_k5",
+                "absorption": "absorption/full_absorption_rate", "autointerp": "autointerp/detection_score"}
 #: interval columns of the table: column -> its metric (bounds in <column>_low / <column>_high)
 INTERVAL_COLUMNS = ("l0", "loss_recovered", "explained_variance", "dead_fraction")
 
@@ -176,6 +179,11 @@ def _row(client: MlflowClient, run: Run, exp_names: dict[str, str], cache: dict[
     }
     for column, metric in METRICS.items():
         row[column] = m.get(metric, float("nan"))
+    for column, metric in EVAL_COLUMNS.items():
+        if metric in m:
+            row[column] = m[metric]
+            row[f"{column}_low"] = m.get(metric + CI_LOW, float("nan"))
+            row[f"{column}_high"] = m.get(metric + CI_HIGH, float("nan"))
     for column in INTERVAL_COLUMNS:
         row[f"{column}_low"] = m.get(METRICS[column] + CI_LOW, float("nan"))
         row[f"{column}_high"] = m.get(METRICS[column] + CI_HIGH, float("nan"))
@@ -300,7 +308,7 @@ def judge_analyses(client: MlflowClient, df: pd.DataFrame, reference: str | None
     """Verdicts of every compared analysis against the reference (see `compare_and_log`), and a note
     saying how they were reached. Analyses without per-block statistics are named in the note."""
     from sae_mlops.core.intervals import same_plan
-    from sae_mlops.core.verdicts import judge, judged_metrics, seed_floors
+    from sae_mlops.core.verdicts import interval_rows, judge, judged_metrics, seed_floors
     from sae_mlops.tracking.artifacts import load_block_sums
 
     ref_pos = find_reference(df, reference)
@@ -329,7 +337,11 @@ def judge_analyses(client: MlflowClient, df: pd.DataFrame, reference: str | None
             groups.setdefault(recipe, []).append(sums[i].point())
     floors = seed_floors(groups, metrics)
     variants = [(labels[i], sums[i]) for i in sorted(sums) if i != ref_pos]
-    rows = judge((labels[ref_pos], sums[ref_pos]), variants, metrics, alpha=alpha, resamples=resamples, floors=floors)
+    run_metrics = [client.get_run(str(r["run_id"])).data.metrics for _, r in df.iterrows()]
+    evals = interval_rows((labels[ref_pos], run_metrics[ref_pos]),
+                          [(labels[i], run_metrics[i]) for i in sorted(sums) if i != ref_pos])
+    rows = judge((labels[ref_pos], sums[ref_pos]), variants, metrics, alpha=alpha, resamples=resamples, floors=floors,
+                 extra=evals)
     paired = [label for label, s in variants if same_plan(s, sums[ref_pos])]
     unpaired = [label for label, s in variants if not same_plan(s, sums[ref_pos])]
     n_seeds = sum(len(g) for g in groups.values() if len(g) >= 2)
@@ -340,6 +352,9 @@ def judge_analyses(client: MlflowClient, df: pd.DataFrame, reference: str | None
              + ".",
              f"Verdicts: Holm-adjusted bootstrap p < {alpha} over {len(rows)} tests (metrics x variants), direction "
              "from the metric registry; 'within noise' otherwise."]
+    if evals:
+        parts.append(f"{len(evals)} eval row(s) (probing, absorption, auto-interp) are judged from their own logged 95 % "
+                     "intervals, unpaired, by a normal approximation (see the evals guide).")
     parts.append(f"Seed noise floors from {n_seeds} seed analyses of {sum(1 for g in groups.values() if len(g) >= 2)} "
                  "recipe(s) apply: a verdict also needs |difference| > floor." if floors else
                  "No seed noise floor (fewer than two seeds of any compared recipe): the verdicts cover token-sample "
