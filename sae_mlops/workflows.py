@@ -85,16 +85,18 @@ def run_quick_and_log(
     failed or killed with the analysis.
     """
     out = _resolve_out(cfg, "quick", out_dir, resume)
-    preflight(out, track, no_track_option=True)
-    import sae_mlops.tracking.resolve  # noqa: F401 (registers the resolver of runs:/ and models:/ SAE URIs)
-    from sae_mlops.analyses.quick import run_quick
-    from sae_mlops.analyses.sharding import CHECKPOINT_DIR
-    from sae_mlops.outputs.summaries import write_quick_outputs
+    observer = RunObserver("quick", cfg, experiment, run_name, _now_ms(), out) if track else None
+    with interrupt_report(out, track, "quick", observer):  # a Ctrl-C in the preflight or the imports too
+        preflight(out, track, no_track_option=True)
+        import sae_mlops.tracking.resolve  # noqa: F401 (registers the resolver of runs:/ and models:/ SAE URIs)
+        from sae_mlops.analyses.quick import run_quick
+        from sae_mlops.analyses.sharding import CHECKPOINT_DIR
+        from sae_mlops.outputs.summaries import write_quick_outputs
 
-    started = _now_ms()
-    started_s = time.perf_counter()
-    observer = RunObserver("quick", cfg, experiment, run_name, started, out) if track else None
-    with interrupt_report(out, track, "quick", observer):
+        started = _now_ms()  # after the imports: they are in time/startup
+        started_s = time.perf_counter()
+        if observer is not None:
+            observer.start_time = started
         result = run_quick(cfg, out, exec_opts, resume=resume is not None, observer=observer)
         out.mkdir(parents=True, exist_ok=True)
         t_reports = time.perf_counter()
@@ -204,16 +206,20 @@ def _log_total(outcome: QuickOutcome, started: float, logging_seconds: float) ->
 
 def preflight(out: Path | str | None, track: bool, no_track_option: bool = False) -> None:
     """Before anything loads: the output directory (if given) can be created (`InputError`) and, when
-    tracking, the tracking store answers within seconds (`TrackingError`). Leaves nothing behind.
+    tracking, the tracking store answers within seconds (`TrackingError`); when the run exists
+    already (``MLFLOW_RUN_ID``), the store's client is loaded now (`open_store`), so that a Ctrl-C
+    during the model load marks it KILLED at once. Leaves nothing behind.
     no_track_option: the command has --no-track, so the message may offer it."""
     from sae_mlops.preflight import check_out_dir
 
     if out is not None:
         check_out_dir(out)
     if track:
-        from sae_mlops.tracking.preflight import check_tracking_store
+        from sae_mlops.tracking.preflight import check_tracking_store, open_store
 
         check_tracking_store(no_track_option=no_track_option)
+        if os.environ.get("MLFLOW_RUN_ID"):  # the run exists already: a Ctrl-C from now on must mark it KILLED promptly
+            open_store()
 
 
 def log_outcome(outcome: QuickOutcome, experiment: str | None, run_name: str | None, start_time: int | None = None,
@@ -341,15 +347,17 @@ def run_full_and_log(
     track / experiment / run_name / exec_opts / resume: as for `run_quick_and_log`.
     """
     out = _resolve_out(cfg, "full", out_dir, resume)
-    preflight(out, track, no_track_option=True)
-    import sae_mlops.tracking.resolve  # noqa: F401 (registers the resolver of runs:/ and models:/ SAE URIs)
-    from sae_mlops.analyses.full import FullOptions
+    observer = RunObserver("full", cfg, experiment, run_name, _now_ms(), out) if track else None
+    with interrupt_report(out, track, "full", observer):  # a Ctrl-C in the preflight or the imports too
+        preflight(out, track, no_track_option=True)
+        import sae_mlops.tracking.resolve  # noqa: F401 (registers the resolver of runs:/ and models:/ SAE URIs)
+        from sae_mlops.analyses.full import FullOptions
 
-    opts = opts or FullOptions()  # bounds are checked when FullOptions is built (sae_mlops.config)
-    started = _now_ms()
-    started_s = time.perf_counter()
-    observer = RunObserver("full", cfg, experiment, run_name, started, out) if track else None
-    with interrupt_report(out, track, "full", observer):
+        opts = opts or FullOptions()  # bounds are checked when FullOptions is built (sae_mlops.config)
+        started = _now_ms()  # after the imports: they are in time/startup
+        started_s = time.perf_counter()
+        if observer is not None:
+            observer.start_time = started
         return _run_full_and_log(cfg, out, opts, track, experiment, run_name, started, started_s, exec_opts,
                                  resume is not None, observer)
 

@@ -154,3 +154,60 @@ def mlflow_store(tmp_path: Path) -> Iterator[str]:
     """A fresh sqlite MLflow store in tmp_path as the current tracking URI (restored afterwards)."""
     with _mlflow_store_at(tmp_path) as uri:
         yield uri
+
+
+# ---------------------------------------------------------------------------------------------
+# running in parallel (pytest-xdist: `make test` runs `pytest -n 4 --dist loadgroup
+# --no-loadscope-reorder`; docs/guides/testing.md)
+# ---------------------------------------------------------------------------------------------
+
+#: Tests that start a Ray cluster run one after another on one worker: two heads on one machine would
+#: compete for Ray's fixed default ports (Ray Client 10001, dashboard agent 52365).
+RAY_GROUP = "ray"
+_RAY_FIXTURES = {"ray_cluster"}
+_RAY_MODULES = {"test_service_ray"}
+
+#: Rough seconds per group or test, measured with `--durations` on a loaded 2-core machine (only the
+#: order matters): the longest are handed out first, so that no long test starts last and leaves the
+#: other workers idle. Anything not listed counts as 1 s and keeps its collection order.
+_COST = {
+    "test_scaleout": 1250, RAY_GROUP: 650, "test_integration_full": 450, "test_integration_quick": 450,
+    "test_lineage_e2e": 420, "test_service_s3": 250, "test_service_integration": 200, "test_label": 170,
+    "test_full_reference": 160, "test_report": 120, "test_cli_full": 80, "test_dashboard": 40, "test_service_job": 40,
+    "test_sigint_during_a_quick_analysis_under_mlflow_run": 165, "test_resume_option_continues_a_quick_analysis": 310,
+    "test_tracking_server_lost_mid_pass_the_analysis_finishes_and_says_how_to_log": 210,
+    "test_match_end_to_end_known_permutation_logged": 52, "test_interrupt_while_writing_says_which_files_are_partial": 50,
+    "test_registry_links_both_ways": 39, "test_compare_latest_per_sae_and_formats": 38, "test_demo_end_to_end": 34,
+    "test_train_cli_logs_a_training_run": 34, "test_tracking_failure_after_the_analysis_names_the_files_then_log_logs_them": 33,
+    "test_quick_run_names_params_description_files": 31, "test_interrupt_during_the_full_pass_leaves_nothing_and_kills_its_run": 28,
+    "test_every_plot_returns_a_figure": 28, "test_quick_run_records_and_logs_its_cost": 26,
+}
+
+
+def _xdist_group(item: pytest.Item) -> str | None:
+    """The Ray group; else the module's name when the test uses a module-scoped fixture (the module's
+    tests then run on one worker and the fixture, often a server or an analysis, is built once);
+    else None (the test goes to any worker)."""
+    module = item.module.__name__ if item.module else ""
+    defs = [d for ds in item._fixtureinfo.name2fixturedefs.values() for d in ds]
+    if module in _RAY_MODULES or _RAY_FIXTURES & {d.argname for d in defs}:
+        return RAY_GROUP
+    if any(d.scope == "module" for d in defs):
+        return module
+    return None
+
+
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the xdist_group marks
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    first: dict[str, int] = {}
+    keys = []
+    for i, item in enumerate(items):
+        group = _xdist_group(item)
+        if group is not None:
+            item.add_marker(pytest.mark.xdist_group(group))
+        name = getattr(item, "originalname", item.name)
+        unit = group or item.nodeid
+        first.setdefault(unit, i)
+        keys.append((-_COST.get(group or name, 1), first[unit], i))
+    order = sorted(range(len(items)), key=keys.__getitem__)
+    items[:] = [items[i] for i in order]

@@ -4,6 +4,7 @@ corpus, a token budget of a few thousand, no MLflow."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -53,11 +54,18 @@ def permuted_sae(src: Path, dst: Path, perm: np.ndarray, noise: float = 0.0, see
 
 def shared_demo_full(tmp_path_factory: Any, max_tokens: int = 1200) -> Path:
     """One demo full analysis per pytest session, shared by the feature test files (treat it as
-    read-only: copy it before writing into it)."""
-    base = Path(tmp_path_factory.getbasetemp()) / f"shared_demo_full_{max_tokens}"
-    if not (base / ".complete").is_file():
-        if base.exists():
-            shutil.rmtree(base)
-        demo_full(base, max_tokens=max_tokens)
-        (base / ".complete").write_text("")
+    read-only: copy it before writing into it). Under pytest-xdist the workers share it too: it lives
+    in the session's directory, and the first worker builds it while the others wait on a file lock."""
+    from filelock import FileLock
+
+    root = Path(tmp_path_factory.getbasetemp())
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # pytest-N/, above the workers' popen-gwK/
+    base = root / f"shared_demo_full_{max_tokens}"
+    with FileLock(f"{base}.lock"):
+        if not (base / ".complete").is_file():
+            if base.exists():
+                shutil.rmtree(base)
+            demo_full(base, max_tokens=max_tokens)
+            (base / ".complete").write_text("")
     return base

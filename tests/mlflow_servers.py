@@ -12,6 +12,7 @@ import contextlib
 import glob
 import os
 import pwd
+import random
 import shutil
 import signal
 import socket
@@ -28,10 +29,29 @@ SERVER_START_TIMEOUT_S = 120
 PG_START_TIMEOUT_S = 60
 
 
+# Ports for the servers the tests start (in other processes, so the port must be passed as a number):
+# a block of 1000 per pytest-xdist worker in 20000-29999, below Linux's ephemeral range (32768-60999),
+# so that neither an outgoing connection nor another worker's server can take a port between the
+# check here and the server's own bind. Within a block the ports are handed out in turn.
+PORT_BASE, PORT_BLOCK = 20000, 1000
+_next_port = [random.Random(os.getpid()).randrange(PORT_BLOCK)]
+
+
 def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A loopback port nothing listens on, from this worker's block (see above); checked by binding it."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
+    n = int(worker[2:]) if worker[2:].isdigit() else 0
+    start = PORT_BASE + (n % 10) * PORT_BLOCK
+    for _ in range(PORT_BLOCK):
+        port = start + _next_port[0] % PORT_BLOCK
+        _next_port[0] += 1
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port in {start}-{start + PORT_BLOCK - 1}")
 
 
 def _tail(path: Path, n: int = 3000) -> str:

@@ -26,12 +26,18 @@ class Script:
     rate_limited_once: set[int] = field(default_factory=set)
     slow_once: set[int] = field(default_factory=set)
     slow_seconds: float = 2.0
-    delay: float = 0.0  # every answer waits this long (to interrupt a run mid-way)
+    delay: float = 0.0  # every answer waits this long
+    # Label requests after the first `hold_after` wait until `release` is set (`held` is set when the
+    # first one arrives): a run is interrupted at a known point, not after some seconds.
+    hold_after: int | None = None
+    held: threading.Event = field(default_factory=threading.Event)
+    release: threading.Event = field(default_factory=threading.Event)
 
 
 def make_app(script: Script, log: list[dict[str, Any]]) -> FastAPI:
     app = FastAPI()
     seen: dict[tuple[str, int], int] = {}
+    labels_asked = [0]
     lock = threading.Lock()
 
     @app.post("/v1/chat/completions")
@@ -44,7 +50,13 @@ def make_app(script: Script, log: list[dict[str, Any]]) -> FastAPI:
         with lock:
             n = seen.get((kind, feature), 0)
             seen[(kind, feature)] = n + 1
+            labels_asked[0] += kind == "label"
+            hold = script.hold_after is not None and kind == "label" and labels_asked[0] > script.hold_after
         entry = {"kind": kind, "feature": feature, "n": n, "turns": len(body["messages"]), "auth": request.headers.get("authorization", "")}
+        if hold:
+            script.held.set()
+            while not script.release.is_set():
+                await asyncio.sleep(0.02)
         if script.delay:
             await asyncio.sleep(script.delay)
         if kind == "label" and feature in script.rate_limited_once and n == 0:
@@ -79,12 +91,13 @@ class StubServer:
     def __init__(self, script: Script | None = None):
         self.script = script or Script()
         self.log: list[dict[str, Any]] = []
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
+        # The socket is bound here and handed to uvicorn: the port cannot be taken in between.
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
         config = uvicorn.Config(make_app(self.script, self.log), host="127.0.0.1", port=self.port, log_level="warning")
         self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
 
     @property
     def url(self) -> str:
@@ -92,15 +105,19 @@ class StubServer:
 
     def __enter__(self) -> StubServer:
         self.thread.start()
-        for _ in range(200):  # at most 20 s
+        deadline = time.monotonic() + 60  # a loaded machine
+        while time.monotonic() < deadline and self.thread.is_alive():
             if self.server.started:
                 return self
-            time.sleep(0.1)
+            time.sleep(0.02)  # polls uvicorn's flag (it offers no event)
+        self.sock.close()
         raise RuntimeError("stub server did not start")
 
     def __exit__(self, *exc: Any) -> None:
+        self.script.release.set()  # held requests end
         self.server.should_exit = True
-        self.thread.join(timeout=10)
+        self.thread.join(timeout=30)
+        self.sock.close()
 
 
 if __name__ == "__main__":  # `python tests/openai_stub.py PORT [DELAY]`: serve in the foreground

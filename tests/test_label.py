@@ -113,23 +113,28 @@ def test_label_faults_detection_and_resume(root: Path, monkeypatch: pytest.Monke
 def test_interrupted_run_resumes(root: Path) -> None:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")]), "OPENAI_API_KEY": SECRET}
     labels = root / "labels" / "labels.jsonl"
-    with StubServer(Script(delay=0.4)) as server:
+    # Two features are answered, the third request is held until the SIGINT has been sent: the
+    # interrupt lands mid-run however loaded the machine is.
+    script = Script(hold_after=2, delay=0.2)
+    with StubServer(script) as server:
         cmd = [sys.executable, "-c", "from sae_mlops.cli import app; app()", "label", str(root), "--base-url", server.url, "--model", "stub",
                "--top", "8", "--concurrency", "1", "--rpm", "0", "--no-detection", "--no-log", "-q"]
         proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         try:
-            for _ in range(1200):  # at most 120 s (the child imports torch first)
-                if labels.is_file() and len(labels.read_text().splitlines()) >= 2:
-                    break
-                if proc.poll() is not None:
-                    break
-                time.sleep(0.1)
-            assert proc.poll() is None, proc.stdout.read().decode() if proc.stdout else ""
+            deadline = time.monotonic() + 300  # the child imports torch first
+            while not script.held.wait(0.5) and proc.poll() is None and time.monotonic() < deadline:
+                pass
+            assert script.held.is_set() and proc.poll() is None, proc.stdout.read().decode() if proc.stdout else ""
+            assert len(labels.read_text().splitlines()) == 2  # concurrency 1: both answers were written before the third request
             proc.send_signal(signal.SIGINT)
+            script.release.set()  # the held answer comes 0.2 s later; the remaining features are never asked
             proc.wait(timeout=60)
         finally:
+            script.release.set()
             if proc.poll() is None:
                 proc.kill()
+                proc.wait()
+    assert proc.returncode == 130, proc.stdout.read().decode() if proc.stdout else ""
     first = L.read_done(labels)
     assert 2 <= len(first) < 8 and all(json.loads(x) for x in labels.read_text().splitlines())
     with StubServer() as server:

@@ -11,7 +11,6 @@ import json
 import math
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -101,9 +100,9 @@ def test_sharded_local_pass_equals_one_shard(reference, tmp_path):
 
 
 def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    from mlflow_servers import free_port
+
+    return free_port()
 
 
 @pytest.fixture(scope="module")

@@ -347,15 +347,15 @@ def test_duplicate_delivery_kill_restart_and_reconcile(stack, client):
     assert len([j for j in service.jobs() if j["version"] == "1"]) == 2  # created + this one
 
     # Kill the service while the job's analysis process is running.
-    running = _wait_job(service, job_id, ("running",), 30)
-    deadline = time.monotonic() + 30
+    running = _wait_job(service, job_id, ("running",), 120)  # queued behind v1's first job on a loaded machine
+    deadline = time.monotonic() + 120
     while time.monotonic() < deadline and not running.get("pid"):
         time.sleep(0.2)
         running = service.job(job_id)
     job_pid = running["pid"]
     assert job_pid, running
     stack["job_pids"].append(job_pid)
-    time.sleep(2.0)  # well into the analysis (imports, model load)
+    assert _pid_alive(job_pid), service.job(job_id)  # the analysis is still importing or loading
     service.kill()
     deadline = time.monotonic() + 15
     while time.monotonic() < deadline and _pid_alive(job_pid):

@@ -42,7 +42,7 @@ POLICY = (
     "rules:\n"
     "  - models: ['sae-s3-*']\n"
     "    triggers: {created: true}\n"
-    "    quick: {max_tokens: 2000, batch_size: 8}\n"
+    "    quick: {max_tokens: 50000, batch_size: 16}\n"  # long enough to be killed mid-pass on an idle machine (2000 was not)
 )
 
 

@@ -10,7 +10,8 @@ asks once, with a short timeout, and raises `TrackingError` with one sentence in
 - ``sqlite:///path`` and local file stores: the store's directory must exist or be creatable.
 - anything else (``databricks``...): not checked.
 
-`mark_killed` sets a run's status to KILLED (used when the user interrupts a command).
+`mark_killed` sets a run's status to KILLED (used when the user interrupts a command), within a
+deadline; `open_store` loads the store's client early so that it can.
 """
 
 from __future__ import annotations
@@ -106,18 +107,48 @@ def _reason(e: Exception) -> str:
     return type(e).__name__
 
 
-def mark_killed(run_id: str) -> bool:
-    """Set run `run_id` to KILLED if it is still RUNNING; True when it is KILLED now. Never raises:
-    this runs while a command is being interrupted, and a store that is down must not hide that."""
+MARK_KILLED_TIMEOUT_S = 15.0
+
+
+def open_store() -> None:
+    """Load the current tracking store's client now (cached by MLflow per URI). For a SQL store this
+    imports SQLAlchemy and Alembic and checks the schema: seconds on an idle machine, tens of seconds
+    on a loaded one. Done before the model loads when the run exists beforehand (``MLFLOW_RUN_ID``),
+    so that a Ctrl-C at any later point can mark that run KILLED at once (`mark_killed`). Never
+    raises: a store that fails here fails where the run is used, with that step's message."""
     try:
         from mlflow.tracking import MlflowClient
 
-        check_tracking_store(timeout_s=2.0)  # MLflow's client would retry a dead server for minutes
-        client = MlflowClient()
-        status = client.get_run(run_id).info.status
-        if status == "RUNNING":
-            client.set_terminated(run_id, "KILLED")
-        return status in ("RUNNING", "KILLED")
-    except Exception as e:  # noqa: BLE001 - reported, not raised (see the docstring)
-        log.debug("could not mark run %s KILLED: %s", run_id, e)
-    return False
+        MlflowClient()  # builds (and caches) the store
+    except Exception as e:  # noqa: BLE001 - see the docstring
+        log.debug("loading the tracking store failed: %s", e)
+
+
+def mark_killed(run_id: str, timeout_s: float = MARK_KILLED_TIMEOUT_S) -> bool:
+    """Set run `run_id` to KILLED if it is still RUNNING; True when it is KILLED now. Never raises,
+    and returns within about `timeout_s` seconds (False when the store took longer): this runs while
+    a command is being interrupted, and neither a store that is down nor one still loading may hold
+    the user's Ctrl-C. The work runs in a daemon thread, so a second Ctrl-C ends the wait at once."""
+    import threading
+
+    done: list[bool] = []
+
+    def mark() -> None:
+        try:
+            from mlflow.tracking import MlflowClient
+
+            check_tracking_store(timeout_s=2.0)  # MLflow's client would retry a dead server for minutes
+            client = MlflowClient()
+            status = client.get_run(run_id).info.status
+            if status == "RUNNING":
+                client.set_terminated(run_id, "KILLED")
+            done.append(status in ("RUNNING", "KILLED"))
+        except Exception as e:  # noqa: BLE001 - reported, not raised (see the docstring)
+            log.debug("could not mark run %s KILLED: %s", run_id, e)
+
+    worker = threading.Thread(target=mark, name="mark-killed", daemon=True)
+    worker.start()
+    worker.join(timeout_s)
+    if worker.is_alive():
+        log.debug("marking run %s KILLED took longer than %g s; given up", run_id, timeout_s)
+    return bool(done and done[0])
