@@ -182,6 +182,9 @@ CASES = [
     ("quick-out-name-too-long", [*Q, "--sae", "{std}", "--out", "{t}/" + "x" * 300], {}, "longer than 255 bytes"),
     ("quick-out-in-proc", [*Q, "--sae", "{std}", "--out", "/proc/sae-mlops-out"], {}, "cannot be created or written"),
     ("quick-tracking-closed-port", ["quick", "--sae", "{std}", "--model", "demo", "-q"], {"MLFLOW_TRACKING_URI": CLOSED}, "is not reachable (connection refused)"),
+    ("quick-tracking-postgres-driver-missing", ["quick", "--sae", "{std}", "--model", "demo", "-q"], {"MLFLOW_TRACKING_URI": "postgresql://sae:hunter22@127.0.0.1:{port}/mlflow"}, "needs the database driver psycopg (postgresql+psycopg), which is not installed"),
+    ("quick-tracking-mysql-driver-missing", ["quick", "--sae", "{std}", "--model", "demo", "-q"], {"MLFLOW_TRACKING_URI": "mysql+pymysql://sae:hunter22@127.0.0.1:{port}/mlflow"}, "pip install PyMySQL"),
+    ("quick-tracking-postgres-closed-port", ["quick", "--sae", "{std}", "--model", "demo", "-q"], {"MLFLOW_TRACKING_URI": "postgresql+psycopg2://sae:hunter22@127.0.0.1:{port}/mlflow"}, "sae:***@127.0.0.1:{port}/mlflow (MLFLOW_TRACKING_URI) refused the connection or did not answer (connection refused)"),
     ("quick-tracking-store-under-a-file", ["quick", "--sae", "{std}", "--model", "demo", "-q"], {"MLFLOW_TRACKING_URI": "sqlite:///{w}/afile/mlflow.db"}, "cannot be created or written"),
     # --- full
     ("full-topk-mode-standard", [*F, "--sae", "{std}", "--topk-mode", "threshold"], {}, "standard SAE"),
@@ -305,6 +308,7 @@ def test_bad_input(world, clean_env, case_id, argv, env, words):
 
     assert r.exit_code == 2, f"{case_id}: exit {r.exit_code}\n{r.output}\n{r.exception!r}"
     assert "Traceback" not in r.output
+    assert "hunter22" not in r.output, "a password from the tracking URI was shown"
     errors = [ln for ln in r.stderr.splitlines() if ln.startswith("Error:")]
     assert len(errors) == 1, r.stderr
     assert words in errors[0], f"{case_id}: {words!r} not in {errors[0]!r}"

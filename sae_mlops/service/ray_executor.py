@@ -179,6 +179,9 @@ def _job_log_handler(path: Path, log_format: str) -> logging.Handler:
 
     handler = logging.FileHandler(path, encoding="utf-8")
     handler.setFormatter(JsonFormatter() if log_format == "json" else logging.Formatter(_PLAIN))
+    from sae_mlops.redact import RedactingFilter
+
+    handler.addFilter(RedactingFilter())
     return handler
 
 
