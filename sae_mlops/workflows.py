@@ -73,6 +73,7 @@ def run_quick_and_log(
     run_name: str | None = None,
     exec_opts: ExecutionOptions | None = None,
     resume: str | Path | None = None,
+    take_over_out: bool = False,
 ) -> QuickOutcome:
     """Run the quick analysis, write its files under `out_dir`, and log it all to MLflow.
 
@@ -82,10 +83,20 @@ def run_quick_and_log(
     exec_opts: how the pass runs (local or Ray, shard size). resume: an output directory holding an
     unfinished analysis to continue (`out_dir` is then that directory). The MLflow run is created
     when the pass starts (RUNNING, with a ``progress/tokens_done`` metric per shard) and finished,
-    failed or killed with the analysis.
+    failed or killed with the analysis. The output directory is held for the whole call
+    (`sae_mlops.outlock`: a second command into it is refused; take_over_out: the service's new
+    attempt kills and fences an orphan of an earlier one).
     """
     out = _resolve_out(cfg, "quick", out_dir, resume)
     preflight(out, track, no_track_option=True)
+    from sae_mlops.outlock import exclusive_out_dir
+
+    with exclusive_out_dir(out, option="--resume" if resume is not None else "--out", take_over=take_over_out):
+        return _run_quick_and_log(cfg, out, track, experiment, run_name, exec_opts, resume)
+
+
+def _run_quick_and_log(cfg: AnalysisConfig, out: Path, track: bool, experiment: str | None, run_name: str | None,
+                       exec_opts: ExecutionOptions | None, resume: str | Path | None) -> QuickOutcome:
     import sae_mlops.tracking.resolve  # noqa: F401 (registers the resolver of runs:/ and models:/ SAE URIs)
     from sae_mlops.analyses.quick import run_quick
     from sae_mlops.analyses.sharding import CHECKPOINT_DIR
@@ -98,6 +109,9 @@ def run_quick_and_log(
         result = run_quick(cfg, out, exec_opts, resume=resume is not None, observer=observer)
         out.mkdir(parents=True, exist_ok=True)
         t_reports = time.perf_counter()
+        from sae_mlops.outlock import check_fence
+
+        check_fence(out)
         files = [Path(f) for f in write_quick_outputs(result, out)]
         result.metrics["time/reports"] = time.perf_counter() - t_reports  # logged to MLflow, not in the JSON
         shutil.rmtree(out / CHECKPOINT_DIR, ignore_errors=True)
@@ -263,7 +277,9 @@ def interrupt_report(out: Path, track: bool, kind: str = "the", observer: RunObs
         done = _finished_shards(out)
         if not done:  # a checkpoint without a finished shard holds nothing worth resuming
             _drop_checkpoint(out)
-        files = sorted(p for p in out.rglob("*") if p.is_file()) if out.is_dir() else []
+        from sae_mlops.outlock import is_lock_file
+
+        files = sorted(p for p in out.rglob("*") if p.is_file() and not is_lock_file(p)) if out.is_dir() else []
         if done:
             left = (f"{out} holds a checkpoint of {done} finished shard(s); run the same command again "
                     f"(or with --resume {out}) to continue from there")
@@ -332,16 +348,26 @@ def run_full_and_log(
     run_name: str | None = None,
     exec_opts: ExecutionOptions | None = None,
     resume: str | Path | None = None,
+    take_over_out: bool = False,
 ) -> FullOutcome:
     """Run the full analysis (one pass; database, matrices, summaries, plots, reports under `out_dir`)
     and log it to MLflow: the quick metrics under the same names, and every file as an artifact at its
     path relative to `out_dir` (the run's artifacts have the directory's layout).
 
     out_dir: None -> `default_out_dir(cfg, "full")`. opts: None -> `FullOptions()` defaults.
-    track / experiment / run_name / exec_opts / resume: as for `run_quick_and_log`.
+    track / experiment / run_name / exec_opts / resume / take_over_out: as for `run_quick_and_log`.
     """
     out = _resolve_out(cfg, "full", out_dir, resume)
     preflight(out, track, no_track_option=True)
+    from sae_mlops.outlock import exclusive_out_dir
+
+    with exclusive_out_dir(out, option="--resume" if resume is not None else "--out", take_over=take_over_out):
+        return _locked_full_and_log(cfg, out, opts, track, experiment, run_name, exec_opts, resume)
+
+
+def _locked_full_and_log(cfg: AnalysisConfig, out: Path, opts: FullOptions | None, track: bool, experiment: str | None,
+                         run_name: str | None, exec_opts: ExecutionOptions | None,
+                         resume: str | Path | None) -> FullOutcome:
     import sae_mlops.tracking.resolve  # noqa: F401 (registers the resolver of runs:/ and models:/ SAE URIs)
     from sae_mlops.analyses.full import FullOptions
 
@@ -380,6 +406,9 @@ def _run_full_and_log(
             outcome.database = f.parent
     t_log = time.perf_counter()
     if track:
+        from sae_mlops.outlock import check_fence
+
+        check_fence(out)
         log_outcome(outcome, experiment, run_name, start_time=started, run_id=observer.run_id if observer else None)
     _log_total(outcome, started_s, time.perf_counter() - t_log if track else 0.0)
     return outcome
@@ -424,10 +453,12 @@ def log_existing(out_dir: Path | str, *, experiment: str | None = None, run_name
         result = AnalysisResult.from_json_dict(json.loads(results[-1].read_text(encoding="utf-8")))
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise InputError(f"'{results[-1]}' is not a readable results file ({type(e).__name__}); {hint}.") from None
+    from sae_mlops.outlock import exclusive_out_dir, is_lock_file
     from sae_mlops.tracking.preflight import check_tracking_store
 
     check_tracking_store()
-    files = sorted(p for p in out.rglob("*") if p.is_file())
-    outcome = QuickOutcome(result=result, out_dir=out, files=files, warnings=list(result.warnings))
-    log_outcome(outcome, experiment, run_name)
+    with exclusive_out_dir(out, option="the directory"):  # not while an analysis still writes there
+        files = sorted(p for p in out.rglob("*") if p.is_file() and not is_lock_file(p))
+        outcome = QuickOutcome(result=result, out_dir=out, files=files, warnings=list(result.warnings))
+        log_outcome(outcome, experiment, run_name)
     return outcome

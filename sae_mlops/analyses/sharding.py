@@ -37,6 +37,7 @@ from sae_mlops.core.engine import Engine, PassStats
 from sae_mlops.core.tokens import ShardSpec, iter_batches, plan_shards
 from sae_mlops.errors import InputError
 from sae_mlops.files import atomic_write_text
+from sae_mlops.outlock import check_fence
 
 if TYPE_CHECKING:
     from sae_mlops.analyses.quick import Inputs
@@ -165,6 +166,7 @@ class Checkpoint:
         return ck
 
     def save(self) -> None:
+        check_fence(self.dir.parent)  # an orphaned attempt stops here (sae_mlops.outlock)
         self.dir.mkdir(parents=True, exist_ok=True)
         data = {
             "format": FORMAT,
@@ -183,6 +185,7 @@ class Checkpoint:
         return self.dir / f"shard-{index:05d}"
 
     def staging_dir(self, index: int) -> Path:
+        check_fence(self.dir.parent)
         path = self.dir / f"shard-{index:05d}.tmp-{uuid.uuid4().hex[:8]}"
         path.mkdir(parents=True)
         return path
@@ -190,6 +193,7 @@ class Checkpoint:
     def commit(self, index: int, staging: Path, stats: PassStats, record: bool = True) -> None:
         """Publish a finished shard: rename its staging directory, then (``record``: its state was
         saved) record it in the manifest as done."""
+        check_fence(self.dir.parent)
         final = self.shard_dir(index)
         if final.exists():
             shutil.rmtree(final)
@@ -309,6 +313,7 @@ def open_checkpoint(inputs: Inputs, kind: str, out: Path, exec_opts: ExecutionOp
 def finish_pass(ck: Checkpoint, factory: CollectorFactory, results: dict[int, tuple[list[Collector], PassStats]]) -> ShardedPass:
     """Merge every shard in shard order: in memory where this process ran it (``results``), else from
     its saved state; stats add up the same way. Timed as ``merge_seconds``."""
+    check_fence(ck.dir.parent)  # the outputs are written next
     t0 = time.perf_counter()
     acc: list[Collector] | None = None
     stats = PassStats()

@@ -132,10 +132,11 @@ def run_job(spec: dict[str, Any]) -> dict[str, Any]:
              extra={"job_id": job_id, "model": name, "version": version, "kind": kind, "run_id": run_id})
     try:
         if kind == "quick":
-            outcome = pipeline.run_quick_and_log(cfg, out_dir, track=True, experiment=experiment, run_name=run_name)
+            outcome = pipeline.run_quick_and_log(cfg, out_dir, track=True, experiment=experiment, run_name=run_name,
+                                                 take_over_out=True)
         else:
             outcome = pipeline.run_full_and_log(
-                cfg, out_dir, opts=full_opts, track=True, experiment=experiment, run_name=run_name
+                cfg, out_dir, opts=full_opts, track=True, experiment=experiment, run_name=run_name, take_over_out=True
             )
         if outcome.run_id and outcome.run_id != run_id:
             raise RuntimeError(f"the analysis logged into run {outcome.run_id}, not the job's run {run_id}")

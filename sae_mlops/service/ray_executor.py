@@ -155,7 +155,8 @@ class JobActor:
         root = logging.getLogger()
         root.addHandler(handler)
         previous_tmp = tempfile.tempdir
-        tmp = Path(spec["out_dir"]).parent / "tmp"
+        # this attempt's own temp dir: an orphan of an earlier attempt must not delete a retry's files
+        tmp = Path(spec["out_dir"]).parent / f"tmp-{spec.get('attempt', 0)}-{os.getpid()}-{int(time.time())}"
         try:
             tmp.mkdir(parents=True, exist_ok=True)
             tempfile.tempdir = str(tmp)
