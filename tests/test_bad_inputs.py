@@ -79,6 +79,20 @@ def world(tmp_path_factory):
     (w / "sae_badcfg").mkdir()
     (w / "sae_badcfg" / "config.json").write_text("{not json")
     (w / "sae_badcfg" / "weights.pt").write_bytes(b"\0")
+    # SAEs whose weights are not finite: NaN in two encoder columns (prior format), Inf in the decoder (SAELens)
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(paths["std"], w / "sae_nan")
+    weights = torch.load(w / "sae_nan" / "weights.pt")
+    weights["W_enc"][:, 3] = float("nan")
+    weights["W_enc"][5, 7] = float("nan")
+    torch.save(weights, w / "sae_nan" / "weights.pt")
+    shutil.copytree(paths["sl"], w / "sae_inf")
+    tensors = load_file(w / "sae_inf" / "sae_weights.safetensors")
+    tensors["W_dec"][11, 0] = float("inf")
+    save_file(tensors, w / "sae_inf" / "sae_weights.safetensors")
     # activation databases: a complete tiny one, an interrupted one
     _build(w / "analysis", _steps(seed=3))
     partial = ActivationDBWriter(w / "interrupted" / "activation_database" / "activation_db_x", d_sae=6, shard_rows=5)
@@ -139,6 +153,8 @@ CASES = [
     ("quick-sae-unknown-run", ["quick", "--sae", "runs:/0123456789abcdef/sae", "--model", "demo"], {}, "does not exist"),
     ("quick-sae-unknown-model", ["quick", "--sae", "models:/nope/1", "--model", "demo"], {}, "'nope'"),
     ("quick-sae-unknown-alias", ["quick", "--sae", "models:/nope@champion", "--model", "demo"], {}, "'nope'"),
+    ("quick-sae-nan-weights", [*Q, "--sae", "{w}/sae_nan"], {}, "has non-finite weights (W_enc holds 65 NaN; 2 feature(s) affected: 3, 7)"),
+    ("full-sae-inf-weights", [*F, "--sae", "{w}/sae_inf"], {}, "has non-finite weights (W_dec holds 1 Inf; 1 feature(s) affected: 11)"),
     ("quick-sae-missing-option", ["quick", "--model", "demo"], {}, "Missing option '--sae'"),
     # --- quick: options that do not apply, devices, sizes
     ("quick-topk-mode-standard", [*Q, "--sae", "{std}", "--topk-mode", "batch"], {}, "standard SAE, so --topk-mode does not apply"),
