@@ -8,6 +8,7 @@ decide where outputs go and wire the steps together.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import re
@@ -299,10 +300,36 @@ def interrupt_report(out: Path, track: bool, kind: str = "the", observer: RunObs
         else:
             run = "nothing was tracked (--no-track)"
         raise AnalysisInterrupted(f"{kind} analysis interrupted: {left}; {run}.") from None
+    except OSError as e:
+        if observer is not None:
+            observer.ended("FAILED")
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        raise _disk_full(out, e) from e
     except BaseException:
         if observer is not None:
             observer.ended("FAILED")
         raise
+
+
+def _disk_full(out: Path, e: OSError) -> Exception:
+    """`DiskFull`: one sentence saying the disk is full, what was kept and how to continue."""
+    from sae_mlops.analyses.sharding import CHECKPOINT_DIR
+    from sae_mlops.errors import DiskFull
+
+    where = f" while writing {Path(e.filename).name}" if e.filename else ""
+    free = ""
+    try:
+        free = f", {shutil.disk_usage(out).free / 2**20:,.0f} MiB free"
+    except OSError:
+        pass
+    done = _finished_shards(out)
+    if done:
+        kept = (f"the checkpoint in {out / CHECKPOINT_DIR} ({done} finished shard(s)) is intact: free some space and "
+                f"run the same command again (or with --resume {out}) to continue without redoing them")
+    else:
+        kept = "free some space (or choose another --out) and run the command again"
+    return DiskFull(f"the disk holding {out} is full ({e.strerror or 'no space left'}{where}{free}); {kept}.")
 
 
 def _drop_checkpoint(out: Path) -> None:
