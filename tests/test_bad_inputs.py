@@ -58,6 +58,9 @@ def world(tmp_path_factory):
     (w / "blank.txt").write_text("  \n\n \t\n")
     (w / "latin1.txt").write_bytes("caf\xe9 cr\xe8me".encode("latin-1"))
     (w / "short.json").write_text('["Hello"]')
+    import json as _json
+
+    (w / "onetoken.json").write_text(_json.dumps(["the", "a", "x", "The"] * 50_000))  # 200,000 one-token documents
     import pandas as pd
 
     pd.DataFrame({"body": ["a document"]}).to_parquet(w / "nocol.parquet")
@@ -192,6 +195,7 @@ CASES = [
     ("quick-corpus-parquet-int-column", [*Q, "--sae", "{std}", "--corpus", "{w}/intcol.parquet"], {}, "not string"),
     ("quick-corpus-not-parquet", [*Q, "--sae", "{std}", "--corpus", "{w}/fake.parquet"], {}, "not a readable Parquet file"),
     ("quick-corpus-shorter-than-a-window", [*Q, "--sae", "{std}", "--corpus", "{w}/short.json"], {}, "fewer than one window of 127"),
+    ("quick-corpus-one-token-documents", [*Q, "--sae", "{std}", "--corpus", "{w}/onetoken.json"], {}, "gives 0 next-token predictions (each of its 200,000 analysable tokens ends its window"),
     # --- quick: where results go, where they are tracked
     ("quick-out-under-a-file", [*Q, "--sae", "{std}", "--out", "{w}/afile/out"], {}, "--out {w}/afile/out cannot be created"),
     ("quick-out-is-a-file", [*Q, "--sae", "{std}", "--out", "{w}/afile"], {}, "is an existing file"),

@@ -300,8 +300,15 @@ def open_checkpoint(inputs: Inputs, kind: str, out: Path, exec_opts: ExecutionOp
     ck = Checkpoint.open(out, pass_fingerprint(inputs, kind, exec_opts.shard_tokens, opts), require_existing=resume)
     if not ck.plan:
         cfg = inputs.cfg
+        facts: dict[str, Any] = {}
         ck.plan = plan_shards(inputs.corpus.texts, inputs.model.tokenizer, inputs.plan, cfg.batch_size, cfg.max_tokens,
-                              exec_opts.shard_tokens)
+                              exec_opts.shard_tokens, facts=facts)
+        if ck.plan and not facts.get("predicts", True):
+            raise InputError(
+                f"the corpus '{inputs.corpus.path}' gives 0 next-token predictions (each of its "
+                f"{sum(s.tokens for s in ck.plan):,} analysable tokens ends its window, e.g. one-token documents), so "
+                "loss recovered and KL cannot be measured; give documents of at least two tokens."
+            )
     info = inputs.sae.info
     ck.sae_info = {"architecture": info.architecture, "d_sae": info.d_sae,
                    "k": info.k if info.k is not None else (info.extra or {}).get("k")}
