@@ -46,12 +46,12 @@ def store(tmp_path_factory) -> str:
 def calls(monkeypatch):
     seen: list = []
 
-    def quick(cfg, out_dir, *, track, experiment, run_name):
+    def quick(cfg, out_dir, *, track, experiment, run_name, take_over_out=False):
         seen.append(("quick", cfg, out_dir, track, experiment, run_name, os.environ.get("MLFLOW_RUN_ID")))
         return _Outcome(os.environ["MLFLOW_RUN_ID"], _Result({"sparsity/l0_mean": 5.0, "downstream/loss_recovered": float("nan")}),
                         ["few tokens"])
 
-    def full(cfg, out_dir, *, opts, track, experiment, run_name):
+    def full(cfg, out_dir, *, opts, track, experiment, run_name, take_over_out=False):
         seen.append(("full", cfg, out_dir, opts, experiment, run_name))
         return _Outcome(os.environ["MLFLOW_RUN_ID"], _Result({"features/dead_fraction": 0.1}))
 
