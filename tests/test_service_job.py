@@ -277,3 +277,26 @@ def test_classify_the_tracking_preflight(monkeypatch):
             raise TrackingError("the analysis finished ... logging them to MLflow failed") from err
     except TrackingError as err:
         assert classify(err) == "bug"
+
+
+def test_a_retry_after_a_logging_outage_logs_the_finished_outputs_without_analysing(calls, tmp_path, store, monkeypatch):
+    """Attempt 1 finished the analysis but the tracking server went away while it logged (its run was
+    closed FAILED): the retry logs the complete files of the job's folder into its own run."""
+    from sae_mlops.core.results import AnalysisResult
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
+    spec = _spec(tmp_path, store)
+    out = Path(spec["out_dir"])
+    (out / "results").mkdir(parents=True)
+    result = AnalysisResult(kind="quick", params={"sae": "models:/sae-a/3"}, metrics={"sparsity/l0_mean": 7.5})
+    (out / "results" / "analysis_results_x.json").write_text(result.to_json())
+    (out / "SUMMARY_x.md").write_text("# done\n")
+    reg = RegistryIO(store)
+    failed = reg.create_job_run(EXP, "quick sae-a v3", {"sae_mlops.service.job_key": spec["job_key"]})
+    reg.end_run(failed, "FAILED")
+    got = job_module.run_job({**spec, "attempt": 2})
+    assert calls == []  # nothing analysed again
+    assert got["run_id"] != failed and got["metrics"]["sparsity/l0_mean"] == 7.5
+    run = reg.client.get_run(got["run_id"])
+    assert run.info.status == "FINISHED"
+    assert "SUMMARY_x.md" in {a.path for a in reg.client.list_artifacts(got["run_id"])}
