@@ -114,6 +114,9 @@ def world(tmp_path_factory):
     (broken / "results").mkdir(parents=True)
     (broken / "results" / "analysis_results_x.json").write_text('{"kind": "quick"}')
     (broken / "SUMMARY_x.md").write_text("# broken\n")
+    fullish = w / "fullish"  # a full analysis's feature summaries (3 features) and nothing else
+    (fullish / "results").mkdir(parents=True)
+    (fullish / "results" / "feature_summaries.jsonl").write_text("".join('{"feature": %d}\n' % i for i in range(3)))
     withpart = w / "withpart"
     (withpart / "results").mkdir(parents=True)
     (withpart / "results" / "analysis_results_x.json").write_text(result.to_json())
@@ -270,6 +273,7 @@ CASES = [
     ("report-dir-missing", ["report", "--analysis-dir", "{w}/nope"], {}, "does not exist"),
     ("report-dir-not-full", ["report", "--analysis-dir", "{w}/done"], {}, "no feature summaries"),
     ("report-features-not-numbers", ["report", "--analysis-dir", "{w}/done", "--features", "a,b"], {}, "comma-separated feature indices"),
+    ("report-features-out-of-range", ["report", "--analysis-dir", "{w}/fullish", "--features", "2,2,99999", "--out", "{t}/r"], {}, "--features 99999 out of range: this SAE has features 0..2"),
     ("report-notebook-missing", ["report", "--analysis-dir", "{w}/done", "--notebook", "{w}/nope.ipynb"], {}, "does not exist"),
     ("report-out-under-a-file", ["report", "--analysis-dir", "{w}/done", "--out", "{w}/afile/r"], {}, "cannot be created"),
     ("report-run-unknown", ["report", "--run-id", "0123456789abcdef"], {}, "0123456789abcdef"),
