@@ -61,7 +61,9 @@ def guarded(args: argparse.Namespace, body: Callable[[], int | None], errors: di
     try:
         return body() or 0
     except tuple(codes) as e:
-        sys.stderr.write("Error: " + " ".join(str(e).split()) + "\n")
+        from sae_mlops.redact import redact
+
+        sys.stderr.write("Error: " + " ".join(redact(e).split()) + "\n")
         return getattr(e, "exit_code", None) or next(c for t, c in codes.items() if isinstance(e, t))
 
 

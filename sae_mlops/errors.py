@@ -14,6 +14,11 @@ class InputError(Exception):
     exit_code = 2
 
 
+class DiskFull(InputError):
+    """The disk under the output directory filled up (ENOSPC/EDQUOT) while results were written; the
+    message says what was kept (the checkpoint) and how to continue once space is freed."""
+
+
 class TrackingError(Exception):
     """The MLflow tracking store cannot be reached or refused what was logged.
 

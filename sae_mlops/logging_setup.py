@@ -11,6 +11,8 @@ from __future__ import annotations
 import logging
 import os
 
+from sae_mlops.redact import RedactingFilter
+
 _NOISY = ("mlflow", "urllib3", "alembic", "git", "matplotlib", "filelock", "httpx", "huggingface_hub")
 
 
@@ -34,6 +36,7 @@ def setup_logging(verbose: bool = False, quiet: bool = False) -> None:
         markup=False,
     )
     handler.setFormatter(logging.Formatter("%(message)s"))
+    handler.addFilter(RedactingFilter())  # credentials never reach the console
     root = logging.getLogger()
     # Replace handlers installed by an earlier call (tests call the CLI several times).
     for h in list(root.handlers):

@@ -55,8 +55,10 @@ def run_title(kind: str, name: str | None, architecture: Any = None, d_sae: Any 
 
 
 def model_name(name: str | None, default: str = "sae") -> str:
-    """A LoggedModel name made from `name`: other characters become ``_``; `default` when empty."""
-    cleaned = re.sub(r"[^A-Za-z0-9._-]+", "_", str(name or "")).strip("._")
+    """A LoggedModel name made from `name`: letters, digits, ``_`` and ``-`` kept, every other run of
+    characters (dots included: MLflow refuses ``/ : . % " '`` in model names) becomes ``_``;
+    `default` when empty."""
+    cleaned = re.sub(r"[^A-Za-z0-9_-]+", "_", str(name or "")).strip("_")
     return cleaned[:100] or default
 
 

@@ -8,6 +8,7 @@ decide where outputs go and wire the steps together.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import re
@@ -73,6 +74,7 @@ def run_quick_and_log(
     run_name: str | None = None,
     exec_opts: ExecutionOptions | None = None,
     resume: str | Path | None = None,
+    take_over_out: bool = False,
 ) -> QuickOutcome:
     """Run the quick analysis, write its files under `out_dir`, and log it all to MLflow.
 
@@ -82,33 +84,41 @@ def run_quick_and_log(
     exec_opts: how the pass runs (local or Ray, shard size). resume: an output directory holding an
     unfinished analysis to continue (`out_dir` is then that directory). The MLflow run is created
     when the pass starts (RUNNING, with a ``progress/tokens_done`` metric per shard) and finished,
-    failed or killed with the analysis.
+    failed or killed with the analysis. The output directory is held for the whole call
+    (`sae_mlops.outlock`: a second command into it is refused; take_over_out: the service's new
+    attempt kills and fences an orphan of an earlier one).
     """
     out = _resolve_out(cfg, "quick", out_dir, resume)
     observer = RunObserver("quick", cfg, experiment, run_name, _now_ms(), out) if track else None
     with interrupt_report(out, track, "quick", observer):  # a Ctrl-C in the preflight or the imports too
         preflight(out, track, no_track_option=True)
-        import sae_mlops.tracking.resolve  # noqa: F401 (registers the resolver of runs:/ and models:/ SAE URIs)
-        from sae_mlops.analyses.quick import run_quick
-        from sae_mlops.analyses.sharding import CHECKPOINT_DIR
-        from sae_mlops.outputs.summaries import write_quick_outputs
+        from sae_mlops.outlock import exclusive_out_dir
 
-        started = _now_ms()  # after the imports: they are in time/startup
-        started_s = time.perf_counter()
-        if observer is not None:
-            observer.start_time = started
-        result = run_quick(cfg, out, exec_opts, resume=resume is not None, observer=observer)
-        out.mkdir(parents=True, exist_ok=True)
-        t_reports = time.perf_counter()
-        files = [Path(f) for f in write_quick_outputs(result, out)]
-        result.metrics["time/reports"] = time.perf_counter() - t_reports  # logged to MLflow, not in the JSON
-        shutil.rmtree(out / CHECKPOINT_DIR, ignore_errors=True)
-        log.info("Wrote %d file(s) under %s", len(files), out)
-        outcome = QuickOutcome(result=result, out_dir=out, files=files, warnings=list(result.warnings))
-        t_log = time.perf_counter()
-        if track:
-            log_outcome(outcome, experiment, run_name, start_time=started, run_id=observer.run_id if observer else None)
-        _log_total(outcome, started_s, time.perf_counter() - t_log if track else 0.0)
+        with exclusive_out_dir(out, option="--resume" if resume is not None else "--out", take_over=take_over_out):
+            import sae_mlops.tracking.resolve  # noqa: F401 (registers the resolver of runs:/ and models:/ SAE URIs)
+            from sae_mlops.analyses.quick import run_quick
+            from sae_mlops.analyses.sharding import CHECKPOINT_DIR
+            from sae_mlops.outputs.summaries import write_quick_outputs
+
+            started = _now_ms()  # after the imports: they are in time/startup
+            started_s = time.perf_counter()
+            if observer is not None:
+                observer.start_time = started
+            result = run_quick(cfg, out, exec_opts, resume=resume is not None, observer=observer)
+            out.mkdir(parents=True, exist_ok=True)
+            t_reports = time.perf_counter()
+            from sae_mlops.outlock import check_fence
+
+            check_fence(out)
+            files = [Path(f) for f in write_quick_outputs(result, out)]
+            result.metrics["time/reports"] = time.perf_counter() - t_reports  # logged to MLflow, not in the JSON
+            shutil.rmtree(out / CHECKPOINT_DIR, ignore_errors=True)
+            log.info("Wrote %d file(s) under %s", len(files), out)
+            outcome = QuickOutcome(result=result, out_dir=out, files=files, warnings=list(result.warnings))
+            t_log = time.perf_counter()
+            if track:
+                log_outcome(outcome, experiment, run_name, start_time=started, run_id=observer.run_id if observer else None)
+            _log_total(outcome, started_s, time.perf_counter() - t_log if track else 0.0)
     return outcome
 
 
@@ -269,7 +279,9 @@ def interrupt_report(out: Path, track: bool, kind: str = "the", observer: RunObs
         done = _finished_shards(out)
         if not done:  # a checkpoint without a finished shard holds nothing worth resuming
             _drop_checkpoint(out)
-        files = sorted(p for p in out.rglob("*") if p.is_file()) if out.is_dir() else []
+        from sae_mlops.outlock import is_lock_file
+
+        files = sorted(p for p in out.rglob("*") if p.is_file() and not is_lock_file(p)) if out.is_dir() else []
         if done:
             left = (f"{out} holds a checkpoint of {done} finished shard(s); run the same command again "
                     f"(or with --resume {out}) to continue from there")
@@ -289,10 +301,36 @@ def interrupt_report(out: Path, track: bool, kind: str = "the", observer: RunObs
         else:
             run = "nothing was tracked (--no-track)"
         raise AnalysisInterrupted(f"{kind} analysis interrupted: {left}; {run}.") from None
+    except OSError as e:
+        if observer is not None:
+            observer.ended("FAILED")
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        raise _disk_full(out, e) from e
     except BaseException:
         if observer is not None:
             observer.ended("FAILED")
         raise
+
+
+def _disk_full(out: Path, e: OSError) -> Exception:
+    """`DiskFull`: one sentence saying the disk is full, what was kept and how to continue."""
+    from sae_mlops.analyses.sharding import CHECKPOINT_DIR
+    from sae_mlops.errors import DiskFull
+
+    where = f" while writing {Path(e.filename).name}" if e.filename else ""
+    free = ""
+    try:
+        free = f", {shutil.disk_usage(out).free / 2**20:,.0f} MiB free"
+    except OSError:
+        pass
+    done = _finished_shards(out)
+    if done:
+        kept = (f"the checkpoint in {out / CHECKPOINT_DIR} ({done} finished shard(s)) is intact: free some space and "
+                f"run the same command again (or with --resume {out}) to continue without redoing them")
+    else:
+        kept = "free some space (or choose another --out) and run the command again"
+    return DiskFull(f"the disk holding {out} is full ({e.strerror or 'no space left'}{where}{free}); {kept}.")
 
 
 def _drop_checkpoint(out: Path) -> None:
@@ -338,28 +376,32 @@ def run_full_and_log(
     run_name: str | None = None,
     exec_opts: ExecutionOptions | None = None,
     resume: str | Path | None = None,
+    take_over_out: bool = False,
 ) -> FullOutcome:
     """Run the full analysis (one pass; database, matrices, summaries, plots, reports under `out_dir`)
     and log it to MLflow: the quick metrics under the same names, and every file as an artifact at its
     path relative to `out_dir` (the run's artifacts have the directory's layout).
 
     out_dir: None -> `default_out_dir(cfg, "full")`. opts: None -> `FullOptions()` defaults.
-    track / experiment / run_name / exec_opts / resume: as for `run_quick_and_log`.
+    track / experiment / run_name / exec_opts / resume / take_over_out: as for `run_quick_and_log`.
     """
     out = _resolve_out(cfg, "full", out_dir, resume)
     observer = RunObserver("full", cfg, experiment, run_name, _now_ms(), out) if track else None
     with interrupt_report(out, track, "full", observer):  # a Ctrl-C in the preflight or the imports too
         preflight(out, track, no_track_option=True)
-        import sae_mlops.tracking.resolve  # noqa: F401 (registers the resolver of runs:/ and models:/ SAE URIs)
-        from sae_mlops.analyses.full import FullOptions
+        from sae_mlops.outlock import exclusive_out_dir
 
-        opts = opts or FullOptions()  # bounds are checked when FullOptions is built (sae_mlops.config)
-        started = _now_ms()  # after the imports: they are in time/startup
-        started_s = time.perf_counter()
-        if observer is not None:
-            observer.start_time = started
-        return _run_full_and_log(cfg, out, opts, track, experiment, run_name, started, started_s, exec_opts,
-                                 resume is not None, observer)
+        with exclusive_out_dir(out, option="--resume" if resume is not None else "--out", take_over=take_over_out):
+            import sae_mlops.tracking.resolve  # noqa: F401 (registers the resolver of runs:/ and models:/ SAE URIs)
+            from sae_mlops.analyses.full import FullOptions
+
+            opts = opts or FullOptions()  # bounds are checked when FullOptions is built (sae_mlops.config)
+            started = _now_ms()  # after the imports: they are in time/startup
+            started_s = time.perf_counter()
+            if observer is not None:
+                observer.start_time = started
+            return _run_full_and_log(cfg, out, opts, track, experiment, run_name, started, started_s, exec_opts,
+                                     resume is not None, observer)
 
 
 def _run_full_and_log(
@@ -388,6 +430,9 @@ def _run_full_and_log(
             outcome.database = f.parent
     t_log = time.perf_counter()
     if track:
+        from sae_mlops.outlock import check_fence
+
+        check_fence(out)
         log_outcome(outcome, experiment, run_name, start_time=started, run_id=observer.run_id if observer else None)
     _log_total(outcome, started_s, time.perf_counter() - t_log if track else 0.0)
     return outcome
@@ -432,12 +477,14 @@ def log_existing(out_dir: Path | str, *, experiment: str | None = None, run_name
         result = AnalysisResult.from_json_dict(json.loads(results[-1].read_text(encoding="utf-8")))
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise InputError(f"'{results[-1]}' is not a readable results file ({type(e).__name__}); {hint}.") from None
+    from sae_mlops.outlock import exclusive_out_dir, is_lock_file
     from sae_mlops.tracking.preflight import check_tracking_store
 
     check_tracking_store()
-    files = sorted(p for p in out.rglob("*") if p.is_file())
-    outcome = QuickOutcome(result=result, out_dir=out, files=files, warnings=list(result.warnings))
-    log_outcome(outcome, experiment, run_name)
+    with exclusive_out_dir(out, option="the directory"):  # not while an analysis still writes there
+        files = sorted(p for p in out.rglob("*") if p.is_file() and not is_lock_file(p))
+        outcome = QuickOutcome(result=result, out_dir=out, files=files, warnings=list(result.warnings))
+        log_outcome(outcome, experiment, run_name)
     return outcome
 
 

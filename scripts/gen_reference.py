@@ -193,6 +193,8 @@ def render_troubleshooting() -> tuple[str, list[str]]:
         if "{" not in words and words.replace("'", "") not in line:
             problems.append(f"{case_id}: the message and fix in {FIXES.name} lack the words the test asserts: {words!r}")
         out.append(f"| `{case_id}` | `{_cell(_command(argv, env))}` | {_text(message)} | {_text(fix)} |\n")
+    out.append("\nFaults that are not a command line (a second writer, a dead Ray actor, a full disk, ...): see "
+               "[Faults and edge cases](../guides/faults.md).\n")
     out.append("\nCtrl-C is not a mistake: it exits with 130 and one line saying what was left behind (see "
                "[MLflow runs](../guides/mlflow.md)).\n")
     return "".join(out), problems

@@ -145,9 +145,10 @@ def _service_user() -> pwd.struct_passwd | None:
 
 
 @contextlib.contextmanager
-def postgres_cluster() -> Iterator[str]:
+def postgres_cluster(password: str | None = None) -> Iterator[str]:
     """A throwaway PostgreSQL cluster on a free loopback port with a database ``mlflow``; yields its
-    SQLAlchemy URI. The cluster lives in a fresh temporary directory, removed afterwards."""
+    SQLAlchemy URI. The cluster lives in a fresh temporary directory, removed afterwards.
+    password: TCP connections must then give it (scram-sha-256; the yielded URI holds it)."""
     import psycopg2
 
     initdb, pg_ctl = postgres_bin("initdb"), postgres_bin("pg_ctl")
@@ -167,8 +168,15 @@ def postgres_cluster() -> Iterator[str]:
     port = free_port()
     started = False
     try:
+        auth = ["--auth=trust"]
+        if password is not None:
+            pwfile = root / "pwfile"
+            pwfile.write_text(password + "\n")
+            if kwargs:
+                os.chown(pwfile, kwargs["user"], kwargs["group"])
+            auth = ["--auth-local=trust", "--auth-host=scram-sha-256", f"--pwfile={pwfile}"]
         subprocess.run(
-            [initdb, "-D", str(data), "-U", "sae_mlops", "--auth=trust", "-E", "UTF8", "--no-locale", "--no-sync"],
+            [initdb, "-D", str(data), "-U", "sae_mlops", *auth, "-E", "UTF8", "--no-locale", "--no-sync"],
             check=True, capture_output=True, cwd=root, env=env, timeout=120, **kwargs,
         )
         options = f"-p {port} -k {sock} -c listen_addresses=127.0.0.1 -c fsync=off -c full_page_writes=off"
@@ -177,14 +185,16 @@ def postgres_cluster() -> Iterator[str]:
             [pg_ctl, "-D", str(data), "-o", options, "-l", str(log_path), "-w", "-t", str(PG_START_TIMEOUT_S), "start"],
             check=True, capture_output=True, cwd=root, env=env, timeout=PG_START_TIMEOUT_S + 30, **kwargs,
         )
-        conn = psycopg2.connect(host="127.0.0.1", port=port, user="sae_mlops", dbname="postgres", connect_timeout=10)
+        conn = psycopg2.connect(host="127.0.0.1", port=port, user="sae_mlops", dbname="postgres", connect_timeout=10,
+                                password=password)
         try:
             conn.autocommit = True
             with conn.cursor() as cur:
                 cur.execute("CREATE DATABASE mlflow")
         finally:
             conn.close()
-        yield f"postgresql+psycopg2://sae_mlops@127.0.0.1:{port}/mlflow"
+        user = "sae_mlops" if password is None else f"sae_mlops:{password}"
+        yield f"postgresql+psycopg2://{user}@127.0.0.1:{port}/mlflow"
     except subprocess.CalledProcessError as exc:
         raise RuntimeError(
             f"PostgreSQL failed ({exc.cmd[0]}): {exc.stderr.decode(errors='replace')[-2000:]}\n{_tail(log_path)}"

@@ -32,6 +32,8 @@ class Script:
     hold_after: int | None = None
     held: threading.Event = field(default_factory=threading.Event)
     release: threading.Event = field(default_factory=threading.Event)
+    prior_fields: set[int] = field(default_factory=set)  # answer as the prior labeler did (other field names)
+    detection_fails: set[int] = field(default_factory=set)  # detection requests answered HTTP 400
 
 
 def make_app(script: Script, log: list[dict[str, Any]]) -> FastAPI:
@@ -65,7 +67,14 @@ def make_app(script: Script, log: list[dict[str, Any]]) -> FastAPI:
         if kind == "label" and feature in script.slow_once and n == 0:
             log.append({**entry, "status": "slow"})
             await asyncio.sleep(script.slow_seconds)
-        if kind == "label":
+        if kind == "detection" and feature in script.detection_fails:
+            log.append({**entry, "status": 400})
+            return JSONResponse({"error": {"message": "context too long", "type": "invalid_request_error"}}, status_code=400)
+        if kind == "label" and feature in script.prior_fields:
+            content = ('{"label": "feature %d", "description": "d", "category": "c", "monosemantic": true, '
+                       '"interpretability_score": 4, "knowledge_domain": "general", "abstraction_level": "lexical", '
+                       '"confidence": 0.9, "examples_used": 15}' % feature)
+        elif kind == "label":
             bad = feature in script.always_malformed or (feature in script.malformed_once and n == 0)
             content = "Sure! The label is: {label: feature" if bad else (
                 '```json\n{"label": "feature %d", "description": "fires on things of kind %d", "category": "lexical", '

@@ -59,6 +59,9 @@ def world(tmp_path_factory):
     (w / "blank.txt").write_text("  \n\n \t\n")
     (w / "latin1.txt").write_bytes("caf\xe9 cr\xe8me".encode("latin-1"))
     (w / "short.json").write_text('["Hello"]')
+    import json as _json
+
+    (w / "onetoken.json").write_text(_json.dumps(["the", "a", "x", "The"] * 50_000))  # 200,000 one-token documents
     import pandas as pd
 
     pd.DataFrame({"body": ["a document"]}).to_parquet(w / "nocol.parquet")
@@ -80,6 +83,20 @@ def world(tmp_path_factory):
     (w / "sae_badcfg").mkdir()
     (w / "sae_badcfg" / "config.json").write_text("{not json")
     (w / "sae_badcfg" / "weights.pt").write_bytes(b"\0")
+    # SAEs whose weights are not finite: NaN in two encoder columns (prior format), Inf in the decoder (SAELens)
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(paths["std"], w / "sae_nan")
+    weights = torch.load(w / "sae_nan" / "weights.pt")
+    weights["W_enc"][:, 3] = float("nan")
+    weights["W_enc"][5, 7] = float("nan")
+    torch.save(weights, w / "sae_nan" / "weights.pt")
+    shutil.copytree(paths["sl"], w / "sae_inf")
+    tensors = load_file(w / "sae_inf" / "sae_weights.safetensors")
+    tensors["W_dec"][11, 0] = float("inf")
+    save_file(tensors, w / "sae_inf" / "sae_weights.safetensors")
     # activation databases: a complete tiny one, an interrupted one
     _build(w / "analysis", _steps(seed=3))
     partial = ActivationDBWriter(w / "interrupted" / "activation_database" / "activation_db_x", d_sae=6, shard_rows=5)
@@ -98,6 +115,9 @@ def world(tmp_path_factory):
     (broken / "results").mkdir(parents=True)
     (broken / "results" / "analysis_results_x.json").write_text('{"kind": "quick"}')
     (broken / "SUMMARY_x.md").write_text("# broken\n")
+    fullish = w / "fullish"  # a full analysis's feature summaries (3 features) and nothing else
+    (fullish / "results").mkdir(parents=True)
+    (fullish / "results" / "feature_summaries.jsonl").write_text("".join('{"feature": %d}\n' % i for i in range(3)))
     withpart = w / "withpart"
     (withpart / "results").mkdir(parents=True)
     (withpart / "results" / "analysis_results_x.json").write_text(result.to_json())
@@ -140,6 +160,8 @@ CASES = [
     ("quick-sae-unknown-run", ["quick", "--sae", "runs:/0123456789abcdef/sae", "--model", "demo"], {}, "does not exist"),
     ("quick-sae-unknown-model", ["quick", "--sae", "models:/nope/1", "--model", "demo"], {}, "'nope'"),
     ("quick-sae-unknown-alias", ["quick", "--sae", "models:/nope@champion", "--model", "demo"], {}, "'nope'"),
+    ("quick-sae-nan-weights", [*Q, "--sae", "{w}/sae_nan"], {}, "has non-finite weights (W_enc holds 65 NaN; 2 feature(s) affected: 3, 7)"),
+    ("full-sae-inf-weights", [*F, "--sae", "{w}/sae_inf"], {}, "has non-finite weights (W_dec holds 1 Inf; 1 feature(s) affected: 11)"),
     ("quick-sae-missing-option", ["quick", "--model", "demo"], {}, "Missing option '--sae'"),
     # --- quick: options that do not apply, devices, sizes
     ("quick-topk-mode-standard", [*Q, "--sae", "{std}", "--topk-mode", "batch"], {}, "standard SAE, so --topk-mode does not apply"),
@@ -177,12 +199,16 @@ CASES = [
     ("quick-corpus-parquet-int-column", [*Q, "--sae", "{std}", "--corpus", "{w}/intcol.parquet"], {}, "not string"),
     ("quick-corpus-not-parquet", [*Q, "--sae", "{std}", "--corpus", "{w}/fake.parquet"], {}, "not a readable Parquet file"),
     ("quick-corpus-shorter-than-a-window", [*Q, "--sae", "{std}", "--corpus", "{w}/short.json"], {}, "fewer than one window of 127"),
+    ("quick-corpus-one-token-documents", [*Q, "--sae", "{std}", "--corpus", "{w}/onetoken.json"], {}, "gives 0 next-token predictions (each of its 200,000 analysable tokens ends its window"),
     # --- quick: where results go, where they are tracked
     ("quick-out-under-a-file", [*Q, "--sae", "{std}", "--out", "{w}/afile/out"], {}, "--out {w}/afile/out cannot be created"),
     ("quick-out-is-a-file", [*Q, "--sae", "{std}", "--out", "{w}/afile"], {}, "is an existing file"),
     ("quick-out-name-too-long", [*Q, "--sae", "{std}", "--out", "{t}/" + "x" * 300], {}, "longer than 255 bytes"),
     ("quick-out-in-proc", [*Q, "--sae", "{std}", "--out", "/proc/sae-mlops-out"], {}, "cannot be created or written"),
     ("quick-tracking-closed-port", ["quick", "--sae", "{std}", "--model", "demo", "-q"], {"MLFLOW_TRACKING_URI": CLOSED}, "is not reachable (connection refused)"),
+    ("quick-tracking-postgres-driver-missing", ["quick", "--sae", "{std}", "--model", "demo", "-q"], {"MLFLOW_TRACKING_URI": "postgresql://sae:hunter22@127.0.0.1:{port}/mlflow"}, "needs the database driver psycopg (postgresql+psycopg), which is not installed"),
+    ("quick-tracking-mysql-driver-missing", ["quick", "--sae", "{std}", "--model", "demo", "-q"], {"MLFLOW_TRACKING_URI": "mysql+pymysql://sae:hunter22@127.0.0.1:{port}/mlflow"}, "pip install PyMySQL"),
+    ("quick-tracking-postgres-closed-port", ["quick", "--sae", "{std}", "--model", "demo", "-q"], {"MLFLOW_TRACKING_URI": "postgresql+psycopg2://sae:hunter22@127.0.0.1:{port}/mlflow"}, "sae:***@127.0.0.1:{port}/mlflow (MLFLOW_TRACKING_URI) refused the connection or did not answer (connection refused)"),
     ("quick-tracking-store-under-a-file", ["quick", "--sae", "{std}", "--model", "demo", "-q"], {"MLFLOW_TRACKING_URI": "sqlite:///{w}/afile/mlflow.db"}, "cannot be created or written"),
     # --- full
     ("full-topk-mode-standard", [*F, "--sae", "{std}", "--topk-mode", "threshold"], {}, "standard SAE"),
@@ -248,6 +274,7 @@ CASES = [
     ("report-dir-missing", ["report", "--analysis-dir", "{w}/nope"], {}, "does not exist"),
     ("report-dir-not-full", ["report", "--analysis-dir", "{w}/done"], {}, "no feature summaries"),
     ("report-features-not-numbers", ["report", "--analysis-dir", "{w}/done", "--features", "a,b"], {}, "comma-separated feature indices"),
+    ("report-features-out-of-range", ["report", "--analysis-dir", "{w}/fullish", "--features", "2,2,99999", "--out", "{t}/r"], {}, "--features 99999 out of range: this SAE has features 0..2"),
     ("report-notebook-missing", ["report", "--analysis-dir", "{w}/done", "--notebook", "{w}/nope.ipynb"], {}, "does not exist"),
     ("report-out-under-a-file", ["report", "--analysis-dir", "{w}/done", "--out", "{w}/afile/r"], {}, "cannot be created"),
     ("report-run-unknown", ["report", "--run-id", "0123456789abcdef"], {}, "0123456789abcdef"),
@@ -306,6 +333,7 @@ def test_bad_input(world, clean_env, case_id, argv, env, words):
 
     assert r.exit_code == 2, f"{case_id}: exit {r.exit_code}\n{r.output}\n{r.exception!r}"
     assert "Traceback" not in r.output
+    assert "hunter22" not in r.output, "a password from the tracking URI was shown"
     errors = [ln for ln in r.stderr.splitlines() if ln.startswith("Error:")]
     assert len(errors) == 1, r.stderr
     assert words in errors[0], f"{case_id}: {words!r} not in {errors[0]!r}"

@@ -183,3 +183,49 @@ def test_label_cli_logs_to_run_and_dashboard_shows_labels(root: Path, mlflow_sto
     assert "dashboard/index.html" in {x.path for x in client.list_artifacts(rid, "dashboard")}
     no_key = CliRunner().invoke(app, ["label", str(root), "--top", "5"], env={"OPENAI_API_KEY": ""})
     assert no_key.exit_code == 2 and "OPENAI_API_KEY" in no_key.output
+
+
+def test_prior_fields_failed_detection_and_nothing_labelled(root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Answers in the prior labeler's shape (interpretability_score, extra fields, 'lexical') are
+    accepted; a failed detection request keeps the label (without a score); a run that labels nothing
+    returns only files that exist (the CLI logs them)."""
+    monkeypatch.setenv("OPENAI_API_KEY", SECRET)
+    feats = top_features(root, 4)
+    prior, no_detection = feats[0], feats[1]
+    with StubServer(Script(prior_fields={prior}, detection_fails={no_detection})) as server:
+        opts = L.LabelOptions(model="stub", base_url=server.url, rpm=0, max_tries=2, http_retries=0, timeout=5.0)
+        out = L.label_features(root, opts, feats, top=0)
+    assert out.failed == []
+    done = L.read_done(out.labels_file)
+    assert set(done) == set(feats)
+    assert done[prior]["interpretability"] == 4 and done[prior]["abstraction_level"] == "token"
+    assert done[no_detection]["label"] == f"feature {no_detection}" and "detection_error" in done[no_detection]
+    assert done[no_detection].get("detection_balanced_accuracy") is None
+    assert done[feats[2]]["detection_balanced_accuracy"] is not None
+
+    empty = root.parent / "B"
+    shutil.copytree(root, empty)
+    shutil.rmtree(empty / "labels")
+    nothing = L.label_features(empty, L.LabelOptions(model="stub", base_url="http://127.0.0.1:9/v1", rpm=0), None, top=0)
+    assert nothing.labelled_now == 0
+    assert all(Path(f).is_file() for f in nothing.files), nothing.files
+
+
+def test_resume_by_run_id_keeps_local_progress(tmp_path: Path, mlflow_store: str) -> None:
+    """Labels downloaded from the run are merged into the local file: a feature labelled locally keeps
+    its local label, features only in the run are added."""
+    import mlflow
+
+    from sae_mlops.tracking.features import download_labels
+
+    logged = tmp_path / "logged" / "labels"
+    logged.mkdir(parents=True)
+    (logged / "labels.jsonl").write_text("".join(json.dumps({"feature": f, "label": f"run {f}"}) + "\n" for f in (1, 2)))
+    with mlflow.start_run() as run:
+        mlflow.log_artifacts(str(logged), "labels")
+    local = tmp_path / "A" / "labels"
+    local.mkdir(parents=True)
+    (local / "labels.jsonl").write_text("".join(json.dumps({"feature": f, "label": f"local {f}"}) + "\n" for f in (2, 3)))
+    assert download_labels(run.info.run_id, tmp_path / "A")
+    got = L.read_done(local / "labels.jsonl")
+    assert {f: r["label"] for f, r in got.items()} == {1: "run 1", 2: "local 2", 3: "local 3"}

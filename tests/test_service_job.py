@@ -46,12 +46,12 @@ def store(tmp_path_factory) -> str:
 def calls(monkeypatch):
     seen: list = []
 
-    def quick(cfg, out_dir, *, track, experiment, run_name):
+    def quick(cfg, out_dir, *, track, experiment, run_name, take_over_out=False):
         seen.append(("quick", cfg, out_dir, track, experiment, run_name, os.environ.get("MLFLOW_RUN_ID")))
         return _Outcome(os.environ["MLFLOW_RUN_ID"], _Result({"sparsity/l0_mean": 5.0, "downstream/loss_recovered": float("nan")}),
                         ["few tokens"])
 
-    def full(cfg, out_dir, *, opts, track, experiment, run_name):
+    def full(cfg, out_dir, *, opts, track, experiment, run_name, take_over_out=False):
         seen.append(("full", cfg, out_dir, opts, experiment, run_name))
         return _Outcome(os.environ["MLFLOW_RUN_ID"], _Result({"features/dead_fraction": 0.1}))
 
@@ -303,3 +303,26 @@ def test_policy_probe_options_probe_the_version_into_the_job_run(calls, monkeypa
     assert "probe_options" not in vars(calls[0][1])  # not passed to the analysis
     with pytest.raises(InputError, match="probe_options in the policy"):
         job_module.run_job(_spec(tmp_path, store, options={"probe_options": {"pooling": "max"}}))
+
+
+def test_a_retry_after_a_logging_outage_logs_the_finished_outputs_without_analysing(calls, tmp_path, store, monkeypatch):
+    """Attempt 1 finished the analysis but the tracking server went away while it logged (its run was
+    closed FAILED): the retry logs the complete files of the job's folder into its own run."""
+    from sae_mlops.core.results import AnalysisResult
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
+    spec = _spec(tmp_path, store)
+    out = Path(spec["out_dir"])
+    (out / "results").mkdir(parents=True)
+    result = AnalysisResult(kind="quick", params={"sae": "models:/sae-a/3"}, metrics={"sparsity/l0_mean": 7.5})
+    (out / "results" / "analysis_results_x.json").write_text(result.to_json())
+    (out / "SUMMARY_x.md").write_text("# done\n")
+    reg = RegistryIO(store)
+    failed = reg.create_job_run(EXP, "quick sae-a v3", {"sae_mlops.service.job_key": spec["job_key"]})
+    reg.end_run(failed, "FAILED")
+    got = job_module.run_job({**spec, "attempt": 2})
+    assert calls == []  # nothing analysed again
+    assert got["run_id"] != failed and got["metrics"]["sparsity/l0_mean"] == 7.5
+    run = reg.client.get_run(got["run_id"])
+    assert run.info.status == "FINISHED"
+    assert "SUMMARY_x.md" in {a.path for a in reg.client.list_artifacts(got["run_id"])}

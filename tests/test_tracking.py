@@ -53,7 +53,7 @@ def _result(**overrides) -> AnalysisResult:
             "sparsity/l0_std": 3.25,
             "recon/explained_variance": 0.875,
             "downstream/ce_clean": 2.0,
-            "downstream/loss_recovered": float("nan"),
+            "downstream/not_a_headline": float("nan"),  # a NaN headline metric fails the run (own test)
             "downstream/kl_score": None,
             "speed/tokens_per_s": float("inf"),
             "tokens/analysed": 20000,
@@ -104,7 +104,7 @@ def test_new_run_round_trip(store, tmp_path):
     finite = {k: float(v) for k, v in result.metrics.items() if v is not None and math.isfinite(v)}
     assert run.data.metrics == finite
     unlogged = set(run.data.tags["sae_mlops.unlogged_metrics"].split(","))
-    assert unlogged == {"downstream/loss_recovered", "downstream/kl_score", "speed/tokens_per_s"}
+    assert unlogged == {"downstream/not_a_headline", "downstream/kl_score", "speed/tokens_per_s"}
 
     # tags: lineage as given, kind, hash, note linking the source; never a parent run
     t = run.data.tags
@@ -168,3 +168,17 @@ def test_source_run_in_store_gets_ui_link(store, tmp_path):
     run_id = log_analysis(_result(tags={"sae_mlops.source_run_id": src}), files, out)
     note = client.get_run(run_id).data.tags["mlflow.note.content"]
     assert f"#/experiments/{exp}/runs/{src}" in note
+
+
+def test_a_nan_headline_metric_never_gives_a_finished_run(store, tmp_path):
+    """A result whose headline quality metric is NaN (e.g. an SAE that diverged) is logged, tagged
+    with the metric's name and ended FAILED, so it does not enter comparisons as a normal run."""
+    from sae_mlops.tracking.runs import TAG_NONFINITE
+
+    out, files = _files(tmp_path)
+    result = _result()
+    result.metrics["recon/explained_variance"] = float("nan")
+    run_id = log_analysis(result, files, out, experiment="nan-check")
+    run = MlflowClient().get_run(run_id)
+    assert run.info.status == "FAILED"
+    assert run.data.tags[TAG_NONFINITE] == "recon/explained_variance"

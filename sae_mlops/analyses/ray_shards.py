@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import os
 import shutil
 import tempfile
@@ -133,14 +134,72 @@ def check_reachable(address: str, timeout_s: float = 3.0) -> None:
                          "`ray start --head` or leave --ray-address out to start a local Ray instance.") from None
 
 
+#: how often one shard is retried on a fresh actor after the actor running it died
+SHARD_RETRIES = 2
+
+#: with this set (Ray reads it when imported, in every process it starts), a node whose IP is
+#: 127.0.0.1 stays on loopback: Ray >= 2.50 otherwise replaces 127.0.0.1 by the host's external IP
+#: (``services.resolve_ip_for_localhost``) and its servers listen there
+LOOPBACK_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+
+
+def bind_ray_to_loopback() -> dict[str, str | None]:
+    """Make the Ray instance this process starts next listen on 127.0.0.1 only (GCS, raylet, Ray
+    Client server, agents: see `LOOPBACK_ENV`); returns the previous environment values for
+    `restore_env`. Only for an instance this process owns: a driver of a multi-node cluster must
+    keep its reachable IP."""
+    import sys
+
+    previous = {k: os.environ.get(k) for k in LOOPBACK_ENV}
+    os.environ.update(LOOPBACK_ENV)
+    constants = sys.modules.get("ray._private.ray_constants")
+    if constants is not None:  # imported already: its constant was read from the environment then
+        constants.ENABLE_RAY_CLUSTER = False  # type: ignore[attr-defined]
+    return previous
+
+
+def restore_env(previous: dict[str, str | None]) -> None:
+    import sys
+
+    for k, v in previous.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+    constants = sys.modules.get("ray._private.ray_constants")
+    if constants is not None and "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER" in previous:
+        value = os.environ.get("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")
+        constants.ENABLE_RAY_CLUSTER = (value.lower() in ("1", "true") if value else  # type: ignore[attr-defined]
+                                        not constants.IS_WINDOWS_OR_OSX)
+
+
+def start_local_ray(cpus: int, temp_dir: str | None = None) -> dict[str, str | None]:
+    """``ray.init`` of a new local instance with `cpus` CPUs, no dashboard, listening on 127.0.0.1
+    only (`bind_ray_to_loopback`); returns the environment to restore after ``ray.shutdown``."""
+    import ray
+
+    previous = bind_ray_to_loopback()
+    extra: dict[str, Any] = {"_temp_dir": temp_dir} if temp_dir else {}
+    try:
+        ray.init(num_cpus=cpus, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False,
+                 configure_logging=False, **extra)
+    except BaseException:
+        restore_env(previous)
+        raise
+    return previous
+
+
 def run_ray(inputs: Inputs, kind: str, opts: FullOptions | None, exec_opts: ExecutionOptions, ck: Checkpoint,
             factory: CollectorFactory, bar: Any, observer: PassObserver | None) -> ShardedPass:
     """Run the unfinished shards of ``ck`` on ``exec_opts.workers`` Ray actors; record each in the
-    checkpoint as it arrives (any order); merge all in shard order."""
+    checkpoint as it arrives (any order); merge all in shard order. A local instance (no
+    --ray-address) listens on 127.0.0.1 only. An actor that dies mid-shard (killed, out of memory,
+    node lost) is replaced and its shard runs again on the new actor, up to `SHARD_RETRIES` times
+    per shard (then the error is raised; the finished shards stay in the checkpoint)."""
     import ray
-    from ray.util import ActorPool
 
     owned = False
+    previous_env: dict[str, str | None] | None = None
     if not ray.is_initialized():
         t0 = time.perf_counter()
         kwargs: dict[str, Any] = {"log_to_driver": False, "configure_logging": False}
@@ -152,8 +211,7 @@ def run_ray(inputs: Inputs, kind: str, opts: FullOptions | None, exec_opts: Exec
                 raise InputError(f"cannot connect to the Ray cluster at {exec_opts.ray_address} ({type(e).__name__}: "
                                  f"{str(e)[:200]}); start one with `ray start --head` or leave --ray-address out.") from e
         else:
-            cpus = max(exec_opts.workers * exec_opts.cpus_per_worker, 1)
-            ray.init(num_cpus=cpus, include_dashboard=False, **kwargs)
+            previous_env = start_local_ray(max(math.ceil(exec_opts.workers * exec_opts.cpus_per_worker), 1))
             owned = True
         log.info("Ray %s in %.1f s", "started" if owned else f"connected to {exec_opts.ray_address}", time.perf_counter() - t0)
     actors: list[Any] = []
@@ -161,22 +219,45 @@ def run_ray(inputs: Inputs, kind: str, opts: FullOptions | None, exec_opts: Exec
         cfg, sae_files = _actor_config(inputs)
         corpus_ref = ray.put(inputs.corpus)
         sae_ref = ray.put(sae_files) if sae_files is not None else None
-        remote = ray.remote(ShardWorker).options(num_cpus=exec_opts.cpus_per_worker, num_gpus=exec_opts.gpus_per_worker)
+        remote = ray.remote(ShardWorker).options(num_cpus=exec_opts.cpus_per_worker, num_gpus=exec_opts.gpus_per_worker,
+                                                 max_restarts=0, max_task_retries=0)
+
+        def new_actor() -> Any:
+            actor = remote.remote(cfg, kind, opts, corpus_ref, sae_ref, exec_opts.cpus_per_worker)
+            actors.append(actor)
+            return actor
+
         todo = [s for s in ck.plan if s.index not in ck.done]
         n = max(1, min(exec_opts.workers, len(todo)))
         t_actors = time.perf_counter()
-        actors = [remote.remote(cfg, kind, opts, corpus_ref, sae_ref, exec_opts.cpus_per_worker) for _ in range(n)]
-        ray.get([a.ready.remote() for a in actors])  # start-up apart from the shards' wall time
+        idle = [new_actor() for _ in range(n)]
+        ray.get([a.ready.remote() for a in idle])  # start-up apart from the shards' wall time
         t_shards = time.perf_counter()
         total = sum(s.tokens for s in ck.plan)
         done_tokens = ck.tokens_done
         by_index = {s.index: s for s in ck.plan}
         peak = 0.0
-        pool = ActorPool(actors)
-        for spec in todo:
-            pool.submit(lambda a, s: a.run.remote(s, ck.blocks), spec)
-        while pool.has_next():
-            res = pool.get_next_unordered()
+        queue = list(todo)
+        running: dict[Any, tuple[Any, ShardSpec]] = {}
+        retries: dict[int, int] = {}
+        while queue or running:
+            while queue and idle:
+                actor, spec = idle.pop(), queue.pop(0)
+                running[actor.run.remote(spec, ck.blocks)] = (actor, spec)
+            ready, _ = ray.wait(list(running), num_returns=1)
+            actor, spec = running.pop(ready[0])
+            try:
+                res = ray.get(ready[0])
+            except ray.exceptions.RayActorError as e:
+                retries[spec.index] = retries.get(spec.index, 0) + 1
+                if retries[spec.index] > SHARD_RETRIES:
+                    raise
+                log.warning("the Ray actor running shard %d died (%s); running the shard again on a new actor "
+                            "(retry %d of %d)", spec.index, type(e).__name__, retries[spec.index], SHARD_RETRIES)
+                queue.insert(0, spec)
+                idle.append(new_actor())
+                continue
+            idle.append(actor)
             index = int(res["index"])
             staging = ck.staging_dir(index)
             _write_tree(staging, res["files"])
@@ -194,6 +275,7 @@ def run_ray(inputs: Inputs, kind: str, opts: FullOptions | None, exec_opts: Exec
         out.extra["ray_shards_wall_s"] = shards_wall
         out.extra["worker_peak_rss_mib"] = peak
         out.extra["workers"] = n
+        out.extra["shard_retries"] = sum(retries.values())
         return out
     finally:
         for a in actors:
@@ -203,3 +285,5 @@ def run_ray(inputs: Inputs, kind: str, opts: FullOptions | None, exec_opts: Exec
                 pass
         if owned:
             ray.shutdown()
+        if previous_env is not None:
+            restore_env(previous_env)

@@ -38,6 +38,7 @@ from sae_mlops.core.engine import Engine, PassStats
 from sae_mlops.core.tokens import ShardSpec, iter_batches, plan_pass
 from sae_mlops.errors import InputError
 from sae_mlops.files import atomic_write_text
+from sae_mlops.outlock import check_fence
 
 if TYPE_CHECKING:
     from sae_mlops.analyses.quick import Inputs
@@ -174,6 +175,7 @@ class Checkpoint:
         return ck
 
     def save(self) -> None:
+        check_fence(self.dir.parent)  # an orphaned attempt stops here (sae_mlops.outlock)
         self.dir.mkdir(parents=True, exist_ok=True)
         data = {
             "format": FORMAT,
@@ -193,6 +195,7 @@ class Checkpoint:
         return self.dir / f"shard-{index:05d}"
 
     def staging_dir(self, index: int) -> Path:
+        check_fence(self.dir.parent)
         path = self.dir / f"shard-{index:05d}.tmp-{uuid.uuid4().hex[:8]}"
         path.mkdir(parents=True)
         return path
@@ -200,6 +203,7 @@ class Checkpoint:
     def commit(self, index: int, staging: Path, stats: PassStats, record: bool = True) -> None:
         """Publish a finished shard: rename its staging directory, then (``record``: its state was
         saved) record it in the manifest as done."""
+        check_fence(self.dir.parent)
         final = self.shard_dir(index)
         if final.exists():
             shutil.rmtree(final)
@@ -306,10 +310,17 @@ def open_checkpoint(inputs: Inputs, kind: str, out: Path, exec_opts: ExecutionOp
     ck = Checkpoint.open(out, pass_fingerprint(inputs, kind, exec_opts.shard_tokens, opts), require_existing=resume)
     if not ck.plan or ck.blocks is None:
         cfg = inputs.cfg
+        facts: dict[str, Any] = {}
         plan, ck.blocks = plan_pass(inputs.corpus.texts, inputs.model.tokenizer, inputs.plan, cfg.batch_size,
-                                    cfg.max_tokens, exec_opts.shard_tokens)
+                                    cfg.max_tokens, exec_opts.shard_tokens, facts=facts)
         if not ck.plan:
             ck.plan = plan
+        if ck.plan and not facts.get("predicts", True):
+            raise InputError(
+                f"the corpus '{inputs.corpus.path}' gives 0 next-token predictions (each of its "
+                f"{sum(s.tokens for s in ck.plan):,} analysable tokens ends its window, e.g. one-token documents), so "
+                "loss recovered and KL cannot be measured; give documents of at least two tokens."
+            )
     info = inputs.sae.info
     ck.sae_info = {"architecture": info.architecture, "d_sae": info.d_sae,
                    "k": info.k if info.k is not None else (info.extra or {}).get("k")}
@@ -321,6 +332,7 @@ def open_checkpoint(inputs: Inputs, kind: str, out: Path, exec_opts: ExecutionOp
 def finish_pass(ck: Checkpoint, factory: CollectorFactory, results: dict[int, tuple[list[Collector], PassStats]]) -> ShardedPass:
     """Merge every shard in shard order: in memory where this process ran it (``results``), else from
     its saved state; stats add up the same way. Timed as ``merge_seconds``."""
+    check_fence(ck.dir.parent)  # the outputs are written next
     t0 = time.perf_counter()
     acc: list[Collector] | None = None
     stats = PassStats()

@@ -70,7 +70,9 @@ def report_input_errors(fn: F) -> F:
 
 def fail(message: str, code: int = 2) -> None:
     """Print `message` as a single red line on stderr and exit with `code`."""
-    one_line = " ".join(str(message).split()) or "invalid input"
+    from sae_mlops.redact import redact
+
+    one_line = " ".join(redact(message).split()) or "invalid input"
     err_console.print(f"[bold red]Error:[/bold red] [red]{escape(one_line)}[/red]", soft_wrap=True, highlight=False)
     raise typer.Exit(code)
 

@@ -269,9 +269,10 @@ def plan_shards(
     max_tokens: int | None,
     shard_tokens: int,
     pool_batches: int = 32,
+    facts: dict | None = None,
 ) -> list[ShardSpec]:
     """The shards of :func:`plan_pass` (without the block layout)."""
-    return plan_pass(texts, tokenizer, plan, batch_size, max_tokens, shard_tokens, pool_batches)[0]
+    return plan_pass(texts, tokenizer, plan, batch_size, max_tokens, shard_tokens, pool_batches, facts)[0]
 
 
 def plan_pass(
@@ -282,19 +283,26 @@ def plan_pass(
     max_tokens: int | None,
     shard_tokens: int,
     pool_batches: int = 32,
+    facts: dict | None = None,
 ) -> tuple[list[ShardSpec], BlockLayout]:
     """Cut the stream of :func:`iter_batches` into shards of about ``shard_tokens`` analysed tokens
     (whole pools: a shard ends with the first pool that reaches ``shard_tokens``), and its windows
     into the blocks of :class:`~sae_mlops.core.blocks.BlockLayout` (the resampling unit of the
     intervals). Deterministic in (corpus, tokenizer, context size, BOS, batch size, budget, shard
     size): it tokenizes the corpus up to the budget once, without building batches. Unit of
-    ``shard_tokens``: analysed tokens. The blocks do not depend on ``shard_tokens``."""
+    ``shard_tokens``: analysed tokens. The blocks do not depend on ``shard_tokens``.
+    facts: a dict that receives ``predicts`` (whether any window holds a next-token prediction: an
+    analysed token followed by another token of its window; a corpus of one-token documents has none)."""
     shards: list[ShardSpec] = []
     current: dict | None = None
     token = 0
     keys: list[int] = []
+    special = set(plan.special_ids)
+    predicts = False
     for pool in iter_pools(texts, tokenizer, plan, batch_size, max_tokens, pool_batches):
         keys.extend(window_key(w.doc_index, w.start) for w in pool.windows)
+        if not predicts:
+            predicts = any(any(t not in special for t in w.tokens[(1 if w.has_bos else 0):-1]) for w in pool.windows)
         if current is None:
             current = {"start": pool.start, "pools": 0, "batches": 0, "token_start": token, "tokens": 0}
         current["pools"] += 1
@@ -306,6 +314,8 @@ def plan_pass(
             current = None
     if current is not None:
         shards.append(_spec(len(shards), current))
+    if facts is not None:
+        facts["predicts"] = predicts
     return shards, BlockLayout.from_keys(keys)
 
 

@@ -52,7 +52,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, Field, ValidationError, field_validator
+from pydantic import AliasChoices, BaseModel, Field, ValidationError, field_validator
 
 from sae_mlops.errors import InputError
 
@@ -90,14 +90,23 @@ class FeatureLabel(BaseModel):
     description: str = Field(min_length=1)
     category: str = Field(min_length=1, max_length=60)
     monosemantic: bool
-    interpretability: int = Field(ge=1, le=5)
+    # the prior labeler's answers call it interpretability_score (and carry other fields: ignored)
+    interpretability: int = Field(ge=1, le=5, validation_alias=AliasChoices("interpretability", "interpretability_score"))
     knowledge_domain: str = Field(min_length=1, max_length=80)
     abstraction_level: Literal["token", "syntax", "semantic", "abstract"]
 
     @field_validator("abstraction_level", mode="before")
     @classmethod
     def _lower(cls, v: Any) -> Any:
-        return v.strip().lower() if isinstance(v, str) else v
+        if not isinstance(v, str):
+            return v
+        v = v.strip().lower()
+        return _ABSTRACTION_SYNONYMS.get(v, v)
+
+
+#: the prior labeler's words for the abstraction levels
+_ABSTRACTION_SYNONYMS = {"lexical": "token", "token-level": "token", "low": "token", "syntactic": "syntax",
+                         "medium": "semantic", "conceptual": "abstract", "high": "abstract"}
 
 
 class DetectionAnswer(BaseModel):
@@ -366,11 +375,18 @@ def label_features(
                 if skipped:
                     rec["detection_skipped"] = skipped
                 elif snippets and any(truth):
-                    det, det_tries = labeler.ask(DETECTION_SYSTEM, detection_prompt(rec, snippets), DetectionAnswer)
-                    picked = {int(i) for i in det.active}  # type: ignore[attr-defined]
-                    answer = [1 if i in picked else 0 for i in range(1, len(snippets) + 1)]
-                    acc, bal = detection_scores(truth, answer)
-                    rec.update(detection_accuracy=acc, detection_balanced_accuracy=bal, detection_truth=truth, detection_answer=answer, detection_tries=det_tries)
+                    try:
+                        det, det_tries = labeler.ask(DETECTION_SYSTEM, detection_prompt(rec, snippets), DetectionAnswer)
+                    except Exception as e:  # the label is valid: keep it, without a detection score
+                        rec["detection_error"] = " ".join(str(e).split())[:300]
+                        log.warning("feature %d: detection request failed (%s); the label is kept without a score",
+                                    f, rec["detection_error"][:200])
+                    else:
+                        picked = {int(i) for i in det.active}  # type: ignore[attr-defined]
+                        answer = [1 if i in picked else 0 for i in range(1, len(snippets) + 1)]
+                        acc, bal = detection_scores(truth, answer)
+                        rec.update(detection_accuracy=acc, detection_balanced_accuracy=bal, detection_truth=truth,
+                                   detection_answer=answer, detection_tries=det_tries)
         except Exception as e:  # one feature's failure never stops the others
             with write_lock:
                 failed.append(f)
@@ -404,7 +420,9 @@ def label_features(
     metrics = label_metrics(all_done, usage, len(failed))
     summary = out_dir / "label_summary.json"
     summary.write_text(json.dumps({"options": asdict(opts), "metrics": {k: (v if np.isfinite(v) else None) for k, v in metrics.items()}, "failed": failed, "prompt_version": PROMPT_VERSION}, indent=2))
-    files = [labels_file, *files, summary] + ([failures_file] if failures_file.is_file() else [])
+    # labels.jsonl exists once a feature was labelled (now or earlier); nothing labelled: not logged
+    files = ([labels_file] if labels_file.is_file() else []) + [*files, summary] + (
+        [failures_file] if failures_file.is_file() else [])
     return LabelOutcome(out_dir, labels_file, files, len(todo) - len(failed), len(chosen) - len(todo), failed, metrics)
 
 

@@ -67,6 +67,21 @@ def parse_features(text: str | None) -> list[int]:
     return out
 
 
+def check_features(features: list[int] | None, summaries: Path) -> list[int]:
+    """`features` without repeats (first order kept); `InputError` naming the indices out of range of
+    the analysed SAE (d_sae = the lines of its feature summaries), before the notebook runs."""
+    if not features:
+        return []
+    unique = list(dict.fromkeys(int(f) for f in features))
+    with open(summaries, encoding="utf-8") as fh:
+        d_sae = sum(1 for line in fh if line.strip())
+    bad = [f for f in unique if f >= d_sae]
+    if bad:
+        raise InputError(f"--features {','.join(map(str, bad))} out of range: this SAE has features 0..{d_sae - 1}; "
+                         f"give indices below {d_sae}.")
+    return unique
+
+
 def current_python_kernel_manager():
     """A jupyter_client kernel manager class whose kernel is ``sys.executable`` (this venv)."""
     from jupyter_client.kernelspec import KernelSpec
@@ -204,7 +219,8 @@ def generate_report(
         adir = Path(analysis_dir).expanduser().resolve()
     else:
         adir = download_analysis(str(run_id), out / "artifacts", tracking_uri)
-    require_full_analysis(adir)
+    summaries = require_full_analysis(adir)
+    features = check_features(features, summaries)
 
     params: dict[str, Any] = {
         "run_id": run_id or "",

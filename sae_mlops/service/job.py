@@ -133,11 +133,18 @@ def run_job(spec: dict[str, Any]) -> dict[str, Any]:
     log.info("job %s: %s analysis of models:/%s/%s on %s into run %s", job_id, kind, name, version, cfg.device, run_id,
              extra={"job_id": job_id, "model": name, "version": version, "kind": kind, "run_id": run_id})
     try:
-        if kind == "quick":
-            outcome = pipeline.run_quick_and_log(cfg, out_dir, track=True, experiment=experiment, run_name=run_name)
+        if finished_outputs(out_dir, kind):
+            # an earlier attempt finished the analysis but could not log it (a tracking outage):
+            # log its files into this attempt's run instead of analysing again
+            log.info("job %s: the outputs of an earlier attempt are complete in %s; logging them without a new analysis",
+                     job_id, out_dir, extra={"job_id": job_id})
+            outcome = pipeline.log_existing(out_dir, experiment=experiment, run_name=run_name)
+        elif kind == "quick":
+            outcome = pipeline.run_quick_and_log(cfg, out_dir, track=True, experiment=experiment, run_name=run_name,
+                                                 take_over_out=True)
         else:
             outcome = pipeline.run_full_and_log(
-                cfg, out_dir, opts=full_opts, track=True, experiment=experiment, run_name=run_name
+                cfg, out_dir, opts=full_opts, track=True, experiment=experiment, run_name=run_name, take_over_out=True
             )
         if outcome.run_id and outcome.run_id != run_id:
             raise RuntimeError(f"the analysis logged into run {outcome.run_id}, not the job's run {run_id}")
@@ -161,6 +168,20 @@ def run_job(spec: dict[str, Any]) -> dict[str, Any]:
             os.environ["MLFLOW_RUN_ID"] = previous
     registry.end_run(run_id, "FINISHED")
     return _result(spec, kind, run_id, outcome.result.metrics, outcome.warnings)
+
+
+def finished_outputs(out_dir: Path, kind: str) -> bool:
+    """Whether `out_dir` holds the complete outputs of a `kind` analysis: a results JSON of that kind
+    and a SUMMARY, no checkpoint of an unfinished pass, no partial files."""
+    results = sorted((out_dir / "results").glob("analysis_results*.json")) if out_dir.is_dir() else []
+    if not results or not any(out_dir.glob("SUMMARY*")) or (out_dir / "checkpoint").exists():
+        return False
+    if any(p.name.endswith((".partial", ".part")) for p in out_dir.rglob("*")):
+        return False
+    try:
+        return json.loads(results[-1].read_text(encoding="utf-8")).get("kind") == kind
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def _result(spec: dict[str, Any], kind: str, run_id: str | None, metrics: dict[str, Any], warnings: list[Any]) -> dict[str, Any]:

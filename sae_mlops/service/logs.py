@@ -14,6 +14,8 @@ import os
 import sys
 from datetime import datetime, timezone
 
+from sae_mlops.redact import RedactingFilter
+
 _STANDARD = set(vars(logging.LogRecord("x", 0, "x", 0, "x", None, None))) | {"message", "asctime", "taskName", "color_message"}
 _PLAIN = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 _QUIET = ("mlflow", "urllib3", "alembic", "git", "matplotlib", "filelock", "httpx", "huggingface_hub", "uvicorn.access")
@@ -43,6 +45,7 @@ def setup_service_logging(log_format: str = "text", level: str = "INFO") -> None
         # JSON lines, or plain timestamped lines when stderr is a file or a container log.
         handler: logging.Handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(JsonFormatter() if log_format == "json" else logging.Formatter(_PLAIN))
+        handler.addFilter(RedactingFilter())  # credentials never reach the log
         root = logging.getLogger()
         for h in list(root.handlers):
             root.removeHandler(h)

@@ -155,7 +155,8 @@ class JobActor:
         root = logging.getLogger()
         root.addHandler(handler)
         previous_tmp = tempfile.tempdir
-        tmp = Path(spec["out_dir"]).parent / "tmp"
+        # this attempt's own temp dir: an orphan of an earlier attempt must not delete a retry's files
+        tmp = Path(spec["out_dir"]).parent / f"tmp-{spec.get('attempt', 0)}-{os.getpid()}-{int(time.time())}"
         try:
             tmp.mkdir(parents=True, exist_ok=True)
             tempfile.tempdir = str(tmp)
@@ -179,6 +180,9 @@ def _job_log_handler(path: Path, log_format: str) -> logging.Handler:
 
     handler = logging.FileHandler(path, encoding="utf-8")
     handler.setFormatter(JsonFormatter() if log_format == "json" else logging.Formatter(_PLAIN))
+    from sae_mlops.redact import RedactingFilter
+
+    handler.addFilter(RedactingFilter())
     return handler
 
 
@@ -219,9 +223,13 @@ class RayRuntime:
                         ray.shutdown()
                         time.sleep(2.0 * attempt)
             else:
+                from sae_mlops.analyses.ray_shards import bind_ray_to_loopback
+
+                bind_ray_to_loopback()  # this process is a driver of its own loopback instance only
                 address = self._start_local_head()
                 log.info("started a local Ray instance for the service's workers (%s, %s)", address, self._head_dir)
-                ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
+                ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING,
+                         _node_ip_address="127.0.0.1")
                 self.owned = True
             self.connected = True
             resources = ray.cluster_resources()
@@ -254,10 +262,13 @@ class RayRuntime:
         log_path = self._head_dir / "ray-head.log"
         cmd = [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block", f"--port={port}",
                "--node-ip-address=127.0.0.1", "--include-dashboard=false", "--disable-usage-stats",
+               f"--ray-client-server-port={_free_port()}",  # not Ray's fixed 10001: instances side by side
                f"--temp-dir={self._head_dir}"]
-        with open(log_path, "ab") as f:
+        from sae_mlops.analyses.ray_shards import LOOPBACK_ENV
+
+        with open(log_path, "ab") as f:  # LOOPBACK_ENV: every server of the instance listens on 127.0.0.1 only
             self._head = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                          start_new_session=True)
+                                          start_new_session=True, env={**os.environ, **LOOPBACK_ENV})
         # Stopping the head from inside a process that was its Ray driver can abort that process
         # (seen with Ray 2.60), so a detached watchdog stops it after the service has exited
         # (also when the service is killed).

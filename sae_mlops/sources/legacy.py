@@ -192,6 +192,9 @@ def _check_weights(weights: dict[str, Any], d_in: int, d_sae: int, label: str) -
                 f"SAE directory {label}: {key} has shape {got}, expected {shape} from config.json "
                 f"(d_in={d_in}, d_sae={d_sae}); make config.json and weights.pt match."
             )
+    from sae_mlops.sources.finite import check_finite_tensors
+
+    check_finite_tensors(weights, d_sae, f"directory {label}")
 
 
 def _hook(config: dict[str, Any], label: str) -> tuple[str, int | None]:

@@ -133,6 +133,25 @@ def load_sae(
     return loaded
 
 
+def check_finite_weights(loaded: LoadedSAE, label: str) -> None:
+    """`check_finite_tensors` over every floating tensor of the loaded SAE's state (W_enc, b_enc,
+    W_dec, b_dec, threshold...)."""
+    import torch
+
+    from sae_mlops.sources.finite import check_finite_tensors
+
+    module = loaded.module
+    tensors: dict[str, torch.Tensor] = {}
+    if isinstance(module, torch.nn.Module):
+        tensors = {k: v for k, v in module.state_dict().items() if torch.is_tensor(v) and v.is_floating_point()}
+    else:
+        for name in ("W_enc", "b_enc", "W_dec", "b_dec", "threshold"):
+            v = getattr(module, name, None)
+            if torch.is_tensor(v) and v.is_floating_point():
+                tensors[name] = v
+    check_finite_tensors(tensors, loaded.info.d_sae, label)
+
+
 def load_sae_directory(
     directory: Path,
     device: str = "cpu",
@@ -154,6 +173,7 @@ def load_sae_directory(
         loaded = load_legacy_sae(directory, device=device, topk_mode=topk_mode, threshold=threshold, source=label)
     else:
         raise InputError(f"SAE directory {label} holds neither SAE layout ({LAYOUT_HINT}); {FORMS_HINT}.")
+    check_finite_weights(loaded, label)
     loaded.info.local_path = Path(directory).resolve()
     loaded.info.content_hash = sha256_directory(Path(directory))
     logger.info(
@@ -174,6 +194,7 @@ def _load_release(spec: SAESourceSpec, source: str, device: str) -> LoadedSAE:
     assert spec.sae_id is not None
     label = source if ":" in source else f"{spec.value}:{spec.sae_id}"
     loaded = load_saelens_release(spec.value, spec.sae_id, device=device, source=label)
+    check_finite_weights(loaded, label)
     loaded.info.content_hash = sha256_state_dict(loaded.module.state_dict())  # type: ignore[attr-defined]  # a torch module
     return loaded
 

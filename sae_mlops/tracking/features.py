@@ -172,8 +172,9 @@ def log_labels(run_id: str, files: list[Path], base_dir: Path, metrics: dict[str
 
 
 def download_labels(run_id: str, dst: Path, tracking_uri: str | None = None) -> bool:
-    """Download the run's ``labels/`` artifacts (written by `sae-mlops label`) into ``dst/labels``;
-    False when the run has none."""
+    """Download the run's ``labels/labels.jsonl`` (written by `sae-mlops label`) and merge it into
+    ``dst/labels/labels.jsonl``: a feature labelled locally keeps its local label (local progress of a
+    resumed run is never overwritten), features only in the run are added. False when the run has none."""
     import mlflow.artifacts
 
     client = MlflowClient(tracking_uri=tracking_uri)
@@ -183,6 +184,24 @@ def download_labels(run_id: str, dst: Path, tracking_uri: str | None = None) -> 
     target.mkdir(parents=True, exist_ok=True)  # a single file lands directly in dst_path
     from sae_mlops.tracking.artifacts import no_progress_bars
 
-    with no_progress_bars():
-        mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="labels/labels.jsonl", dst_path=str(target), tracking_uri=tracking_uri)
+    import json
+    import tempfile
+
+    from sae_mlops.files import atomic_write_text
+
+    local = target / "labels.jsonl"
+    with tempfile.TemporaryDirectory(dir=target) as tmp, no_progress_bars():
+        mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="labels/labels.jsonl", dst_path=tmp,
+                                            tracking_uri=tracking_uri)
+        remote = Path(tmp) / "labels.jsonl"
+        records: dict[int, str] = {}
+        for path in (remote, local):  # local last: it wins
+            if not path.is_file():
+                continue
+            for line in path.read_text(encoding="utf-8").splitlines():
+                try:
+                    records[int(json.loads(line)["feature"])] = line
+                except (ValueError, KeyError, TypeError):
+                    continue  # a torn line (killed writer)
+    atomic_write_text(local, "".join(records[f] + "\n" for f in sorted(records)))
     return True

@@ -220,14 +220,16 @@ def tag_clause(key: str, value: str) -> str:
 
 
 def find_source_by_hash(sae_hash: str, client: MlflowClient | None = None) -> Run | None:
-    """The earliest training/import run whose SAE has content hash `sae_hash`, or None."""
+    """The earliest FINISHED training/import run whose SAE has content hash `sae_hash`, or None (a
+    FAILED or KILLED one, e.g. an import whose registration failed, never hides the SAE from a later
+    import)."""
     client = client or MlflowClient()
     runs = search_runs_everywhere(
         client,
         f"{tag_clause(TAG_SAE_HASH, sae_hash)} and {tag_clause(TAG_SAE_SOURCE, 'true')}",
         order_by=["attributes.start_time ASC"],
     )
-    runs = [r for r in runs if r.data.tags.get(TAG_KIND) in SOURCE_KINDS]
+    runs = [r for r in runs if r.data.tags.get(TAG_KIND) in SOURCE_KINDS and r.info.status == "FINISHED"]
     runs.sort(key=lambda r: r.info.start_time or 0)
     return runs[0] if runs else None
 

@@ -85,8 +85,21 @@ def log_sae_model(
     return model.model_id
 
 
+#: characters MLflow refuses in a registered model's name (its logged-model rule, applied when a
+#: version is registered from ``models:/m-...``); the prior tool's directory names hold dots
+_BAD_NAME_CHARS = ("/", ":", ".", "%", '"', "'")
+
+
+def valid_model_name(name: str) -> str:
+    """`name` with each run of characters MLflow refuses in a registered model name (``/ : . % " '``)
+    replaced by one ``-``: ``gpt2.blocks.1.hook_resid_post.std_l1_3e-3`` ->
+    ``gpt2-blocks-1-hook_resid_post-std_l1_3e-3``."""
+    return re.sub("[" + re.escape("".join(_BAD_NAME_CHARS)) + "]+", "-", name).strip("-") or "sae"
+
+
 def check_model_name(name: str | None, alias: str | None) -> None:
-    """InputError for an alias without a name, or a malformed alias (before any heavy work)."""
+    """InputError for an alias without a name, or a malformed alias (before any heavy work). A name
+    holding characters MLflow refuses is registered as `valid_model_name` (said in a warning)."""
     if alias and not name:
         raise InputError(f"--alias {alias} needs --register NAME (an alias belongs to a registered model).")
     if name is not None and not name.strip():
@@ -95,7 +108,7 @@ def check_model_name(name: str | None, alias: str | None) -> None:
         from mlflow.utils.validation import _validate_model_name
 
         try:
-            _validate_model_name(name)
+            _validate_model_name(valid_model_name(name))
         except MlflowException as exc:
             raise InputError(f"--register {name!r} is not a valid model name ({exc.message}); use e.g. demo-sae.") from None
     if alias is not None:
@@ -112,7 +125,12 @@ def register_sae_model(
     tags: dict[str, str] | None = None,
 ) -> Registration:
     """Register logged model `model_id` as a version of `name` (reusing an existing version made from
-    the same logged model), set `alias` on it, and tag the source run with name and version."""
+    the same logged model), set `alias` on it, and tag the source run with name and version. A name
+    MLflow refuses is registered as `valid_model_name` (a warning says which)."""
+    valid = valid_model_name(name)
+    if valid != name:
+        log.warning("MLflow model names cannot contain %s; registering %r as %r", " ".join(_BAD_NAME_CHARS), name, valid)
+        name = valid
     try:
         client.get_registered_model(name)
     except MlflowException as exc:

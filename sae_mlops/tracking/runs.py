@@ -134,10 +134,34 @@ def log_analysis(
         if owned:
             client.set_terminated(run_id, "KILLED" if interrupted else "FAILED")
         raise
+    bad = nonfinite_headlines(result.metrics)
+    if bad:
+        # a run with NaN headline metrics must not enter comparisons as a normal result
+        client.set_tag(run_id, TAG_NONFINITE, ",".join(bad))
+        log.warning("headline metric(s) %s are not finite; run %s is marked %s", ", ".join(bad), run_id,
+                    "FAILED" if owned else f"with the tag {TAG_NONFINITE}")
     if owned:
-        client.set_terminated(run_id, "FINISHED")
+        client.set_terminated(run_id, "FAILED" if bad else "FINISHED")
     log.info("Logged %s analysis to MLflow run %s (%s)", result.kind, run_id, mlflow.get_tracking_uri())
     return run_id
+
+
+TAG_NONFINITE = "sae_mlops.nonfinite_metrics"
+
+
+def nonfinite_headlines(metrics: dict[str, Any]) -> list[str]:
+    """The headline quality metrics (`sae_mlops.metrics.headline_metrics`, less speed and timing,
+    where an infinity only means a tiny run) present in `metrics` whose value is NaN or infinite."""
+    from sae_mlops.metrics import headline_metrics
+
+    out = []
+    for m in headline_metrics():
+        if m.name.startswith(("speed/", "time/")):
+            continue
+        v = metrics.get(m.name)
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and not math.isfinite(float(v)):
+            out.append(m.name)
+    return out
 
 
 RUNNING_NOTE = "**running** · "  # the description of a run whose pass is running (replaced at the end)

@@ -1,0 +1,122 @@
+"""Ray faults on a local instance the tool starts itself (no --ray-address):
+
+- every server of that instance (GCS, raylet, object manager, agents, workers) listens on 127.0.0.1
+  only: the listening sockets of its processes (``ss -ltnp``) are all loopback;
+- an actor killed (SIGKILL) while it runs a shard does not fail the analysis: the shard runs again
+  on a new actor and the result equals the local pass.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from sae_mlops.config import AnalysisConfig, ExecutionOptions
+from sae_mlops.demo import demo_sae_path
+from sae_mlops.workflows import run_quick_and_log
+
+SAE = str(demo_sae_path("batchtopk"))
+
+
+def _cfg() -> AnalysisConfig:
+    return AnalysisConfig(sae=SAE, model="demo", max_tokens=12_000, batch_size=2, progress=False)
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def _descendants(root: int) -> set[int]:
+    """`root` and every process below it (by /proc's parent pids), plus processes naming `marker`."""
+    children: dict[int, list[int]] = {}
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(d.name))
+    out, todo = set(), [root]
+    while todo:
+        p = todo.pop()
+        if p not in out:
+            out.add(p)
+            todo += children.get(p, [])
+    return out
+
+
+@pytest.mark.timeout(300)
+def test_a_local_ray_instance_listens_on_loopback_only(tmp_path):
+    import ray
+
+    from sae_mlops.analyses.ray_shards import restore_env, start_local_ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    temp = f"/tmp/smr-{os.getpid()}"  # short: Ray's unix socket paths must stay under 108 bytes
+    previous = start_local_ray(1, temp_dir=temp)
+    try:
+        @ray.remote
+        def ping() -> int:
+            return os.getpid()
+
+        ray.get(ping.remote(), timeout=120)  # a worker is up too
+        # Ray's servers run below the processes ray.init started: this process's children (raylet,
+        # gcs_server) and theirs; plus anything naming this session's temp dir
+        pids = _descendants(os.getpid()) | {int(d.name) for d in Path("/proc").iterdir()
+                                             if d.name.isdigit() and temp in _cmdline(int(d.name))}
+        pids.discard(os.getpid())
+        lines = subprocess.run(["ss", "-ltnpH"], capture_output=True, text=True, check=True).stdout.splitlines()
+        ours = [ln for ln in lines if any(int(p) in pids for p in re.findall(r"pid=(\d+)", ln))]
+        assert len(ours) >= 3, f"expected Ray's servers among {lines}"
+        exposed = [ln for ln in ours if not re.search(r"\s(127\.0\.0\.1|\[::ffff:127\.0\.0\.1\]|\[::1\]):\d+\s", ln)]
+        assert not exposed, f"Ray servers listening beyond loopback: {exposed}"
+    finally:
+        ray.shutdown()
+        restore_env(previous)
+        subprocess.run(["rm", "-rf", temp], check=False)
+
+
+@pytest.mark.timeout(600)
+def test_an_actor_killed_mid_shard_is_replaced_and_its_shard_retried(tmp_path):
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    local = run_quick_and_log(_cfg(), tmp_path / "local", track=False)
+    killed: list[int] = []
+    stop = threading.Event()
+
+    def kill_one_running_shard() -> None:
+        deadline = time.monotonic() + 400
+        while not stop.is_set() and time.monotonic() < deadline:
+            for d in Path("/proc").iterdir():
+                if d.name.isdigit() and _cmdline(int(d.name)).startswith("ray::ShardWorker.run"):
+                    os.kill(int(d.name), signal.SIGKILL)
+                    killed.append(int(d.name))
+                    return
+            time.sleep(0.05)
+
+    killer = threading.Thread(target=kill_one_running_shard, daemon=True)
+    killer.start()
+    try:
+        outcome = run_quick_and_log(_cfg(), tmp_path / "ray", track=False,
+                                    exec_opts=ExecutionOptions(shard_tokens=1, executor="ray", workers=1))
+    finally:
+        stop.set()
+        killer.join(timeout=10)
+    assert killed, "no shard was running to kill"
+    assert outcome.result.params["shards"] >= 3
+    for k, v in local.result.metrics.items():
+        if k.startswith(("sparsity/", "recon/", "downstream/", "features/")) and isinstance(v, float):
+            assert outcome.result.metrics[k] == pytest.approx(v, rel=1e-4, abs=1e-6), k
