@@ -144,6 +144,8 @@ def load_block_sums(run_id: str, client: Any = None) -> Any:
     if f"results/{FILE_STEM}.json" not in names or f"results/{FILE_STEM}.safetensors" not in names:
         return None
     with tempfile.TemporaryDirectory(prefix="sae-mlops-blocks-") as tmp:
-        for suffix in ("json", "safetensors"):
-            client.download_artifacts(run_id, f"results/{FILE_STEM}.{suffix}", tmp)
-        return BlockSums.load(Path(tmp) / "results")
+        # A local store puts a downloaded file at <tmp>/<name>, an HTTP one at <tmp>/results/<name>:
+        # read both from where MLflow says it put them.
+        paths = [Path(client.download_artifacts(run_id, f"results/{FILE_STEM}.{suffix}", tmp))
+                 for suffix in ("json", "safetensors")]
+        return BlockSums.load(paths[0].parent)
