@@ -110,3 +110,47 @@ def test_champion_moves_only_to_a_significantly_better_version(stack):
     assert "**Gate (champion): held.**" in held and "| better |" not in held and "| worse |" not in held
     # the champion's own description was not touched by the held challenger
     assert client.get_model_version(MODEL, v2).description == description
+
+
+@pytest.fixture(scope="module")
+def block_sums(tmp_path_factory):
+    """Per-block sums of quick analyses (in process, no MLflow): the demo SAE and its noisy-decoder copy
+    on one plan of 4096 tokens, and the demo SAE on another plan (2048 tokens)."""
+    from sae_mlops.analyses.quick import run_quick
+    from sae_mlops.config import AnalysisConfig
+    from sae_mlops.demo import demo_sae_path
+
+    noisy = degraded_demo_sae(tmp_path_factory.mktemp("noisy") / "sae")
+    clean = str(demo_sae_path("saelens"))
+
+    def sums(sae: str, tokens: int):
+        return run_quick(AnalysisConfig(sae=sae, max_tokens=tokens, batch_size=8, device="cpu", progress=False)).block_sums
+
+    return {"clean": sums(clean, 4096), "noisy": sums(str(noisy), 4096), "other_plan": sums(clean, 2048)}
+
+
+def test_challenge_decisions(block_sums):
+    """better -> promoted; identical -> held (within noise); worse on a guard metric -> held; another
+    token plan -> held, naming what differs; the table has a row per judged metric."""
+    from sae_mlops.service.gate import challenge, gate_section
+
+    clean, noisy = block_sums["clean"], block_sums["noisy"]
+    up = challenge(clean, noisy, "1", ["loss_recovered"], ["l0"], resamples=2000)
+    assert up.promoted and up.reference == "v1" and up.reason.startswith("against v1: significantly better on loss_recovered")
+    assert [r.metric for r in up.rows] == ["downstream/loss_recovered", "sparsity/l0_mean"]
+    assert [r.verdict for r in up.rows] == ["better", "within noise"] and all(r.paired for r in up.rows)
+    same = challenge(clean, clean, "2", ["loss_recovered"], [], resamples=2000)
+    assert not same.promoted and "not significantly better on loss_recovered (within noise, sampling bound)" in same.reason
+    assert same.rows[0].diff == 0.0 and same.rows[0].p_holm == 1.0
+    down = challenge(noisy, clean, "2", ["l0"], ["explained_variance"], resamples=2000)
+    assert not down.promoted and "significantly worse on explained_variance" in down.reason
+    other = challenge(clean, block_sums["other_plan"], "3", ["loss_recovered"], [])
+    assert not other.promoted and not other.rows
+    assert "different token plans (max_tokens: 4096 vs 2048" in other.reason
+    md = up.markdown("champion", "4")
+    assert md.startswith("**Gate (champion): promoted.**") and "| metric | v1 | v4 |" in md
+    # the description keeps what the user wrote and replaces only the gate's own section
+    first = gate_section("Trained on the demo corpus.", md)
+    again = gate_section(first, same.markdown("champion", "4"))
+    assert again.startswith("Trained on the demo corpus.\n\n<!-- sae-mlops gate -->") and "held" in again
+    assert again.count("<!-- sae-mlops gate -->") == 1 and "promoted" not in again
