@@ -205,3 +205,23 @@ def test_train_seeds_makes_child_runs_of_one_parent(mlflow_store, demo_assets, n
     l0 = [r.data.metrics["train/final_l0"] for r in children]
     assert parent.data.metrics["train/final_l0_seed_mean"] == pytest.approx(np.mean(l0))
     assert parent.data.metrics["train/final_l0_seed_std"] == pytest.approx(np.std(l0, ddof=1))
+
+
+def test_train_entry_point_seeds_nest_under_the_mlflow_run(mlflow_store, demo_assets, no_wandb, tmp_path, monkeypatch):
+    """Under `mlflow run` (MLFLOW_RUN_ID set), `-P seeds=2` makes that run the parent of two seed runs."""
+    client = MlflowClient()
+    exp = client.create_experiment("ep-seeds")
+    parent = client.create_run(exp).info.run_id
+    monkeypatch.setenv("MLFLOW_RUN_ID", parent)
+    spec = importlib.util.spec_from_file_location("entrypoint_train_seeds", ROOT / "entrypoints" / "train.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    rc = module.main(["--d-sae", "64", "--k", "4", "--training-tokens", "1024", "--batch-size-tokens", "512",
+                      "--device", "cpu", "--out", str(tmp_path / "s"), "--seeds", "2", "--seed", "1", "--register", "",
+                      "--alias", ""])
+    assert rc == 0
+    children = client.search_runs([exp], filter_string=f"tags.`mlflow.parentRunId` = '{parent}'")
+    assert sorted(r.data.tags["sae_mlops.seed"] for r in children) == ["1", "2"]
+    tags = client.get_run(parent).data.tags
+    assert tags["sae_mlops.kind"] == "train_seeds"
+    assert {r.data.tags["sae_mlops.recipe_hash"] for r in children} == {tags["sae_mlops.recipe_hash"]}
