@@ -225,3 +225,13 @@ def test_train_entry_point_seeds_nest_under_the_mlflow_run(mlflow_store, demo_as
     tags = client.get_run(parent).data.tags
     assert tags["sae_mlops.kind"] == "train_seeds"
     assert {r.data.tags["sae_mlops.recipe_hash"] for r in children} == {tags["sae_mlops.recipe_hash"]}
+    # an analysis of a seed's SAE carries that seed's recipe hash and seed (lineage), for compare to group by
+    from sae_mlops.config import AnalysisConfig
+    from sae_mlops.workflows import run_quick_and_log
+
+    monkeypatch.delenv("MLFLOW_RUN_ID")
+    child = min(children, key=lambda r: r.data.tags["sae_mlops.seed"])
+    quick = run_quick_and_log(AnalysisConfig(sae=f"runs:/{child.info.run_id}/sae", max_tokens=1024, device="cpu",
+                                             progress=False), tmp_path / "q", experiment="ep-seeds")
+    analysis = client.get_run(quick.run_id).data.tags
+    assert analysis["sae_mlops.recipe_hash"] == tags["sae_mlops.recipe_hash"] and analysis["sae_mlops.seed"] == "1"

@@ -199,8 +199,8 @@ class SourceRun:
 
 # --- seeds of one recipe ------------------------------------------------------------------------------
 
-TAG_RECIPE_HASH = "sae_mlops.recipe_hash"
-TAG_SEED = "sae_mlops.seed"
+TAG_RECIPE_HASH = lineage.TAG_RECIPE_HASH  # also copied onto the analyses of the SAE (lineage)
+TAG_SEED = lineage.TAG_SEED
 TAG_SEEDS = "sae_mlops.seeds"
 TAG_PARENT_RUN = "mlflow.parentRunId"
 KIND_SEEDS = "train_seeds"
