@@ -19,7 +19,8 @@ Usage (about 2-4 minutes on two CPU cores with the defaults)::
     python scripts/noise_floors.py [--seeds 4] [--training-tokens 100000] [--max-tokens 32768]
                                    [--tracking-uri URI] [--work-dir DIR]
 
-Without ``--tracking-uri`` the runs go to a sqlite store in the work directory (a temporary one
+``--parent RUN_ID`` measures again from the seeds of an earlier run (no training; finished analyses of
+the same budget are reused). Without ``--tracking-uri`` the runs go to a sqlite store in the work directory (a temporary one
 unless ``--work-dir`` is given), so nothing is added to your own tracking server.
 """
 
@@ -47,6 +48,8 @@ def main() -> int:
     ap.add_argument("--max-tokens", type=int, default=32_768, help="quick-analysis token budget (one plan for all)")
     ap.add_argument("--tracking-uri", default=None, help="default: sqlite:///<work dir>/mlflow.db")
     ap.add_argument("--work-dir", default=None, help="SAEs, analyses and the default store (default: a temporary directory)")
+    ap.add_argument("--parent", default=None, help="reuse the seeds of this `train --seeds` parent run (no training) and "
+                    "each seed's finished quick analysis of the same budget, if any (needs the store that holds them)")
     args = ap.parse_args()
     if args.seeds < 2:
         ap.error("--seeds must be at least 2 (a seed floor needs two seeds)")
@@ -71,18 +74,24 @@ def measure(args: argparse.Namespace, work: Path) -> None:
     t0 = time.perf_counter()
     cfg = TrainConfig(architecture=args.architecture, d_sae=args.d_sae, k=args.k, training_tokens=args.training_tokens,
                       seed=args.first_seed, device="cpu")
-    trained = train_seeds_and_log(cfg, args.seeds, work / "saes", experiment="noise-floors")
+    if args.parent:
+        trained = existing_seeds(args.parent)
+    else:
+        trained = train_seeds_and_log(cfg, args.seeds, work / "saes", experiment="noise-floors")
     t_train = time.perf_counter() - t0
     sums, metrics = [], []
     for seed, outcome in zip(trained.seeds, trained.outcomes, strict=True):
-        acfg = AnalysisConfig(sae=str(outcome.model_uri), max_tokens=args.max_tokens, device="cpu", progress=False)
-        quick = run_quick_and_log(acfg, work / "analysis" / f"seed-{seed}", experiment="noise-floors",
-                                  run_name=f"quick · seed {seed}")
-        assert quick.run_id is not None
-        blocks = load_block_sums(quick.run_id)
-        assert blocks is not None, f"run {quick.run_id} logged no block sums"
+        run_id = finished_analysis(outcome.run_id, args.max_tokens) if args.parent else None
+        if run_id is None:
+            acfg = AnalysisConfig(sae=str(outcome.model_uri), max_tokens=args.max_tokens, device="cpu", progress=False)
+            quick = run_quick_and_log(acfg, work / "analysis" / f"seed-{seed}", experiment="noise-floors",
+                                      run_name=f"quick · seed {seed}")
+            run_id = quick.run_id
+        assert run_id is not None
+        blocks = load_block_sums(run_id)
+        assert blocks is not None, f"run {run_id} logged no block sums"
         sums.append(blocks)
-        metrics.append(quick.result.metrics)
+        metrics.append(blocks.point())
     t_all = time.perf_counter() - t0
 
     names = judged_metrics()
@@ -116,6 +125,37 @@ def measure(args: argparse.Namespace, work: Path) -> None:
         unit = f" {m.unit}" if getattr(m, "unit", "") else ""
         out.write(f"| {m.label} (`{n}`){unit} | {statistics.fmean(vals):.6g} | {sd:.3g} | {samp:.3g} | {floor:.3g} "
                   f"| {decides} |\n")
+
+
+def existing_seeds(parent_run_id: str):
+    """The SeedsOutcome-like record of an existing ``train --seeds`` parent run (children by seed)."""
+    from types import SimpleNamespace
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    parent = client.get_run(parent_run_id)
+    children = client.search_runs([parent.info.experiment_id],
+                                  filter_string=f"tags.`mlflow.parentRunId` = '{parent_run_id}'")
+    children = sorted(children, key=lambda r: int(r.data.tags["sae_mlops.seed"]))
+    outcomes = [SimpleNamespace(run_id=r.info.run_id, model_uri=f"models:/{r.data.tags['sae_mlops.logged_model_id']}")
+                for r in children]
+    return SimpleNamespace(parent_run_id=parent_run_id, recipe_hash=parent.data.tags["sae_mlops.recipe_hash"],
+                           seeds=[int(r.data.tags["sae_mlops.seed"]) for r in children], outcomes=outcomes)
+
+
+def finished_analysis(source_run_id: str, max_tokens: int) -> str | None:
+    """A FINISHED quick analysis of the SAE of `source_run_id` with this token budget, if any."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    exps = [e.experiment_id for e in client.search_experiments()]
+    runs = client.search_runs(exps, filter_string=f"tags.`sae_mlops.source_run_id` = '{source_run_id}' and "
+                              "tags.`sae_mlops.kind` = 'quick' and attributes.status = 'FINISHED'")
+    for r in runs:
+        if r.data.params.get("max_tokens") == str(max_tokens):
+            return r.info.run_id
+    return None
 
 
 if __name__ == "__main__":
