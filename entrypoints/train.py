@@ -1,6 +1,7 @@
 """MLproject entry point ``train``: parse the -P parameters and make one library call.
 
 ``mlflow run . -e train [-P architecture=topk -P d_sae=512 -P register=my-sae -P alias=champion]``
+(``-P seeds=4``: four seeds of the recipe as child runs of the run ``mlflow run`` created)
 trains an SAE with SAELens (the demo model and corpus by default) inside the MLflow run that
 ``mlflow run`` created (``MLFLOW_RUN_ID``): `sae_mlops.training.train_and_log` logs the config,
 per-step metrics, the SAE as artifacts and as a logged model, and registers it when asked. An empty
@@ -37,8 +38,18 @@ def main(argv: list[str] | None = None) -> int:
     def body() -> None:
         from sae_mlops.options import build
         from sae_mlops.training import TrainConfig, train_and_log
+        from sae_mlops.training.config import TrainRunOptions
 
         cfg = build(TrainConfig, vars(args))
+        seeds = int(args.seeds or 1)
+        if seeds > 1:  # the run mlflow created is the parent; each seed is a child run
+            from sae_mlops.training import train_seeds_and_log
+
+            build(TrainRunOptions, vars(args))  # --alias with --seeds > 1 is refused here
+            many = train_seeds_and_log(cfg, seeds, args.out, register=args.register)
+            sys.stdout.write(f"parent run {many.parent_run_id}: {seeds} seeds of recipe {many.recipe_hash}; child runs "
+                             f"{', '.join(o.run_id for o in many.outcomes)}\n")
+            return
         outcome = train_and_log(cfg, args.out, register=args.register, alias=args.alias)
         sys.stdout.write(f"training run {outcome.run_id}; logged model {outcome.model_id}; analyse with --sae {outcome.model_uri}\n")
 

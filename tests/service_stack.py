@@ -241,9 +241,10 @@ def pid_alive(pid: int) -> bool:
         return False
 
 
-def register_demo_version(client, name: str) -> str:
-    """The demo SAELens SAE logged in a run as an MLflow 3 logged model (its files, no flavor) and
-    registered as a new version of `name` (the way sae-mlops registers SAEs); returns the version."""
+def register_demo_version(client, name: str, directory: Path | None = None) -> str:
+    """The demo SAELens SAE (or the SAELens SAE in `directory`) logged in a run as an MLflow 3 logged
+    model (its files, no flavor) and registered as a new version of `name` (the way sae-mlops registers
+    SAEs); returns the version."""
     from mlflow.exceptions import MlflowException
 
     from sae_mlops.demo import demo_sae_path
@@ -252,7 +253,7 @@ def register_demo_version(client, name: str) -> str:
     exp_id = exp.experiment_id if exp is not None else client.create_experiment("sae-training")
     run = client.create_run(exp_id, run_name="train-demo-sae")
     model = client.create_logged_model(exp_id, name="sae", source_run_id=run.info.run_id, model_type="sae")
-    client.log_model_artifacts(model.model_id, str(demo_sae_path("saelens")))
+    client.log_model_artifacts(model.model_id, str(directory or demo_sae_path("saelens")))
     client.finalize_logged_model(model.model_id, "READY")
     client.set_terminated(run.info.run_id, "FINISHED")
     try:
@@ -262,3 +263,22 @@ def register_demo_version(client, name: str) -> str:
     mv = client.create_model_version(name, source=f"models:/{model.model_id}", run_id=run.info.run_id,
                                      model_id=model.model_id)
     return str(mv.version)
+
+
+def degraded_demo_sae(dst: Path, noise: float = 0.5, seed: int = 0) -> Path:
+    """A copy of the demo SAELens SAE whose decoder has Gaussian noise added (std = `noise` x the
+    decoder's std): same encoder (same L0 and dead features), worse reconstruction and loss."""
+    import numpy as np
+    from safetensors.numpy import load_file, save_file
+
+    from sae_mlops.demo import demo_sae_path
+
+    src = demo_sae_path("saelens")
+    dst.mkdir(parents=True, exist_ok=True)
+    shutil.copy(src / "cfg.json", dst / "cfg.json")
+    weights = load_file(str(src / "sae_weights.safetensors"))
+    w = weights["W_dec"]
+    rng = np.random.default_rng(seed)
+    weights["W_dec"] = (w + rng.normal(0.0, noise * float(w.std()), w.shape)).astype(w.dtype)
+    save_file(weights, str(dst / "sae_weights.safetensors"))
+    return dst

@@ -208,3 +208,22 @@ def test_policy_schema_refuses_unknown_keys_everywhere_and_describes_every_key()
         with pytest.raises(InputError) as e:
             parse_policy(data, source="p.yaml")
         assert f"In p.yaml, {where}: unknown key(s) {key}" in str(e.value), str(e.value)
+
+
+def test_champion_challenger_gate_options():
+    p = load_policy(ROOT / "deploy" / "policy.example.yaml")
+    assert p.gate.challenges and p.gate.better == ["loss_recovered"] and p.gate.alpha == 0.05
+    assert p.gate.guard == ["explained_variance", "dead_fraction"]
+    g = parse_policy({"gate": {"alias": "champion", "better": "kl_score"}}).gate
+    assert g.better == ["kl_score"] and g.guard == [] and g.challenges
+    assert not parse_policy({"gate": {"alias": "champion", "min": {"l0": 1}}}).gate.challenges
+    for data, words in [
+        ({"gate": {"better": ["loss_recovered"]}}, "gate.alias: better/guard compare"),
+        ({"gate": {"alias": "c", "better": ["stats/blocks"]}}, "gate.better: metric stats/blocks has no better direction"),
+        ({"gate": {"alias": "c", "guard": ["l00"]}}, "gate.guard: unknown metric 'l00'"),
+        ({"gate": {"alias": "c", "guard": [3]}}, "gate.guard: expected a list of metric names"),
+        ({"gate": {"alias": "c", "better": ["l0"], "alpha": 0.9}}, "gate.alpha: expected a number in (0, 0.5]"),
+    ]:
+        with pytest.raises(InputError) as e:
+            parse_policy(data, source="p.yaml")
+        assert words in str(e.value), str(e.value)

@@ -148,3 +148,90 @@ def test_mlproject_train_entry_matches_entrypoint():
     cfg = build(TrainConfig, vars(args))
     assert (cfg.model, cfg.architecture, cfg.k, cfg.training_tokens) == ("demo", "topk", 16, 300_000)
     assert cfg == TrainConfig()
+
+
+def test_recipe_hash_ignores_only_the_seed():
+    base = TrainConfig(d_sae=64, k=4, training_tokens=2048, batch_size_tokens=512, device="cpu")
+    assert base.with_seed(7).recipe_hash() == base.recipe_hash()
+    assert TrainConfig(d_sae=64, k=4, training_tokens=2048, batch_size_tokens=512, device="cpu", seed=3,
+                       log_every=5).recipe_hash() == base.recipe_hash()
+    for changed in ({"k": 5}, {"lr": 1e-3}, {"architecture": "standard"}, {"d_sae": 32}):
+        other = TrainConfig(**{**base.to_dict(), **changed})
+        assert other.recipe_hash() != base.recipe_hash(), changed
+    assert len(base.recipe_hash()) == 16 and int(base.recipe_hash(), 16) >= 0
+
+
+def test_train_seeds_makes_child_runs_of_one_parent(mlflow_store, demo_assets, no_wandb, tmp_path):
+    """`train --seeds 2` (CLI): a parent run, two child training runs (mlflow.parentRunId) with the
+    recipe hash and their seed, each a full source run (logged model, registered version); a run of
+    another recipe has another hash; --alias with --seeds > 1 is refused before any run exists."""
+    from sae_mlops.cli import app
+
+    common = ["--d-sae", "64", "--k", "4", "--training-tokens", "1024", "--batch-size-tokens", "512",
+              "--device", "cpu", "--experiment", "seeds"]
+    bad = CliRunner().invoke(app, ["train", *common, "--seeds", "2", "--register", "m", "--alias", "champion"])
+    assert bad.exit_code == 2 and "--alias with --seeds 2" in bad.output
+    assert MlflowClient().get_experiment_by_name("seeds") is None
+    result = CliRunner().invoke(app, ["train", *common, "--seeds", "2", "--seed", "5", "--out", str(tmp_path / "s"),
+                                      "--register", "seed-sae"])
+    assert result.exit_code == 0, result.output
+    other = CliRunner().invoke(app, ["train", *common, "--k", "8", "--out", str(tmp_path / "k8")])
+    assert other.exit_code == 0, other.output
+
+    client = MlflowClient()
+    runs = client.search_runs([client.get_experiment_by_name("seeds").experiment_id])
+    (parent,) = [r for r in runs if r.data.tags["sae_mlops.kind"] == "train_seeds"]
+    children = sorted((r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id),
+                      key=lambda r: int(r.data.tags["sae_mlops.seed"]))
+    (single,) = [r for r in runs if r.data.tags["sae_mlops.kind"] == "train" and "mlflow.parentRunId" not in r.data.tags]
+    assert [r.data.tags["sae_mlops.seed"] for r in children] == ["5", "6"]
+    assert [r.data.params["seed"] for r in children] == ["5", "6"]
+    recipe = parent.data.tags["sae_mlops.recipe_hash"]
+    assert {r.data.tags["sae_mlops.recipe_hash"] for r in children} == {recipe}
+    assert recipe == TrainConfig(d_sae=64, k=4, training_tokens=1024, batch_size_tokens=512, device="cpu").recipe_hash()
+    assert single.data.tags["sae_mlops.recipe_hash"] != recipe and single.data.tags["sae_mlops.seed"] == "42"
+    assert parent.info.status == "FINISHED" and all(r.info.status == "FINISHED" for r in children)
+    assert "seed" not in parent.data.params and parent.data.params["seeds"] == "2"
+    # each child is a normal training run: own SAE (different weights), logged model, registered version
+    hashes = {r.data.tags["sae_mlops.sae_hash"] for r in children}
+    assert len(hashes) == 2
+    assert sorted(p.name for p in (tmp_path / "s").iterdir()) == ["seed-5", "seed-6"]
+    versions = client.search_model_versions("name='seed-sae'")
+    assert sorted(v.run_id for v in versions) == sorted(r.info.run_id for r in children)
+    assert all(r.data.tags.get("sae_mlops.logged_model_id") for r in children)
+    # the parent's seed statistics are those of the children
+    import numpy as np
+
+    l0 = [r.data.metrics["train/final_l0"] for r in children]
+    assert parent.data.metrics["train/final_l0_seed_mean"] == pytest.approx(np.mean(l0))
+    assert parent.data.metrics["train/final_l0_seed_std"] == pytest.approx(np.std(l0, ddof=1))
+
+
+def test_train_entry_point_seeds_nest_under_the_mlflow_run(mlflow_store, demo_assets, no_wandb, tmp_path, monkeypatch):
+    """Under `mlflow run` (MLFLOW_RUN_ID set), `-P seeds=2` makes that run the parent of two seed runs."""
+    client = MlflowClient()
+    exp = client.create_experiment("ep-seeds")
+    parent = client.create_run(exp).info.run_id
+    monkeypatch.setenv("MLFLOW_RUN_ID", parent)
+    spec = importlib.util.spec_from_file_location("entrypoint_train_seeds", ROOT / "entrypoints" / "train.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    rc = module.main(["--d-sae", "64", "--k", "4", "--training-tokens", "1024", "--batch-size-tokens", "512",
+                      "--device", "cpu", "--out", str(tmp_path / "s"), "--seeds", "2", "--seed", "1", "--register", "",
+                      "--alias", ""])
+    assert rc == 0
+    children = client.search_runs([exp], filter_string=f"tags.`mlflow.parentRunId` = '{parent}'")
+    assert sorted(r.data.tags["sae_mlops.seed"] for r in children) == ["1", "2"]
+    tags = client.get_run(parent).data.tags
+    assert tags["sae_mlops.kind"] == "train_seeds"
+    assert {r.data.tags["sae_mlops.recipe_hash"] for r in children} == {tags["sae_mlops.recipe_hash"]}
+    # an analysis of a seed's SAE carries that seed's recipe hash and seed (lineage), for compare to group by
+    from sae_mlops.config import AnalysisConfig
+    from sae_mlops.workflows import run_quick_and_log
+
+    monkeypatch.delenv("MLFLOW_RUN_ID")
+    child = min(children, key=lambda r: r.data.tags["sae_mlops.seed"])
+    quick = run_quick_and_log(AnalysisConfig(sae=f"runs:/{child.info.run_id}/sae", max_tokens=1024, device="cpu",
+                                             progress=False), tmp_path / "q", experiment="ep-seeds")
+    analysis = client.get_run(quick.run_id).data.tags
+    assert analysis["sae_mlops.recipe_hash"] == tags["sae_mlops.recipe_hash"] and analysis["sae_mlops.seed"] == "1"

@@ -58,6 +58,15 @@ def train(**options: Any) -> None:
     set_quiet(run.quiet)
     preflight(Path(run.out) if run.out else None, track=True)
     cfg = build(TrainConfig, options)
+    if run.seeds > 1:
+        from sae_mlops.training import train_seeds_and_log
+
+        seeds = train_seeds_and_log(cfg, run.seeds, run.out, register=run.register, experiment=run.experiment, run_name=run.run_name)
+        for seed, one in zip(seeds.seeds, seeds.outcomes, strict=True):
+            show_source(one, f"Trained SAE, seed {seed}")
+        out_console.print(f"Parent run {seeds.parent_run_id}: {len(seeds.seeds)} seeds of recipe {seeds.recipe_hash} "
+                          "(tag sae_mlops.recipe_hash)", soft_wrap=True, highlight=False)
+        return
     outcome = train_and_log(cfg, run.out, register=run.register, alias=run.alias, experiment=run.experiment, run_name=run.run_name)
     show_source(outcome, "Trained SAE")
 

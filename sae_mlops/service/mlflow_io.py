@@ -207,9 +207,11 @@ class RegistryIO:
         result = None
         if gate is not None and gate.analysis == kind:
             result = gate.evaluate(metrics)
+            if gate.challenges:
+                result = self._challenge(name, version, kind, run_id, gate, result)
             self._set_tags(name, version, {
                 T.GATE_TAG: "passed" if result.passed else "failed",
-                T.GATE_REASONS_TAG: result.summary(),
+                T.GATE_REASONS_TAG: result.summary()[-MAX_TAG_VALUE:],
             })
             if result.passed and gate.alias:
                 self.client.set_registered_model_alias(name, gate.alias, version)
@@ -221,6 +223,68 @@ class RegistryIO:
         # The status goes last: whoever sees "done" sees the run id, metrics and gate too.
         self._set_tags(name, version, {T.status_tag(kind): T.STATUS_DONE})
         return result
+
+    def _challenge(self, name: str, version: str, kind: str, run_id: str | None, gate: Gate,
+                   bounds: GateResult) -> GateResult:
+        """Champion/challenger (`sae_mlops.service.gate`): judge this version's analysis against the
+        analysis of the version holding ``gate.alias``; write the decision (tags ``sae_mlops.gate``,
+        ``sae_mlops.gate_reason``, ``sae_mlops.gate_reference``) and the verdict table (the version's
+        description); return the gate's result, passed only when promoted."""
+        from sae_mlops.service.gate import HELD, PROMOTED, Challenge, gate_section
+
+        assert gate.alias
+        holder = self._alias_holder(name, gate.alias)
+        if not bounds.passed:
+            outcome = Challenge(HELD, f"the bounds do not hold: {bounds.summary()}")
+        elif holder is None:
+            outcome = Challenge(PROMOTED, f"no version holds {gate.alias} yet and the bounds hold")
+        elif holder.version == str(version):
+            outcome = Challenge(PROMOTED, f"this version already holds {gate.alias} (re-analysed)")
+        else:
+            outcome = self._judge(holder, kind, run_id, gate)
+        reasons = list(bounds.reasons) + ([] if outcome.promoted or not bounds.passed else [outcome.reason])
+        self._set_tags(name, version, {
+            T.GATE_DECISION_TAG: outcome.decision,
+            T.GATE_REASON_TAG: outcome.reason[-MAX_TAG_VALUE:],
+            T.GATE_REFERENCE_TAG: f"{name} {outcome.reference}" if outcome.reference else "none",
+        })
+        self.client.update_model_version(name, version, description=gate_section(
+            self.client.get_model_version(name, version).description, outcome.markdown(gate.alias, version)))
+        log.info("gate %s for %s v%s: %s", outcome.decision, name, version, outcome.reason,
+                 extra={"model": name, "version": version, "alias": gate.alias})
+        return GateResult(passed=outcome.promoted, reasons=reasons, values=bounds.values)
+
+    def _judge(self, holder: VersionInfo, kind: str, run_id: str | None, gate: Gate) -> Any:
+        from sae_mlops.service.gate import HELD, Challenge, challenge
+        from sae_mlops.tracking.artifacts import load_block_sums
+
+        ref = f"v{holder.version}"
+        champion_run = holder.tags.get(T.analysis_tag(kind, "run_id"))
+        if not champion_run:
+            return Challenge(HELD, f"{ref} (holding {gate.alias}) has no {kind} analysis to compare with; analyse it "
+                             "(e.g. set its tag analyze) and re-analyse this version", ref)
+        try:
+            mine = load_block_sums(run_id, client=self.client) if run_id else None
+            theirs = load_block_sums(champion_run, client=self.client)
+        except ValueError as e:
+            return Challenge(HELD, f"the per-block sums cannot be read ({e})", ref)
+        if mine is None or theirs is None:
+            which = "this version's" if mine is None else f"{ref}'s"
+            return Challenge(HELD, f"{which} {kind} analysis has no per-block sums (analysed before intervals existed); "
+                             "re-analyse it", ref)
+        return challenge(mine, theirs, holder.version, gate.better, gate.guard, gate.alpha)
+
+    def _alias_holder(self, name: str, alias: str) -> VersionInfo | None:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            mv = self.client.get_model_version_by_alias(name, alias)
+        except MlflowException as e:
+            # no holder: "Registered model alias <alias> not found." (INVALID_PARAMETER_VALUE in MLflow 3)
+            if getattr(e, "error_code", "") in _MISSING or f"alias {alias} not found" in str(e):
+                return None
+            raise
+        return VersionInfo(mv.name, str(mv.version), str(mv.status), dict(mv.tags or {}), list(mv.aliases or []))
 
     def write_failed(self, name: str, version: str, kind: str, job_id: int, error: str) -> None:
         self._set_tags(name, version, {

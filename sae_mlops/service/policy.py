@@ -17,6 +17,9 @@ A policy file (YAML or JSON)::
       alias: approved            # set on the version when every bound holds
       min: {loss_recovered: 0.8, explained_variance: 0.6}
       max: {dead_fraction: 0.2}
+      better: [loss_recovered]   # champion/challenger: the alias moves only when the version is
+      guard: [l0, dead_fraction] # significantly better than its current holder on every `better`
+      alpha: 0.05                # metric and not significantly worse on any `guard` metric
 
 Analysis options are `sae_mlops.config.AnalysisConfig` fields (``max_tokens``, ``model``,
 ``corpus``, ``text_field``, ``hook``, ``context_size``, ``batch_size``, ``prepend_bos``, ``dtype``,
@@ -31,6 +34,13 @@ new version of every registered model, and no gate.
 The file's keys are pydantic models (`PolicySpec`, `RuleSpec`, `TriggersSpec`, `GateSpec`: each
 field described, unknown keys refused); the values are checked by `parse_policy`, which names the
 entry and the fix in one sentence.
+
+With ``better`` and/or ``guard`` the gate is a champion/challenger gate (`sae_mlops.service.gate`):
+the version's analysis is judged against the analysis of the version holding ``alias`` on the same
+token plan (`sae_mlops.core.verdicts.judge`: paired block-bootstrap differences, Holm over the
+gate's metrics at ``alpha``); the first version (no holder yet) takes the alias when the bounds hold.
+The decision (``sae_mlops.gate`` = promoted | held, ``sae_mlops.gate_reason``) and the verdict table
+go to the version's tags and description.
 
 Loops are impossible by construction: tag events for ``sae_mlops.*`` keys (the service's own
 write-back) and alias events for the gate's alias are ignored, and a rule may not trigger on the
@@ -131,6 +141,14 @@ class Gate:
     alias: str | None = None
     min: dict[str, float] = field(default_factory=dict)
     max: dict[str, float] = field(default_factory=dict)
+    better: list[str] = field(default_factory=list)  # champion/challenger: significantly better on each
+    guard: list[str] = field(default_factory=list)  # ... and not significantly worse on any
+    alpha: float = 0.05  # family-wise error rate of the verdicts (Holm)
+
+    @property
+    def challenges(self) -> bool:
+        """True when the alias moves only to a version that beats its current holder."""
+        return bool(self.alias and (self.better or self.guard))
 
     def metric_names(self) -> list[str]:
         return sorted({*self.min, *self.max})
@@ -314,6 +332,13 @@ class GateSpec(_Spec):
     alias: Any = Field(None, description="Alias moved to the version when every bound holds (not a number). Default: none.")
     min: Any = Field(None, description="Metric (short or full name) -> lowest allowed value (inclusive). Default: none.")
     max: Any = Field(None, description="Metric (short or full name) -> highest allowed value (inclusive). Default: none.")
+    better: Any = Field(None, description="Champion/challenger: metrics (short or full names, each with a better "
+                        "direction) on which the version must be significantly better than the version now holding "
+                        "alias, judged on the same token plan (paired block bootstrap, Holm). Default: none.")
+    guard: Any = Field(None, description="Champion/challenger: metrics on which the version must not be significantly "
+                       "worse than the holder of alias. Default: none.")
+    alpha: Any = Field(0.05, description="Family-wise error rate of the champion/challenger verdicts (Holm over the "
+                       "better and guard metrics), in (0, 0.5]. Default 0.05.")
 
 
 class PolicySpec(_Spec):
@@ -329,7 +354,7 @@ _SPEC_KEYS = {
     PolicySpec: ("the top level", "rules, defaults and gate"),
     RuleSpec: ("rules[{i}]", "models, triggers, quick and full"),
     TriggersSpec: ("rules[{i}].triggers", "created, aliases and tags"),
-    GateSpec: ("gate", "analysis, alias, min and max"),
+    GateSpec: ("gate", "analysis, alias, min, max, better, guard and alpha"),
 }
 
 
@@ -481,7 +506,7 @@ def analysis_option_names(kind: str) -> set[str]:
 
 def _gate(raw: Any, bad) -> Gate:
     if not isinstance(raw, Mapping):
-        raise bad("gate", "expected a mapping with analysis, alias, min and max")
+        raise bad("gate", "expected a mapping with analysis, alias, min, max, better, guard and alpha")
     _check_keys(GateSpec, raw, bad)
     analysis = raw.get("analysis", "quick")
     if analysis not in ANALYSIS_KINDS:
@@ -499,7 +524,28 @@ def _gate(raw: Any, bad) -> Gate:
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(float(v)):
                 raise bad(f"gate.{side}.{k}", f"expected a number, not {v!r}")
             bounds[side][str(k)] = float(v)
-    return Gate(analysis=analysis, alias=alias, min=bounds["min"], max=bounds["max"])
+    judged: dict[str, list[str]] = {}
+    for side in ("better", "guard"):
+        names = raw.get(side) or []
+        if isinstance(names, str):
+            names = [names]
+        if not isinstance(names, list) or not all(isinstance(n, str) and n for n in names):
+            raise bad(f"gate.{side}", "expected a list of metric names")
+        from sae_mlops.core.verdicts import judged_metrics
+
+        try:
+            judged_metrics(names)
+        except ValueError as e:
+            raise bad(f"gate.{side}", f"{e}; use metrics with a better direction such as loss_recovered, "
+                      "explained_variance, l0, dead_fraction") from None
+        judged[side] = list(names)
+    alpha = raw.get("alpha", 0.05)
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 < float(alpha) <= 0.5:
+        raise bad("gate.alpha", f"expected a number in (0, 0.5], not {alpha!r}")
+    if (judged["better"] or judged["guard"]) and not alias:
+        raise bad("gate.alias", "better/guard compare a version with the holder of the gate's alias; set alias (e.g. champion)")
+    return Gate(analysis=analysis, alias=alias, min=bounds["min"], max=bounds["max"], better=judged["better"],
+                guard=judged["guard"], alpha=float(alpha))
 
 
 def finite(v: Any) -> float | None:

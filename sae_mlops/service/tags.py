@@ -10,7 +10,10 @@ On a model version, per analysis kind (``quick`` / ``full``):
 - ``sae_mlops.analysis.<kind>.<metric>``: headline metrics (`HEADLINE_METRICS`, plus any metric
   the quality gate uses), formatted with 6 significant digits;
 - ``sae_mlops.analysis.gate``: ``passed`` or ``failed`` and ``sae_mlops.analysis.gate_reasons``
-  when a quality gate is configured.
+  when a quality gate is configured;
+- champion/challenger gate (``better``/``guard``): ``sae_mlops.gate`` (``promoted`` or ``held``),
+  ``sae_mlops.gate_reason`` (one sentence) and ``sae_mlops.gate_reference`` (the alias holder judged
+  against), and the verdict table in the version's description.
 
 Every key starts with ``sae_mlops.``: the policy ignores ``model_version_tag.set`` events for such
 keys, so the service's own writes never trigger analyses.
@@ -35,6 +38,10 @@ METRIC_ALIASES: dict[str, str] = {**{short: m.name for short, m in BY_SHORT.item
 
 GATE_TAG = "sae_mlops.analysis.gate"
 GATE_REASONS_TAG = "sae_mlops.analysis.gate_reasons"
+# Champion/challenger (a gate with better/guard): did the alias move, why, and against which holder.
+GATE_DECISION_TAG = "sae_mlops.gate"  # promoted | held
+GATE_REASON_TAG = "sae_mlops.gate_reason"
+GATE_REFERENCE_TAG = "sae_mlops.gate_reference"  # "<model> v<N>" (the holder judged against) or "none"
 
 RUN_TAG_JOB_ID = "sae_mlops.service.job_id"
 RUN_TAG_TRIGGER = "sae_mlops.service.trigger"

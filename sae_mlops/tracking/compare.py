@@ -331,13 +331,15 @@ def judge_analyses(client: MlflowClient, df: pd.DataFrame, reference: str | None
     metrics = judged_metrics()
     cache: dict[str, str | None] = {}
     groups: dict[str, list[dict[str, float]]] = {}
+    runs = [client.get_run(str(r["run_id"])) for _, r in df.iterrows()]
     for i, (_, row) in enumerate(df.iterrows()):
-        recipe = _recipe_hash(client, str(row.get("source_run_id") or ""), cache)
+        # analyses copy the recipe hash from their training run; older ones are looked up there
+        recipe = runs[i].data.tags.get(TAG_RECIPE_HASH) or _recipe_hash(client, str(row.get("source_run_id") or ""), cache)
         if recipe and i in sums:
             groups.setdefault(recipe, []).append(sums[i].point())
     floors = seed_floors(groups, metrics)
     variants = [(labels[i], sums[i]) for i in sorted(sums) if i != ref_pos]
-    run_metrics = [client.get_run(str(r["run_id"])).data.metrics for _, r in df.iterrows()]
+    run_metrics = [r.data.metrics for r in runs]
     evals = interval_rows((labels[ref_pos], run_metrics[ref_pos]),
                           [(labels[i], run_metrics[i]) for i in sorted(sums) if i != ref_pos])
     rows = judge((labels[ref_pos], sums[ref_pos]), variants, metrics, alpha=alpha, resamples=resamples, floors=floors,

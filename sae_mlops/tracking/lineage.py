@@ -15,6 +15,8 @@ What links what (all tag names are constants below):
     ``runs:/`` / ``models:/`` URI it was given (`sae_mlops.tracking.resolve`) or, for a local
     directory, from the source run whose ``sae_mlops.sae_hash`` equals the SAE's content hash
     (``sae_mlops.lineage_resolved_by`` says which: ``uri`` or ``content_hash``);
+  * ``sae_mlops.recipe_hash`` and ``sae_mlops.seed``, copied from the source run when it has them
+    (``sae-mlops train``; ``train --seeds N``: the analyses of one recipe's seeds share the hash);
   * ``sae_mlops.sae_hash``; the code version (``sae_mlops.code_version`` = package version plus
     ``+g<commit>`` and ``.dirty`` when run from a git checkout, ``sae_mlops.git_commit``);
   * the corpus as an ``mlflow.data`` dataset input (context ``analysis``; digest = the first 16 hex
@@ -68,6 +70,9 @@ TAG_GIT_COMMIT = "sae_mlops.git_commit"
 TAG_DATASET_DIGEST = "sae_mlops.dataset_digest"
 TAG_LATEST_ANALYSIS = "sae_mlops.latest_analysis_run_id"
 TAG_LINEAGE_ERROR = "sae_mlops.lineage_error"
+#: on training runs (``train``, ``train --seeds``), copied onto the analyses of their SAEs
+TAG_RECIPE_HASH = "sae_mlops.recipe_hash"
+TAG_SEED = "sae_mlops.seed"
 INPUT_TAG_CORPUS_SHA256 = "sae_mlops.corpus_sha256"
 MLFLOW_GIT_COMMIT = "mlflow.source.git.commit"
 
@@ -319,6 +324,14 @@ def record_analysis_lineage(client: MlflowClient, run_id: str, result: Any) -> A
             link.tags[TAG_RESOLVED_BY] = "none"
     else:
         link.tags[TAG_RESOLVED_BY] = "none"
+
+    source_run = link.tags.get(TAG_SOURCE_RUN_ID) or tags.get(TAG_SOURCE_RUN_ID)
+    if source_run:  # seeds of one recipe: the analyses carry the recipe hash and seed of their training run
+        try:
+            source_tags = client.get_run(source_run).data.tags
+            link.tags.update({k: source_tags[k] for k in (TAG_RECIPE_HASH, TAG_SEED) if k in source_tags})
+        except MlflowException as exc:
+            log.debug("source run %s not readable for its recipe tags: %s", source_run, exc.message)
 
     if link.model_id:
         try:

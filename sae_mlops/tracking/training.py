@@ -82,13 +82,12 @@ class SourceRun:
     """One MLflow run recording where an SAE came from. Use as a context manager: a run created here
     ends FINISHED, or FAILED when the block raises."""
 
-    def __init__(self, kind: str, experiment: str | None = None, run_name: str | None = None, parent_run_id: str | None = None):
+    def __init__(self, kind: str, experiment: str | None = None, run_name: str | None = None,
+                 parent_run_id: str | None = None):
         self.kind = kind
         self.client = MlflowClient()
-        if parent_run_id:  # a child run (mlflow.parentRunId) in the parent's experiment, e.g. a synth recipe
-            parent = self.client.get_run(parent_run_id)
-            run = self.client.create_run(parent.info.experiment_id, run_name=run_name, tags={"mlflow.parentRunId": parent_run_id})
-            self.run_id, self._owned = run.info.run_id, True
+        if parent_run_id:  # a child run (one seed of `train --seeds N`): always a new run, in the parent's experiment
+            self.run_id, self._owned = create_child_run(self.client, parent_run_id, run_name), True
         else:
             self.run_id, self._owned = resolve_run(self.client, experiment, run_name)
         self._buffer: list[Metric] = []
@@ -198,6 +197,82 @@ class SourceRun:
             metrics=dict(summary or {}),
             tracking_uri=mlflow.get_tracking_uri(),
         )
+
+
+# --- seeds of one recipe ------------------------------------------------------------------------------
+
+TAG_RECIPE_HASH = lineage.TAG_RECIPE_HASH  # also copied onto the analyses of the SAE (lineage)
+TAG_SEED = lineage.TAG_SEED
+TAG_SEEDS = "sae_mlops.seeds"
+TAG_PARENT_RUN = "mlflow.parentRunId"
+KIND_SEEDS = "train_seeds"
+
+
+def create_child_run(client: MlflowClient, parent_run_id: str, run_name: str | None) -> str:
+    """A new RUNNING run nested under `parent_run_id` (tag ``mlflow.parentRunId``, the parent's experiment)."""
+    from mlflow.tracking.context import registry as context_registry
+
+    parent = client.get_run(parent_run_id)
+    tags = context_registry.resolve_tags({TAG_PARENT_RUN: parent_run_id})
+    run = client.create_run(parent.info.experiment_id, run_name=run_name, tags=tags)
+    return run.info.run_id
+
+
+class SeedsRun:
+    """The parent run of ``train --seeds N``: one recipe (tag ``sae_mlops.recipe_hash``, params = the
+    recipe without the seed), its seeds as child runs (:meth:`child`, each a :class:`SourceRun`
+    tagged with the recipe hash and ``sae_mlops.seed``). :meth:`finish` logs, for every final
+    training metric the seeds share, its mean and standard deviation over seeds (``<name>_seed_mean``,
+    ``<name>_seed_std``, ddof = 1) and a description linking the children. Ends FINISHED, or FAILED
+    when the block raises (a run from ``MLFLOW_RUN_ID`` is left to its owner)."""
+
+    def __init__(self, recipe_hash: str, seeds: list[int], experiment: str | None = None, run_name: str | None = None):
+        self.client = MlflowClient()
+        self.recipe_hash = recipe_hash
+        self.seeds = seeds
+        self.run_id, self._owned = resolve_run(self.client, experiment, run_name)
+        self.client.log_batch(self.run_id, tags=[
+            RunTag(TAG_KIND, KIND_SEEDS), RunTag(TAG_RECIPE_HASH, recipe_hash),
+            RunTag(TAG_SEEDS, ",".join(str(s) for s in seeds)),
+            *(RunTag(k, str(v)) for k, v in lineage.code_version_tags().items() if v is not None),
+        ])
+
+    def __enter__(self) -> SeedsRun:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if self._owned:
+            self.client.set_terminated(self.run_id, "FAILED" if exc_type else "FINISHED")
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        given, _ = flat_params(params, self.client.get_run(self.run_id).data.params)
+        self.client.log_batch(self.run_id, params=given)
+
+    def child(self, kind: str, seed: int, run_name: str | None) -> SourceRun:
+        run = SourceRun(kind, run_name=run_name, parent_run_id=self.run_id)
+        run.set_tags({TAG_RECIPE_HASH: self.recipe_hash, TAG_SEED: seed})
+        return run
+
+    def finish(self, outcomes: list[SourceOutcome]) -> dict[str, float]:
+        """Seed mean and std of each final metric every child has; the description; returns the metrics."""
+        import numpy as np
+
+        names = sorted(set.intersection(*(set(o.metrics) for o in outcomes))) if outcomes else []
+        out: dict[str, float] = {}
+        for name in names:
+            vals = np.array([o.metrics[name] for o in outcomes], dtype=float)
+            out[f"{name}_seed_mean"] = float(vals.mean())
+            if vals.size >= 2:
+                out[f"{name}_seed_std"] = float(vals.std(ddof=1))
+        now = get_current_time_millis()
+        self.client.log_batch(self.run_id, metrics=[Metric(metric_key(k), v, now, 0) for k, v in out.items()
+                                                    if math.isfinite(v)])
+        lines = [f"{len(outcomes)} seeds of recipe `{self.recipe_hash}` (child runs, tag `{TAG_RECIPE_HASH}`):", ""]
+        for seed, o in zip(self.seeds, outcomes, strict=False):
+            reg = f", registered {o.registration.name} v{o.registration.version}" if o.registration else ""
+            lines.append(f"- seed {seed}: run `{o.run_id}`, logged model `{o.model_id}`{reg}")
+        self.client.set_tag(self.run_id, "mlflow.note.content", "\n".join(lines))
+        return out
 
 
 # --- import ----------------------------------------------------------------------------------------

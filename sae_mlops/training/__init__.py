@@ -5,6 +5,7 @@
 - :class:`MetricsSAETrainer` (``trainer``): SAELens's ``SAETrainer`` reporting each step's metrics
   to a callback; :func:`train_sae` (``run``): the SAELens training runner driven with it.
 - :func:`train_and_log` (``run``): train and record the run, the SAE and its logged model in MLflow.
+- :func:`train_seeds_and_log` (``run``): N seeds of one recipe as child runs of one parent run.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ _EXPORTS = {
     "MetricsSAETrainer": "sae_mlops.training.trainer",
     "train_sae": "sae_mlops.training.run",
     "train_and_log": "sae_mlops.training.run",
+    "train_seeds_and_log": "sae_mlops.training.run",
 }
 
 __all__ = sorted(_EXPORTS)

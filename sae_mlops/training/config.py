@@ -3,7 +3,9 @@ generated from `TrainConfig` and `TrainRunOptions`; see `sae_mlops.options`)."""
 
 from __future__ import annotations
 
-from dataclasses import asdict
+import hashlib
+import json
+from dataclasses import asdict, replace
 from typing import Any
 
 from pydantic import ConfigDict, Field
@@ -19,6 +21,8 @@ BASELINES = ("frozen-decoder", "soft-frozen-decoder", "frozen-encoder")
 DEFAULT_SPARSITY_COEFFICIENT = {"standard": 5.0, "jumprelu": 1.0}
 DEFAULT_TRAINING_TOKENS = 300_000  # about 10 s on the demo model on a laptop CPU
 DEMO_HOOK = "blocks.0.hook_resid_post"
+#: TrainConfig options that are not part of the recipe (see `TrainConfig.recipe_hash`)
+RECIPE_EXCLUDED = ("seed", "log_every")
 
 
 @user_errors
@@ -116,6 +120,19 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    def recipe_hash(self) -> str:
+        """The recipe's identity: the first 16 hex digits of the SHA-256 of every option except
+        `seed` and `log_every` (how often metrics are sent; no effect on the SAE), as canonical JSON
+        (sorted keys). Seeds of one recipe share it; any other option change gives another hash.
+        Options are hashed as given (``None`` = the default), not as resolved."""
+        recipe = {k: v for k, v in self.to_dict().items() if k not in RECIPE_EXCLUDED}
+        blob = json.dumps(recipe, sort_keys=True, separators=(",", ":"), default=str)
+        return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:16]
+
+    def with_seed(self, seed: int) -> TrainConfig:
+        """This recipe with another seed."""
+        return replace(self, seed=seed)
+
 
 @user_errors
 @dataclass(config=ConfigDict(extra="forbid"))
@@ -140,3 +157,16 @@ class TrainRunOptions:
     quiet: bool = Field(
         default=False, description="Only warnings and errors on stderr.", json_schema_extra={"mlproject": False, "short": "-q"}
     )
+    seeds: int = Field(
+        default=1,
+        ge=1,
+        description="Train this many seeds of the recipe (--seed, --seed + 1, ...) as child runs of one parent run, "
+        "each SAE in <out>/seed-<seed>; tags sae_mlops.recipe_hash and sae_mlops.seed group them. (default: 1: one run)",
+    )
+
+    def __post_init__(self) -> None:
+        if self.seeds > 1 and self.alias:
+            raise InputError(
+                f"--alias with --seeds {self.seeds} would move the alias {self.seeds} times; drop --alias and set it "
+                "on the seed's version you choose (or let the service's gate do it)."
+            )

@@ -17,7 +17,7 @@ import shutil
 import tempfile
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -281,22 +281,95 @@ def train_and_log(
     if cfg.baseline:
         name = f"{name} · baseline {cfg.baseline}" if not run_name else name
     with SourceRun("train", experiment=experiment, run_name=name) as run:
+        run.set_tags(_seed_tags(cfg))
         if cfg.baseline:
             run.set_tags({TAG_BASELINE: cfg.baseline})
-        run.log_params(cfg.to_dict())
-        result = train_sae(cfg, on_metrics=run.log_metrics, prepared=prepared)
-        run.log_params(result.params)  # resolved values differing from the given ones: resolved.<name>
-        run.log_corpus(result.corpus_path, result.corpus_digest, result.corpus_documents)
-        outcome = run.finish_with_sae(
-            result.sae_dir,
-            result.sae_hash,
-            model_params=result.model_params,
-            architecture=cfg.architecture,
-            summary=result.summary,
-            register=register,
-            alias=alias,
-        )
-    return outcome
+        return _train_in(run, prepared, register, alias)
+
+
+def _seed_tags(cfg: TrainConfig) -> dict[str, Any]:
+    from sae_mlops.tracking.training import TAG_RECIPE_HASH, TAG_SEED
+
+    return {TAG_RECIPE_HASH: cfg.recipe_hash(), TAG_SEED: cfg.seed}
+
+
+def _train_in(run: Any, prepared: TrainingInputs, register: str | None, alias: str | None):
+    """Train `prepared` inside the open source run `run`; returns its SourceOutcome."""
+    cfg = prepared.cfg
+    run.log_params(cfg.to_dict())
+    result = train_sae(cfg, on_metrics=run.log_metrics, prepared=prepared)
+    run.log_params(result.params)  # resolved values differing from the given ones: resolved.<name>
+    run.log_corpus(result.corpus_path, result.corpus_digest, result.corpus_documents)
+    return run.finish_with_sae(
+        result.sae_dir,
+        result.sae_hash,
+        model_params=result.model_params,
+        architecture=cfg.architecture,
+        summary=result.summary,
+        register=register,
+        alias=alias,
+    )
+
+
+@dataclass
+class SeedsOutcome:
+    """``train --seeds N``: the parent run, the recipe hash and each seed's SourceOutcome (seed order)."""
+
+    parent_run_id: str
+    recipe_hash: str
+    seeds: list[int]
+    outcomes: list[Any]  # sae_mlops.tracking.training.SourceOutcome
+    metrics: dict[str, float] = field(default_factory=dict)  # <final metric>_seed_mean / _seed_std
+
+
+def seed_list(cfg: TrainConfig, seeds: int) -> list[int]:
+    """The seeds of ``--seeds N``: ``cfg.seed``, ``cfg.seed + 1``, ..., ``cfg.seed + N - 1``."""
+    return [cfg.seed + i for i in range(seeds)]
+
+
+def train_seeds_and_log(
+    cfg: TrainConfig,
+    seeds: int,
+    out_dir: Path | str | None = None,
+    *,
+    register: str | None = None,
+    experiment: str | None = None,
+    run_name: str | None = None,
+) -> SeedsOutcome:
+    """Train `seeds` seeds of the recipe `cfg` (:func:`seed_list`) as child runs of one parent run.
+
+    Every child is a normal training run (:func:`train_and_log`'s params, metrics, lineage, logged
+    model, registration under `register`), named ``<name> · seed <s>`` and tagged
+    ``sae_mlops.recipe_hash`` (`TrainConfig.recipe_hash`, equal across the seeds) and
+    ``sae_mlops.seed``; its SAE goes to ``<out>/seed-<s>``. The parent (kind ``train_seeds``) holds the
+    recipe's params, the same recipe hash, and each final metric's seed mean and std. The model and
+    corpus are loaded once; every output directory is checked before the first seed trains.
+    """
+    from sae_mlops.naming import run_title
+    from sae_mlops.tracking.registry import check_model_name
+    from sae_mlops.tracking.training import SeedsRun
+
+    check_model_name(register, None)
+    base = Path(out_dir) if out_dir else default_out_dir(cfg)
+    values = seed_list(cfg, seeds)
+    first = prepare_training(cfg.with_seed(values[0]), base / f"seed-{values[0]}")
+    prepared = [first]
+    for s in values[1:]:
+        out = base / f"seed-{s}"
+        if out.exists() and (not out.is_dir() or any(out.iterdir())):
+            raise InputError(f"output directory {out} already exists and is not empty; choose another --out.")
+        prepared.append(replace(first, cfg=cfg.with_seed(s), out=out))
+    k = cfg.k if cfg.architecture in ("topk", "batchtopk") else None
+    name = run_name or run_title("train", f"{cfg.model}/{first.hook}", cfg.architecture, first.d_sae, k)
+    outcomes: list[Any] = []
+    with SeedsRun(cfg.recipe_hash(), values, experiment=experiment, run_name=f"{name} · {seeds} seeds") as parent:
+        parent.log_params({key: v for key, v in cfg.to_dict().items() if key != "seed"} | {"seeds": seeds, "first_seed": values[0]})
+        for s, inputs in zip(values, prepared, strict=True):
+            log.info("Training seed %d (%d of %d)", s, len(outcomes) + 1, seeds)
+            with parent.child("train", s, f"{name} · seed {s}") as run:
+                outcomes.append(_train_in(run, inputs, register, None))
+        metrics = parent.finish(outcomes)
+    return SeedsOutcome(parent.run_id, cfg.recipe_hash(), values, outcomes, metrics)
 
 
 # --- inputs ------------------------------------------------------------------------------------------
