@@ -133,6 +133,9 @@ def compare(
     verdicts: bool = typer.Option(True, "--verdicts/--no-verdicts", help="Judge each analysis against --reference: "
         "difference, 95 % block-bootstrap interval (paired when the two share a token plan), Holm-corrected verdict "
         "better / worse / within noise, and seed noise floors when several seeds of a recipe are compared."),
+    baseline: bool = typer.Option(False, "--baseline", help="Judge every trained SAE against each random-baseline SAE "
+        "(trained with `sae-mlops train --baseline ...`) of the same hook, instead of one --reference: does it beat "
+        "random directions, and on what?"),
     alpha: float = typer.Option(0.05, "--alpha", min=1e-6, max=0.5, help="Family-wise error rate of the verdicts (Holm over metrics x variants)."),
     resamples: int = typer.Option(9999, "--resamples", min=199, help="Bootstrap resamples per comparison (the smallest p-value is 2/(resamples+1))."),
     match: bool = typer.Option(False, "--match", help="Also match the features of every pair of full analyses compared (see `sae-mlops match`)."),
@@ -149,7 +152,7 @@ def compare(
     preflight(out, track=True)  # the analyses are read from MLflow even with --no-track
     outcome = compare_and_log(
         experiment or None, filter_string, out, track=not no_track, experiment=log_to, run_name=run_name, all_runs=all_runs,
-        reference=reference, verdicts=verdicts, alpha=alpha, resamples=resamples,
+        reference=reference, verdicts=verdicts, alpha=alpha, resamples=resamples, baseline=baseline,
     )
     if fmt is not CompareFormat.table:
         print_table(outcome.table, fmt)
@@ -231,9 +234,11 @@ def show_verdicts(outcome: Any) -> None:
         if outcome.verdict_note:
             out_console.print(outcome.verdict_note, soft_wrap=True, highlight=False)
         return
-    table = Table(title=f"Verdicts against {outcome.verdicts[0].reference}")
+    refs = sorted({v.reference for v in outcome.verdicts})
+    table = Table(title=f"Verdicts against {refs[0]}" if len(refs) == 1 else f"Verdicts against {len(refs)} references")
     for h in VERDICT_COLUMNS:
         table.add_column(h, justify="right" if h in ("difference", "p (Holm)") else "left")
+
     colour = {"better": "green", "worse": "red"}
     for v in outcome.verdicts:
         cells = [escape(c) for c in verdict_cells(v)]

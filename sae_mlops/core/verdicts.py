@@ -150,10 +150,17 @@ def judge(reference: tuple[str, BlockSums], variants: Sequence[tuple[str, BlockS
           floors: Mapping[str, float] | None = None, extra: Sequence[Verdict] = ()) -> list[Verdict]:
     """The verdict of every variant against ``reference`` on every judged metric (module docstring);
     ``extra`` rows (e.g. :func:`interval_rows` for the evals) join the same Holm family."""
+    return judge_pairs([(reference, v) for v in variants], metrics, alpha, resamples, seed, floors, extra)
+
+
+def judge_pairs(pairs: Sequence[tuple[tuple[str, BlockSums], tuple[str, BlockSums]]],
+                metrics: Sequence[str] | None = None, alpha: float = DEFAULT_ALPHA, resamples: int = 9999,
+                seed: int = 0, floors: Mapping[str, float] | None = None, extra: Sequence[Verdict] = ()) -> list[Verdict]:
+    """Verdicts of each ``(reference, variant)`` pair (e.g. each trained SAE against each of its random
+    baselines), every row of every pair in one Holm family."""
     names = judged_metrics(metrics)
-    ref_label, ref = reference
     rows: list[Verdict] = []
-    for label, sums in variants:
+    for (ref_label, ref), (label, sums) in pairs:
         diffs = {d.metric: d for d in paired_differences(sums, ref, resamples=resamples, seed=seed)}
         for name in names:
             d = diffs.get(name)
@@ -161,8 +168,8 @@ def judge(reference: tuple[str, BlockSums], variants: Sequence[tuple[str, BlockS
             assert m is not None
             if d is None:
                 continue
-            rows.append(Verdict(label, ref_label, name, m.label.split(" (")[0], d.a, d.b, d.diff, d.low, d.high, d.p_value,
-                                float("nan"), d.paired, (floors or {}).get(name), "n/a", ""))
+            rows.append(Verdict(label, ref_label, name, m.label.split(" (")[0], d.a, d.b, d.diff, d.low, d.high,
+                                d.p_value, float("nan"), d.paired, (floors or {}).get(name), "n/a", ""))
     rows += list(extra)
     for row, p_adj in zip(rows, holm([r.p_value for r in rows]), strict=True):
         row.p_holm = p_adj

@@ -120,7 +120,7 @@ def markdown_table(df: pd.DataFrame) -> str:
 
 
 VERDICT_COLUMNS = ("variant", "metric", "reference value", "variant value", "difference", "95 % interval",
-                   "p (Holm)", "verdict", "bound", "paired")
+                   "p (Holm)", "verdict", "bound", "paired", "reference")
 
 
 def verdict_cells(v: Any) -> list[str]:
@@ -132,7 +132,7 @@ def verdict_cells(v: Any) -> list[str]:
     p = "n/a" if not math.isfinite(v.p_holm) else ("<0.001" if v.p_holm < 0.001 else f"{v.p_holm:.3f}")
     floor = f" (seed floor {f(v.seed_floor)})" if v.seed_floor is not None else ""
     return [v.variant, v.label, f(v.reference_value), f(v.variant_value), diff, interval, p, v.verdict,
-            v.bound + floor, "yes" if v.paired else "no"]
+            v.bound + floor, "yes" if v.paired else "no", v.reference]
 
 
 def verdict_markdown(verdicts: list[Any], note: str) -> str:

@@ -213,6 +213,7 @@ def compare_and_log(
     verdicts: bool = True,
     alpha: float = 0.05,
     resamples: int = 9999,
+    baseline: bool = False,
 ) -> CompareOutcome:
     """Collect the analyses, write the table and the Pareto plots under `out_dir`, and log them as a
     comparison run (in `experiment`; default: the single compared experiment, else the default).
@@ -220,7 +221,9 @@ def compare_and_log(
     verdicts: also judge every analysis against ``reference`` (a run id or its first 8+ characters, a
     run name or an SAE name; default the first analysis) on the judged metrics
     (:mod:`sae_mlops.core.verdicts`: paired block bootstrap, Holm at ``alpha``, seed floors when
-    several seeds of a recipe are compared), with ``resamples`` bootstrap resamples."""
+    several seeds of a recipe are compared), with ``resamples`` bootstrap resamples. baseline: judge
+    each trained SAE's analysis against every random-baseline analysis (training runs tagged
+    ``sae_mlops.baseline``, `sae-mlops train --baseline`) of the same hook instead of one reference."""
     from sae_mlops.naming import utc_timestamp
     from sae_mlops.tracking.lineage import code_version_tags
     from sae_mlops.outputs.comparison import add_frontiers, write_comparison
@@ -230,7 +233,10 @@ def compare_and_log(
     out = Path(out_dir) if out_dir else Path("analysis") / "comparisons" / f"compare_{utc_timestamp()}"
     scope = ", ".join(experiments) if experiments else "all experiments"
     context = f"{len(df)} analyses from {scope}" + (f", filter `{filter_string}`" if filter_string else "")
-    rows, note = judge_analyses(client, df, reference, alpha=alpha, resamples=resamples) if verdicts else ([], "")
+    if baseline:
+        rows, note = judge_against_baselines(client, df, alpha=alpha, resamples=resamples)
+    else:
+        rows, note = judge_analyses(client, df, reference, alpha=alpha, resamples=resamples) if verdicts else ([], "")
     files = write_comparison(df, out, context=context, verdicts=rows, verdict_note=note)
     outcome = CompareOutcome(table=df, out_dir=out, files=files, experiments=list(experiments or []), verdicts=rows,
                              verdict_note=note)
@@ -256,7 +262,7 @@ def compare_and_log(
                 client.log_param(run_id, key, str(int(df[f"pareto_{column}"].sum())))
         if rows:
             if "reference" not in existing:
-                client.log_param(run_id, "reference", rows[0].reference[:500])
+                client.log_param(run_id, "reference", ", ".join(sorted({r.reference for r in rows}))[:500])
             client.log_batch(run_id, metrics=_difference_metrics(rows))
             client.set_tag(run_id, "mlflow.note.content", _compare_note(rows, note))
         for f in files:
@@ -366,6 +372,54 @@ def judge_analyses(client: MlflowClient, df: pd.DataFrame, reference: str | None
     return rows, " ".join(parts)
 
 
+def judge_against_baselines(client: MlflowClient, df: pd.DataFrame, alpha: float = 0.05,
+                            resamples: int = 9999) -> tuple[list[Any], str]:
+    """``compare --baseline``: every analysis of a trained SAE against every analysis of a random
+    baseline (its training run tagged ``sae_mlops.baseline``: frozen decoder, soft-frozen decoder or
+    frozen encoder, arXiv 2602.14111) at the same hook, all rows in one Holm family. Does the SAE
+    beat random directions, and on what?"""
+    from sae_mlops.core.verdicts import judge_pairs
+    from sae_mlops.tracking.artifacts import load_block_sums
+    from sae_mlops.tracking.training import TAG_BASELINE
+
+    cache: dict[str, dict[str, str]] = {}
+
+    def source_tags(run_id: str) -> dict[str, str]:
+        if run_id and run_id not in cache:
+            try:
+                cache[run_id] = dict(client.get_run(run_id).data.tags)
+            except MlflowException:
+                cache[run_id] = {}
+        return cache.get(run_id, {})
+
+    trained: list[tuple[str, Any, Any]] = []
+    baselines: list[tuple[str, Any, Any]] = []
+    for _, row in df.iterrows():
+        run = client.get_run(str(row["run_id"]))
+        kind = run.data.tags.get(TAG_BASELINE) or source_tags(str(row.get("source_run_id") or "")).get(TAG_BASELINE)
+        hook = run.data.params.get("resolved.hook") or run.data.params.get("hook")
+        sums = load_block_sums(str(row["run_id"]), client)
+        if sums is None:
+            continue
+        (baselines if kind else trained).append((f"{row['label']}" + (f" [{kind}]" if kind else ""), hook, sums))
+    if not baselines:
+        raise InputError("--baseline found no analysis of a random baseline among the compared runs; train one with "
+                         "`sae-mlops train --baseline frozen-decoder` (same model, hook and data), analyse it with "
+                         "`sae-mlops quick`, then compare again.")
+    if not trained:
+        raise InputError("--baseline found only baseline analyses among the compared runs; include the trained SAEs' "
+                         "analyses (check --experiment / --filter).")
+    pairs = [((bl, bs), (tl, ts)) for tl, th, ts in trained for bl, bh, bs in baselines if bh == th]
+    if not pairs:
+        raise InputError("--baseline: no trained SAE shares a hook with a baseline among the compared runs.")
+    rows = judge_pairs(pairs, alpha=alpha, resamples=resamples)
+    note = (f"Each trained SAE (variant) against each random baseline of its hook (reference): {len(pairs)} pair(s), "
+            f"95 % block-bootstrap intervals of variant - baseline ({resamples} resamples; paired where the two share "
+            f"a token plan), Holm over all {len(rows)} tests at {alpha}. 'better' means the trained SAE beats random "
+            "directions on that metric beyond token noise (arXiv 2602.14111's sanity check).")
+    return rows, note
+
+
 def _metric_key(text: str) -> str:
     """``text`` as a valid MLflow metric-name part."""
     import re
@@ -397,10 +451,12 @@ def _compare_note(rows: list[Any], note: str) -> str:
     """The compare run's description: verdict counts per variant, then how they were reached."""
     from sae_mlops.core.verdicts import summary_counts
 
+    refs = sorted({r.reference for r in rows})
     by_variant: dict[str, list[Any]] = {}
     for r in rows:
-        by_variant.setdefault(r.variant, []).append(r)
-    lines = [f"**Comparison against {rows[0].reference}**", ""]
+        by_variant.setdefault(r.variant if len(refs) == 1 else f"{r.variant} vs {r.reference}", []).append(r)
+    title = refs[0] if len(refs) == 1 else f"{len(refs)} references (random baselines)"
+    lines = [f"**Comparison against {title}**", ""]
     for variant, rs in by_variant.items():
         counts = summary_counts(rs)
         better = ", ".join(r.label for r in rs if r.verdict == "better") or "none"
