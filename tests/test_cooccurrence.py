@@ -120,7 +120,7 @@ def _feed(c, f, batch=170):
     return c
 
 
-@pytest.mark.parametrize("density", [0.003, 0.02, 0.05, 0.3, 0.9])
+@pytest.mark.parametrize("density", [0.003, 0.02, 0.05, 0.3, 0.9])  # L0 below and above sqrt(d)
 @pytest.mark.parametrize("d", [12, 96])
 @pytest.mark.parametrize("float_path", [False, True])
 def test_counts_at_any_density_equal_the_sparse_method_and_numpy(monkeypatch, density, d, float_path):
@@ -143,7 +143,7 @@ def test_counts_at_any_density_equal_the_sparse_method_and_numpy(monkeypatch, de
         np.testing.assert_array_equal(c.fire, b.sum(0))
         assert c.n_tokens == 1100
     auto = _feed(CooccurrenceCollector(d, flush_tokens=300), f)
-    dense = [(f[s : s + 170] != 0).mean() >= cooc.DENSE_DENSITY for s in range(0, len(f), 170)]
+    dense = [(f[s : s + 170] != 0).sum(1).mean() >= cooc.dense_min_l0(d) for s in range(0, len(f), 170)]
     assert (auto.batches_dense, auto.batches_sparse) == (sum(dense), len(dense) - sum(dense))
 
 

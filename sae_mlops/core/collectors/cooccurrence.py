@@ -11,22 +11,24 @@ Measures (``measure_from_counts``):
 
 The collector accumulates ``B^T B`` during the pass into a dense ``d_sae x d_sae`` count matrix, so
 it is used only up to the dense limit (``--dense-limit``, default 4096: 64 MiB of int32). Each
-batch is counted by the cheaper of two exact methods, chosen by the batch's density
-``rho = nnz / (rows x d_sae)`` (:data:`DENSE_DENSITY`; the counts are the same either way):
+batch is counted by the cheaper of two exact methods, chosen by the batch's mean number of
+non-zeros per row ``L0`` against :func:`dense_min_l0` ``= sqrt(d_sae)`` (the counts are the same
+either way):
 
-- dense (``rho >= 1/32``, and always for codes on an accelerator): ``B^T B`` of the batch's rows
-  as one GEMM where the codes are (cost ~ rows x d_sae^2, at BLAS speed). On the CPU an int8 GEMM
-  with int32 products (``torch._int_mm``; exact below 2^31 rows), added to the int32 counts;
+- dense (``L0 >= sqrt(d_sae)``, and always for codes on an accelerator): ``B^T B`` of the batch's
+  rows as one GEMM where the codes are (cost ~ rows x d_sae^2, at BLAS speed). On the CPU an int8
+  GEMM with int32 products (``torch._int_mm``; exact below 2^31 rows), added to the int32 counts;
   elsewhere a float32 GEMM accumulated in a float32 matrix (0/1 products summed in float32 are
   exact integers below 2^24 rows, so the matrix is folded into integer counts before it holds
   2^24 rows); the dense codes never leave the device;
-- sparse (``rho < 1/32``): firing rows are buffered and multiplied as a sparse matrix every
+- sparse (``L0 < sqrt(d_sae)``): firing rows are buffered and multiplied as a sparse matrix every
   ``flush_tokens`` tokens (cost ~ rows x L0^2, not rows x d_sae^2), in row blocks on ``workers``
   threads (default: torch's thread count).
 
-Why the threshold: on this project's 2-core machine (one thread) the int8 GEMM costs about
-1.7e-11 s per row and d_sae^2, SciPy's sparse product about 1.5e-8 to 8e-8 s per row and L0^2, so
-dense wins above rho ~ 0.015-0.03 (``scripts/benchmark_cooccurrence.py`` prints both per density).
+Why ``sqrt(d_sae)``: measured with ``scripts/benchmark_cooccurrence.py`` on this project's 2-core
+machine (one thread), the two methods cost the same at L0 ~ 16-32 for d_sae 512 and L0 ~ 32-64 for
+d_sae 4096 (SciPy's sparse product gets slower per pair as d_sae grows, the GEMM is ~ d_sae^2);
+dense is ~10x faster at L0 128 and ~20x at L0 200 for d_sae 512, ~3x at L0 200 for d_sae 4096.
 
 Beyond the dense limit no pair is counted in the pass: neighbours are computed after it, block-wise,
 from the activation database's CSR (:func:`sae_mlops.core.matrices.csr_count_blocks`).
@@ -34,6 +36,7 @@ from the activation database's CSR (:func:`sae_mlops.core.matrices.csr_count_blo
 
 from __future__ import annotations
 
+import math
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -77,8 +80,10 @@ def measure_from_counts(n_ij, n_i, n_j, n_tokens: int, measure: str) -> np.ndarr
     return out.float().cpu().numpy()
 
 
-#: batches at least this dense (non-zeros / (rows x d_sae)) are counted by a dense GEMM
-DENSE_DENSITY = 1 / 32
+def dense_min_l0(d: int) -> float:
+    """Mean non-zeros per row from which a batch is counted by a dense GEMM: ``sqrt(d)``."""
+    return math.sqrt(d)
+
 #: rows a float32 accumulator may hold before it is folded into integer counts (exact below 2^24)
 FLOAT_EXACT_ROWS = (1 << 24) - 1
 
@@ -102,7 +107,7 @@ class CooccurrenceCollector(StateCollector):
     def __init__(self, d_sae: int, flush_tokens: int = 32_768, workers: int | None = None, method: str | None = None):
         """method: "sparse" (buffered sparse products), "dense" (per-batch dense ``B^T B`` where the
         codes are; "matmul" is the same) or None: dense for codes on an accelerator, else by each
-        batch's density (:data:`DENSE_DENSITY`)."""
+        batch's mean non-zeros per row (:func:`dense_min_l0`)."""
         if method not in (None, "sparse", "dense", "matmul"):
             raise ValueError(f"unknown counting method {method!r}")
         super().__init__()
@@ -131,7 +136,7 @@ class CooccurrenceCollector(StateCollector):
         if step.f.device.type != "cpu":
             return True
         n = step.f.shape[0]
-        return n > 0 and step.sparse.cols.numel() >= DENSE_DENSITY * n * self.d_sae
+        return n > 0 and step.sparse.cols.numel() >= dense_min_l0(self.d_sae) * n
 
     def update(self, step: StepData) -> None:
         n = int(step.f.shape[0])
