@@ -21,10 +21,14 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, cast
 
 import torch
 
 from sae_mlops.errors import InputError
+
+if TYPE_CHECKING:
+    import numpy as np
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +56,7 @@ class Window:
 
     doc_index: int
     start: int  # document position of the first non-BOS token
-    tokens: list[int]
+    tokens: "list[int] | np.ndarray"  # a 1-D int32 array once a PoolCache keeps it (Pool.compact)
     has_bos: bool
 
 
@@ -147,8 +151,9 @@ def collate(windows: list[Window], plan: WindowPlan) -> TokenBatch:
 
 def count_analysed(window: Window, special: set[int], special_ids: torch.Tensor) -> int:
     """Tokens of the window that are analysed: not the prepended BOS, not special (no Python loop
-    over tokens: ``list.count`` per special id when there are few, else ``torch.isin``)."""
-    body = window.tokens[1:] if window.has_bos else window.tokens
+    over tokens: ``list.count`` per special id when there are few, else ``torch.isin``). The window's
+    tokens are a list here (windows as :func:`iter_windows` yields them)."""
+    body = cast("list[int]", window.tokens[1:] if window.has_bos else window.tokens)
     if len(special) <= 8:
         return len(body) - sum(body.count(s) for s in special)
     return int((~torch.isin(torch.tensor(body, dtype=torch.long), special_ids)).sum())
