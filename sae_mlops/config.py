@@ -213,7 +213,7 @@ class ExecutionOptions:
     shard_tokens: int = Field(
         default=131_072,
         ge=1,
-        description="Analysed tokens per shard (a shard ends at the first whole pool of batches that reaches it); "
+        description="Analysed tokens per shard (a shard ends with the first whole batch that reaches it); "
         "each finished shard is checkpointed under <out>/checkpoint. Unit: tokens. (default: 131072)",
     )
 

@@ -3,8 +3,8 @@ corpus grows, and feature-summary time as d_sae grows. Prints figures (JSON); as
 
     python scripts/benchmark_full.py [--sae PATH] [--tokens 40000] [--sizes 20000,80000] [--d-sae 512,4096,16384]
 
-- necessary: on the same batches, one forward to the hook plus three continuations from it
-  (clean logits, SAE-spliced, zero-ablated) = one clean forward + two continuations;
+- necessary: on the same batches, the model alone as ``scripts/_baseline.py`` counts it (one
+  forward to the hook plus the clean and SAE-spliced continuations);
 - full_pass: the single streaming pass with every full-analysis collector (tokenization, SAE,
   metrics, top-k examples, co-occurrence counts, activation database shards);
 - full_pass_full_zero_ablation: the same pass with the zero-ablated continuation run in full for

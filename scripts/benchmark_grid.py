@@ -17,12 +17,17 @@ A cell is ``model:kind:l0:d_sae``:
 
 Per cell, in a fresh child process (so that its peak RSS is its own):
 
-- ``necessary_s``: the necessary model compute on the same batches (``scripts/_baseline.py``: one
-  forward to the hook plus three continuations to the logits);
-- ``pass_s`` and ``pass_over_necessary``; the same in process CPU time (``*_cpu_s``,
-  ``pass_over_necessary_cpu``), which a machine shared with other work disturbs less (use
-  ``--threads 1``, the default, so that spinning worker threads add no CPU time); ``pass_parts_s``: seconds per part of the pass
-  (batches, model + SAE + CE/KL, the shared sparse view, every collector) and ``pass_shares``;
+- two baselines on the same batches (``scripts/_baseline.py``), each the median of ``--repeats``
+  interleaved runs: ``necessary_model_s`` (the model alone: forward to the hook, the clean and
+  SAE-spliced continuations) and ``necessary_s`` (that plus the SAE's encoder and decoder on every
+  analysed token: what any analysis must do);
+- ``pass_s``, ``pass_over_necessary`` (against model + SAE: the honest limit) and
+  ``pass_over_model`` (against the model alone); the same in process CPU time (``*_cpu_s``,
+  ``pass_over_necessary_cpu``, ``pass_over_model_cpu``), which a machine shared with other work
+  disturbs less (use ``--threads 1``, the default, so that spinning worker threads add no CPU
+  time); ``pass_parts_s``: seconds per part of the pass (batches, model + SAE + CE/KL, the shared
+  sparse view, every collector), ``pass_shares`` (each part's share of the pass) and
+  ``collector_shares`` (each collector's share of the pass, CPU time);
 - ``stages_s``: every stage of ``run_full`` (import, load, pass, database, matrices, logit_lens,
   summaries, plots, reports), ``after_pass_s`` (their sum after the pass);
 - ``peak_rss_mib`` (``VmHWM`` of the child), ``artifact_bytes`` (every file written), ``l0``
@@ -34,6 +39,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -41,7 +47,7 @@ import time
 from pathlib import Path
 
 import torch
-from _baseline import necessary_model_compute  # scripts/ is on sys.path when run as a script
+from _baseline import necessary_compute, necessary_model_compute  # scripts/ is on sys.path when run as a script
 
 AFTER_PASS = ("database", "matrices", "logit_lens", "summaries", "plots", "reports")
 
@@ -89,7 +95,7 @@ def random_sae(kind: str, d_in: int, d_sae: int, l0: int, hook: str, x: torch.Te
     return sae
 
 
-def cell(model_kind: str, kind: str, l0: int, d_sae: int, tokens: int) -> dict:
+def cell(model_kind: str, kind: str, l0: int, d_sae: int, tokens: int, repeats: int = 3) -> dict:
     """One grid cell, in this process (the parent runs it in a child)."""
     from sae_mlops.analyses.quick import make_batches, prepare
     from sae_mlops.config import AnalysisConfig
@@ -117,10 +123,15 @@ def cell(model_kind: str, kind: str, l0: int, d_sae: int, tokens: int) -> dict:
     info = saelens_info(sae, source=f"random-{kind}-{l0}-{d_sae}", fmt="saelens")
     inputs.sae = LoadedSAE(module=sae, info=info)
     engine = Engine(inputs.model.model, sae, inputs.site, inputs.device)
-    necessary_model_compute(engine, batches[:1], inputs.device)  # warm-up
-    t0, c0 = time.perf_counter(), time.process_time()
-    necessary_model_compute(engine, batches, inputs.device)
-    necessary, necessary_cpu = time.perf_counter() - t0, time.process_time() - c0
+    necessary_compute(engine, batches[:1], inputs.device)  # warm-up
+    runs: dict[str, list[tuple[float, float]]] = {"model": [], "model_sae": []}
+    for _ in range(repeats):  # interleaved, so that a slow minute on a shared machine hits both
+        for name, fn in (("model", necessary_model_compute), ("model_sae", necessary_compute)):
+            t0, c0 = time.perf_counter(), time.process_time()
+            fn(engine, batches, inputs.device)
+            runs[name].append((time.perf_counter() - t0, time.process_time() - c0))
+    model_s, model_cpu = (statistics.median(x[i] for x in runs["model"]) for i in (0, 1))
+    necessary, necessary_cpu = (statistics.median(x[i] for x in runs["model_sae"]) for i in (0, 1))
     with tempfile.TemporaryDirectory() as tmp:
         out = run_full(cfg, Path(tmp), inputs=inputs)
         artifact_bytes = sum(p.stat().st_size for p in Path(tmp).rglob("*") if p.is_file())
@@ -134,10 +145,14 @@ def cell(model_kind: str, kind: str, l0: int, d_sae: int, tokens: int) -> dict:
     return {
         "model": model_kind, "kind": kind, "l0_target": l0, "d_sae": d_sae,
         "l0": m.get("sparsity/l0_mean"), "tokens": m["tokens/analysed"],
-        "necessary_s": necessary, "pass_s": pass_s, "pass_over_necessary": pass_s / necessary,
-        "necessary_cpu_s": necessary_cpu, "pass_cpu_s": m["time_cpu/pass"],
+        "necessary_model_s": model_s, "necessary_s": necessary, "pass_s": pass_s,
+        "pass_over_necessary": pass_s / necessary, "pass_over_model": pass_s / model_s,
+        "necessary_model_cpu_s": model_cpu, "necessary_cpu_s": necessary_cpu, "pass_cpu_s": m["time_cpu/pass"],
         "pass_over_necessary_cpu": m["time_cpu/pass"] / necessary_cpu,
+        "pass_over_model_cpu": m["time_cpu/pass"] / model_cpu,
         "pass_parts_s": parts, "pass_shares": {k: v / pass_s for k, v in parts.items()},
+        "collector_shares": {k: v / m["time_cpu/pass"] for k, v in cpu_parts.items()
+                             if k not in ("batches", "model", "sparse_codes", "checkpoint")},
         "pass_parts_cpu_s": cpu_parts, "necessary_cpu_per_part": {k: v / necessary_cpu for k, v in cpu_parts.items()},
         "stages_s": stages, "after_pass_s": sum(stages.get(k, 0.0) for k in AFTER_PASS),
         "stages_cpu_s": cpu, "after_pass_cpu_s": sum(cpu.get(k, 0.0) for k in AFTER_PASS),
@@ -173,18 +188,19 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=20_000)
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads per cell (1: CPU-time ratios stay meaningful on a shared machine)")
+    ap.add_argument("--repeats", type=int, default=3, help="interleaved runs of each baseline (their median is used)")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.child:
         m, k, l0, d = args.child.split(":")
-        print(json.dumps(cell(m, k, int(l0), int(d), args.tokens)))
+        print(json.dumps(cell(m, k, int(l0), int(d), args.tokens, args.repeats)))
         return
     results = []
     for m, k, l0, d in _cells(args):
         res = subprocess.run([sys.executable, __file__, "--child", f"{m}:{k}:{l0}:{d}", "--tokens", str(args.tokens),
-                              "--threads", str(args.threads)],
+                              "--threads", str(args.threads), "--repeats", str(args.repeats)],
                              capture_output=True, text=True, env=os.environ.copy())
         if res.returncode != 0:
             results.append({"cell": f"{m}:{k}:{l0}:{d}", "error": res.stderr.strip().splitlines()[-1:]})

@@ -6,7 +6,7 @@ Prints figures (no assertions). Usage:
 Measured in one process on the same batches:
 - tokenize: building the batches (windowing, masks);
 - bare forward: model(tokens) -> logits for every batch (the cost of reading the model once);
-- necessary: one forward to the hook plus three continuations (clean, SAE, zero) from the hook;
+- necessary: the model alone as ``scripts/_baseline.py`` counts it (forward to the hook, two continuations);
 - quick: the whole quick pass (tokenization, model, SAE, collectors).
 """
 

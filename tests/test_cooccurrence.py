@@ -103,3 +103,58 @@ def test_counts_in_parallel_row_blocks_equal_btb(d, workers):
     np.testing.assert_array_equal(c.finalize_counts(), (b.T @ b).astype(np.int64))
     rows, cols = np.nonzero(f)
     assert len(_gram_parts(rows, cols, n, d, np.int64, workers)) == workers  # really split
+
+
+def _codes_at(density: float, n: int, d: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    f = rng.uniform(0.1, 1, (n, d)) * (rng.uniform(0, 1, (n, d)) < density)
+    f[:, 1] = 0  # never fires
+    f[: n // 2, 3] = 0.5  # fires on half the rows
+    return f.astype(np.float32)
+
+
+def _feed(c, f, batch=170):
+    for s in range(0, len(f), batch):
+        t = torch.from_numpy(f[s : s + batch])
+        c.update(StepData(batch=None, x=t, f=t, x_hat=t))
+    return c
+
+
+@pytest.mark.parametrize("density", [0.003, 0.02, 0.05, 0.3, 0.9])  # L0 below and above sqrt(d)
+@pytest.mark.parametrize("d", [12, 96])
+@pytest.mark.parametrize("float_path", [False, True])
+def test_counts_at_any_density_equal_the_sparse_method_and_numpy(monkeypatch, density, d, float_path):
+    """Every method (auto by density, sparse, dense), on the int8 GEMM and on the float32 path that
+    accelerators take (its accumulator folded every 250 rows here instead of 2^24), gives the
+    counts of the sparse method and of an independent numpy count."""
+    import sae_mlops.core.collectors.cooccurrence as cooc
+
+    if float_path:
+        monkeypatch.setattr(cooc, "int8_gram_available", lambda device, d: False)
+        monkeypatch.setattr(cooc, "FLOAT_EXACT_ROWS", 250)
+    f = _codes_at(density, 1100, d, seed=d)
+    b = (f != 0).astype(np.int64)
+    want = b.T @ b
+    old = _feed(CooccurrenceCollector(d, flush_tokens=300, method="sparse"), f)
+    for method in (None, "dense", "matmul"):
+        c = _feed(CooccurrenceCollector(d, flush_tokens=300, method=method), f)
+        np.testing.assert_array_equal(c.finalize_counts(), want)
+        np.testing.assert_array_equal(c.finalize_counts(), old.finalize_counts())
+        np.testing.assert_array_equal(c.fire, b.sum(0))
+        assert c.n_tokens == 1100
+    auto = _feed(CooccurrenceCollector(d, flush_tokens=300), f)
+    dense = [(f[s : s + 170] != 0).sum(1).mean() >= cooc.dense_min_l0(d) for s in range(0, len(f), 170)]
+    assert (auto.batches_dense, auto.batches_sparse) == (sum(dense), len(dense) - sum(dense))
+
+
+def test_mixed_density_batches_and_merge_count_exactly():
+    """Dense and sparse batches in one collector (then merged with another) add up exactly."""
+    d = 64
+    f = np.concatenate([_codes_at(0.4, 300, d, 1), _codes_at(0.002, 500, d, 2), _codes_at(0.2, 250, d, 3)])
+    c = _feed(CooccurrenceCollector(d, flush_tokens=200), f[:600], batch=100)
+    assert c.batches_dense and c.batches_sparse
+    other = _feed(CooccurrenceCollector(d, flush_tokens=200), f[600:], batch=100)
+    c.merge(other)
+    b = (f != 0).astype(np.int64)
+    np.testing.assert_array_equal(c.finalize_counts(), b.T @ b)
+    np.testing.assert_array_equal(c.fire, b.sum(0))

@@ -26,7 +26,8 @@ from sae_mlops.errors import InputError
 from sae_mlops.workflows import run_full_and_log, run_quick_and_log
 
 SAE = str(demo_sae_path("batchtopk"))  # batch-global BatchTopK: shards must be whole batches
-TOKENS, BATCH = 12_000, 2  # a pool is 64 windows: about 4 pools, so 4 shards of shard_tokens=1
+TOKENS, BATCH = 12_000, 2
+SHARD = 3_000  # analysed tokens per shard: 4 shards, most starting inside a pool (64 windows, ~8k tokens)
 CLI = [sys.executable, "-m", "sae_mlops.cli"]
 NOISE = ("time/", "time_cpu/", "speed/", "memory/", "artifacts/", "progress/")
 
@@ -90,7 +91,7 @@ def assert_same_analysis(got: Path, want: Path, full: bool = True) -> None:
 
 
 def test_sharded_local_pass_equals_one_shard(reference, tmp_path):
-    outcome = _full(tmp_path / "sharded", shard_tokens=1)
+    outcome = _full(tmp_path / "sharded", shard_tokens=SHARD)
     assert outcome.result.params["shards"] >= 3
     assert outcome.result.metrics["time/pass/checkpoint"] > 0
     assert_same_analysis(tmp_path / "sharded", reference)
@@ -155,7 +156,7 @@ def ray_cluster(tmp_path_factory):
 @pytest.mark.parametrize("workers", [1, 2])
 def test_full_on_ray_equals_the_local_pass(reference, ray_cluster, tmp_path, workers):
     out = tmp_path / f"ray{workers}"
-    outcome = _full(out, shard_tokens=1, executor="ray", workers=workers, ray_address=ray_cluster)
+    outcome = _full(out, shard_tokens=SHARD, executor="ray", workers=workers, ray_address=ray_cluster)
     assert outcome.result.params["executor"] == "ray"
     assert outcome.result.params["workers"] == workers
     assert outcome.result.metrics["memory/worker_peak_rss_mib"] > 0
@@ -165,7 +166,7 @@ def test_full_on_ray_equals_the_local_pass(reference, ray_cluster, tmp_path, wor
 def test_quick_on_ray_equals_quick_local(ray_cluster, tmp_path):
     local = run_quick_and_log(_cfg(), tmp_path / "local", track=False, exec_opts=ExecutionOptions(shard_tokens=10**9))
     ray_run = run_quick_and_log(_cfg(), tmp_path / "ray", track=False,
-                                exec_opts=ExecutionOptions(shard_tokens=1, executor="ray", workers=2, ray_address=ray_cluster))
+                                exec_opts=ExecutionOptions(shard_tokens=SHARD, executor="ray", workers=2, ray_address=ray_cluster))
     assert ray_run.result.params["shards"] >= 3 and local.result.params["shards"] == 1
     assert_same_analysis(tmp_path / "ray", tmp_path / "local", full=False)
     assert not (tmp_path / "ray" / "checkpoint").exists()
@@ -185,7 +186,7 @@ def test_ray_address_that_answers_nothing_is_a_user_error(tmp_path):
 
 def _cli_full(out: Path, *extra: str, env=None) -> list[str]:
     return [*CLI, "full", "--sae", SAE, "--model", "demo", "--max-tokens", str(TOKENS), "--batch-size", str(BATCH),
-            "--shard-tokens", "1", "--out", str(out), "-q", *extra]
+            "--shard-tokens", str(SHARD), "--out", str(out), "-q", *extra]
 
 
 def _manifest(out: Path) -> dict:
@@ -266,10 +267,10 @@ def test_resume_option_needs_an_unfinished_analysis(tmp_path):
 def test_resume_option_continues_a_quick_analysis(tmp_path, tracked_env):
     out = tmp_path / "q"
     cmd = [*CLI, "quick", "--sae", SAE, "--model", "demo", "--max-tokens", str(TOKENS), "--batch-size", str(BATCH),
-           "--shard-tokens", "1", "--out", str(out), "-q"]
+           "--shard-tokens", str(SHARD), "--out", str(out), "-q"]
     manifest = _kill_after_first_shard(cmd, out, tracked_env)
     cont = subprocess.run([*CLI, "quick", "--sae", SAE, "--model", "demo", "--max-tokens", str(TOKENS), "--batch-size",
-                           str(BATCH), "--shard-tokens", "1", "--resume", str(out), "-q"],
+                           str(BATCH), "--shard-tokens", str(SHARD), "--resume", str(out), "-q"],
                           env=tracked_env, capture_output=True, text=True, timeout=300)
     assert cont.returncode == 0, cont.stderr[-3000:]
     res = _results(out)
@@ -316,10 +317,10 @@ def test_failure_after_the_pass_keeps_the_checkpoint_and_the_resume_is_complete(
     with monkeypatch.context() as m:
         m.setattr(writers, "write_feature_summaries", boom)
         with pytest.raises(OSError, match="no space"):
-            _full(out, shard_tokens=1)
+            _full(out, shard_tokens=SHARD)
     assert (out / "activation_database" / "activation_db").is_dir()
     done = _manifest(out)["done"]
     assert done and all((out / "checkpoint" / f"shard-{int(i):05d}" / "db" / "activations").glob("*.parquet") for i in done)
-    outcome = _full(out, shard_tokens=1)
+    outcome = _full(out, shard_tokens=SHARD)
     assert outcome.result.params["shards_resumed"] == len(done)
     assert_same_analysis(out, reference)

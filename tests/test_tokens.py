@@ -93,24 +93,34 @@ def _same_batches(a, b) -> None:
 
 @pytest.mark.parametrize("budget", [None, 333, 10_000])
 @pytest.mark.parametrize("shard_tokens", [1, 50, 120, 10**9])
-def test_shards_are_the_whole_stream_cut_at_pool_boundaries(tok, budget, shard_tokens):
+@pytest.mark.parametrize("cached", [False, True])
+def test_shards_are_the_whole_stream_cut_at_batch_boundaries(tok, budget, shard_tokens, cached):
     """Shards planned without building batches give, one after the other, exactly the batches of
-    the whole stream (tokens, masks, document positions), with consecutive global token ranges."""
-    from sae_mlops.core.tokens import plan_shards
+    the whole stream (tokens, masks, document positions), with consecutive global token ranges;
+    shards smaller than a pool start inside it; with the planned pools kept (``cached``) the
+    shards are the same batches without tokenizing again."""
+    from sae_mlops.core.tokens import PoolCache, plan_shards
 
     eos = tok.eos_token
     texts = [f"doc {i} " + " ".join(f"w{j}" for j in range(i * 7 % 53)) + (f" {eos} tail" if i % 3 == 0 else "")
              for i in range(60)]
     plan = make_plan(tok, context_size=12, prepend_bos=True)
     whole = list(iter_batches(texts, tok, plan, 3, budget, pool_batches=2))
-    shards = plan_shards(texts, tok, plan, 3, budget, shard_tokens, pool_batches=2)
+    cache = PoolCache() if cached else None
+    shards = plan_shards(texts, tok, plan, 3, budget, shard_tokens, pool_batches=2, cache=cache)
     assert len(shards) >= (2 if shard_tokens < 120 else 1)
+    if shard_tokens == 1:  # one batch per shard: most shards start inside a pool
+        assert len(shards) == len(whole) and sum(s.skip_batches > 0 for s in shards) >= len(whole) // 2 - 1
+    if cached:
+        assert cache is not None and len(cache.pools) == -(-len(whole) // 2)  # pools of 2 batches
+        texts = ["unused"] * len(texts)  # the shards must not read the corpus again
     pieces, token = [], 0
     for spec in shards:
         assert spec.token_start == token
-        got = list(iter_batches(texts, tok, plan, 3, budget, pool_batches=2, shard=spec))
+        got = list(iter_batches(texts, tok, plan, 3, budget, pool_batches=2, shard=spec, cache=cache))
         assert len(got) == spec.batches
         assert sum(b.n_analysed for b in got) == spec.tokens
+        assert sum(int(b.tokens.shape[0]) for b in got) == spec.windows
         token += spec.tokens
         pieces += got
     _same_batches(pieces, whole)

@@ -12,7 +12,7 @@ directory's files go through the object store; the model is loaded by each actor
 ``--model`` names (a TransformerLens name, fetched on each node, or a local checkpoint directory that
 must exist at the same path on every node, e.g. on a shared filesystem).
 
-Why an actor pool and not Ray Data: shards must be cut at whole pools of batches for BatchTopK and
+Why an actor pool and not Ray Data: shards must be cut at whole batches for BatchTopK and
 merged in order with state that is not a table; a few actors with ``ray.util.ActorPool`` are the
 whole mechanism.
 """

@@ -1,7 +1,8 @@
 """Sharded, resumable passes: the plan, the checkpoint and the local executor.
 
-A pass is cut into shards of whole pools of batches (:func:`sae_mlops.core.tokens.plan_shards`), so
-that a batch-global rule (BatchTopK) sees exactly the batches of an unsharded pass. Each shard runs
+A pass is cut into shards of whole batches (:func:`sae_mlops.core.tokens.plan_shards`), so that a
+batch-global rule (BatchTopK) sees exactly the batches of an unsharded pass; the local executor
+reuses the token ids that planning produced, so the corpus is tokenized once. Each shard runs
 with fresh collectors; its result is the collectors' declared state (safetensors + JSON, see
 :mod:`sae_mlops.core.collectors.state`) plus the activation-database parts of its token range.
 Results are merged in shard order, so they do not depend on how many workers ran the shards:
@@ -35,7 +36,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from sae_mlops.core.blocks import BlockLayout
 from sae_mlops.core.collectors.base import Collector
 from sae_mlops.core.engine import Engine, PassStats
-from sae_mlops.core.tokens import ShardSpec, iter_batches, plan_pass
+from sae_mlops.core.tokens import PoolCache, ShardSpec, iter_batches, plan_pass
 from sae_mlops.errors import InputError
 from sae_mlops.files import atomic_write_text
 from sae_mlops.outlock import check_fence
@@ -133,6 +134,9 @@ class Checkpoint:
         self.run_id: str | None = None
         self.resumed = False
         self.sae_info: dict[str, Any] = {}  # architecture, d_sae, k: for the run's name
+        #: the pools planning built, kept for the shards of this process (not saved: a resumed
+        #: or remote shard tokenizes its documents again)
+        self.pools: PoolCache | None = None
 
     @classmethod
     def open(cls, out: Path, fingerprint: dict[str, Any], require_existing: bool = False) -> Checkpoint:
@@ -227,15 +231,16 @@ def state_collectors(collectors: Sequence[Collector]) -> list[Any]:
 
 
 def run_shard(engine: Engine, inputs: Inputs, spec: ShardSpec, factory: CollectorFactory, shard_dir: Path,
-              bar: Any = None, save: bool = True) -> tuple[list[Collector], PassStats]:
+              bar: Any = None, save: bool = True, pools: PoolCache | None = None) -> tuple[list[Collector], PassStats]:
     """Run one shard with fresh collectors; its activation-database parts go to ``shard_dir/db`` and,
-    when ``save``, its collector state to ``shard_dir/state.*`` (timed as the pass part "checkpoint")."""
+    when ``save``, its collector state to ``shard_dir/state.*`` (timed as the pass part "checkpoint").
+    pools: the planned pools (the shard's windows are not tokenized again)."""
     from sae_mlops.core.collectors.state import save_states
 
     collectors = factory(shard_dir / "db", shard_prefix(spec.index))
     cfg = inputs.cfg
     batches = iter_batches(inputs.corpus.texts, inputs.model.tokenizer, inputs.plan, cfg.batch_size, cfg.max_tokens,
-                           shard=spec)
+                           shard=spec, cache=pools)
     stats = engine.run(batches, collectors, progress=False, token_offset=spec.token_start, bar=bar)
     for c in collectors:  # buffered work (co-occurrence pairs, the last database part) is the collector's
         t0, c0 = time.perf_counter(), time.process_time()
@@ -311,8 +316,9 @@ def open_checkpoint(inputs: Inputs, kind: str, out: Path, exec_opts: ExecutionOp
     if not ck.plan or ck.blocks is None:
         cfg = inputs.cfg
         facts: dict[str, Any] = {}
+        ck.pools = PoolCache() if exec_opts.executor == "local" else None
         plan, ck.blocks = plan_pass(inputs.corpus.texts, inputs.model.tokenizer, inputs.plan, cfg.batch_size,
-                                    cfg.max_tokens, exec_opts.shard_tokens, facts=facts)
+                                    cfg.max_tokens, exec_opts.shard_tokens, facts=facts, cache=ck.pools)
         if not ck.plan:
             ck.plan = plan
         if ck.plan and not facts.get("predicts", True):
@@ -361,7 +367,7 @@ def run_local(inputs: Inputs, engine: Engine, ck: Checkpoint, factory: Collector
             continue
         last = spec.index == ck.plan[-1].index
         staging = ck.staging_dir(spec.index)
-        collectors, stats = run_shard(engine, inputs, spec, factory, staging, bar=bar, save=not last)
+        collectors, stats = run_shard(engine, inputs, spec, factory, staging, bar=bar, save=not last, pools=ck.pools)
         ck.commit(spec.index, staging, stats, record=not last)
         results[spec.index] = (collectors, stats)
         done_tokens += spec.tokens

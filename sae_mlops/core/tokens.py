@@ -20,16 +20,26 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, cast
 
 import torch
 
 from sae_mlops.core.blocks import BlockLayout, window_key
 from sae_mlops.errors import InputError
 
+if TYPE_CHECKING:
+    import numpy as np
+
 log = logging.getLogger(__name__)
 
-TOKENIZE_CHUNK_DOCS = 256  # documents tokenized per call of the (Rust) fast tokenizer
+TOKENIZE_CHUNK_DOCS = 256  # documents tokenized per call of the (Rust) fast tokenizer, at most
+#: documents in the first call (then doubling): a shard that starts mid-corpus and ends after a few
+#: documents does not tokenize 256 documents it will not use
+FIRST_CHUNK_DOCS = 8
+#: analysed tokens whose ids a plan keeps for the pass (:class:`PoolCache`; about 5 bytes a token):
+#: beyond it the shards tokenize their documents again
+KEEP_TOKENS = 1 << 25
 
 
 def special_token_ids(tokenizer) -> list[int]:
@@ -47,7 +57,7 @@ class Window:
 
     doc_index: int
     start: int  # document position of the first non-BOS token
-    tokens: list[int]
+    tokens: "list[int] | np.ndarray"  # a 1-D int32 array once a PoolCache keeps it (Pool.compact)
     has_bos: bool
 
 
@@ -111,8 +121,9 @@ def iter_windows(texts: Sequence[str], tokenizer, plan: WindowPlan, start: tuple
     window had been yielded (a shard's first window, see :func:`plan_shards`)."""
     body = plan.context_size - (1 if plan.prepend_bos else 0)
     first_doc, first_offset = start
-    for chunk_start in range(first_doc, len(texts), TOKENIZE_CHUNK_DOCS):
-        chunk = list(texts[chunk_start : chunk_start + TOKENIZE_CHUNK_DOCS])
+    chunk_start, size = first_doc, FIRST_CHUNK_DOCS
+    while chunk_start < len(texts):
+        chunk = list(texts[chunk_start : chunk_start + size])
         encoded = tokenizer(chunk, add_special_tokens=False)["input_ids"]
         for offset, ids in enumerate(encoded):
             doc = chunk_start + offset
@@ -122,13 +133,17 @@ def iter_windows(texts: Sequence[str], tokenizer, plan: WindowPlan, start: tuple
                     yield Window(doc, start_tok, [plan.bos_id, *piece], True)
                 else:
                     yield Window(doc, start_tok, list(piece), False)
+        chunk_start, size = chunk_start + len(chunk), min(2 * size, TOKENIZE_CHUNK_DOCS)
 
 
 def collate(windows: list[Window], plan: WindowPlan) -> TokenBatch:
-    """Right-pad windows into tensors and build the masks (one tensor construction per field)."""
+    """Right-pad windows into tensors and build the masks. A window's tokens are a list or a
+    1-D integer array (the ids a :class:`PoolCache` keeps)."""
     lengths = torch.tensor([len(w.tokens) for w in windows], dtype=torch.long)
     length = int(lengths.max())
-    tokens = torch.tensor([w.tokens + [plan.pad_id] * (length - len(w.tokens)) for w in windows], dtype=torch.long)
+    tokens = torch.full((len(windows), length), plan.pad_id, dtype=torch.long)
+    for i, w in enumerate(windows):
+        tokens[i, : len(w.tokens)] = torch.as_tensor(w.tokens)
     index = torch.arange(length)[None, :]
     valid = index < lengths[:, None]
     first = torch.tensor([1 if w.has_bos else 0 for w in windows], dtype=torch.long)[:, None]
@@ -147,8 +162,9 @@ def collate(windows: list[Window], plan: WindowPlan) -> TokenBatch:
 
 def count_analysed(window: Window, special: set[int], special_ids: torch.Tensor) -> int:
     """Tokens of the window that are analysed: not the prepended BOS, not special (no Python loop
-    over tokens: ``list.count`` per special id when there are few, else ``torch.isin``)."""
-    body = window.tokens[1:] if window.has_bos else window.tokens
+    over tokens: ``list.count`` per special id when there are few, else ``torch.isin``). The window's
+    tokens are a list here (windows as :func:`iter_windows` yields them)."""
+    body = cast("list[int]", window.tokens[1:] if window.has_bos else window.tokens)
     if len(special) <= 8:
         return len(body) - sum(body.count(s) for s in special)
     return int((~torch.isin(torch.tensor(body, dtype=torch.long), special_ids)).sum())
@@ -172,6 +188,23 @@ class Pool:
     start: tuple[int, int]  # (document index, window offset) of its first window in stream order
     windows: list[Window]
     tokens: int  # analysed tokens in it
+    counts: list[int] = field(default_factory=list)  # analysed tokens per window (stream order)
+
+    def order(self) -> list[int]:
+        """Window indices sorted by length (stable): the order its batches are cut in."""
+        return sorted(range(len(self.windows)), key=lambda i: len(self.windows[i].tokens))
+
+    def batch_tokens(self, batch_size: int) -> list[int]:
+        """Analysed tokens of each of its batches, in batch order."""
+        order = self.order()
+        return [sum(self.counts[i] for i in order[b : b + batch_size]) for b in range(0, len(order), batch_size)]
+
+    def compact(self) -> "Pool":
+        """The same pool with every window's ids as an int32 array (about 4 bytes a token)."""
+        import numpy as np
+
+        windows = [Window(w.doc_index, w.start, np.asarray(w.tokens, dtype=np.int32), w.has_bos) for w in self.windows]
+        return Pool(self.start, windows, self.tokens, self.counts)
 
 
 def iter_pools(
@@ -200,9 +233,11 @@ def iter_pools(
             pool.start = (window.doc_index, window.start)
         if max_tokens is not None and taken + n >= max_tokens:
             pool.windows.append(_truncate_to(window, max_tokens - taken, special))
+            pool.counts.append(max_tokens - taken)
             pool.tokens += max_tokens - taken
             break
         pool.windows.append(window)
+        pool.counts.append(n)
         pool.tokens += n
         taken += n
         if len(pool.windows) >= batch_size * pool_batches:
@@ -212,11 +247,32 @@ def iter_pools(
         yield pool
 
 
-def pool_batches_of(pool: Pool, plan: WindowPlan, batch_size: int) -> Iterator[TokenBatch]:
-    """A pool's batches: its windows sorted by length (stable), cut into ``batch_size`` windows."""
-    ordered = sorted(pool.windows, key=lambda w: len(w.tokens))
-    for i in range(0, len(ordered), batch_size):
+def pool_batches_of(pool: Pool, plan: WindowPlan, batch_size: int, skip: int = 0) -> Iterator[TokenBatch]:
+    """A pool's batches: its windows sorted by length (stable), cut into ``batch_size`` windows;
+    ``skip``: leave out its first batches (a shard that starts inside the pool)."""
+    ordered = [pool.windows[i] for i in pool.order()]
+    for i in range(skip * batch_size, len(ordered), batch_size):
         yield collate(ordered[i : i + batch_size], plan)
+
+
+class PoolCache:
+    """The pools a plan built, their windows' ids kept compact (:meth:`Pool.compact`), so that the
+    pass does not tokenize the corpus a second time; looked up by a pool's first window."""
+
+    def __init__(self) -> None:
+        self.pools: list[Pool] = []
+        self.index: dict[tuple[int, int], int] = {}
+        self.tokens = 0
+
+    def add(self, pool: Pool) -> None:
+        self.index[pool.start] = len(self.pools)
+        self.pools.append(pool.compact())
+        self.tokens += sum(len(w.tokens) for w in pool.windows)
+
+    def pools_from(self, start: tuple[int, int]) -> Iterator[Pool] | None:
+        """The kept pools from the one that starts at ``start`` on; None when none starts there."""
+        i = self.index.get(tuple(start))  # type: ignore[arg-type]
+        return None if i is None else iter(self.pools[i:])
 
 
 def iter_batches(
@@ -227,6 +283,7 @@ def iter_batches(
     max_tokens: int | None,
     pool_batches: int = 32,
     shard: "ShardSpec | None" = None,
+    cache: PoolCache | None = None,
 ) -> Iterator[TokenBatch]:
     """Yield batches until the corpus ends or ``max_tokens`` analysed tokens have been taken.
 
@@ -235,30 +292,48 @@ def iter_batches(
     sorted by length (stable) and cut into batches, to limit padding.
 
     shard: only that shard's batches (from :func:`plan_shards` with the same arguments): the very
-    batches the whole stream has at those positions, since shards are whole pools.
+    batches the whole stream has at those positions, since shards are whole batches. cache: the
+    pools :func:`plan_shards` kept (their windows are not tokenized again).
     """
-    start, pools, budget = (0, 0), None, max_tokens
-    if shard is not None:
-        start, pools = (shard.start_doc, shard.start_offset), shard.pools
-        budget = None if max_tokens is None else max_tokens - shard.token_start
-    for i, pool in enumerate(iter_pools(texts, tokenizer, plan, batch_size, budget, pool_batches, start)):
-        if pools is not None and i >= pools:
+    if shard is None:
+        for pool in iter_pools(texts, tokenizer, plan, batch_size, max_tokens, pool_batches):
+            yield from pool_batches_of(pool, plan, batch_size)
+        return
+    start = (shard.start_doc, shard.start_offset)
+    pools = cache.pools_from(start) if cache is not None else None
+    if pools is None:
+        pool_start = shard.token_start - shard.skip_tokens  # global index of the first pool's first token
+        budget = None if max_tokens is None else max_tokens - pool_start
+        pools = iter_pools(texts, tokenizer, plan, batch_size, budget, pool_batches, start)
+    skip, left = shard.skip_batches, shard.batches
+    for pool in pools:
+        for batch in pool_batches_of(pool, plan, batch_size, skip):
+            if left == 0:
+                return
+            yield batch
+            left -= 1
+        skip = 0
+        if left == 0:
             return
-        yield from pool_batches_of(pool, plan, batch_size)
 
 
 @dataclass(frozen=True)
 class ShardSpec:
-    """One shard of a pass: whole pools of whole batches, so that a batch-global rule (BatchTopK)
-    sees exactly the batches a single process sees. Token indices are global (stream order)."""
+    """One shard of a pass: whole batches, so that a batch-global rule (BatchTopK) sees exactly
+    the batches a single process sees. Token indices are global (stream order). A shard starts in
+    the pool whose first window is (start_doc, start_offset), after that pool's first
+    ``skip_batches`` batches (``skip_tokens`` analysed tokens), and takes ``batches`` batches."""
 
     index: int
-    start_doc: int  # document of its first window
+    start_doc: int  # document of the first window of the pool it starts in
     start_offset: int  # token offset of that window within the document
-    pools: int
+    pools: int  # pools it touches
     batches: int
     token_start: int  # global index of its first analysed token
     tokens: int  # analysed tokens in it
+    skip_batches: int = 0
+    skip_tokens: int = 0
+    windows: int = 0  # windows in it (0 in checkpoints written before this field)
 
 
 def plan_shards(
@@ -270,9 +345,10 @@ def plan_shards(
     shard_tokens: int,
     pool_batches: int = 32,
     facts: dict | None = None,
+    cache: PoolCache | None = None,
 ) -> list[ShardSpec]:
     """The shards of :func:`plan_pass` (without the block layout)."""
-    return plan_pass(texts, tokenizer, plan, batch_size, max_tokens, shard_tokens, pool_batches, facts)[0]
+    return plan_pass(texts, tokenizer, plan, batch_size, max_tokens, shard_tokens, pool_batches, facts, cache)[0]
 
 
 def plan_pass(
@@ -284,34 +360,55 @@ def plan_pass(
     shard_tokens: int,
     pool_batches: int = 32,
     facts: dict | None = None,
+    cache: PoolCache | None = None,
 ) -> tuple[list[ShardSpec], BlockLayout]:
     """Cut the stream of :func:`iter_batches` into shards of about ``shard_tokens`` analysed tokens
-    (whole pools: a shard ends with the first pool that reaches ``shard_tokens``), and its windows
-    into the blocks of :class:`~sae_mlops.core.blocks.BlockLayout` (the resampling unit of the
-    intervals). Deterministic in (corpus, tokenizer, context size, BOS, batch size, budget, shard
-    size): it tokenizes the corpus up to the budget once, without building batches. Unit of
-    ``shard_tokens``: analysed tokens. The blocks do not depend on ``shard_tokens``.
-    facts: a dict that receives ``predicts`` (whether any window holds a next-token prediction: an
-    analysed token followed by another token of its window; a corpus of one-token documents has none)."""
+    (whole batches: a shard ends with the first batch that brings it to ``shard_tokens``, so a
+    shard may be smaller than a pool), and its windows into the blocks of
+    :class:`~sae_mlops.core.blocks.BlockLayout` (the resampling unit of the intervals; they do not
+    depend on ``shard_tokens``). Deterministic in (corpus, tokenizer, context size, BOS, batch size,
+    budget, shard size): it tokenizes the corpus up to the budget once, without building batches.
+    ``cache``: keep the pools there (up to :data:`KEEP_TOKENS` tokens; beyond, it is emptied and the
+    pass tokenizes again). Unit of ``shard_tokens``: analysed tokens. facts: a dict that receives
+    ``predicts`` (whether any window holds a next-token prediction: an analysed token followed by
+    another token of its window; a corpus of one-token documents has none)."""
     shards: list[ShardSpec] = []
     current: dict | None = None
     token = 0
+    keep = cache is not None
     keys: list[int] = []
     special = set(plan.special_ids)
     predicts = False
     for pool in iter_pools(texts, tokenizer, plan, batch_size, max_tokens, pool_batches):
         keys.extend(window_key(w.doc_index, w.start) for w in pool.windows)
         if not predicts:
-            predicts = any(any(t not in special for t in w.tokens[(1 if w.has_bos else 0):-1]) for w in pool.windows)
-        if current is None:
-            current = {"start": pool.start, "pools": 0, "batches": 0, "token_start": token, "tokens": 0}
-        current["pools"] += 1
-        current["batches"] += -(-len(pool.windows) // batch_size)
-        current["tokens"] += pool.tokens
-        token += pool.tokens
-        if current["tokens"] >= shard_tokens:
-            shards.append(_spec(len(shards), current))
-            current = None
+            predicts = any(any(int(t) not in special for t in w.tokens[(1 if w.has_bos else 0):-1]) for w in pool.windows)
+        if keep:
+            assert cache is not None
+            cache.add(pool)
+            if cache.tokens > KEEP_TOKENS:
+                cache.pools.clear()
+                cache.index.clear()
+                keep = False
+        order = pool.order()
+        per_batch = pool.batch_tokens(batch_size)
+        pool_token = token
+        touched = False
+        for b, n in enumerate(per_batch):
+            if current is None:
+                current = {"start": pool.start, "pools": 0, "batches": 0, "token_start": token, "tokens": 0,
+                           "skip_batches": b, "skip_tokens": token - pool_token, "windows": 0}
+                touched = False
+            if not touched:
+                current["pools"] += 1
+                touched = True
+            current["batches"] += 1
+            current["windows"] += len(order[b * batch_size : (b + 1) * batch_size])
+            current["tokens"] += n
+            token += n
+            if current["tokens"] >= shard_tokens:
+                shards.append(_spec(len(shards), current))
+                current = None
     if current is not None:
         shards.append(_spec(len(shards), current))
     if facts is not None:
@@ -320,7 +417,8 @@ def plan_pass(
 
 
 def _spec(index: int, c: dict) -> ShardSpec:
-    return ShardSpec(index, c["start"][0], c["start"][1], c["pools"], c["batches"], c["token_start"], c["tokens"])
+    return ShardSpec(index, c["start"][0], c["start"][1], c["pools"], c["batches"], c["token_start"], c["tokens"],
+                     c["skip_batches"], c["skip_tokens"], c["windows"])
 
 
 def minimum_tokens(plan: WindowPlan, max_tokens: int | None) -> int:

@@ -10,14 +10,25 @@ Measures (``measure_from_counts``):
   NaN where one of the two never fires.
 
 The collector accumulates ``B^T B`` during the pass into a dense ``d_sae x d_sae`` count matrix, so
-it is used only up to the dense limit (``--dense-limit``, default 4096: 64 MiB of int32):
+it is used only up to the dense limit (``--dense-limit``, default 4096: 64 MiB of int32). Each
+batch is counted by the cheaper of two exact methods, chosen by the batch's mean number of
+non-zeros per row ``L0`` against :func:`dense_min_l0` ``= sqrt(d_sae)`` (the counts are the same
+either way):
 
-- codes on the CPU: firing rows are buffered and multiplied as a sparse matrix every
-  ``flush_tokens`` tokens (cost ~ tokens x L0^2, not tokens x d_sae^2), in row blocks on
-  ``workers`` threads (default: torch's thread count);
-- codes on an accelerator: ``B^T B`` of each batch as one dense float32 matmul on the device
-  (exact: 0/1 products summed in float32 stay exact below 2^24 rows), added to an int64 count
-  matrix on the device; the dense codes never leave the device.
+- dense (``L0 >= sqrt(d_sae)``, and always for codes on an accelerator): ``B^T B`` of the batch's
+  rows as one GEMM where the codes are (cost ~ rows x d_sae^2, at BLAS speed). On the CPU an int8
+  GEMM with int32 products (``torch._int_mm``; exact below 2^31 rows), added to the int32 counts;
+  elsewhere a float32 GEMM accumulated in a float32 matrix (0/1 products summed in float32 are
+  exact integers below 2^24 rows, so the matrix is folded into integer counts before it holds
+  2^24 rows); the dense codes never leave the device;
+- sparse (``L0 < sqrt(d_sae)``): firing rows are buffered and multiplied as a sparse matrix every
+  ``flush_tokens`` tokens (cost ~ rows x L0^2, not rows x d_sae^2), in row blocks on ``workers``
+  threads (default: torch's thread count).
+
+Why ``sqrt(d_sae)``: measured with ``scripts/benchmark_cooccurrence.py`` on this project's 2-core
+machine (one thread), the two methods cost the same at L0 ~ 16-32 for d_sae 512 and L0 ~ 32-64 for
+d_sae 4096 (SciPy's sparse product gets slower per pair as d_sae grows, the GEMM is ~ d_sae^2);
+dense is ~10x faster at L0 128 and ~20x at L0 200 for d_sae 512, ~3x at L0 200 for d_sae 4096.
 
 Beyond the dense limit no pair is counted in the pass: neighbours are computed after it, block-wise,
 from the activation database's CSR (:func:`sae_mlops.core.matrices.csr_count_blocks`).
@@ -25,6 +36,7 @@ from the activation database's CSR (:func:`sae_mlops.core.matrices.csr_count_blo
 
 from __future__ import annotations
 
+import math
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -68,10 +80,24 @@ def measure_from_counts(n_ij, n_i, n_j, n_tokens: int, measure: str) -> np.ndarr
     return out.float().cpu().numpy()
 
 
+def dense_min_l0(d: int) -> float:
+    """Mean non-zeros per row from which a batch is counted by a dense GEMM: ``sqrt(d)``."""
+    return math.sqrt(d)
+
+#: rows a float32 accumulator may hold before it is folded into integer counts (exact below 2^24)
+FLOAT_EXACT_ROWS = (1 << 24) - 1
+
+
+def int8_gram_available(device: torch.device | str, d: int) -> bool:
+    """Whether ``B^T B`` is computed as an int8 GEMM (CPU, torch's ``_int_mm``; d >= 16, as a
+    [.., 1] int8 product is wrong in torch 2.13's CPU kernel)."""
+    return torch.device(device).type == "cpu" and d >= 16 and hasattr(torch, "_int_mm")
+
+
 class CooccurrenceCollector(StateCollector):
     """State (declared, merged by sum): ``counts`` [d, d] (``n_ij``, numpy int32: exact below 2^31
     tokens), ``fire`` [d] (``n_i``, numpy int64), ``n_tokens`` (``N``). The buffered rows and
-    the device-side counts are not state: :meth:`sync` (= :meth:`_flush`) folds them in."""
+    the float32 accumulator are not state: :meth:`sync` (= :meth:`_flush`) folds them in."""
 
     name = "cooccurrence"
     n_tokens: int
@@ -79,13 +105,16 @@ class CooccurrenceCollector(StateCollector):
     counts: np.ndarray  # [d_sae, d_sae] int32
 
     def __init__(self, d_sae: int, flush_tokens: int = 32_768, workers: int | None = None, method: str | None = None):
-        """method: "sparse" (buffered sparse products on the CPU), "matmul" (per-batch dense
-        ``B^T B`` where the codes are) or None: matmul for codes on an accelerator, else sparse."""
-        if method not in (None, "sparse", "matmul"):
+        """method: "sparse" (buffered sparse products), "dense" (per-batch dense ``B^T B`` where the
+        codes are; "matmul" is the same) or None: dense for codes on an accelerator, else by each
+        batch's mean non-zeros per row (:func:`dense_min_l0`)."""
+        if method not in (None, "sparse", "dense", "matmul"):
             raise ValueError(f"unknown counting method {method!r}")
         super().__init__()
         self.d_sae = d_sae
-        self.method = method
+        self.method = "dense" if method == "matmul" else method
+        self._acc: torch.Tensor | None = None  # [d, d] float32 on the codes' device
+        self._acc_rows = 0
         self._device_counts: torch.Tensor | None = None  # [d, d] int64 on an accelerator
         self.flush_tokens = flush_tokens
         self.workers = workers or max(1, torch.get_num_threads())
@@ -97,23 +126,77 @@ class CooccurrenceCollector(StateCollector):
         self._buf_rows: list[np.ndarray] = []
         self._buf_cols: list[np.ndarray] = []
         self._buf_n = 0
+        self.batches_dense = 0  # batches counted by each method (benchmarks, tests)
+        self.batches_sparse = 0
+
+    def use_dense(self, step: StepData) -> bool:
+        """Whether this batch is counted by a dense GEMM (see the module docstring)."""
+        if self.method is not None:
+            return self.method == "dense"
+        if step.f.device.type != "cpu":
+            return True
+        n = step.f.shape[0]
+        return n > 0 and step.sparse.cols.numel() >= dense_min_l0(self.d_sae) * n
 
     def update(self, step: StepData) -> None:
-        if self.method == "matmul" or (self.method is None and step.f.device.type != "cpu"):
-            b = (step.f != 0).float()
-            if self._device_counts is None:
-                self._device_counts = torch.zeros(self.d_sae, self.d_sae, dtype=torch.int64, device=step.f.device)
-            self._device_counts += (b.T @ b).round_().long()
-            self.fire += b.sum(0).long().cpu().numpy()
-            self.n_tokens += step.f.shape[0]
+        n = int(step.f.shape[0])
+        self.n_tokens += n
+        if self.use_dense(step):
+            self._dense_update(step.f != 0)
+            self.batches_dense += 1
             return
+        self.batches_sparse += 1
         sp = step.sparse
         self._buf_rows.append((sp.rows + self._buf_n).numpy().astype(np.int32))  # < flush_tokens + batch
         self._buf_cols.append(sp.cols.numpy().astype(np.int32))
-        self._buf_n += step.f.shape[0]
-        self.n_tokens += step.f.shape[0]
+        self._buf_n += n
         if self._buf_n >= self.flush_tokens:
             self._flush()
+
+    def _dense_update(self, mask: torch.Tensor) -> None:
+        """Add ``B^T B`` and the firing counts of one batch's binary rows ``mask`` [n, d] (bool)."""
+        n = int(mask.shape[0])
+        if n == 0:
+            return
+        if mask.device.type == "cpu":
+            self.fire += mask.sum(0).numpy()
+        else:
+            self.fire += mask.sum(0).cpu().numpy()
+        if int8_gram_available(mask.device, self.d_sae):
+            b8 = mask.to(torch.int8)
+            np.add(self.counts, torch._int_mm(b8.T.contiguous(), b8).numpy(), out=self.counts)
+            return
+        if self._acc_rows + n > FLOAT_EXACT_ROWS:
+            self._fold()
+        b = mask.float()
+        if self._acc is None:
+            self._acc = torch.zeros(self.d_sae, self.d_sae, dtype=torch.float32, device=mask.device)
+        if n > FLOAT_EXACT_ROWS:  # a batch beyond float32's exact range: in exact pieces
+            for s in range(0, n, FLOAT_EXACT_ROWS):
+                self._dense_update_rows(b[s : s + FLOAT_EXACT_ROWS])
+            return
+        self._acc.addmm_(b.T, b)
+        self._acc_rows += n
+
+    def _dense_update_rows(self, b: torch.Tensor) -> None:
+        assert self._acc is not None
+        self._fold()
+        self._acc.addmm_(b.T, b)
+        self._acc_rows += int(b.shape[0])
+
+    def _fold(self) -> None:
+        """Move the float32 accumulator's exact integer counts into the integer counts."""
+        if self._acc is None or self._acc_rows == 0:
+            return
+        counts = self._acc.round_().to(torch.int64)
+        if counts.device.type == "cpu":
+            np.add(self.counts, counts.numpy(), out=self.counts, casting="unsafe")
+        elif self._device_counts is None:
+            self._device_counts = counts
+        else:
+            self._device_counts += counts
+        self._acc.zero_()
+        self._acc_rows = 0
 
     def state_config(self) -> dict[str, Any]:
         return {"d_sae": self.d_sae}
@@ -123,10 +206,11 @@ class CooccurrenceCollector(StateCollector):
 
     def reset(self) -> None:
         super().reset()
-        self._device_counts = None
+        self._acc, self._acc_rows, self._device_counts = None, 0, None
         self._buf_rows, self._buf_cols, self._buf_n = [], [], 0
 
     def _flush(self) -> None:
+        self._fold()
         if self._device_counts is not None:
             self.counts += self._device_counts.cpu().numpy().astype(self.counts.dtype)
             self._device_counts = None
