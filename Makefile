@@ -24,8 +24,8 @@ check: install
 	$(VENV)/bin/mypy
 	$(VENV)/bin/lint-imports
 
-# The suite on 3 pytest-xdist workers (many tests wait on subprocesses and servers, so 3 beat 2 on
-# 2 cores); groups and order come from tests/conftest.py (docs/guides/testing.md). Exit code 5 (no
+# The suite on 3 pytest-xdist workers (many tests wait on subprocesses and servers, so 3 keep
+# 2 cores busy); groups and order come from tests/conftest.py (docs/guides/testing.md). Exit code 5 (no
 # tests collected) fails like any other.
 PYTEST_WORKERS ?= 3
 test: install
