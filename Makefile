@@ -69,10 +69,10 @@ check: install lock-check
 	$(VENV)/bin/python scripts/gen_reference.py --check
 	$(VENV)/bin/mkdocs build --strict --site-dir build/site
 
-# The suite on 4 pytest-xdist workers (many tests wait on subprocesses and servers, so 4 beat 2 on
-# 2 cores); groups and order come from tests/conftest.py (docs/guides/testing.md). Exit code 5 (no
+# The suite on 3 pytest-xdist workers (many tests wait on subprocesses and servers, so 3 keep
+# 2 cores busy); groups and order come from tests/conftest.py (docs/guides/testing.md). Exit code 5 (no
 # tests collected) fails like any other.
-PYTEST_WORKERS ?= 4
+PYTEST_WORKERS ?= 3
 test: install
 	$(VENV)/bin/pytest -q -n $(PYTEST_WORKERS) --dist loadgroup --no-loadscope-reorder
 

@@ -157,7 +157,7 @@ def mlflow_store(tmp_path: Path) -> Iterator[str]:
 
 
 # ---------------------------------------------------------------------------------------------
-# running in parallel (pytest-xdist: `make test` runs `pytest -n 4 --dist loadgroup
+# running in parallel (pytest-xdist: `make test` runs `pytest -n 3 --dist loadgroup
 # --no-loadscope-reorder`; docs/guides/testing.md)
 # ---------------------------------------------------------------------------------------------
 
@@ -183,31 +183,87 @@ _COST = {
     "test_every_plot_returns_a_figure": 28, "test_quick_run_records_and_logs_its_cost": 26,
 }
 
+_MODULE_INFO: dict[str, tuple[set[str], dict[str, set[str]]]] = {}
 
-def _xdist_group(item: pytest.Item) -> str | None:
-    """The Ray group; else the module's name when the test uses a module-scoped fixture (the module's
-    tests then run on one worker and the fixture, often a server or an analysis, is built once);
-    else None (the test goes to any worker)."""
-    module = item.module.__name__ if item.module else ""
-    defs = [d for ds in item._fixtureinfo.name2fixturedefs.values() for d in ds]
-    if module in _RAY_MODULES or _RAY_FIXTURES & {d.argname for d in defs}:
+
+def _module_info(path: Path) -> tuple[set[str], dict[str, set[str]]]:
+    """(module-scoped fixture names, {function name: argument names}) of a test module, read from its
+    source, so that the xdist controller (which collects nothing) sees what the workers see."""
+    import ast
+
+    key = str(path)
+    if key not in _MODULE_INFO:
+        tree = ast.parse(path.read_text())
+        module_scoped: set[str] = set()
+        args: dict[str, set[str]] = {}
+        for node in tree.body:
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                args[node.name] = {a.arg for a in node.args.args + node.args.kwonlyargs}
+                for dec in node.decorator_list:
+                    if isinstance(dec, ast.Call) and any(
+                            k.arg == "scope" and isinstance(k.value, ast.Constant) and k.value.value == "module"
+                            for k in dec.keywords):
+                        module_scoped.add(node.name)
+        _MODULE_INFO[key] = (module_scoped, args)
+    return _MODULE_INFO[key]
+
+
+def test_group(nodeid: str, root: Path) -> str | None:
+    """The xdist group of a test: the Ray group; else its module's name when it uses (directly or
+    through the module's fixtures) a module-scoped fixture of its module, so that the module's tests
+    that share the fixture (often a server or an analysis) run on one worker and it is built once;
+    else None (any worker)."""
+    file, _, rest = nodeid.partition("::")
+    module = Path(file).stem
+    if module in _RAY_MODULES:
         return RAY_GROUP
-    if any(d.scope == "module" for d in defs):
-        return module
-    return None
+    path = root / file
+    if not path.is_file() or not path.name.startswith("test_"):
+        return None
+    module_scoped, args = _module_info(path)
+    name = rest.split("::")[-1].split("[")[0]
+    seen, todo = set(), set(args.get(name, ()))
+    while todo:
+        arg = todo.pop()
+        if arg not in seen:
+            seen.add(arg)
+            todo |= args.get(arg, set()) - seen
+    if seen & _RAY_FIXTURES:
+        return RAY_GROUP
+    return module if seen & module_scoped else None
 
 
-@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the xdist_group marks
+@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Longest groups and tests first (see `_COST`); the order within a group is kept."""
     first: dict[str, int] = {}
     keys = []
     for i, item in enumerate(items):
-        group = _xdist_group(item)
-        if group is not None:
-            item.add_marker(pytest.mark.xdist_group(group))
+        group = test_group(item.nodeid, config.rootpath)
         name = getattr(item, "originalname", item.name)
         unit = group or item.nodeid
         first.setdefault(unit, i)
         keys.append((-_COST.get(group or name, 1), first[unit], i))
     order = sorted(range(len(items)), key=keys.__getitem__)
     items[:] = [items[i] for i in order]
+
+
+try:
+    from xdist.scheduler import LoadScopeScheduling
+except ImportError:  # pragma: no cover - the suite also runs without pytest-xdist
+    LoadScopeScheduling = None
+
+if LoadScopeScheduling is not None:
+
+    class _GroupScheduling(LoadScopeScheduling):
+        """pytest-xdist's scope scheduling with `test_group` as the scope (a test without a group is
+        its own scope). xdist's own `--dist loadgroup` marks do not group with pytest 9.2 (xdist 3.8
+        renames ``item._nodeid``, which pytest no longer reads), hence this."""
+
+        def _split_scope(self, nodeid: str) -> str:
+            return test_group(nodeid, self.config.rootpath) or nodeid
+
+    def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+        if config.getvalue("dist") in ("loadgroup", "loadscope"):
+            return _GroupScheduling(config, log)
+        return None

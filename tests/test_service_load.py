@@ -120,8 +120,11 @@ def test_health_is_degraded_and_jobs_wait_without_using_attempts(service):
     h = service.get("/health")
     body = h.json()
     assert h.status_code == 200 and body["status"] == "degraded" and body["tracking"]["reachable"] is False
-    time.sleep(3)  # the workers have met the outage by now
+    deadline = time.monotonic() + 120  # until a worker has met the outage (3 s on an idle machine)
     jobs = service.jobs()
+    while time.monotonic() < deadline and not any(j["error"] and "tracking server unavailable" in j["error"] for j in jobs):
+        time.sleep(0.3)
+        jobs = service.jobs()
     assert jobs and all(j["state"] in ("queued", "running") for j in jobs)
     assert all(j["attempts"] == 0 for j in jobs if j["state"] == "queued")
     assert not [j for j in jobs if j["pid"]]  # no analysis process was started
