@@ -157,3 +157,17 @@ def test_frontier_ignores_missing_quality():
     df = add_frontiers(pd.DataFrame({"l0": [1.0, 2.0], "loss_recovered": [np.nan, 0.5], "explained_variance": [0.1, 0.2]}))
     assert df["pareto_loss_recovered"].tolist() == [False, True]
     assert df["pareto_explained_variance"].tolist() == [True, True]
+
+
+def test_filter_by_run_names_with_in(mlflow_store, tmp_path):
+    """MLflow refuses ``attributes.run_name IN (...)``; compare accepts it (alone or ANDed)."""
+    from sae_mlops.tracking.compare import collect_analyses
+    from sae_mlops.tracking.runs import log_analysis
+
+    a = log_analysis(_analysis("quick", 16.0, 0.9), [], tmp_path, experiment="names", run_name="alpha")
+    b = log_analysis(_analysis("quick", 20.0, 0.9, arch="standard"), [], tmp_path, experiment="names", run_name="beta")
+    log_analysis(_analysis("quick", 24.0, 0.9, arch="jumprelu"), [], tmp_path, experiment="names", run_name="gamma")
+    got = collect_analyses(["names"], "attributes.run_name IN ('alpha', 'beta')")
+    assert sorted(got["run_id"]) == sorted([a, b])
+    got = collect_analyses(["names"], "metrics.`sparsity/l0_mean` > 18 AND attributes.run_name IN ('alpha', 'beta')")
+    assert list(got["run_id"]) == [b]

@@ -96,6 +96,10 @@ def run_full(cfg: AnalysisConfig, out_dir: Path, opts: FullOptions | None = None
         inputs.stages.add("pass", dt, dc)
     result = assemble_result("full", inputs, stats, collectors)
     result.params.update({f"full_{k}": v for k, v in asdict(opts).items()})
+    if opts.neighbours > d_sae - 1:  # a feature has d_sae - 1 others: what is written, not what was asked
+        result.params["full_neighbours"] = d_sae - 1
+        result.warnings.append(f"--neighbours {opts.neighbours} exceeds the {d_sae - 1} other features of this SAE "
+                               f"(d_sae {d_sae}); {d_sae - 1} neighbours per feature are written.")
     result.params.update(sharding_params(sharded, exec_opts))
     result.metrics.update(executor_metrics(sharded))
     sparsity = next(c for c in collectors if isinstance(c, SparsityCollector))

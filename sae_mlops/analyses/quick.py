@@ -208,6 +208,10 @@ def run_sharded_pass(
     total = sum(s.tokens for s in ck.plan)
     if total == 0:
         raise _too_short(inputs, 0, 0)
+    budget = inputs.cfg.max_tokens
+    if budget and total < budget:
+        log.info("the corpus '%s' holds %s analysable tokens, fewer than the budget --max-tokens %s: all of them are "
+                 "analysed", inputs.corpus.path, f"{total:,}", f"{budget:,}")
     ck.save()
     if observer is not None:
         observer.started(ck, total)

@@ -19,6 +19,7 @@ and logs them as artifacts of a new run tagged ``sae_mlops.kind=compare`` (or of
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -92,6 +93,26 @@ def _experiment_ids(client: MlflowClient, names: list[str] | None) -> tuple[list
     return ids, list(names)
 
 
+_NAME_IN = re.compile(
+    r"(?i)(?:\b(?:attributes?|run)\.)?(?:`run_name`|run_name|tags\.`mlflow\.runName`|tags\.mlflow\.runName)"
+    r"\s+IN\s*\(([^)]*)\)")
+_QUOTED = re.compile(r"'((?:[^']|'')*)'|\"([^\"]*)\"")
+
+
+def split_run_name_in(where: str) -> tuple[str, set[str] | None]:
+    """MLflow's search refuses ``attributes.run_name IN ('a', 'b')``; take that clause (an AND term)
+    out of `where` and return the rest and the names, which the caller matches itself (None: no such
+    clause). Hand-written (one regular expression) because MLflow offers no parser for its filters."""
+    m = _NAME_IN.search(where)
+    if not m:
+        return where, None
+    names = {a.replace("''", "'") if a else b for a, b in _QUOTED.findall(m.group(1))}
+    rest = (where[:m.start()] + where[m.end():]).strip()
+    rest = re.sub(r"(?i)^\s*and\b|\band\s*$", "", rest).strip()
+    rest = re.sub(r"(?i)\band\s+and\b", "and", rest)
+    return rest, names
+
+
 def collect_analyses(
     experiments: list[str] | None = None,
     filter_string: str | None = None,
@@ -102,7 +123,7 @@ def collect_analyses(
     the module docstring); InputError when none match."""
     client = client or MlflowClient()
     ids, names = _experiment_ids(client, experiments)
-    where = (filter_string or "").strip()
+    where, run_names = split_run_name_in((filter_string or "").strip())
     try:
         runs = search_runs_everywhere(client, where, ids, order_by=["attributes.start_time ASC"]) if ids else []
     except MlflowException as exc:
@@ -114,6 +135,9 @@ def collect_analyses(
             ) from None
         raise
     runs = [r for r in runs if r.data.tags.get(TAG_KIND) in ANALYSIS_KINDS]
+    if run_names is not None:
+        runs = [r for r in runs if r.info.run_name in run_names]
+        where = (filter_string or "").strip()  # for the message below
     if not runs:
         scope = ", ".join(names) if experiments else "any experiment"
         extra = f" matching {where!r}" if where else ""

@@ -150,18 +150,19 @@ TAG_NONFINITE = "sae_mlops.nonfinite_metrics"
 
 
 def nonfinite_headlines(metrics: dict[str, Any]) -> list[str]:
-    """The headline quality metrics (`sae_mlops.metrics.headline_metrics`, less speed and timing,
-    where an infinity only means a tiny run) present in `metrics` whose value is NaN or infinite."""
-    from sae_mlops.metrics import headline_metrics
-
+    """The metrics of `SAE_OUTPUT_HEADLINES` present in `metrics` whose value is NaN or infinite. Only
+    headline metrics computed from the SAE's own outputs, which are finite for any finite SAE (a ratio
+    such as loss recovered or a KL may be undefined on a degenerate corpus and is left alone)."""
     out = []
-    for m in headline_metrics():
-        if m.name.startswith(("speed/", "time/")):
-            continue
-        v = metrics.get(m.name)
+    for name in SAE_OUTPUT_HEADLINES:
+        v = metrics.get(name)
         if isinstance(v, (int, float)) and not isinstance(v, bool) and not math.isfinite(float(v)):
-            out.append(m.name)
+            out.append(name)
     return out
+
+
+#: headline metrics computed from the SAE's codes and reconstructions (`nonfinite_headlines`)
+SAE_OUTPUT_HEADLINES = ("sparsity/l0_mean", "recon/mse_per_token", "recon/explained_variance", "downstream/ce_sae")
 
 
 RUNNING_NOTE = "**running** · "  # the description of a run whose pass is running (replaced at the end)
