@@ -52,6 +52,12 @@ def _results(out: Path) -> dict:
     return json.loads((out / "results" / "analysis_results.json").read_text())
 
 
+#: float sums of another process (a Ray actor on 1 thread, a resumed process) may differ in the last
+#: float32 bits of the model's GEMMs: CE with the hook zero-ablated (a sum over 32k-vocabulary logits,
+#: computed in 256-row chunks) was seen 3e-9 apart; integer counts must be identical
+FLOAT_REL = 1e-7
+
+
 def assert_same_analysis(got: Path, want: Path, full: bool = True) -> None:
     a, b = _results(got), _results(want)
     keys = {k for k in b["metrics"] if not k.startswith(NOISE)}
@@ -61,7 +67,7 @@ def assert_same_analysis(got: Path, want: Path, full: bool = True) -> None:
         if isinstance(y, int) and not isinstance(y, bool):
             assert x == y, k
         elif not (isinstance(y, float) and math.isnan(y)):
-            assert x == pytest.approx(y, rel=1e-9, abs=1e-12), k
+            assert x == pytest.approx(y, rel=FLOAT_REL, abs=1e-12), k
     import pandas as pd
 
     # the intervals: present, and from identical per-block sums (so sharded, resumed and Ray runs give
@@ -75,7 +81,7 @@ def assert_same_analysis(got: Path, want: Path, full: bool = True) -> None:
         if arr.dtype.kind in "iu":
             assert np.array_equal(ba.arrays[name], arr), name
         else:
-            assert np.allclose(ba.arrays[name], arr, rtol=1e-9, atol=1e-12), name
+            assert np.allclose(ba.arrays[name], arr, rtol=FLOAT_REL, atol=1e-12), name
     fa, fb = pd.read_parquet(got / "results/feature_stats.parquet"), pd.read_parquet(want / "results/feature_stats.parquet")
     assert fa["firing_count"].tolist() == fb["firing_count"].tolist()
     assert np.allclose(fa["mean_activation"], fb["mean_activation"], rtol=1e-9, atol=0)
