@@ -95,13 +95,13 @@ def random_sae(kind: str, d_in: int, d_sae: int, l0: int, hook: str, x: torch.Te
     return sae
 
 
-def cell(model_kind: str, kind: str, l0: int, d_sae: int, tokens: int, repeats: int = 3) -> dict:
-    """One grid cell, in this process (the parent runs it in a child)."""
+def cell_inputs(model_kind: str, kind: str, l0: int, d_sae: int, tokens: int):
+    """A cell's config, inputs (the demo or wide model, a random SAE of the cell's kind, L0 and width
+    in place of the demo SAE) and batches; shared with scripts/benchmark_intervals.py."""
     from sae_mlops.analyses.quick import make_batches, prepare
     from sae_mlops.config import AnalysisConfig
-    from sae_mlops.demo import demo_sae_path
     from sae_mlops.core.engine import Engine, HookSite
-    from sae_mlops.analyses.full import run_full
+    from sae_mlops.demo import demo_sae_path
     from sae_mlops.sources.saelens import saelens_info
     from sae_mlops.sources.types import LoadedModel, LoadedSAE
 
@@ -120,8 +120,17 @@ def cell(model_kind: str, kind: str, l0: int, d_sae: int, tokens: int, repeats: 
         act, _ = engine.hook_activations(batches[0].tokens)
         x = inputs.site.view(act)[batches[0].analysed].float()
     sae = random_sae(kind, x.shape[1], d_sae, l0, hook, x)
-    info = saelens_info(sae, source=f"random-{kind}-{l0}-{d_sae}", fmt="saelens")
-    inputs.sae = LoadedSAE(module=sae, info=info)
+    inputs.sae = LoadedSAE(module=sae, info=saelens_info(sae, source=f"random-{kind}-{l0}-{d_sae}", fmt="saelens"))
+    return cfg, inputs, batches
+
+
+def cell(model_kind: str, kind: str, l0: int, d_sae: int, tokens: int, repeats: int = 3) -> dict:
+    """One grid cell, in this process (the parent runs it in a child)."""
+    from sae_mlops.core.engine import Engine
+    from sae_mlops.analyses.full import run_full
+
+    cfg, inputs, batches = cell_inputs(model_kind, kind, l0, d_sae, tokens)
+    sae = inputs.sae.module
     engine = Engine(inputs.model.model, sae, inputs.site, inputs.device)
     necessary_compute(engine, batches[:1], inputs.device)  # warm-up
     runs: dict[str, list[tuple[float, float]]] = {"model": [], "model_sae": []}

@@ -22,32 +22,14 @@ import time
 from pathlib import Path
 
 import torch
-from benchmark_grid import random_sae, wide_model  # scripts/ is on sys.path when run as a script
+from benchmark_grid import cell_inputs  # scripts/ is on sys.path when run as a script
 
 
 def cell(model_kind: str, kind: str, l0: int, d_sae: int, tokens: int) -> dict:
-    from sae_mlops.analyses.quick import assemble_result, make_batches, prepare, run_sharded_pass
-    from sae_mlops.config import AnalysisConfig
-    from sae_mlops.core.engine import Engine, HookSite
-    from sae_mlops.demo import demo_sae_path
+    from sae_mlops.analyses.quick import assemble_result, run_sharded_pass
     from sae_mlops.outputs.summaries import write_block_sums
-    from sae_mlops.sources.saelens import saelens_info
-    from sae_mlops.sources.types import LoadedModel, LoadedSAE
 
-    cfg = AnalysisConfig(sae=str(demo_sae_path("batchtopk")), model="demo", max_tokens=tokens, progress=False, device="cpu")
-    inputs = prepare(cfg)
-    hook = inputs.site.name
-    if model_kind == "wide":
-        model = wide_model(inputs.model.tokenizer, n_ctx=inputs.plan.context_size)
-        inputs.model = LoadedModel(model=model, name="random-wide", tokenizer=inputs.model.tokenizer, source="random")
-        inputs.site = HookSite.for_model(model, hook)
-    batch = next(iter(make_batches(inputs, tokens)))
-    engine = Engine(inputs.model.model, inputs.sae.module, inputs.site, inputs.device)
-    with torch.no_grad():
-        act, _ = engine.hook_activations(batch.tokens)
-        x = inputs.site.view(act)[batch.analysed].float()
-    sae = random_sae(kind, x.shape[1], d_sae, l0, hook, x)
-    inputs.sae = LoadedSAE(module=sae, info=saelens_info(sae, source=f"random-{kind}-{l0}-{d_sae}", fmt="saelens"))
+    _cfg, inputs, _batches = cell_inputs(model_kind, kind, l0, d_sae, tokens)
     with tempfile.TemporaryDirectory() as tmp:
         sharded = run_sharded_pass(inputs, "quick", Path(tmp))
         result = assemble_result("quick", inputs, sharded.stats, sharded.collectors)
