@@ -56,6 +56,8 @@ def _results(out: Path) -> dict:
 #: float32 bits of the model's GEMMs: CE with the hook zero-ablated (a sum over 32k-vocabulary logits,
 #: computed in 256-row chunks) was seen 3e-9 apart; integer counts must be identical
 FLOAT_REL = 1e-7
+#: per-block sums of float32 per-token values (a block holds ~100 tokens, not ~10^4): float32 precision
+BLOCK_REL = 1e-5
 
 
 def assert_same_analysis(got: Path, want: Path, full: bool = True) -> None:
@@ -81,7 +83,7 @@ def assert_same_analysis(got: Path, want: Path, full: bool = True) -> None:
         if arr.dtype.kind in "iu":
             assert np.array_equal(ba.arrays[name], arr), name
         else:
-            assert np.allclose(ba.arrays[name], arr, rtol=FLOAT_REL, atol=1e-12), name
+            assert np.allclose(ba.arrays[name], arr, rtol=BLOCK_REL, atol=1e-9), name
     fa, fb = pd.read_parquet(got / "results/feature_stats.parquet"), pd.read_parquet(want / "results/feature_stats.parquet")
     assert fa["firing_count"].tolist() == fb["firing_count"].tolist()
     assert np.allclose(fa["mean_activation"], fb["mean_activation"], rtol=1e-9, atol=0)

@@ -53,8 +53,9 @@ def test_quick_run_names_params_description_files(mlflow_store, tmp_path):
     assert "None" not in p.values() and "sae_id" not in p and "topk_threshold" not in p
     assert (p["topk_k"], p["d_sae"], p["sae_architecture"], p["sae_name"]) == ("16", "512", "topk", "sae_saelens")
     note = run.data.tags["mlflow.note.content"]
-    assert re.match(r"\*\*quick analysis\*\* · L0 \*\*[\d.]+\*\* · loss recovered \*\*[\d.]+\*\* · "
-                    r"explained variance \*\*[\d.]+\*\* · dead fraction \*\*[\d.]+\*\*$", note.splitlines()[0])
+    pm = r"(?: ± [\d.]+)"  # the half-width of the 95 % interval
+    assert re.match(rf"\*\*quick analysis\*\* · L0 \*\*[\d.]+\*\*{pm} · loss recovered \*\*[\d.]+\*\*{pm} · "
+                    rf"explained variance \*\*[\d.]+\*\*{pm} · dead fraction \*\*[\d.]+\*\*{pm}$", note.splitlines()[0])
     exp_note = client.get_experiment(run.info.experiment_id).tags["mlflow.note.content"]
     assert "sparsity/l0_mean" in exp_note and "downstream/loss_recovered" in exp_note and "scatter" in exp_note
     assert run.data.tags["sae_mlops.finished_at"].endswith("Z")
@@ -62,7 +63,8 @@ def test_quick_run_names_params_description_files(mlflow_store, tmp_path):
     assert (run.info.end_time - run.info.start_time) / 1000 >= run.data.metrics["speed/seconds"]
     # stable names, readable by a shared artifact store
     names = sorted(p.relative_to(outcome.out_dir).as_posix() for p in outcome.out_dir.rglob("*") if p.is_file())
-    assert names == ["SUMMARY.md", "results/analysis_results.json", "results/feature_stats.parquet"]
+    assert names == ["SUMMARY.md", "results/analysis_results.json", "results/blocks.json", "results/blocks.safetensors",
+                     "results/feature_stats.parquet"]
     for f in outcome.out_dir.rglob("*"):
         if f.is_file():
             assert stat.S_IMODE(f.stat().st_mode) == 0o644, f
@@ -182,7 +184,7 @@ def test_compare_latest_per_sae_and_formats(mlflow_store, tmp_path):
     # the readable table, piped (CliRunner is not a terminal): one line per analysis, nothing folded
     r = runner.invoke(app, ["compare", "-e", "cmp", "--out", str(tmp_path / "c3"), "--no-track"])
     assert r.exit_code == 0, r.output
-    rows = [ln for ln in r.stdout.splitlines() if "a_long_sae_name_one" in ln]
+    rows = [ln for ln in r.stdout.splitlines() if "a_long_sae_name_one" in ln and ln.startswith("│")]
     assert len(rows) == 2 and all("explained" not in ln for ln in rows)
     header = next(ln for ln in r.stdout.splitlines() if "loss recovered" in ln)
     assert "explained variance" in header and "frontier (LR)" in header and "run id" in header

@@ -132,9 +132,9 @@ def show_headline(outcome: QuickOutcome, title: str) -> None:
     """The headline metrics as a table, then any warnings (on stderr)."""
     m = outcome.result.metrics
     table = Table(title=title)
-    table.add_column("metric")
-    table.add_column("name", style="dim")
-    table.add_column("value ± 95 % half-width", justify="right")
+    table.add_column("metric", no_wrap=True)  # the labels stay whole; a narrow terminal folds the names
+    table.add_column("name", style="dim", overflow="fold")
+    table.add_column("value (± 95 %)", justify="right", no_wrap=True)
     for metric in headline_metrics():
         if metric.name in m:
             table.add_row(metric.label, metric.name, format_with_interval(metric, m))
