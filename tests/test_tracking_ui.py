@@ -68,10 +68,10 @@ def test_quick_run_names_params_description_files(mlflow_store, tmp_path):
     for f in outcome.out_dir.rglob("*"):
         if f.is_file():
             assert stat.S_IMODE(f.stat().st_mode) == 0o644, f
-    # the summary table renders with three cells per row (no '||' splitting a row)
+    # the summary table renders with four cells per row (metric, value, 95 % interval, unit; no "||" splitting a row)
     html = mistune.create_markdown(plugins=["table"])((outcome.out_dir / "SUMMARY.md").read_text())
     rows = re.findall(r"<tr>(.*?)</tr>", html, flags=re.S)
-    assert rows and all(r.count("<td") == 3 for r in rows[1:])
+    assert rows and all(r.count("<td") == 4 for r in rows[1:])
     assert "KL(clean || SAE)" in html and "L2 ratio ||x_hat|| / ||x||" in html
 
 
