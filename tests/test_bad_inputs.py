@@ -89,7 +89,7 @@ def world(tmp_path_factory):
     from safetensors.torch import load_file, save_file
 
     shutil.copytree(paths["std"], w / "sae_nan")
-    weights = torch.load(w / "sae_nan" / "weights.pt")
+    weights = torch.load(w / "sae_nan" / "weights.pt", weights_only=True)
     weights["W_enc"][:, 3] = float("nan")
     weights["W_enc"][5, 7] = float("nan")
     torch.save(weights, w / "sae_nan" / "weights.pt")
