@@ -154,7 +154,9 @@ def add_chart(page, kind: str, axes: dict[str, str] | None = None) -> None:
         time.sleep(2.5)
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The options, with paths made absolute: the servers and commands run in the store's folder, so a
+    relative ``--sae-python .venv/bin/python`` (as documented) must not be read from there."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sae-python", default=str(ROOT / ".venv" / "bin" / "python"), help="Python with sae-mlops and mlflow")
     ap.add_argument("--out", type=Path, default=Path("shots"), help="where the PNGs go")
@@ -163,7 +165,16 @@ def main() -> None:
     ap.add_argument("--no-train", action="store_true", help="skip `sae-mlops train` (the slowest step)")
     ap.add_argument("--keep", action="store_true", help="keep the temporary store and print where it is")
     ap.add_argument("--store", type=Path, default=None, help="reuse a store this script kept (--keep): no filling")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
+    if os.sep in args.sae_python:  # a path, not a command found on PATH; abspath keeps the venv's symlink
+        args.sae_python = os.path.abspath(args.sae_python)
+    args.out = args.out.absolute()
+    args.store = args.store.absolute() if args.store else None
+    return args
+
+
+def main() -> None:
+    args = parse_args()
 
     from playwright.sync_api import sync_playwright
 

@@ -77,6 +77,14 @@ def world(tmp_path_factory):
     tok_dir = Path(paths["std"]).parent / "model" / "tokenizer"  # the demo tokenizer: 2048 entries
     for f in tok_dir.iterdir():
         (w / "ckpt_badvocab" / f.name).write_bytes(f.read_bytes())
+    # a Qwen3 checkpoint built for 32 positions (TransformerLens alone would give it n_ctx 2048)
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    qwen = Qwen3Config(vocab_size=2048, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                       num_key_value_heads=4, head_dim=16, max_position_embeddings=32, bos_token_id=0, eos_token_id=0)
+    Qwen3ForCausalLM(qwen).save_pretrained(w / "ckpt_short")
+    for f in tok_dir.iterdir():
+        (w / "ckpt_short" / f.name).write_bytes(f.read_bytes())
     (w / "ckpt_noconfig").mkdir()
     (w / "ckpt_noconfig" / "weights.bin").write_bytes(b"\0")
     # SAE directories that are not SAEs
@@ -182,6 +190,7 @@ CASES = [
     ("quick-model-unknown-name", ["quick", "--sae", "{std}", "--model", "gpt7-imaginary", "--corpus", "{corpus}", "--no-track"], {}, "neither a local directory nor a TransformerLens model name"),
     ("quick-model-file", ["quick", "--sae", "{std}", "--model", "{w}/afile", "--corpus", "{corpus}", "--no-track"], {}, "is a file"),
     ("quick-model-no-config", ["quick", "--sae", "{std}", "--model", "{w}/ckpt_noconfig", "--corpus", "{corpus}", "--no-track"], {}, "not a Hugging Face checkpoint"),
+    ("quick-context-size-over-checkpoint", ["quick", "--sae", "{std}", "--model", "{w}/ckpt_short", "--corpus", "{corpus}", "--context-size", "64", "--no-track"], {}, "exceeds the model's n_ctx 32"),
     ("quick-model-no-tokenizer", ["quick", "--sae", "{std}", "--model", "{w}/ckpt_notok", "--corpus", "{corpus}", "--no-track"], {}, "holds no tokenizer files"),
     ("quick-model-other-vocabulary", ["quick", "--sae", "{std}", "--model", "{w}/ckpt_badvocab", "--corpus", "{corpus}", "--no-track"], {}, "tokenizer of 2,048 entries but the model's vocabulary is 64"),
     ("quick-no-corpus-for-named-model", ["quick", "--sae", "{std}", "--model", "gpt2", "--no-track"], {}, "no corpus given"),

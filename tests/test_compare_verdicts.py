@@ -88,3 +88,35 @@ def test_compare_baseline_judges_a_trained_sae_against_random_directions(tmp_pat
     got = {(c[header.index("metric")], c[header.index("verdict")]) for c in (x.split(",") for x in rows[1:])}
     assert ("recon/explained_variance", "better") in got and ("downstream/loss_recovered", "better") in got
     assert all("[frozen-decoder]" in x for x in rows[1:])  # the reference of every row is the baseline
+
+
+def test_compare_baseline_finds_a_baseline_trained_by_train(tmp_path: Path, mlflow_store: str) -> None:
+    """The whole path a user takes: `train` a recipe and `train --baseline random-activations` (the
+    frozen encoder) on the same hook and data, analyse both through their runs:/ URIs, and
+    `compare --baseline` finds the baseline from the analysis's training run (no tag set by hand)."""
+    import mlflow
+
+    from sae_mlops.config import AnalysisConfig
+    from sae_mlops.training import TrainConfig, train_and_log
+    from sae_mlops.workflows import run_quick_and_log
+
+    recipe: dict = {"architecture": "topk", "d_sae": 128, "k": 8, "training_tokens": 8192, "batch_size_tokens": 512,
+                    "device": "cpu"}
+    trained = train_and_log(TrainConfig(**recipe), tmp_path / "sae_trained", experiment="bl-e2e")
+    base = train_and_log(TrainConfig(**recipe, baseline="random-activations"), tmp_path / "sae_base", experiment="bl-e2e")
+    analyses = {}
+    for name, outcome in (("trained", trained), ("baseline", base)):
+        cfg = AnalysisConfig(sae=f"runs:/{outcome.run_id}/sae", max_tokens=4000, device="cpu", progress=False)
+        analyses[name] = run_quick_and_log(cfg, tmp_path / name, experiment="bl-e2e", run_name=name).run_id
+    client = mlflow.MlflowClient()
+    assert "sae_mlops.baseline" not in client.get_run(analyses["baseline"]).data.tags  # only its training run has it
+    assert client.get_run(base.run_id).data.tags["sae_mlops.baseline"] == "frozen-encoder"
+    r = CliRunner().invoke(app, ["compare", "-e", "bl-e2e", "--baseline", "--resamples", "999", "--out", str(tmp_path / "cmp")])
+    assert r.exit_code == 0, r.output
+    import csv
+
+    with (tmp_path / "cmp" / "verdicts.csv").open() as f:
+        cells = list(csv.DictReader(f))
+    assert cells and all(c["reference"].endswith("[frozen-encoder]") for c in cells)
+    assert {c["metric"] for c in cells} >= {"recon/explained_variance", "downstream/loss_recovered"}
+    assert {c["verdict"] for c in cells} <= {"better", "worse", "within noise"}

@@ -139,3 +139,24 @@ def test_prepare_loads_the_model_as_the_sae_was_trained(monkeypatch):
     monkeypatch.setattr(model_mod, "load_model", load_model)
     prepare(AnalysisConfig(sae=str(demo_sae_path("saelens")), model="demo", progress=False))
     assert seen["from_pretrained_kwargs"] == {"center_writing_weights": False}
+
+
+def _named(name: str, architecture: str | None) -> LoadedModel:
+    from types import SimpleNamespace
+
+    cfg = SimpleNamespace(original_architecture=architecture, model_name=name.rsplit("/", 1)[-1])
+    return LoadedModel(model=SimpleNamespace(cfg=cfg), name=name, tokenizer=None, source="hf_local")
+
+
+def test_a_local_copy_of_the_recorded_architecture_does_not_warn():
+    """A folder of another name whose architecture is the recorded model's family (and whose width the
+    width check has already matched) is taken to be that model; another family still warns."""
+    from sae_mlops.sources.validate import model_name_warning, same_family
+
+    assert model_name_warning("Qwen/Qwen3-0.6B", _named("/data/chem-ckpt", "Qwen3ForCausalLM")) is None
+    assert model_name_warning("gpt2-small", _named("my-gpt2-copy", "GPT2LMHeadModel")) is None
+    assert model_name_warning("EleutherAI/pythia-70m-deduped", _named("ckpt", "GPTNeoXForCausalLM")) is None
+    warned = model_name_warning("Qwen/Qwen3-0.6B", _named("/data/other", "LlamaForCausalLM"))
+    assert warned is not None and "may be meaningless" in warned
+    assert model_name_warning("Qwen/Qwen3-0.6B", _named("/data/other", None)) is not None
+    assert not same_family("gpt2", "Qwen3ForCausalLM") and not same_family("qwen3", "")

@@ -370,3 +370,5 @@ def test_train_baseline_run_is_tagged(mlflow_store, demo_assets, tmp_path):
     assert run.data.params["baseline"] == "frozen-encoder"
     with pytest.raises(InputError, match="--baseline 'random-everything' is not a baseline; use one of frozen-decoder"):
         TrainConfig(baseline="random-everything")
+    # the name for the baseline with random activation patterns is the frozen encoder
+    assert TrainConfig(baseline="random-activations").baseline == "frozen-encoder"

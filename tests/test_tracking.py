@@ -182,3 +182,21 @@ def test_a_nan_headline_metric_never_gives_a_finished_run(store, tmp_path):
     run = MlflowClient().get_run(run_id)
     assert run.info.status == "FAILED"
     assert run.data.tags[TAG_NONFINITE] == "recon/explained_variance"
+
+
+def test_timing_detail_goes_to_a_file_not_the_run_page(store, tmp_path):
+    """The run page shows the wall time per stage (to the millisecond); CPU seconds and the parts of
+    the pass, two dozen figures a researcher rarely compares, go to timings.json at full precision."""
+    out, files = _files(tmp_path)
+    timings = {"time/pass": 12.3456789, "time/load": 0.1234567, "time/pass_share": 0.87654321,
+               "time/pass/model": 9.87654321, "time_cpu/pass": 20.123456789, "time_cpu/pass/model": 15.5}
+    run_id = log_analysis(_result(tags={}, metrics={"sparsity/l0_mean": 1.0, **timings}), files, out)
+    client = MlflowClient(store)
+    metrics = client.get_run(run_id).data.metrics
+    assert metrics == {"sparsity/l0_mean": 1.0, "time/pass": 12.346, "time/load": 0.123, "time/pass_share": 0.87654321}
+    assert "timings.json" in {a.path for a in client.list_artifacts(run_id)}
+    detail = json.loads(Path(client.download_artifacts(run_id, "timings.json", str(tmp_path / "dl"))).read_text())
+    assert detail == {k: v for k, v in timings.items() if k.startswith(("time_cpu/", "time/pass/"))}
+    runs.log_metrics(run_id, {"time/total": 30.00049, "time_cpu/total": 1.0})
+    metrics = client.get_run(run_id).data.metrics
+    assert metrics["time/total"] == 30.0 and "time_cpu/total" not in metrics

@@ -192,6 +192,12 @@ def _hooked_from_hf(
     cfg = loading.get_pretrained_model_config(
         tl_path, hf_cfg=hf_model.config.to_dict(), fold_ln=flags["fold_ln"], device=device, dtype=dtype, **config_kwargs
     )
+    limit = hf_position_limit(hf_model.config.to_dict())
+    if limit is not None and cfg.n_ctx > limit and "n_ctx" not in config_kwargs:
+        # TransformerLens gives some architectures a fixed n_ctx (Qwen3: 8192) whatever the checkpoint
+        # says; a context past the checkpoint's own limit would run silently on untrained positions.
+        logger.info("model n_ctx %d capped at the checkpoint's %d positions (config.json)", cfg.n_ctx, limit)
+        cfg.n_ctx = limit
     if cfg.positional_embedding_type == "shortformer":
         flags.update(fold_ln=False, center_unembed=False, center_writing_weights=False)
     if cfg.original_architecture in POST_NORM_ARCHITECTURES:
@@ -205,6 +211,20 @@ def _hooked_from_hf(
     model.load_and_process_state_dict(state_dict, **flags)
     model.move_model_modules_to_device()
     return model.eval()
+
+
+POSITION_FIELDS = ("max_position_embeddings", "n_positions", "seq_length", "max_sequence_length")
+
+
+def hf_position_limit(config: dict[str, Any]) -> int | None:
+    """The most positions a Hugging Face config says its model was built for: the first of
+    `POSITION_FIELDS` present as a positive integer (also inside ``text_config``), else None."""
+    for section in (config, config.get("text_config") or {}):
+        for key in POSITION_FIELDS:
+            value = section.get(key) if isinstance(section, dict) else None
+            if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+                return value
+    return None
 
 
 class _tl_safe_path:

@@ -2,7 +2,7 @@
 
 Errors (InputError): the hook is not one of the model's hooks; the SAE's ``d_in`` differs from the
 hook's width; the model has no tokenizer. Warnings (returned): the SAE records another model than the
-one given; the hook was overridden; the SAE asks for model loading options that were not used.
+one given (unless the given model's architecture family is the recorded model's, e.g. a local copy); the hook was overridden; the SAE asks for model loading options that were not used.
 """
 
 from __future__ import annotations
@@ -92,7 +92,33 @@ def model_name_warning(sae_model_name: str | None, model: LoadedModel) -> str | 
         given |= {"demo"}
     if wanted & given:
         return None
+    architecture = getattr(getattr(model.model, "cfg", None), "original_architecture", None)
+    if same_family(sae_model_name, architecture):
+        # A local copy or fine-tune under another folder name: the hook width already matched the SAE.
+        logger.info(
+            "The SAE records model %s; the model given, %s, is a %s of the width the SAE expects: taken to be "
+            "that model (a copy or a fine-tune of it).", sae_model_name, model.name, architecture,
+        )
+        return None
     return f"The SAE was trained on model {sae_model_name} but the model given is {model.name}; results may be meaningless."
+
+
+_ARCH_SUFFIXES = re.compile(r"(ForCausalLM|LMHeadModel|ForConditionalGeneration|Model)$")
+# Architecture families whose published checkpoints carry another name than the architecture's.
+FAMILY_ALIASES: dict[str, tuple[str, ...]] = {"gptneox": ("pythia", "gptneox"), "gptneo": ("gptneo",), "opt": ("opt",)}
+
+
+def same_family(sae_model_name: str, architecture: str | None) -> bool:
+    """True when the recorded model name names the Hugging Face `architecture`'s family: the
+    architecture without its head suffix ("Qwen3ForCausalLM" -> "qwen3"), or one of its
+    `FAMILY_ALIASES`, appears in the name with punctuation removed ("Qwen/Qwen3-0.6B" -> "qwenqwen306b")."""
+    if not architecture:
+        return False
+    family = re.sub(r"[^a-z0-9]", "", _ARCH_SUFFIXES.sub("", architecture).lower())
+    if len(family) < 3:
+        return False
+    name = re.sub(r"[^a-z0-9]", "", sae_model_name.lower())
+    return any(alias in name for alias in FAMILY_ALIASES.get(family, (family,)))
 
 
 def _name_forms(name: str | None) -> set[str]:

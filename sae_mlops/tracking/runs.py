@@ -227,7 +227,8 @@ def log_metrics(run_id: str, metrics: dict[str, float]) -> None:
     """Add a few metrics to a run already logged (finished runs accept them): the pipeline's cost
     figures measured after `log_analysis` (``time/logging``, ``time/total``, ``time/pass_share``)."""
     now = get_current_time_millis()
-    batch = [Metric(k, float(v), now, 0) for k, v in metrics.items() if v is not None and math.isfinite(float(v))]
+    kept, _ = split_timings({k: float(v) for k, v in metrics.items() if v is not None})
+    batch = [Metric(k, v, now, 0) for k, v in kept.items() if math.isfinite(v)]
     MlflowClient().log_batch(run_id, metrics=batch)
 
 
@@ -339,7 +340,8 @@ def _log_into(client: MlflowClient, run_id: str, result: AnalysisResult, files: 
     client.log_batch(run_id, params=params)  # log_batch splits into MLflow\'s batch limits itself
 
     link = _record_lineage(client, run_id, result)
-    metrics, unlogged = _metrics(result.metrics)
+    run_metrics, timing_detail = split_timings(result.metrics)
+    metrics, unlogged = _metrics(run_metrics)
     if link is not None and (link.model_id or link.dataset_digest):
         # Linked to the LoggedModel and the dataset, so they show on the model's page too.
         metrics = [
@@ -370,6 +372,8 @@ def _log_into(client: MlflowClient, run_id: str, result: AnalysisResult, files: 
     client.log_batch(run_id, tags=tag_list)  # log_batch splits into MLflow\'s batch limits itself
 
     _log_files(client, run_id, files, out_dir)
+    if timing_detail:
+        client.log_dict(run_id, timing_detail, TIMINGS_ARTIFACT)
     _log_plot_images(client, run_id, files)
     if link is not None:
         from sae_mlops.tracking.lineage import after_analysis_logged
@@ -408,6 +412,30 @@ def flat_params(given: dict[str, Any], existing: dict[str, str]) -> tuple[list[P
                 continue
         out.append(Param(key, value))
     return out, conflicts
+
+
+TIMINGS_ARTIFACT = "timings.json"
+#: cost figures kept out of the run's metrics (they would bury the ones a researcher compares): the
+#: parts of the pass and every CPU-seconds figure go to `TIMINGS_ARTIFACT` (and the results JSON)
+_TIMING_DETAIL = ("time_cpu/", "time/pass/")
+
+
+def split_timings(metrics: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(the metrics logged as run metrics, the timing detail logged as `TIMINGS_ARTIFACT`).
+
+    The run keeps ``time/<stage>`` (wall seconds per stage, rounded to milliseconds) and every other
+    metric as it is; ``time_cpu/*`` and the parts of the pass (``time/pass/<part>``) go to the file,
+    at full precision."""
+    run: dict[str, Any] = {}
+    detail: dict[str, Any] = {}
+    for key, value in metrics.items():
+        if key.startswith(_TIMING_DETAIL):
+            detail[key] = value
+        elif key.startswith("time/") and isinstance(value, float) and math.isfinite(value) and key != "time/pass_share":
+            run[key] = round(value, 3)
+        else:
+            run[key] = value
+    return run, detail
 
 
 def _metrics(given: dict[str, Any]) -> tuple[list[Metric], list[str]]:

@@ -17,6 +17,9 @@ from sae_mlops.options import user_errors
 ARCHITECTURES = ("standard", "topk", "batchtopk", "jumprelu")
 #: Random baselines of `sae_mlops.training.baselines` (arXiv 2602.14111).
 BASELINES = ("frozen-decoder", "soft-frozen-decoder", "frozen-encoder")
+#: Other names a baseline is known by: the paper's frozen encoder is the baseline whose activation
+#: patterns are random (a random encoder decides which features fire), hence "random-activations".
+BASELINE_ALIASES = {"random-activations": "frozen-encoder"}
 #: Sparsity penalty when none is given: L1 coefficient (standard), L0 coefficient (jumprelu).
 DEFAULT_SPARSITY_COEFFICIENT = {"standard": 5.0, "jumprelu": 1.0}
 DEFAULT_TRAINING_TOKENS = 300_000  # about 10 s on the demo model on a laptop CPU
@@ -86,8 +89,9 @@ class TrainConfig:
         default=None,
         description="Train a random baseline (arXiv 2602.14111) instead of a full SAE: frozen-decoder (feature "
         "directions fixed at random), soft-frozen-decoder (kept within cosine 0.8 of random) or frozen-encoder "
-        "(activation patterns fixed by a random encoder); the rest is trained. (default: none, a normal SAE)",
-        json_schema_extra={"choices": list(BASELINES)},
+        "(activation patterns fixed by a random encoder; also called random-activations); the rest is trained. "
+        "(default: none, a normal SAE)",
+        json_schema_extra={"choices": [*BASELINES, *BASELINE_ALIASES]},
     )
 
     def __post_init__(self) -> None:
@@ -99,6 +103,7 @@ class TrainConfig:
             raise InputError(
                 f"architecture {self.architecture!r} is not supported; use one of {', '.join(ARCHITECTURES)}."
             )
+        self.baseline = BASELINE_ALIASES.get(self.baseline, self.baseline) if self.baseline else self.baseline
         if self.baseline is not None and self.baseline not in BASELINES:
             raise InputError(f"--baseline {self.baseline!r} is not a baseline; use one of {', '.join(BASELINES)}.")
         if self.training_tokens < self.batch_size_tokens:
