@@ -20,6 +20,14 @@ process with ``--no-track`` and is read back from its results JSON:
   again: ``resume_cost_s`` = killed wall + resumed wall - uninterrupted wall (what the interruption
   cost beyond the lost partial shard is start-up, planning and loading the finished shards' state).
 
+``--crossover`` measures instead when Ray pays, end to end as a user waits (process wall time):
+local (this process, torch on every core) against ``--executor ray --workers 2`` (a local Ray
+instance, each actor half the cores), both at each of ``--crossover-tokens``. A least-squares line
+``wall = fixed + tokens / throughput`` per executor gives the fixed cost of a Ray analysis over a
+local one and the token count where the lines cross (none when Ray's per-token cost is not lower,
+as on a machine whose cores the local pass already uses); the Ray runs also report their start-up
+parts (``time/ray_start``: the local instance; ``time/ray_actor_startup``: actors loading model and SAE).
+
 ``--kind full`` (default) measures the full analysis (examples, co-occurrence, activation database
 parts in every shard); ``--kind quick`` the quick one.
 """
@@ -114,6 +122,39 @@ def killed_then_resumed(cmd: list[str], out: Path) -> dict:
             "resumed_merge_s": res["metrics"]["time/pass/merge"], "shards_resumed": res["params"]["shards_resumed"]}
 
 
+def fit_line(tokens: list[int], walls: list[float]) -> tuple[float, float]:
+    """(fixed seconds, seconds per token) of the least-squares line through (tokens, wall)."""
+    import numpy as np
+
+    slope, intercept = np.polyfit(np.asarray(tokens, dtype=float), np.asarray(walls, dtype=float), 1)
+    return float(intercept), float(slope)
+
+
+def crossover(args, sae_dir: Path, root: Path) -> dict:
+    """Local against Ray with 2 workers at each of ``args.crossover_tokens`` (see the module docstring)."""
+    cores = os.cpu_count() or 2
+    per_worker = str(max(1, cores // 2))
+    rows: dict[str, list[dict]] = {"local": [], "ray_2": []}
+    for tokens in args.crossover_tokens:
+        args.tokens = tokens
+        for name, extra in (("local", ()), ("ray_2", ("--executor", "ray", "--workers", "2", "--cpus-per-worker",
+                                                     per_worker, "--shard-tokens", str(max(tokens // 8, 4096))))):
+            res, wall = run(analysis(args, sae_dir, root / f"x-{name}-{tokens}", *extra))
+            m = res["metrics"]
+            rows[name].append({"tokens": tokens, "wall_s": wall, "time_pass_s": m["time/pass"],
+                               "ray_start_s": m.get("time/ray_start"), "actor_startup_s": m.get("time/ray_actor_startup"),
+                               "shards_wall_s": m.get("time/ray_shards")})
+    out: dict = {"cores": cores, "cpus_per_worker": int(per_worker), "runs": rows}
+    if len(args.crossover_tokens) >= 2:
+        (a_l, b_l), (a_r, b_r) = (fit_line([r["tokens"] for r in rows[k]], [r["wall_s"] for r in rows[k]])
+                                  for k in ("local", "ray_2"))
+        out.update({"local_fixed_s": a_l, "local_tokens_per_s": 1 / b_l if b_l > 0 else None,
+                    "ray_fixed_s": a_r, "ray_tokens_per_s": 1 / b_r if b_r > 0 else None,
+                    "ray_fixed_over_local_s": a_r - a_l,
+                    "crossover_tokens": (a_r - a_l) / (b_l - b_r) if b_r < b_l else None})
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--kind", choices=("quick", "full"), default="full")
@@ -125,11 +166,19 @@ def main() -> None:
     p.add_argument("--d-sae", type=int, default=4096)
     p.add_argument("--k", type=int, default=64)
     p.add_argument("--local-only", action="store_true", help="only the one-shard and sharded local runs")
+    p.add_argument("--crossover", action="store_true", help="only the local-against-Ray crossover (see above)")
+    p.add_argument("--crossover-tokens", type=int, nargs="+", default=[16384, 65536, 196608],
+                   help="token budgets of the crossover runs")
     args = p.parse_args()
     report: dict = {"config": vars(args), "cpus": os.cpu_count(), "torch": torch.__version__}
     with tempfile.TemporaryDirectory(prefix="sae-mlops-scaleout-") as tmp:
         root = Path(tmp)
         _model_dir, sae_dir = build_assets(root, args.d_model, args.layers, args.d_sae, args.k)
+        if args.crossover:
+            report["crossover"] = crossover(args, sae_dir, root)
+            json.dump(report, sys.stdout, indent=2)
+            sys.stdout.write("\n")
+            return
         shards = ("--shard-tokens", str(args.shard_tokens))
         one, one_wall = run(analysis(args, sae_dir, root / "one", "--shard-tokens", str(10**9)))
         sharded_cmd = analysis(args, sae_dir, root / "sharded", *shards)

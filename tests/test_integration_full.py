@@ -17,6 +17,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from sae_mlops.telemetry import AFTER_RESULTS_JSON, PROGRESS_METRICS
+from sae_mlops.tracking.runs import TIMINGS_ARTIFACT, split_timings
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -94,8 +95,10 @@ def test_run_finished_as_full_project_run(launched):
 
 def test_logged_metrics_equal_results_json(launched):
     metrics = launched["results"]["metrics"]
-    expected = {k: float(v) for k, v in metrics.items() if v is not None}
+    # the run's metrics: the results JSON's, less the timing detail (timings.json), wall times in ms
+    expected = {k: float(v) for k, v in split_timings(metrics)[0].items() if v is not None}
     logged = launched["run"].data.metrics
+    assert not any(k.startswith(("time_cpu/", "time/pass/")) for k in logged)
     assert {k: v for k, v in logged.items() if k not in AFTER_RESULTS_JSON + PROGRESS_METRICS} == expected
     assert set(AFTER_RESULTS_JSON) <= set(logged)  # cost figures known only after the JSON was written
     for key in ("sparsity/l0_mean", "recon/explained_variance", "recon/explained_variance_pooled", "recon/cosine",
@@ -106,7 +109,8 @@ def test_logged_metrics_equal_results_json(launched):
 def test_artifacts_have_the_output_layout(launched):
     artifacts, out = launched["artifacts"], launched["out"]
     # every output file at its path; the plots also as MLflow images (under images/)
-    assert [a for a in artifacts if not a.startswith("images/")] == sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
+    written = [p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()]
+    assert [a for a in artifacts if not a.startswith("images/")] == sorted([*written, TIMINGS_ARTIFACT])
     assert any(a.startswith("images/l0_histogram") for a in artifacts)
 
     def one(prefix: str, suffix: str) -> None:

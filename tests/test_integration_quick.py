@@ -16,6 +16,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from sae_mlops.telemetry import PROGRESS_METRICS, QUICK_AFTER_RESULTS_JSON
+from sae_mlops.tracking.runs import TIMINGS_ARTIFACT, split_timings
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -73,8 +74,10 @@ def test_run_finished_as_project_run(launched):
 
 def test_logged_metrics_equal_results_json(launched):
     metrics = launched["json"]["metrics"]
-    expected = {k: float(v) for k, v in metrics.items() if v is not None}
+    # the run's metrics: the results JSON's, less the timing detail (timings.json), wall times in ms
+    expected = {k: float(v) for k, v in split_timings(metrics)[0].items() if v is not None}
     logged = launched["run"].data.metrics
+    assert not any(k.startswith(("time_cpu/", "time/pass/")) for k in logged)
     assert {k: v for k, v in logged.items() if k not in QUICK_AFTER_RESULTS_JSON + PROGRESS_METRICS} == expected
     assert set(QUICK_AFTER_RESULTS_JSON) <= set(logged)  # cost figures known only after the JSON was written
     nulls = {k for k, v in metrics.items() if v is None}
@@ -105,7 +108,7 @@ def test_artifacts_are_the_written_files(launched):
     while stack:
         for a in client.list_artifacts(run.info.run_id, stack.pop()):
             (stack if a.is_dir else logged).append(a.path)
-    assert sorted(logged) == written
+    assert sorted(logged) == sorted([*written, TIMINGS_ARTIFACT])  # every file written, and the timing detail
     assert "SUMMARY.md" in written
 
 

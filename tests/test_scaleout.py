@@ -178,6 +178,9 @@ def test_quick_on_ray_equals_quick_local(ray_cluster, tmp_path):
     assert ray_run.result.params["shards"] >= 3 and local.result.params["shards"] == 1
     assert_same_analysis(tmp_path / "ray", tmp_path / "local", full=False)
     assert not (tmp_path / "ray" / "checkpoint").exists()
+    m = ray_run.result.metrics  # the fixed cost of Ray, in parts: connecting (the cluster is up), the actors
+    assert m["time/ray_start"] >= 0 and m["time/ray_actor_startup"] > 0 and m["time/ray_shards"] > 0
+    assert m["time/ray_start"] + m["time/ray_actor_startup"] + m["time/ray_shards"] <= m["time/pass"] * 1.01 + 0.01
 
 
 def test_ray_address_that_answers_nothing_is_a_user_error(tmp_path):

@@ -404,9 +404,11 @@ def sharding_params(result: ShardedPass, exec_opts: ExecutionOptions) -> dict[st
 
 def executor_metrics(sharded: ShardedPass) -> dict[str, float]:
     """What the executor measured: the merge's seconds; on Ray the actors' start-up (model and SAE
-    loaded in every actor), the wall time of the shards alone, and the largest actor peak RSS."""
+    loaded in every actor), the start or connection of Ray itself, the wall time of the shards alone,
+    and the largest actor peak RSS."""
     m = {"time/pass/merge": sharded.merge_seconds}
     for key, name in (("ray_actor_startup_s", "time/ray_actor_startup"), ("ray_shards_wall_s", "time/ray_shards"),
+                      ("ray_start_s", "time/ray_start"),
                       ("worker_peak_rss_mib", "memory/worker_peak_rss_mib")):
         if key in sharded.extra:
             m[name] = float(sharded.extra[key])

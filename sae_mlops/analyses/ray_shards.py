@@ -200,6 +200,7 @@ def run_ray(inputs: Inputs, kind: str, opts: FullOptions | None, exec_opts: Exec
 
     owned = False
     previous_env: dict[str, str | None] | None = None
+    ray_start = 0.0
     if not ray.is_initialized():
         t0 = time.perf_counter()
         kwargs: dict[str, Any] = {"log_to_driver": False, "configure_logging": False}
@@ -213,7 +214,8 @@ def run_ray(inputs: Inputs, kind: str, opts: FullOptions | None, exec_opts: Exec
         else:
             previous_env = start_local_ray(max(math.ceil(exec_opts.workers * exec_opts.cpus_per_worker), 1))
             owned = True
-        log.info("Ray %s in %.1f s", "started" if owned else f"connected to {exec_opts.ray_address}", time.perf_counter() - t0)
+        ray_start = time.perf_counter() - t0
+        log.info("Ray %s in %.1f s", "started" if owned else f"connected to {exec_opts.ray_address}", ray_start)
     actors: list[Any] = []
     try:
         cfg, sae_files = _actor_config(inputs)
@@ -271,6 +273,7 @@ def run_ray(inputs: Inputs, kind: str, opts: FullOptions | None, exec_opts: Exec
         shards_wall = time.perf_counter() - t_shards
         out = finish_pass(ck, factory, {})
         out.shards_resumed = len(ck.plan) - len(todo)
+        out.extra["ray_start_s"] = ray_start
         out.extra["ray_actor_startup_s"] = t_shards - t_actors
         out.extra["ray_shards_wall_s"] = shards_wall
         out.extra["worker_peak_rss_mib"] = peak
