@@ -124,3 +124,54 @@ def test_evals_suite_logs_every_eval_to_one_run(tmp_path: Path, mlflow_store: st
     assert "SAE top-1 accuracy" in md and "dense baseline accuracy" in md and "detection score" in md
     arts = {a.path for a in client.list_artifacts(run.info.run_id, "evals")}
     assert {"evals/EVALS.md", "evals/probe", "evals/absorption"} <= arts
+
+
+def test_compare_takes_eval_metrics_from_the_saes_probe_runs(tmp_path: Path, mlflow_store: str) -> None:
+    """`sae-mlops probe` logs to its own run: compare shows its metrics in the row (and the verdicts) of
+    the analysis of the same SAE, whether the probe ran before the analysis (no link, same SAE hash and
+    hook) or after it (linked by ``sae_mlops.analysis_run_id``); an SAE never probed has no eval cells,
+    and a probe run in another experiment is not taken."""
+    from sae_mlops.demo import demo_sae_path
+    from sae_mlops.tracking.compare import compare_and_log
+
+    spec = _datasets(tmp_path)
+    pd.read_csv(tmp_path / "topic.csv").rename(columns={"body": "text", "topic": "label"}).to_csv(tmp_path / "topic.csv", index=False)
+    runner = CliRunner()
+
+    def probe(kind: str, experiment: str) -> str:
+        r = runner.invoke(app, ["probe", "--sae", str(demo_sae_path(kind)), "--datasets", spec, "--ks", "1,5", "--context-size", "32",
+                                "--device", "cpu", "--cache-dir", str(tmp_path / "cache"), "--experiment", experiment,
+                                "--out", str(tmp_path / f"probe-{kind}-{experiment}"), "--quiet"])
+        assert r.exit_code == 0, r.output
+        return r.output.split("Logged to MLflow run ")[1].split()[0]
+
+    before = probe("standard", "evx")  # before any analysis: no link
+    probe("saelens", "elsewhere")  # another experiment: not compared
+    analyses = {}
+    for kind in KINDS:
+        r = runner.invoke(app, ["quick", "--sae", str(demo_sae_path(kind)), "--max-tokens", "1500", "--device", "cpu",
+                                "--experiment", "evx", "--out", str(tmp_path / f"quick-{kind}"), "--quiet"])
+        assert r.exit_code == 0, r.output
+    client = MlflowClient()
+    for run in client.search_runs([client.get_experiment_by_name("evx").experiment_id], "tags.`sae_mlops.kind` = 'quick'"):
+        analyses[Path(run.data.params["sae"]).name] = run.info.run_id
+    after = probe("batchtopk", "evx")
+    assert client.get_run(after).data.tags["sae_mlops.analysis_run_id"] == analyses["sae_batchtopk"]
+    assert "sae_mlops.analysis_run_id" not in client.get_run(before).data.tags
+
+    outcome = compare_and_log(["evx"], track=False, out_dir=tmp_path / "cmp")
+    rows = {r["sae_name"]: r for _, r in outcome.table.iterrows()}
+    for name, probe_run in (("sae_standard", before), ("sae_batchtopk", after)):
+        logged = client.get_run(probe_run).data.metrics
+        assert rows[name]["eval_run_ids"] == probe_run
+        assert rows[name]["probe_acc_k1"] == logged["probe/sae_acc_k1"]
+        assert rows[name]["probe_acc_k5"] == logged["probe/sae_acc_k5"]
+        assert rows[name]["probe_acc_k1_low"] == logged["probe/sae_acc_k1_ci_low"]
+    assert rows["sae_saelens"]["eval_run_ids"] == "" and pd.isna(rows["sae_saelens"]["probe_acc_k1"])
+    evals = [v for v in outcome.verdicts if v.metric.startswith("probe/")]
+    assert {(v.variant.split(" · ")[0], v.reference.split(" · ")[0], v.metric) for v in evals} == {
+        ("sae_batchtopk", "sae_standard", "probe/sae_acc_k1"), ("sae_batchtopk", "sae_standard", "probe/sae_acc_k5")}
+    for v in evals:
+        assert v.variant_value == client.get_run(after).data.metrics[v.metric]
+        assert v.reference_value == client.get_run(before).data.metrics[v.metric]
+    assert "probe acc k=1" in (tmp_path / "cmp" / "comparison.md").read_text()

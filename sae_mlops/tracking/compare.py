@@ -7,7 +7,11 @@ row per run from the metric names of `sae_mlops.core.results` (``sparsity/l0_mea
 ``downstream/loss_recovered``, ``recon/explained_variance``, ``features/dead_fraction``,
 ``downstream/ce_*``, ``downstream/kl_sae``) and the params ``sae``, ``sae_name``,
 ``sae_architecture``, ``d_sae``, ``topk_k`` (when a run lacks it, the ``k`` of its source training
-run for a TopK SAE). By default only the latest analysis per SAE content hash and kind is kept
+run for a TopK SAE). Eval metrics (``probe/``, ``absorption/``, ``autointerp/``) come from the
+analysis run or, for a group it has none of, from the newest finished ``probe``/``evals`` run of the
+same SAE in the searched experiments (linked to the analysis run, or of the same SAE content hash and
+hook); the column ``eval_run_ids`` names the runs used. By default only the latest analysis per SAE
+content hash and kind is kept
 (a quick and a full analysis of one SAE are two rows; two quick analyses of it, one); ``all_runs``
 keeps every run. A run without a hash is always kept.
 
@@ -33,6 +37,7 @@ from mlflow.tracking import MlflowClient
 from sae_mlops.errors import InputError
 from sae_mlops.metrics import BY_SHORT, CI_HIGH, CI_LOW
 from sae_mlops.naming import sae_name
+from sae_mlops.tracking.evals import TAG_ANALYSIS_RUN
 from sae_mlops.tracking.lineage import (
     ANALYSIS_KINDS,
     TAG_KIND,
@@ -69,9 +74,13 @@ class CompareOutcome:
 
 #: tag of a training run: the hash of its recipe (every training option but the seed), set by `train --seeds`
 TAG_RECIPE_HASH = "sae_mlops.recipe_hash"
-#: eval columns (sae-mlops evals / probe, logged into the analysis run): shown when an analysis has them
+#: eval columns (sae-mlops evals / probe, logged into the analysis run or into a linked probe/evals run of the same
+#: SAE, see `with_eval_metrics`): shown when an analysis has them
 EVAL_COLUMNS = {"probe_acc_k1": "probe/sae_acc_k1", "probe_acc_k5": "probe/sae_acc_k5",
                 "absorption": "absorption/full_absorption_rate", "autointerp": "autointerp/detection_score"}
+#: kinds of the runs of evals logged apart from an analysis, and the metric groups compare takes from them
+EVAL_RUN_KINDS = ("probe", "evals")
+EVAL_PREFIXES = ("probe/", "absorption/", "autointerp/")
 #: interval columns of the table: column -> its metric (bounds in <column>_low / <column>_high)
 INTERVAL_COLUMNS = ("l0", "loss_recovered", "explained_variance", "dead_fraction")
 
@@ -149,8 +158,53 @@ def collect_analyses(
         runs = latest_per_sae(runs)
     exp_names = {i: client.get_experiment(i).name for i in {r.info.experiment_id for r in runs}}
     source_params: dict[str, dict[str, str]] = {}
-    rows = [_row(client, r, exp_names, source_params) for r in runs]
+    evals = eval_runs(client, ids)
+    rows = [_row(client, r, exp_names, source_params, linked_eval_runs(r, evals)) for r in runs]
     return pd.DataFrame(rows)
+
+
+def eval_runs(client: MlflowClient, experiment_ids: list[str]) -> list[Run]:
+    """The finished runs of evals logged apart from an analysis (kinds :data:`EVAL_RUN_KINDS`:
+    `sae-mlops probe`, `sae-mlops evals` without core) in these experiments, oldest first."""
+    out: list[Run] = []
+    for kind in EVAL_RUN_KINDS:
+        out += search_runs_everywhere(client, f"tags.`{TAG_KIND}` = '{kind}' AND attributes.status = 'FINISHED'",
+                                      experiment_ids) if experiment_ids else []
+    return sorted(out, key=lambda r: r.info.start_time or 0)
+
+
+def linked_eval_runs(run: Run, evals: list[Run]) -> list[Run]:
+    """The eval runs of analysis `run`'s SAE: those whose ``sae_mlops.analysis_run_id`` names it, and
+    those of the same SAE content hash at the same hook (an eval run made before the analysis has no
+    link, and probing does not depend on the analysis's token plan); oldest first."""
+    h = run.data.tags.get(TAG_SAE_HASH) or run.data.params.get("sae_hash")
+    hook = run.data.params.get("resolved.hook") or run.data.params.get("hook")
+    out = []
+    for e in evals:
+        if e.data.tags.get(TAG_ANALYSIS_RUN) == run.info.run_id:
+            out.append(e)
+        elif h and e.data.tags.get(TAG_SAE_HASH) == h and (hook is None or e.data.params.get("hook", hook) == hook):
+            out.append(e)
+    return out
+
+
+def with_eval_metrics(metrics: dict[str, float], linked: list[Run]) -> tuple[dict[str, float], list[str]]:
+    """An analysis run's metrics plus, for each eval group (``probe/``, ``absorption/``,
+    ``autointerp/``) the run lacks, every metric of that group from the newest linked eval run that
+    has it (one run per group, so a group's figures and intervals never mix runs); and the ids of the
+    eval runs used."""
+    merged = dict(metrics)
+    used: list[str] = []
+    for prefix in EVAL_PREFIXES:
+        if any(k.startswith(prefix) for k in metrics):
+            continue
+        for e in reversed(linked):
+            group = {k: v for k, v in e.data.metrics.items() if k.startswith(prefix)}
+            if group:
+                merged.update(group)
+                used.append(e.info.run_id)
+                break
+    return merged, list(dict.fromkeys(used))
 
 
 def latest_per_sae(runs: list[Run]) -> list[Run]:
@@ -170,8 +224,10 @@ def latest_per_sae(runs: list[Run]) -> list[Run]:
     return sorted(keep, key=lambda r: r.info.start_time or 0)
 
 
-def _row(client: MlflowClient, run: Run, exp_names: dict[str, str], cache: dict[str, dict[str, str]]) -> dict[str, Any]:
-    p, m, t = run.data.params, run.data.metrics, run.data.tags
+def _row(client: MlflowClient, run: Run, exp_names: dict[str, str], cache: dict[str, dict[str, str]],
+         linked: list[Run] | None = None) -> dict[str, Any]:
+    p, t = run.data.params, run.data.tags
+    m, used = with_eval_metrics(run.data.metrics, linked or [])
     sae = p.get("sae", "")
     name = p.get("sae_name") or (sae_name(sae) if sae else "")
     k = _num(p.get("topk_k"))
@@ -199,6 +255,7 @@ def _row(client: MlflowClient, run: Run, exp_names: dict[str, str], cache: dict[
         "k": k,
         "model": f"{model} v{version}" if model and version else (model or ""),
         "source_run_id": source or "",
+        "eval_run_ids": ",".join(used),
         "start_time": pd.to_datetime(run.info.start_time, unit="ms", utc=True) if run.info.start_time else None,
     }
     for column, metric in METRICS.items():
@@ -369,7 +426,8 @@ def judge_analyses(client: MlflowClient, df: pd.DataFrame, reference: str | None
             groups.setdefault(recipe, []).append(sums[i].point())
     floors = seed_floors(groups, metrics)
     variants = [(labels[i], sums[i]) for i in sorted(sums) if i != ref_pos]
-    run_metrics = [r.data.metrics for r in runs]
+    run_metrics = [_merged_metrics(client, run, str(row.get("eval_run_ids") or ""))
+                   for run, (_, row) in zip(runs, df.iterrows(), strict=True)]
     evals = interval_rows((labels[ref_pos], run_metrics[ref_pos]),
                           [(labels[i], run_metrics[i]) for i in sorted(sums) if i != ref_pos])
     rows = judge((labels[ref_pos], sums[ref_pos]), variants, metrics, alpha=alpha, resamples=resamples, floors=floors,
@@ -394,6 +452,12 @@ def judge_analyses(client: MlflowClient, df: pd.DataFrame, reference: str | None
     if missing:
         parts.append(f"Not judged (no per-block statistics; analysed before intervals existed): {', '.join(missing)}.")
     return rows, " ".join(parts)
+
+
+def _merged_metrics(client: MlflowClient, run: Run, eval_run_ids: str) -> dict[str, float]:
+    """`run`'s metrics with the eval metrics of the eval runs the table took them from (`with_eval_metrics`)."""
+    linked = [client.get_run(i) for i in eval_run_ids.split(",") if i]
+    return with_eval_metrics(run.data.metrics, linked)[0]
 
 
 def judge_against_baselines(client: MlflowClient, df: pd.DataFrame, alpha: float = 0.05,
