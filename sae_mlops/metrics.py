@@ -100,7 +100,7 @@ METRICS: tuple[Metric, ...] = (
     Metric("time/load", "loading SAE, corpus and model", "s", "{:,.1f}", False, summary=False),
     Metric("time/pass", "the streaming pass", "s", "{:,.1f}", False, summary=False),
     Metric("time/plan", "cutting the corpus into shards", "s", "{:,.1f}", False, summary=False),
-    Metric("time/ray_start", "starting a local Ray instance (or connecting to a cluster)", "s", "{:,.1f}", False,
+    Metric("time/ray_start", "waiting for the local Ray instance (or connecting to a cluster)", "s", "{:,.1f}", False,
            summary=False),
     Metric("time/ray_actor_startup", "Ray actors loading model and SAE", "s", "{:,.1f}", False, summary=False),
     Metric("time/ray_shards", "Ray shards wall time (after start-up)", "s", "{:,.1f}", False, summary=False),

@@ -120,3 +120,24 @@ def test_an_actor_killed_mid_shard_is_replaced_and_its_shard_retried(tmp_path):
     for k, v in local.result.metrics.items():
         if k.startswith(("sparsity/", "recon/", "downstream/", "features/")) and isinstance(v, float):
             assert outcome.result.metrics[k] == pytest.approx(v, rel=1e-4, abs=1e-6), k
+
+
+@pytest.mark.timeout(300)
+def test_inputs_refused_while_ray_starts_leave_no_ray_behind(tmp_path):
+    """The local instance starts in the background while the inputs load (prestart_local_ray); when
+    the inputs are refused, the instance is stopped before the error reaches the user."""
+    import ray
+
+    from sae_mlops.analyses import ray_shards
+    from sae_mlops.errors import InputError
+
+    if ray.is_initialized():
+        ray.shutdown()
+    bad = AnalysisConfig(sae=SAE, model="demo", hook="blocks.0.hook_nowhere", max_tokens=2000, progress=False)
+    with pytest.raises(InputError, match="hook_nowhere"):
+        run_quick_and_log(bad, tmp_path / "x", track=False, exec_opts=ExecutionOptions(executor="ray", workers=1))
+    assert not ray.is_initialized() and ray_shards._prestarted is None
+    deadline = time.monotonic() + 60
+    while any("raylet" in _cmdline(p) or "gcs_server" in _cmdline(p) for p in _descendants(os.getpid()) - {os.getpid()}):
+        assert time.monotonic() < deadline, "Ray's processes outlived the refused analysis"
+        time.sleep(0.1)

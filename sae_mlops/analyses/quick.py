@@ -428,11 +428,17 @@ def run_quick(
     import tempfile
 
     exec_opts = exec_opts or ExecutionOptions()
-    inputs = prepare(cfg)
-    with tempfile.TemporaryDirectory(prefix="sae-mlops-quick-") as tmp:
-        sharded = run_sharded_pass(inputs, "quick", Path(out) if out is not None else Path(tmp), exec_opts,
-                                   resume=resume, observer=observer)
-        result = assemble_result("quick", inputs, sharded.stats, sharded.collectors)
-        result.params.update(sharding_params(sharded, exec_opts))
-        result.metrics.update(executor_metrics(sharded))
+    from sae_mlops.analyses.ray_shards import cancel_prestart, prestart_local_ray
+
+    prestart_local_ray(exec_opts)  # a local Ray instance starts while the inputs load
+    try:
+        inputs = prepare(cfg)
+        with tempfile.TemporaryDirectory(prefix="sae-mlops-quick-") as tmp:
+            sharded = run_sharded_pass(inputs, "quick", Path(out) if out is not None else Path(tmp), exec_opts,
+                                       resume=resume, observer=observer)
+            result = assemble_result("quick", inputs, sharded.stats, sharded.collectors)
+            result.params.update(sharding_params(sharded, exec_opts))
+            result.metrics.update(executor_metrics(sharded))
+    finally:
+        cancel_prestart()
     return result

@@ -25,6 +25,7 @@ import math
 import os
 import shutil
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -189,6 +190,92 @@ def start_local_ray(cpus: int, temp_dir: str | None = None) -> dict[str, str | N
     return previous
 
 
+class LocalRayStart:
+    """A local Ray instance (`start_local_ray`) started in a background thread, so that its start
+    (GCS, raylet and worker processes: about 3 s) overlaps the driver's own loading of model, SAE and
+    corpus. Hand-written: Ray offers no asynchronous ``init``.
+
+    The thread lives until `release`, after ``ray.shutdown``: Ray's servers are started with a
+    parent-death signal, which Linux sends when the *thread* that started them ends. Ray sets no
+    SIGTERM handler from a thread; the CLI's own handling applies."""
+
+    def __init__(self, cpus: int) -> None:
+        self.cpus = cpus
+        self.env: dict[str, str | None] | None = None
+        self.error: BaseException | None = None
+        self.seconds = 0.0
+        self._ready = threading.Event()
+        self._released = threading.Event()
+        self._thread = threading.Thread(target=self._start, name="ray-start", daemon=True)
+        self._thread.start()
+
+    def _start(self) -> None:
+        t0 = time.perf_counter()
+        try:
+            self.env = start_local_ray(self.cpus)
+        except BaseException as e:  # noqa: BLE001 - re-raised in the main thread by `wait`
+            self.error = e
+        self.seconds = time.perf_counter() - t0
+        self._ready.set()
+        self._released.wait()  # keep Ray's servers alive (see the class docstring)
+
+    def wait(self) -> dict[str, str | None]:
+        """Block until Ray is up; the environment to restore after ``ray.shutdown`` (or its error)."""
+        self._ready.wait()
+        if self.error is not None:
+            self.release()
+            raise self.error
+        assert self.env is not None
+        return self.env
+
+    def release(self) -> None:
+        """Let the thread end (after ``ray.shutdown``)."""
+        self._released.set()
+        self._thread.join(timeout=30)
+
+    def cancel(self) -> None:
+        """Stop the instance (once its start finished) when no pass used it."""
+        import ray
+
+        self._ready.wait()
+        if self.env is not None:
+            ray.shutdown()
+            restore_env(self.env)
+            self.env = None
+        self.release()
+
+
+_prestarted: LocalRayStart | None = None
+
+
+class _NoThreadSigtermWarning(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "SIGTERM handler is not set" not in record.getMessage()
+
+
+def prestart_local_ray(exec_opts: ExecutionOptions) -> None:
+    """Start the local Ray instance ``--executor ray`` without ``--ray-address`` will need, in the
+    background (`LocalRayStart`), before the driver loads its inputs; `run_ray` takes it over.
+    Call `cancel_prestart` in a ``finally`` (a no-op once `run_ray` has it)."""
+    global _prestarted
+    if exec_opts.executor != "ray" or exec_opts.ray_address or _prestarted is not None:
+        return
+    import ray
+
+    if ray.is_initialized():
+        return
+    logging.getLogger("ray._private.worker").addFilter(_NoThreadSigtermWarning())
+    _prestarted = LocalRayStart(max(math.ceil(exec_opts.workers * exec_opts.cpus_per_worker), 1))
+
+
+def cancel_prestart() -> None:
+    """Stop a prestarted local instance that no pass took over (the inputs were refused, or Ctrl-C)."""
+    global _prestarted
+    start, _prestarted = _prestarted, None
+    if start is not None:
+        start.cancel()
+
+
 def run_ray(inputs: Inputs, kind: str, opts: FullOptions | None, exec_opts: ExecutionOptions, ck: Checkpoint,
             factory: CollectorFactory, bar: Any, observer: PassObserver | None) -> ShardedPass:
     """Run the unfinished shards of ``ck`` on ``exec_opts.workers`` Ray actors; record each in the
@@ -198,10 +285,19 @@ def run_ray(inputs: Inputs, kind: str, opts: FullOptions | None, exec_opts: Exec
     per shard (then the error is raised; the finished shards stay in the checkpoint)."""
     import ray
 
+    global _prestarted
     owned = False
     previous_env: dict[str, str | None] | None = None
     ray_start = 0.0
-    if not ray.is_initialized():
+    start, _prestarted = _prestarted, None
+    if start is not None:  # started while the driver loaded (prestart_local_ray): wait for the rest
+        t0 = time.perf_counter()
+        previous_env = start.wait()
+        owned = True
+        ray_start = time.perf_counter() - t0
+        log.info("Ray started in %.1f s, %.1f s of it while the inputs loaded", start.seconds,
+                 max(start.seconds - ray_start, 0.0))
+    elif not ray.is_initialized():
         t0 = time.perf_counter()
         kwargs: dict[str, Any] = {"log_to_driver": False, "configure_logging": False}
         if exec_opts.ray_address:
@@ -290,3 +386,5 @@ def run_ray(inputs: Inputs, kind: str, opts: FullOptions | None, exec_opts: Exec
             ray.shutdown()
         if previous_env is not None:
             restore_env(previous_env)
+        if start is not None:
+            start.release()
