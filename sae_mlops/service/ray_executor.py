@@ -48,6 +48,10 @@ CONNECT_ATTEMPTS = 3
 FORWARDED_ENV_PREFIXES = ("MLFLOW_", "AWS_", "HF_", "HUGGING_FACE_", "GOOGLE_", "AZURE_")
 _DROP_ENV = ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME")
 LOG_RETURN_CHARS = 200_000
+#: seconds one ``ray.init`` on a Ray Client address (ray://) may take: after a ``kill -9`` of the service, the head's
+#: Ray Client proxy has failed to start the new client's server and ``ray.init`` then never returned
+#: (about 1 restart in 3 on a 2-core machine, Ray 2.60); the service then exits with the reason, to be restarted
+CONNECT_TIMEOUT_S = 150.0
 HEAD_START_TIMEOUT_S = 120.0
 HEAD_STOP_GRACE_S = 8.0  # then SIGKILL to its process group (GCS, raylet; its workers exit with the raylet)
 
@@ -86,6 +90,33 @@ except OSError:
     pass
 shutil.rmtree(tmp, ignore_errors=True)
 """ % HEAD_STOP_GRACE_S
+
+
+def _init_with_deadline(address: str, timeout_s: float) -> None:
+    """``ray.init(address)`` of a Ray Client address in a daemon thread, waited for at most
+    `timeout_s` s: its exception is raised here; a `RuntimeError` naming the address when it has
+    not returned by then (the thread is left behind: the caller, the service's start, fails and the
+    process exits)."""
+    import ray
+
+    outcome: dict[str, BaseException | None] = {}
+
+    def connect() -> None:
+        try:
+            ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
+            outcome["error"] = None
+        except BaseException as e:  # noqa: BLE001 - raised in the caller's thread
+            outcome["error"] = e
+
+    thread = threading.Thread(target=connect, name="ray-connect", daemon=True)
+    thread.start()
+    thread.join(timeout_s)
+    if "error" not in outcome:
+        raise RuntimeError(f"connecting to the Ray cluster at {address} did not finish within {timeout_s:.0f} s "
+                           "(the head's Ray Client server may have failed to start this client's server; see "
+                           "ray_client_server*.err in the head's logs); restart the service")
+    if outcome["error"] is not None:
+        raise outcome["error"]
 
 
 def _token_auth_env() -> None:
@@ -213,7 +244,10 @@ class RayRuntime:
                 log.info("connecting to the Ray cluster at %s", s.ray_address)
                 for attempt in range(1, CONNECT_ATTEMPTS + 1):
                     try:
-                        ray.init(address=s.ray_address, log_to_driver=False, logging_level=logging.WARNING)
+                        if s.ray_address.startswith("ray://"):
+                            _init_with_deadline(s.ray_address, CONNECT_TIMEOUT_S)
+                        else:
+                            ray.init(address=s.ray_address, log_to_driver=False, logging_level=logging.WARNING)
                         break
                     except ConnectionError as e:  # Ray Client: the head's proxy failed to start our server
                         if attempt == CONNECT_ATTEMPTS:
