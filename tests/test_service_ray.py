@@ -41,7 +41,6 @@ from pathlib import Path
 import pytest
 
 from mlflow_servers import free_port
-from sae_mlops.service.ray_executor import CONNECT_TIMEOUT_S
 from service_stack import BIN, ServiceProc, mlflow_webhook_server, pid_alive, stop_group
 
 MODEL = "sae-ray-demo"
@@ -129,12 +128,41 @@ def test_ray_settings_parse_and_refuse_bad_values():
                                "SAE_MLOPS_RAY_CPUS_PER_WORKER": "2", "SAE_MLOPS_MODEL_CACHE_SIZE": "0"})
     assert (s.executor, s.ray_address, s.ray_workers, s.ray_num_gpus, s.ray_cpus_per_worker, s.model_cache_size) == \
         ("ray", "ray://head:10001", 3, 0.5, 2.0, 0)
+    assert s.ray_connect_timeout_s == 150.0
+    assert load_settings(environ={**base, "SAE_MLOPS_RAY_CONNECT_TIMEOUT_S": "45"}).ray_connect_timeout_s == 45.0
     for key, value, words in (("EXECUTOR", "spark", "executor"), ("RAY_WORKERS", "0", "ray_workers"),
                               ("RAY_WORKERS", "two", "whole number"), ("RAY_NUM_GPUS", "-1", "ray_num_gpus"),
                               ("RAY_CPUS_PER_WORKER", "0", "ray_cpus_per_worker"),
-                              ("MODEL_CACHE_SIZE", "-1", "model_cache_size")):
+                              ("MODEL_CACHE_SIZE", "-1", "model_cache_size"),
+                              ("RAY_CONNECT_TIMEOUT_S", "0", "ray_connect_timeout_s")):
         with pytest.raises(InputError, match=words):
             load_settings(environ={**base, f"SAE_MLOPS_{key}": value})
+
+
+def test_a_ray_client_connection_that_does_not_finish_fails_within_its_deadline(tmp_path):
+    """`ray_executor._init_with_deadline` against a server that accepts connections and never answers
+    (the way ``ray.init`` hung when the head's Ray Client proxy could not start a client's server):
+    a RuntimeError naming the address after the deadline, and the process exits (the connecting
+    thread is a daemon)."""
+    import socket
+    import sys
+
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        address = f"ray://127.0.0.1:{silent.getsockname()[1]}"
+        code = ("from sae_mlops.service.ray_executor import _init_with_deadline\n"
+                f"_init_with_deadline({address!r}, 3)")
+        started = time.monotonic()
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                              env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]),
+                                   "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": "x" * 64},
+                              cwd=tmp_path)
+        elapsed = time.monotonic() - started
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert f"RuntimeError: connecting to the Ray cluster at {address} did not finish within 3 s" in proc.stderr, \
+        proc.stderr[-3000:]
+    assert elapsed < 60, elapsed  # the deadline, not Ray Client's own retries
 
 
 # --- the stack -----------------------------------------------------------------------------------
@@ -318,6 +346,24 @@ KILL9_POLICY = (
 )
 
 
+#: the kill -9 test's ray_connect_timeout_s: the head's Ray Client proxy has failed to start the
+#: server of a second or third client (about 1 connection in 4 here), and the service then exits
+KILL9_CONNECT_TIMEOUT_S = 60
+
+
+def _start_as_a_restart_policy_would(service: ServiceProc, tries: int = 3) -> None:
+    """Start the service; when it exits because its Ray connection did not finish (see
+    KILL9_CONNECT_TIMEOUT_S), start it again, up to `tries` times."""
+    for attempt in range(1, tries + 1):
+        try:
+            service.start(timeout=KILL9_CONNECT_TIMEOUT_S + 120)
+            return
+        except RuntimeError as e:
+            service.stop()
+            if attempt == tries or "did not finish within" not in str(e):
+                raise
+
+
 def _shards_done(manifest: Path) -> int:
     return len(json.loads(manifest.read_text())["done"])
 
@@ -365,13 +411,13 @@ def test_kill_9_of_the_service_its_orphaned_actor_is_fenced_by_the_retry(stack):
         work, uri, SECRET, KILL9_POLICY, SAE_MLOPS_EXPERIMENT=KILL9_EXPERIMENT, SAE_MLOPS_RETRY_BACKOFF_S="1",
         SAE_MLOPS_RECONCILE_INTERVAL_S="0", SAE_MLOPS_WORKER_POLL_S="0.5", SAE_MLOPS_EXECUTOR="ray",
         SAE_MLOPS_RAY_ADDRESS=address, SAE_MLOPS_RAY_WORKERS="1", SAE_MLOPS_RAY_CPUS_PER_WORKER="1",
-        SAE_MLOPS_MODEL_CACHE_SIZE="1", RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token,
-        RAY_CLIENT_RECONNECT_GRACE_PERIOD="600")
+        SAE_MLOPS_MODEL_CACHE_SIZE="1", SAE_MLOPS_RAY_CONNECT_TIMEOUT_S=str(KILL9_CONNECT_TIMEOUT_S),
+        RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token, RAY_CLIENT_RECONNECT_GRACE_PERIOD="600")
     service.env.pop("RAY_ADDRESS", None)
     orphan = None
     crashed = None
     try:
-        service.start(timeout=180)
+        _start_as_a_restart_policy_would(service)
         job = _job_for(service, KILL9_MODEL, version)
         job_dir = service.data_dir / "jobs" / str(job["id"])
         manifest = job_dir / "out" / "checkpoint" / "manifest.json"
@@ -385,18 +431,8 @@ def test_kill_9_of_the_service_its_orphaned_actor_is_fenced_by_the_retry(stack):
         assert crashed.wait(timeout=30) == -signal.SIGKILL
         assert pid_alive(orphan), "the actor died with the service: no orphan to fence"
 
-        # The same data dir: the job is requeued (attempt 2). The head's Ray Client proxy has failed to
-        # start the restarted service's client server (about 1 restart in 3 here); the service then gives up
-        # connecting after CONNECT_TIMEOUT_S and exits, and is started again, as a restart policy would.
         del service.env["RAY_CLIENT_RECONNECT_GRACE_PERIOD"]
-        for restart in range(1, 4):
-            try:
-                service.start(timeout=CONNECT_TIMEOUT_S + 90)
-                break
-            except RuntimeError:
-                service.stop()
-                if restart == 3:
-                    raise
+        _start_as_a_restart_policy_would(service)  # the same data dir: the job is requeued (attempt 2)
         done = service.wait_job(job["id"], lambda j: j["state"] in ("done", "failed"), TIMEOUT_S, "done")
         assert done["state"] == "done" and done["attempts"] == 2, (done, service.job_log(job["id"]))
         assert not pid_alive(orphan)

@@ -48,10 +48,6 @@ CONNECT_ATTEMPTS = 3
 FORWARDED_ENV_PREFIXES = ("MLFLOW_", "AWS_", "HF_", "HUGGING_FACE_", "GOOGLE_", "AZURE_")
 _DROP_ENV = ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME")
 LOG_RETURN_CHARS = 200_000
-#: seconds one ``ray.init`` on a Ray Client address (ray://) may take: after a ``kill -9`` of the service, the head's
-#: Ray Client proxy has failed to start the new client's server and ``ray.init`` then never returned
-#: (about 1 restart in 3 on a 2-core machine, Ray 2.60); the service then exits with the reason, to be restarted
-CONNECT_TIMEOUT_S = 150.0
 HEAD_START_TIMEOUT_S = 120.0
 HEAD_STOP_GRACE_S = 8.0  # then SIGKILL to its process group (GCS, raylet; its workers exit with the raylet)
 
@@ -94,9 +90,12 @@ shutil.rmtree(tmp, ignore_errors=True)
 
 def _init_with_deadline(address: str, timeout_s: float) -> None:
     """``ray.init(address)`` of a Ray Client address in a daemon thread, waited for at most
-    `timeout_s` s: its exception is raised here; a `RuntimeError` naming the address when it has
-    not returned by then (the thread is left behind: the caller, the service's start, fails and the
-    process exits)."""
+    `timeout_s` s (``ray_connect_timeout_s``): its exception is raised here; a `RuntimeError` naming
+    the address when it has not returned by then (the thread is left behind: the caller, the
+    service's start, fails and the process exits). Why: right after a ``kill -9`` of the service,
+    the head's Ray Client proxy has failed to start the new client's server (its process exited at
+    once; Ray 2.60, about 1 connection in 4 while another client was connected) and ``ray.init``
+    then had not returned after 4 minutes."""
     import ray
 
     outcome: dict[str, BaseException | None] = {}
@@ -245,7 +244,7 @@ class RayRuntime:
                 for attempt in range(1, CONNECT_ATTEMPTS + 1):
                     try:
                         if s.ray_address.startswith("ray://"):
-                            _init_with_deadline(s.ray_address, CONNECT_TIMEOUT_S)
+                            _init_with_deadline(s.ray_address, s.ray_connect_timeout_s)
                         else:
                             ray.init(address=s.ray_address, log_to_driver=False, logging_level=logging.WARNING)
                         break
