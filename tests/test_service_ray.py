@@ -396,7 +396,8 @@ def test_kill_9_of_the_service_its_orphaned_actor_is_fenced_by_the_retry(stack):
     (the process only, as a crash) once its job's pass has started (its checkpoint planned). Its actor lives on
     (an orphan: Ray Client keeps a vanished driver's actors for its reconnect grace period, 30 s by
     default, 600 s for the crashed service here so that the orphan outlives any restart) and keeps saving shards into the
-    job's folder. The service restarted on the same data dir retries the job: the retry takes the
+    job's folder (it is paused while the service restarts, so that it still runs when the retry
+    starts however long the restart takes). The service restarted on the same data dir retries the job: the retry takes the
     job's output directory over first (the orphan's actor process is killed: it is on this host),
     resumes the shards the orphan saved, and finishes. Checked: the orphan was alive and was killed
     by the retry's takeover; nothing of it (its log file, its run's metrics) changed after the
@@ -430,9 +431,12 @@ def test_kill_9_of_the_service_its_orphaned_actor_is_fenced_by_the_retry(stack):
         os.kill(crashed.pid, signal.SIGKILL)  # the service process only: a crash (OOM kill), not a shutdown
         assert crashed.wait(timeout=30) == -signal.SIGKILL
         assert pid_alive(orphan), "the actor died with the service: no orphan to fence"
-
+        # The orphan waits while the service restarts (up to 3 starts, see KILL9_CONNECT_TIMEOUT_S), so that
+        # it runs beside the retry however long the restart takes; it goes on once the service is up.
+        os.kill(orphan, signal.SIGSTOP)
         del service.env["RAY_CLIENT_RECONNECT_GRACE_PERIOD"]
         _start_as_a_restart_policy_would(service)  # the same data dir: the job is requeued (attempt 2)
+        os.kill(orphan, signal.SIGCONT)
         done = service.wait_job(job["id"], lambda j: j["state"] in ("done", "failed"), TIMEOUT_S, "done")
         assert done["state"] == "done" and done["attempts"] == 2, (done, service.job_log(job["id"]))
         assert not pid_alive(orphan)
@@ -483,7 +487,7 @@ def test_kill_9_of_the_service_its_orphaned_actor_is_fenced_by_the_retry(stack):
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(crashed.pid, signal.SIGKILL)
         if orphan is not None and pid_alive(orphan):
-            os.kill(orphan, signal.SIGKILL)
+            os.kill(orphan, signal.SIGKILL)  # also when stopped
 
 
 def test_a_job_over_its_timeout_has_its_actor_killed_on_a_ray_instance_the_service_owns(monkeypatch):
