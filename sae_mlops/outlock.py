@@ -131,8 +131,15 @@ def exclusive_out_dir(out: Path | str, *, option: str = "--out", take_over: bool
     """Hold ``out`` for this process (see the module docstring); yields this holder's token.
 
     take_over: the caller owns ``out`` and any holder is an orphan of an earlier attempt: kill it
-    (same host), wait up to `wait_s` s for its lock, then fence it with this holder's token."""
+    (same host), wait up to `wait_s` s for its lock, then fence it with this holder's token.
+
+    Re-entrant: in a process that holds ``out`` already (the service's job holds it for a whole
+    attempt, around the analysis that takes it again), it yields the same token after `check_fence`."""
     out = Path(out)
+    if _key(out) in _owned:
+        check_fence(out)
+        yield _owned[_key(out)]
+        return
     created: list[Path] = []
     p = out
     while not p.exists() and p != p.parent:
@@ -148,7 +155,11 @@ def exclusive_out_dir(out: Path | str, *, option: str = "--out", take_over: bool
             _remove_created(created)
             raise OutDirBusy(_busy_message(out, option, holder))
         fd = _take_over(out, path, holder, wait_s)
-    _write_holder(path, token, fd)
+        _write_holder(path, token, fd)
+        log.warning("%s taken over from PID %s (an earlier attempt's orphan): it can no longer write there", out,
+                    holder.get("pid"))
+    else:
+        _write_holder(path, token, fd)
     _owned[_key(out)] = token
     try:
         yield token

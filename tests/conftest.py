@@ -182,7 +182,7 @@ _RAY_MODULES = {"test_service_ray"}
 #: order matters): the longest are handed out first, so that no long test starts last and leaves the
 #: other workers idle. Anything not listed counts as 1 s and keeps its collection order.
 _COST = {
-    "test_scaleout": 1250, RAY_GROUP: 650, "test_integration_full": 450, "test_integration_quick": 450,
+    "test_scaleout": 1250, RAY_GROUP: 750, "test_integration_full": 450, "test_integration_quick": 450,
     "test_lineage_e2e": 420, "test_service_s3": 250, "test_service_integration": 200, "test_label": 170,
     "test_full_reference": 160, "test_report": 120, "test_cli_full": 80, "test_dashboard": 40, "test_service_job": 40,
     "test_sigint_during_a_quick_analysis_under_mlflow_run": 165, "test_resume_option_continues_a_quick_analysis": 310,

@@ -5,6 +5,8 @@
 - the service's takeover kills an orphan holder on this host and takes the lock;
 - an orphan whose lock was taken over (another node: no signal reaches it) stops at its next
   checkpoint write (`Fenced`) and writes nothing;
+- the lock is re-entrant within its process (the service's job holds it around the analysis),
+  except for a holder that was fenced;
 - a command stopped by bad input leaves no lock file and no directory behind.
 """
 
@@ -122,6 +124,22 @@ def test_an_orphan_that_lost_the_lock_stops_at_its_next_write(tmp_path):
         assert read_holder(out)["token"] == "retry-token"  # and left the retry's lock file alone
     finally:
         _stop(orphan)
+
+
+def test_the_lock_is_re_entrant_in_its_process_and_a_fenced_holder_cannot_re_enter(tmp_path):
+    """The service's job holds its directory for a whole attempt, around the analysis that takes it again."""
+    from sae_mlops.outlock import Fenced, _write_holder
+
+    out = tmp_path / "job" / "out"
+    with exclusive_out_dir(out, take_over=True) as token:
+        with exclusive_out_dir(out, take_over=True) as inner:
+            assert inner == token
+        assert read_holder(out)["token"] == token  # leaving the inner block released nothing
+        _write_holder(out / LOCK_NAME, "retry-token", None)  # a newer attempt fences this one
+        with pytest.raises(Fenced):
+            with exclusive_out_dir(out):
+                pass
+    assert read_holder(out)["token"] == "retry-token"  # the newer attempt's lock file is left alone
 
 
 def test_bad_input_leaves_no_lock_and_no_directory(tmp_path, monkeypatch):

@@ -4,7 +4,8 @@
   same (name, dtype, device, kwargs), evicts the least recently used, and an analysis leaves the
   cached model as it found it (two quick analyses on the cached model give the same metrics).
 - The stack, all on 127.0.0.1: a Ray head started here (``ray start --head --block`` on a free port,
-  2 CPUs, token authentication with a token made here, its own temp dir; stopped with its process
+  4 logical CPUs (two actors of the module's service, the kill -9 test's actor and its retry's),
+  token authentication with a token made here, its own temp dir; stopped with its process
   group, never ``ray stop``, which would stop every Ray instance on the machine), ``mlflow server``
   (sqlite, proxied artifacts, webhooks) and ``sae-mlops serve`` with ``executor: ray`` pointed at
   the head through Ray Client (``ray_address: ray://127.0.0.1:<port>``, as the compose service
@@ -12,6 +13,10 @@
   on the two actors and are written back; a third version runs on an already warm actor (no new
   actor started); an actor SIGKILLed mid-job (its run RUNNING in MLflow) is retried like a killed
   job process: the job completes on a new actor with one FINISHED run and the killed one FAILED.
+- ``kill -9`` of a second service (one actor, on the same head) mid-pass: its actor lives on as an
+  orphan beside the restarted service's retry, which kills it before touching the job, resumes the
+  shards it saved and finishes with the planned counts, one FINISHED run, nothing of the orphan
+  written after the takeover and no temp folder left (~50-90 s on a loaded 2-core machine).
 - Without ``ray_address`` the service starts its own Ray instance: a job past ``quick_timeout_s``
   has its actor killed and fails with the reason (written back), and after the service stops no
   process of its Ray instance is left.
@@ -20,13 +25,17 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
+import re
 import secrets
 import shutil
 import signal
 import subprocess
 import tempfile
 import time
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -119,12 +128,41 @@ def test_ray_settings_parse_and_refuse_bad_values():
                                "SAE_MLOPS_RAY_CPUS_PER_WORKER": "2", "SAE_MLOPS_MODEL_CACHE_SIZE": "0"})
     assert (s.executor, s.ray_address, s.ray_workers, s.ray_num_gpus, s.ray_cpus_per_worker, s.model_cache_size) == \
         ("ray", "ray://head:10001", 3, 0.5, 2.0, 0)
+    assert s.ray_connect_timeout_s == 150.0
+    assert load_settings(environ={**base, "SAE_MLOPS_RAY_CONNECT_TIMEOUT_S": "45"}).ray_connect_timeout_s == 45.0
     for key, value, words in (("EXECUTOR", "spark", "executor"), ("RAY_WORKERS", "0", "ray_workers"),
                               ("RAY_WORKERS", "two", "whole number"), ("RAY_NUM_GPUS", "-1", "ray_num_gpus"),
                               ("RAY_CPUS_PER_WORKER", "0", "ray_cpus_per_worker"),
-                              ("MODEL_CACHE_SIZE", "-1", "model_cache_size")):
+                              ("MODEL_CACHE_SIZE", "-1", "model_cache_size"),
+                              ("RAY_CONNECT_TIMEOUT_S", "0", "ray_connect_timeout_s")):
         with pytest.raises(InputError, match=words):
             load_settings(environ={**base, f"SAE_MLOPS_{key}": value})
+
+
+def test_a_ray_client_connection_that_does_not_finish_fails_within_its_deadline(tmp_path):
+    """`ray_executor._init_with_deadline` against a server that accepts connections and never answers
+    (the way ``ray.init`` hung when the head's Ray Client proxy could not start a client's server):
+    a RuntimeError naming the address after the deadline, and the process exits (the connecting
+    thread is a daemon)."""
+    import socket
+    import sys
+
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        address = f"ray://127.0.0.1:{silent.getsockname()[1]}"
+        code = ("from sae_mlops.service.ray_executor import _init_with_deadline\n"
+                f"_init_with_deadline({address!r}, 3)")
+        started = time.monotonic()
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                              env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]),
+                                   "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": "x" * 64},
+                              cwd=tmp_path)
+        elapsed = time.monotonic() - started
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert f"RuntimeError: connecting to the Ray cluster at {address} did not finish within 3 s" in proc.stderr, \
+        proc.stderr[-3000:]
+    assert elapsed < 60, elapsed  # the deadline, not Ray Client's own retries
 
 
 # --- the stack -----------------------------------------------------------------------------------
@@ -141,7 +179,7 @@ def _ray_head(tmp: Path, token: str):
     log = tmp / "ray-head.log"
     with open(log, "ab") as f:
         proc = subprocess.Popen(
-            [str(BIN / "ray"), "start", "--head", "--block", f"--port={port}", "--num-cpus=2", "--num-gpus=0",
+            [str(BIN / "ray"), "start", "--head", "--block", f"--port={port}", "--num-cpus=4", "--num-gpus=0",
              "--include-dashboard=false", "--node-ip-address=127.0.0.1", f"--ray-client-server-port={client_port}", "--disable-usage-stats",
              f"--temp-dir={tmp / 'ray'}"],
             env=env, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
@@ -184,7 +222,7 @@ def stack():
             service.env["SAE_MLOPS_WEBHOOK_URL"] = f"{service.url}/webhooks/mlflow"
             try:
                 service.start(timeout=180)
-                yield {"uri": uri, "service": service, "tmp": tmp}
+                yield {"uri": uri, "service": service, "tmp": tmp, "address": address, "token": token}
             finally:
                 service.stop()
     finally:
@@ -291,6 +329,165 @@ def test_an_actor_killed_mid_job_is_retried_and_the_job_completes(stack):
     replaced = _wait(lambda: [a for a in _actors(service).values() if a["actors_started"] == 2 and a["pid"]], 60,
                      "a new actor in place of the killed one")
     assert len(replaced) == 1 and replaced[0]["pid"] != pid and pid_alive(replaced[0]["pid"]), _actors(service)
+
+
+# --- kill -9 of the service: the orphaned actor is fenced by the retry ----------------------------
+
+KILL9_MODEL = "sae-ray-kill9"
+KILL9_EXPERIMENT = "service-ray-kill9"
+#: 4 shards of the default 131,072 tokens (the demo corpus has ~470k): long enough that the orphan
+#: still runs when the restarted service's retry starts, which the test checks
+KILL9_TOKENS = 400_000
+KILL9_POLICY = (
+    "rules:\n"
+    f"  - models: ['{KILL9_MODEL}']\n"
+    "    triggers: {created: true}\n"
+    f"    quick: {{max_tokens: {KILL9_TOKENS}, batch_size: 16}}\n"
+)
+
+
+#: the kill -9 test's ray_connect_timeout_s: the head's Ray Client proxy has failed to start the
+#: server of a second or third client (about 1 connection in 4 here), and the service then exits
+KILL9_CONNECT_TIMEOUT_S = 60
+
+
+def _start_as_a_restart_policy_would(service: ServiceProc, tries: int = 3) -> None:
+    """Start the service; when it exits because its Ray connection did not finish (see
+    KILL9_CONNECT_TIMEOUT_S), start it again, up to `tries` times."""
+    for attempt in range(1, tries + 1):
+        try:
+            service.start(timeout=KILL9_CONNECT_TIMEOUT_S + 120)
+            return
+        except RuntimeError as e:
+            service.stop()
+            if attempt == tries or "did not finish within" not in str(e):
+                raise
+
+
+def _shards_done(manifest: Path) -> int:
+    return len(json.loads(manifest.read_text())["done"])
+
+
+def _log_lines(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(errors="replace").splitlines() if line.startswith("{")]
+
+
+def _ms(ts: str) -> int:
+    return int(datetime.fromisoformat(ts).timestamp() * 1000)
+
+
+def _planned_shards(max_tokens: int, batch_size: int) -> list:
+    """The shard plan of the job's pass, computed here from the corpus and the tokenizer (no model run)."""
+    from sae_mlops.analyses.quick import prepare
+    from sae_mlops.config import AnalysisConfig, ExecutionOptions
+    from sae_mlops.core.tokens import plan_pass
+    from sae_mlops.demo import demo_sae_path
+
+    cfg = AnalysisConfig(sae=str(demo_sae_path("saelens")), device="cpu", max_tokens=max_tokens, batch_size=batch_size,
+                         progress=False)
+    inputs = prepare(cfg)
+    shards, _ = plan_pass(inputs.corpus.texts, inputs.model.tokenizer, inputs.plan, cfg.batch_size, cfg.max_tokens,
+                          ExecutionOptions().shard_tokens)
+    return shards
+
+
+def test_kill_9_of_the_service_its_orphaned_actor_is_fenced_by_the_retry(stack):
+    """The service (executor ray, one actor, on the module's head through Ray Client) is SIGKILLed
+    (the process only, as a crash) once its job's pass has started (its checkpoint planned). Its actor lives on
+    (an orphan: Ray Client keeps a vanished driver's actors for its reconnect grace period, 30 s by
+    default, 600 s for the crashed service here so that the orphan outlives any restart) and keeps saving shards into the
+    job's folder (it is paused while the service restarts, so that it still runs when the retry
+    starts however long the restart takes). The service restarted on the same data dir retries the job: the retry takes the
+    job's output directory over first (the orphan's actor process is killed: it is on this host),
+    resumes the shards the orphan saved, and finishes. Checked: the orphan was alive and was killed
+    by the retry's takeover; nothing of it (its log file, its run's metrics) changed after the
+    takeover; one FINISHED run (the orphan's FAILED); the counts are those of the planned pass; no
+    temp folder is left in the job's folder."""
+    uri, address, token = stack["uri"], stack["address"], stack["token"]
+    work = stack["tmp"] / "kill9"
+    work.mkdir()
+    client = _client(uri)
+    version = _register(client, KILL9_MODEL)  # before the start: the reconciler's first scan enqueues it
+    service = ServiceProc(
+        work, uri, SECRET, KILL9_POLICY, SAE_MLOPS_EXPERIMENT=KILL9_EXPERIMENT, SAE_MLOPS_RETRY_BACKOFF_S="1",
+        SAE_MLOPS_RECONCILE_INTERVAL_S="0", SAE_MLOPS_WORKER_POLL_S="0.5", SAE_MLOPS_EXECUTOR="ray",
+        SAE_MLOPS_RAY_ADDRESS=address, SAE_MLOPS_RAY_WORKERS="1", SAE_MLOPS_RAY_CPUS_PER_WORKER="1",
+        SAE_MLOPS_MODEL_CACHE_SIZE="1", SAE_MLOPS_RAY_CONNECT_TIMEOUT_S=str(KILL9_CONNECT_TIMEOUT_S),
+        RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token, RAY_CLIENT_RECONNECT_GRACE_PERIOD="600")
+    service.env.pop("RAY_ADDRESS", None)
+    orphan = None
+    crashed = None
+    try:
+        _start_as_a_restart_policy_would(service)
+        job = _job_for(service, KILL9_MODEL, version)
+        job_dir = service.data_dir / "jobs" / str(job["id"])
+        manifest = job_dir / "out" / "checkpoint" / "manifest.json"
+        orphan = service.wait_job(job["id"], lambda j: j.get("pid") and j.get("phase") == "analysing", 180,
+                                  "analysing")["pid"]
+        _wait(manifest.is_file, 180, "the pass started (its checkpoint planned)")
+        at_kill = _shards_done(manifest)
+        crashed = service.proc
+        assert crashed is not None
+        os.kill(crashed.pid, signal.SIGKILL)  # the service process only: a crash (OOM kill), not a shutdown
+        assert crashed.wait(timeout=30) == -signal.SIGKILL
+        assert pid_alive(orphan), "the actor died with the service: no orphan to fence"
+        # The orphan waits while the service restarts (up to 3 starts, see KILL9_CONNECT_TIMEOUT_S), so that
+        # it runs beside the retry however long the restart takes; it goes on once the service is up.
+        os.kill(orphan, signal.SIGSTOP)
+        del service.env["RAY_CLIENT_RECONNECT_GRACE_PERIOD"]
+        _start_as_a_restart_policy_would(service)  # the same data dir: the job is requeued (attempt 2)
+        os.kill(orphan, signal.SIGCONT)
+        done = service.wait_job(job["id"], lambda j: j["state"] in ("done", "failed"), TIMEOUT_S, "done")
+        assert done["state"] == "done" and done["attempts"] == 2, (done, service.job_log(job["id"]))
+        assert not pid_alive(orphan)
+
+        # The retry took the directory over from the live orphan (killed: same host), not the other way round.
+        retry_log = _log_lines(job_dir / "attempt-2.log")
+        held = [r for r in retry_log if f"is held by PID {orphan} (an earlier attempt's orphan); killing it" in r["msg"]]
+        taken = [r for r in retry_log if f"taken over from PID {orphan}" in r["msg"]]
+        assert held and taken, (f"the orphan (PID {orphan}) was not taken over by the retry; it may have finished first "
+                                f"(the pass is too short for this machine):\n{service.job_log(job['id'])}")
+        fenced_ms = _ms(taken[0]["ts"])
+        assert not [r for r in retry_log if "fencing it" in r["msg"]]  # the flock was had: the orphan was dead
+        resumed = [re.search(r"resuming \S+: (\d+) of (\d+) shards done \((\d+) tokens\)", r["msg"]) for r in retry_log]
+        resumed = [m for m in resumed if m]
+        assert len(resumed) == 1, service.job_log(job["id"])
+        n_resumed, n_shards, tokens_resumed = (int(g) for g in resumed[0].groups())
+        assert at_kill <= n_resumed <= n_shards, (at_kill, n_resumed, n_shards)
+
+        # Nothing of the orphan changed after the takeover: its log file, its run.
+        orphan_log = job_dir / "attempt-1.log"
+        assert orphan_log.stat().st_mtime_ns // 1_000_000 <= fenced_ms
+        exp = client.get_experiment_by_name(KILL9_EXPERIMENT)
+        runs = client.search_runs([exp.experiment_id], f"tags.`sae_mlops.service.job_id` = '{job['id']}'")
+        by_attempt = {r.data.tags["sae_mlops.service.attempt"]: r for r in runs}
+        assert sorted(by_attempt) == ["1", "2"], {a: r.info.status for a, r in by_attempt.items()}
+        first, second = by_attempt["1"], by_attempt["2"]
+        assert (first.info.status, second.info.status) == ("FAILED", "FINISHED")
+        assert second.info.run_id == done["run_id"]
+        progress = client.get_metric_history(first.info.run_id, "progress/tokens_done")
+        assert progress and max(m.timestamp for m in progress) <= fenced_ms
+        assert max(m.value for m in progress) <= tokens_resumed  # the orphan saved nothing the retry did not resume
+        assert first.info.end_time is not None and first.info.end_time >= fenced_ms  # closed by the retry
+        _check_written_back(client, KILL9_MODEL, version, done)
+
+        # The results are those of the whole planned pass, once.
+        shards = _planned_shards(KILL9_TOKENS, 16)
+        assert len(shards) == n_shards > 1
+        metrics = second.data.metrics
+        assert metrics["tokens/analysed"] == sum(s.tokens for s in shards)
+        assert metrics["tokens/batches"] == sum(s.batches for s in shards)
+        assert metrics["tokens/windows"] == sum(s.windows for s in shards)
+        assert metrics["progress/tokens_done"] == metrics["tokens/analysed"]
+        assert sum(s.tokens for s in shards[:n_resumed]) == tokens_resumed
+        assert not list(job_dir.glob("tmp*")), sorted(p.name for p in job_dir.iterdir())
+    finally:
+        service.stop()
+        if crashed is not None:  # anything left in the crashed service's process group
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(crashed.pid, signal.SIGKILL)
+        if orphan is not None and pid_alive(orphan):
+            os.kill(orphan, signal.SIGKILL)  # also when stopped
 
 
 def test_a_job_over_its_timeout_has_its_actor_killed_on_a_ray_instance_the_service_owns(monkeypatch):

@@ -7,6 +7,13 @@ call as the CLI (`sae_mlops.workflows.run_quick_and_log`, or `run_full_and_log` 
 so the run carries the lineage tags of the version, and writes ``result.json`` (run id, finite
 metrics, warnings) atomically.
 
+One writer: first of all the attempt takes the job's output directory (`sae_mlops.outlock`,
+``take_over``) and holds it until its run is ended. An orphan of an earlier attempt still writing
+there (a Ray actor whose service was killed: Ray Client keeps a vanished driver's actors for its
+reconnect grace period) is killed when it runs on this host, else fenced (its next checkpoint write,
+its outputs, its logging and its run's end raise `Fenced`), before this attempt reads or closes the
+job's runs or resumes its checkpoint.
+
 Exactly once in MLflow: before the analysis the job looks for runs tagged with its key
 (``sae_mlops.service.job_key``, one per earlier attempt). A FINISHED one is reused (its metrics go
 into ``result.json``; nothing is analysed again); RUNNING ones (an attempt killed while it ran) are
@@ -90,7 +97,6 @@ def execute(spec: dict[str, Any]) -> tuple[int, dict[str, Any] | None]:
 
 def run_job(spec: dict[str, Any]) -> dict[str, Any]:
     """Run the analysis the spec describes; return what goes into result.json."""
-    from sae_mlops import workflows as pipeline
     from sae_mlops.config import AnalysisConfig
     from sae_mlops.errors import InputError
 
@@ -109,12 +115,28 @@ def run_job(spec: dict[str, Any]) -> dict[str, Any]:
     out_dir = Path(spec["out_dir"])
     run_name = f"{kind} {name} v{version}"
     experiment = spec.get("experiment") or "sae-mlops-service"
-    job_id = spec.get("job_id")
-    job_key = str(spec.get("job_key") or job_id)
+    job_key = str(spec.get("job_key") or spec.get("job_id"))
+    from sae_mlops.outlock import exclusive_out_dir
     from sae_mlops.service.mlflow_io import RegistryIO
-    from sae_mlops.service.tags import RUN_TAG_ATTEMPT, RUN_TAG_JOB_ID, RUN_TAG_JOB_KEY, RUN_TAG_TRIGGER
 
     registry = RegistryIO(spec.get("tracking_uri"))
+
+    # Fence first: an orphan of an earlier attempt (a Ray actor whose service was killed) is killed
+    # (same host) or fenced before this attempt reads or closes the job's runs or its checkpoint, and
+    # the directory stays held until this attempt's run is ended.
+    with exclusive_out_dir(out_dir, option="the job's output directory", take_over=True):
+        return _run_attempt(spec, registry, cfg, kind, name, version, out_dir, run_name, experiment, job_key,
+                            full_opts, probe_opts)
+
+
+def _run_attempt(spec: dict[str, Any], registry: Any, cfg: Any, kind: str, name: str, version: str, out_dir: Path,
+                 run_name: str, experiment: str, job_key: str, full_opts: Any, probe_opts: Any) -> dict[str, Any]:
+    """`run_job` once this attempt holds the job's output directory."""
+    from sae_mlops import workflows as pipeline
+    from sae_mlops.outlock import check_fence
+    from sae_mlops.service.tags import RUN_TAG_ATTEMPT, RUN_TAG_JOB_ID, RUN_TAG_JOB_KEY, RUN_TAG_TRIGGER
+
+    job_id = spec.get("job_id")
     earlier = registry.job_runs(experiment, job_key)
     finished = [r for r in earlier if r.info.status == "FINISHED"]
     registry.close_job_runs(experiment, job_key)
@@ -155,6 +177,7 @@ def run_job(spec: dict[str, Any]) -> dict[str, Any]:
                                                                 "topk_mode", "threshold", "batch_size", "device", "dtype")})
             probed = pipeline.run_probe_and_log(target, probe_opts, EvalRunOptions(out=str(out_dir / "probe"), run_id=run_id, quiet=True))
             outcome.result.metrics.update(probed.metrics)
+        check_fence(out_dir)  # an orphan fenced during its analysis must not end its run FINISHED
     except BaseException:
         try:
             registry.end_run(run_id, "FAILED")

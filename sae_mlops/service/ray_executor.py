@@ -88,6 +88,36 @@ shutil.rmtree(tmp, ignore_errors=True)
 """ % HEAD_STOP_GRACE_S
 
 
+def _init_with_deadline(address: str, timeout_s: float) -> None:
+    """``ray.init(address)`` of a Ray Client address in a daemon thread, waited for at most
+    `timeout_s` s (``ray_connect_timeout_s``): its exception is raised here; a `RuntimeError` naming
+    the address when it has not returned by then (the thread is left behind: the caller, the
+    service's start, fails and the process exits). Why: right after a ``kill -9`` of the service,
+    the head's Ray Client proxy has failed to start the new client's server (its process exited at
+    once; Ray 2.60, about 1 connection in 4 while another client was connected) and ``ray.init``
+    then had not returned after 4 minutes."""
+    import ray
+
+    outcome: dict[str, BaseException | None] = {}
+
+    def connect() -> None:
+        try:
+            ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
+            outcome["error"] = None
+        except BaseException as e:  # noqa: BLE001 - raised in the caller's thread
+            outcome["error"] = e
+
+    thread = threading.Thread(target=connect, name="ray-connect", daemon=True)
+    thread.start()
+    thread.join(timeout_s)
+    if "error" not in outcome:
+        raise RuntimeError(f"connecting to the Ray cluster at {address} did not finish within {timeout_s:.0f} s "
+                           "(the head's Ray Client server may have failed to start this client's server; see "
+                           "ray_client_server*.err in the head's logs); restart the service")
+    if outcome["error"] is not None:
+        raise outcome["error"]
+
+
 def _token_auth_env() -> None:
     """Token authentication for the local head and this process (the driver): RAY_AUTH_MODE=token
     and a new RAY_AUTH_TOKEN unless one is set; Ray's cached configuration is refreshed if Ray
@@ -213,7 +243,10 @@ class RayRuntime:
                 log.info("connecting to the Ray cluster at %s", s.ray_address)
                 for attempt in range(1, CONNECT_ATTEMPTS + 1):
                     try:
-                        ray.init(address=s.ray_address, log_to_driver=False, logging_level=logging.WARNING)
+                        if s.ray_address.startswith("ray://"):
+                            _init_with_deadline(s.ray_address, s.ray_connect_timeout_s)
+                        else:
+                            ray.init(address=s.ray_address, log_to_driver=False, logging_level=logging.WARNING)
                         break
                     except ConnectionError as e:  # Ray Client: the head's proxy failed to start our server
                         if attempt == CONNECT_ATTEMPTS:

@@ -115,6 +115,11 @@ class Settings(BaseModel):
         2, description="executor ray: base models each actor keeps loaded between jobs, least recently used "
         "evicted first, keyed by (model name, dtype, device, load kwargs); 0 loads the model for every job. "
         "Default 2.")
+    ray_connect_timeout_s: float = Field(
+        150.0, description="executor ray with a Ray Client address (ray://): seconds the connection to the cluster "
+        "may take at start; after that the service exits with the reason, for its restart policy to start it again "
+        "(the head's Ray Client proxy has failed to start a new client's server right after a kill -9 of the "
+        "service, and the connection then hung). Default 150.")
 
     @property
     def queue_path(self) -> Path:
@@ -260,6 +265,7 @@ def _coerce(name: str, raw: Any, origin: str) -> Any:
         "health_check_timeout_s",
         "ray_num_gpus",
         "ray_cpus_per_worker",
+        "ray_connect_timeout_s",
     ):
         try:
             return float(str(raw))
@@ -319,5 +325,7 @@ def _validate(s: Settings) -> None:
         raise InputError(f"ray_cpus_per_worker is {s.ray_cpus_per_worker}; it must be a positive number of CPUs.")
     if s.model_cache_size < 0:
         raise InputError(f"model_cache_size is {s.model_cache_size}; it must not be negative.")
+    if s.ray_connect_timeout_s <= 0:
+        raise InputError(f"ray_connect_timeout_s is {s.ray_connect_timeout_s}; it must be a positive number of seconds.")
     if s.policy_file is not None and s.policy is not None:
         raise InputError("Both policy_file and an inline policy are set; keep one of them.")

@@ -234,6 +234,7 @@ class Worker:
             result = {**result, "gate": {"passed": gate_result.passed, "reasons": gate_result.reasons}}
         if not self.settings.keep_outputs:  # already logged to the run: clean up before marking done
             shutil.rmtree(job_dir / "out", ignore_errors=True)
+        _remove_attempt_temps(job_dir)
         self.queue.mark_done(job.id, run_id, result)
         self.jobs_done += 1
         log.info("job %d done: run %s", job.id, run_id, extra={**extra, "run_id": run_id})
@@ -283,6 +284,7 @@ class Worker:
                      updated.max_attempts, extra={"job_id": job.id})
             return
         self.jobs_failed += 1
+        _remove_attempt_temps(self.settings.jobs_dir / str(job.id))
         log.error("job %d failed for good: %s", job.id, (error or "").splitlines()[0] if error else "", extra={"job_id": job.id})
         if write_back:
             self._write_failed(job, error or "failed")
@@ -451,6 +453,14 @@ class Worker:
             if time.monotonic() > deadline:
                 _kill_group(proc)
                 return None
+
+
+def _remove_attempt_temps(job_dir: Path) -> None:
+    """The temp folders of the job's Ray attempts (``tmp-<attempt>-<pid>-<time>``, see `ray_executor`):
+    an attempt removes its own, but a killed one (timeout, lost actor, an orphan killed by its retry)
+    leaves it; once the job is over, every earlier attempt has been killed or fenced (`job.run_job`)."""
+    for tmp in job_dir.glob("tmp-*"):
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def read_result(path: Path) -> dict[str, Any] | None:
