@@ -264,7 +264,9 @@ def prestart_local_ray(exec_opts: ExecutionOptions) -> None:
 
     if ray.is_initialized():
         return
-    logging.getLogger("ray._private.worker").addFilter(_NoThreadSigtermWarning())
+    ray_logger = logging.getLogger("ray._private.worker")
+    if not any(isinstance(f, _NoThreadSigtermWarning) for f in ray_logger.filters):
+        ray_logger.addFilter(_NoThreadSigtermWarning())
     _prestarted = LocalRayStart(max(math.ceil(exec_opts.workers * exec_opts.cpus_per_worker), 1))
 
 
