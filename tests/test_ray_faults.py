@@ -70,7 +70,9 @@ def test_a_local_ray_instance_listens_on_loopback_only(tmp_path):
         def ping() -> int:
             return os.getpid()
 
-        ray.get(ping.remote(), timeout=120)  # a worker is up too
+        worker = ray.get(ping.remote(), timeout=120)  # a worker is up too
+        # at normal priority: Ray's default nice 15 starves the actors on a loaded machine
+        assert int(Path(f"/proc/{worker}/stat").read_text().rsplit(")", 1)[1].split()[16]) == 0
         # Ray's servers run below the processes ray.init started: this process's children (raylet,
         # gcs_server) and theirs; plus anything naming this session's temp dir
         pids = _descendants(os.getpid()) | {int(d.name) for d in Path("/proc").iterdir()

@@ -174,7 +174,7 @@ def _ray_head(tmp: Path, token: str):
     # the head's Ray Client proxy gives each client's server 30 s to start by default; a loaded 2-core CI
     # machine has exceeded that once (the service then refuses to start), so allow 120 s
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token, "RAY_USAGE_STATS_ENABLED": "0",
-           "RAY_CLIENT_SERVER_CHECK_CHANNEL_TIMEOUT_S": "120"}
+           "RAY_CLIENT_SERVER_CHECK_CHANNEL_TIMEOUT_S": "120", "RAY_worker_niceness": "0"}
     env.pop("RAY_ADDRESS", None)
     log = tmp / "ray-head.log"
     with open(log, "ab") as f:

@@ -142,6 +142,11 @@ SHARD_RETRIES = 2
 #: 127.0.0.1 stays on loopback: Ray >= 2.50 otherwise replaces 127.0.0.1 by the host's external IP
 #: (``services.resolve_ip_for_localhost``) and its servers listen there
 LOOPBACK_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+#: the environment of a Ray instance this tool starts itself: on loopback only (`LOOPBACK_ENV`), and
+#: its workers at normal priority. Ray starts workers at nice 15 by default, so on a machine where
+#: anything else runs (a second analysis, a CI job) the actors doing the analysis starve: an actor
+#: load that takes 4 s took over 4 minutes beside `stress-ng --cpu 2`.
+LOCAL_RAY_ENV = {**LOOPBACK_ENV, "RAY_worker_niceness": "0"}
 
 
 def bind_ray_to_loopback() -> dict[str, str | None]:
@@ -151,8 +156,8 @@ def bind_ray_to_loopback() -> dict[str, str | None]:
     keep its reachable IP."""
     import sys
 
-    previous = {k: os.environ.get(k) for k in LOOPBACK_ENV}
-    os.environ.update(LOOPBACK_ENV)
+    previous = {k: os.environ.get(k) for k in LOCAL_RAY_ENV}
+    os.environ.update(LOCAL_RAY_ENV)
     constants = sys.modules.get("ray._private.ray_constants")
     if constants is not None:  # imported already: its constant was read from the environment then
         constants.ENABLE_RAY_CLUSTER = False  # type: ignore[attr-defined]

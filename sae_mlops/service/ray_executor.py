@@ -297,11 +297,11 @@ class RayRuntime:
                "--node-ip-address=127.0.0.1", "--include-dashboard=false", "--disable-usage-stats",
                f"--ray-client-server-port={_free_port()}",  # not Ray's fixed 10001: instances side by side
                f"--temp-dir={self._head_dir}"]
-        from sae_mlops.analyses.ray_shards import LOOPBACK_ENV
+        from sae_mlops.analyses.ray_shards import LOCAL_RAY_ENV
 
-        with open(log_path, "ab") as f:  # LOOPBACK_ENV: every server of the instance listens on 127.0.0.1 only
+        with open(log_path, "ab") as f:  # LOCAL_RAY_ENV: loopback only, workers not niced
             self._head = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                          start_new_session=True, env={**os.environ, **LOOPBACK_ENV})
+                                          start_new_session=True, env={**os.environ, **LOCAL_RAY_ENV})
         # Stopping the head from inside a process that was its Ray driver can abort that process
         # (seen with Ray 2.60), so a detached watchdog stops it after the service has exited
         # (also when the service is killed).

@@ -369,12 +369,16 @@ def _run_on_ray(cfg: SynthConfig, world: dict[str, bytes], recipes: list[Recipe]
     ``ray_address``, else starts a local instance on 127.0.0.1 and stops it at the end."""
     import ray
 
+    from sae_mlops.analyses.ray_shards import bind_ray_to_loopback, restore_env
+
     started = False
+    previous_env: dict[str, str | None] | None = None
     if not ray.is_initialized():
         try:
             if cfg.ray_address:
                 ray.init(address=cfg.ray_address, log_to_driver=False, logging_level=logging.WARNING)
             else:
+                previous_env = bind_ray_to_loopback()  # loopback only, workers not niced (LOCAL_RAY_ENV)
                 ray.init(
                     num_cpus=max(cfg.threads, os.cpu_count() or 1),
                     include_dashboard=False,
@@ -385,6 +389,8 @@ def _run_on_ray(cfg: SynthConfig, world: dict[str, bytes], recipes: list[Recipe]
                 )
                 started = True
         except ConnectionError as exc:
+            if previous_env is not None:
+                restore_env(previous_env)
             raise InputError(f"--ray-address {cfg.ray_address}: no Ray cluster answered ({exc}); start one or drop the option.") from None
     try:
         task = ray.remote(num_cpus=cfg.threads)(train_recipe)
@@ -398,6 +404,8 @@ def _run_on_ray(cfg: SynthConfig, world: dict[str, bytes], recipes: list[Recipe]
     finally:
         if started:
             ray.shutdown()
+        if previous_env is not None:
+            restore_env(previous_env)
 
 
 def _pythonpath() -> list[str]:
