@@ -282,3 +282,37 @@ def degraded_demo_sae(dst: Path, noise: float = 0.5, seed: int = 0) -> Path:
     weights["W_dec"] = (w + rng.normal(0.0, noise * float(w.std()), w.shape)).astype(w.dtype)
     save_file(weights, str(dst / "sae_weights.safetensors"))
     return dst
+
+
+@contextlib.contextmanager
+def sqlite_webhook_service(tmp: Path, secret: str, policy: str, experiment: str) -> Iterator[tuple[str, ServiceProc]]:
+    """A `mlflow server` (sqlite, proxied artifacts, webhooks) and `sae-mlops serve` with `policy`,
+    registered as its webhook, reconciling rarely (deliveries drive it); yields (tracking URI, service)."""
+    with mlflow_webhook_server(tmp, f"sqlite:///{tmp / 'mlflow.db'}", str(tmp / "mlartifacts")) as (uri, _):
+        service = ServiceProc(tmp, uri, secret, policy, SAE_MLOPS_EXPERIMENT=experiment,
+                              SAE_MLOPS_RECONCILE_INTERVAL_S="600", SAE_MLOPS_WORKER_POLL_S="0.5",
+                              SAE_MLOPS_RETRY_BACKOFF_S="1")
+        service.env["SAE_MLOPS_WEBHOOK_URL"] = f"{service.url}/webhooks/mlflow"
+        try:
+            service.start(timeout=180)
+            yield uri, service
+        finally:
+            service.stop()
+
+
+def wait_quick_analysed(client, service: ServiceProc, model: str, version: str, timeout: float) -> dict[str, str]:
+    """The version's tags once its quick analysis is done (polled every 0.5 s up to `timeout` s); an
+    AssertionError with the jobs, their logs and the service log when it failed or timed out."""
+    deadline = time.monotonic() + timeout
+    tags: dict[str, str] = {}
+    while time.monotonic() < deadline:
+        tags = dict(client.get_model_version(model, version).tags)
+        status = tags.get("sae_mlops.analysis.quick.status")
+        if status == "done":
+            return tags
+        if status == "failed":
+            break
+        time.sleep(0.5)
+    jobs = [j for j in service.jobs() if j["version"] == version]
+    logs = "\n".join(service.job_log(j["id"]) for j in jobs)
+    raise AssertionError(f"v{version} not analysed: {tags}\n{jobs}\n{logs}\n{service.log.read_text()[-3000:]}")

@@ -14,12 +14,11 @@ Every wait is bounded; the servers are stopped (process groups) even after a fai
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import pytest
 
-from service_stack import ServiceProc, degraded_demo_sae, mlflow_webhook_server, register_demo_version
+from service_stack import ServiceProc, degraded_demo_sae, register_demo_version, sqlite_webhook_service, wait_quick_analysed
 
 MODEL = "sae-gate-demo"
 SECRET = "gate-test-secret"
@@ -40,33 +39,13 @@ POLICY = (
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("gate")
-    with mlflow_webhook_server(tmp, f"sqlite:///{tmp / 'mlflow.db'}", str(tmp / "mlartifacts")) as (uri, _):
-        service = ServiceProc(tmp, uri, SECRET, POLICY, SAE_MLOPS_EXPERIMENT="service-gate",
-                              SAE_MLOPS_RECONCILE_INTERVAL_S="600", SAE_MLOPS_WORKER_POLL_S="0.5",
-                              SAE_MLOPS_RETRY_BACKOFF_S="1")
-        service.env["SAE_MLOPS_WEBHOOK_URL"] = f"{service.url}/webhooks/mlflow"
-        try:
-            service.start(timeout=180)
-            yield {"uri": uri, "service": service, "tmp": tmp}
-        finally:
-            service.stop()
+    with sqlite_webhook_service(tmp, SECRET, POLICY, "service-gate") as (uri, service):
+        yield {"uri": uri, "service": service, "tmp": tmp}
 
 
 def _analysed(client, service: ServiceProc, version: str) -> dict[str, str]:
     """The version's tags once its quick analysis is done and the gate has decided."""
-    deadline = time.monotonic() + ANALYSIS_TIMEOUT_S
-    tags: dict[str, str] = {}
-    while time.monotonic() < deadline:
-        tags = dict(client.get_model_version(MODEL, version).tags)
-        status = tags.get("sae_mlops.analysis.quick.status")
-        if status == "done":
-            return tags
-        if status == "failed":
-            break
-        time.sleep(0.5)
-    jobs = [j for j in service.jobs() if j["version"] == version]
-    logs = "\n".join(service.job_log(j["id"]) for j in jobs)
-    raise AssertionError(f"v{version} not analysed: {tags}\n{jobs}\n{logs}\n{service.log.read_text()[-3000:]}")
+    return wait_quick_analysed(client, service, MODEL, version, ANALYSIS_TIMEOUT_S)
 
 
 def test_champion_moves_only_to_a_significantly_better_version(stack):

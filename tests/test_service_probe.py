@@ -14,11 +14,10 @@ Every wait is bounded; the servers are stopped (process groups) even after a fai
 
 from __future__ import annotations
 
-import time
 
 import pytest
 
-from service_stack import ServiceProc, mlflow_webhook_server, register_demo_version
+from service_stack import ServiceProc, register_demo_version, sqlite_webhook_service, wait_quick_analysed
 
 MODEL = "sae-probe-demo"
 SECRET = "probe-test-secret"
@@ -39,32 +38,12 @@ def _policy(cache_dir: str) -> str:
 def stack(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("probe_service")
     cache = tmp / "activation-cache"
-    with mlflow_webhook_server(tmp, f"sqlite:///{tmp / 'mlflow.db'}", str(tmp / "mlartifacts")) as (uri, _):
-        service = ServiceProc(tmp, uri, SECRET, _policy(str(cache)), SAE_MLOPS_EXPERIMENT="service-probe",
-                              SAE_MLOPS_RECONCILE_INTERVAL_S="600", SAE_MLOPS_WORKER_POLL_S="0.5",
-                              SAE_MLOPS_RETRY_BACKOFF_S="1")
-        service.env["SAE_MLOPS_WEBHOOK_URL"] = f"{service.url}/webhooks/mlflow"
-        try:
-            service.start(timeout=180)
-            yield {"uri": uri, "service": service, "tmp": tmp, "cache": cache}
-        finally:
-            service.stop()
+    with sqlite_webhook_service(tmp, SECRET, _policy(str(cache)), "service-probe") as (uri, service):
+        yield {"uri": uri, "service": service, "tmp": tmp, "cache": cache}
 
 
 def _analysed(client, service: ServiceProc, version: str) -> dict[str, str]:
-    deadline = time.monotonic() + ANALYSIS_TIMEOUT_S
-    tags: dict[str, str] = {}
-    while time.monotonic() < deadline:
-        tags = dict(client.get_model_version(MODEL, version).tags)
-        status = tags.get("sae_mlops.analysis.quick.status")
-        if status == "done":
-            return tags
-        if status == "failed":
-            break
-        time.sleep(0.5)
-    jobs = [j for j in service.jobs() if j["version"] == version]
-    logs = "\n".join(service.job_log(j["id"]) for j in jobs)
-    raise AssertionError(f"v{version} not analysed: {tags}\n{jobs}\n{logs}\n{service.log.read_text()[-3000:]}")
+    return wait_quick_analysed(client, service, MODEL, version, ANALYSIS_TIMEOUT_S)
 
 
 def test_policy_probe_options_log_probe_metrics_into_the_versions_analysis_run(stack):
