@@ -20,6 +20,18 @@ import pytest
 for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(_var, "1")
 
+import signal  # noqa: E402
+
+# A suite started in the background by a shell without job control (`make test &` in a script, a
+# `(nohup ... &)`) inherits SIGINT ignored, and so would every CLI subprocess a test starts: Python
+# installs its KeyboardInterrupt handler only where SIGINT is not ignored, so the tests that press
+# Ctrl-C (send SIGINT) would see the analysis run to its end. A caught signal is reset to its default
+# by exec, so with a handler here each child installs its own. (Inherited ignoring was the cause of
+# `test_sigint_during_a_quick_analysis_under_mlflow_run` and `test_interrupted_run_resumes` failing
+# with exit 0.)
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
 import torch  # noqa: E402 - after the thread settings above
 
 # ---------------------------------------------------------------------------------------------

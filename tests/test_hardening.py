@@ -206,6 +206,15 @@ def test_interrupt_during_the_full_pass_leaves_nothing_and_kills_its_run(tmp_pat
     assert runs[0].info.run_id in line
 
 
+def test_a_cli_subprocess_of_a_test_can_be_interrupted():
+    """The SIGINT tests below need their child to turn SIGINT into KeyboardInterrupt, also when the
+    suite itself was started with SIGINT ignored (in the background by a shell without job control:
+    tests/conftest.py restores a handler)."""
+    probe = "import signal; print(signal.getsignal(signal.SIGINT) is signal.default_int_handler)"
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
+    assert out.stdout.strip() == "True", out.stderr
+
+
 def test_sigint_during_a_quick_analysis_under_mlflow_run(tmp_path, mlflow_store, demo_assets):
     """A real SIGINT to a real process whose run exists beforehand (MLFLOW_RUN_ID, as `mlflow run` sets)."""
     from mlflow.tracking import MlflowClient
