@@ -143,3 +143,51 @@ def test_inputs_refused_while_ray_starts_leave_no_ray_behind(tmp_path):
     while any("raylet" in _cmdline(p) or "gcs_server" in _cmdline(p) for p in _descendants(os.getpid()) - {os.getpid()}):
         assert time.monotonic() < deadline, "Ray's processes outlived the refused analysis"
         time.sleep(0.1)
+
+
+@pytest.mark.timeout(300)
+def test_actors_started_with_ray_run_the_shards_and_extra_ones_are_stopped(tmp_path, caplog):
+    """A prestarted local instance creates its actors while the driver loads its inputs (their imports
+    overlap the driver's); `run_ray` loads them. With fewer shards than workers, the extra actor is
+    stopped and the result equals the local pass."""
+    import logging
+
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    local = run_quick_and_log(_cfg(), tmp_path / "local", track=False)
+    with caplog.at_level(logging.INFO, logger="sae_mlops.analyses.ray_shards"):
+        outcome = run_quick_and_log(_cfg(), tmp_path / "ray", track=False,
+                                    exec_opts=ExecutionOptions(shard_tokens=10**9, executor="ray", workers=2))
+    assert outcome.result.params["shards"] == 1
+    assert "1 of the 2 actors created while the inputs loaded" in caplog.text
+    assert not ray.is_initialized()
+    for k, v in local.result.metrics.items():
+        if k.startswith(("sparsity/", "recon/", "downstream/", "features/")) and isinstance(v, float):
+            assert outcome.result.metrics[k] == pytest.approx(v, rel=1e-4, abs=1e-6), k
+
+
+@pytest.mark.timeout(300)
+def test_closing_an_actor_removes_its_temporary_folder():
+    import ray
+
+    from sae_mlops.analyses.quick import prepare
+    from sae_mlops.analyses.ray_shards import _actor_config, _close_actors, _worker_class, restore_env, start_local_ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    inputs = prepare(_cfg())
+    cfg, sae_files = _actor_config(inputs)
+    assert sae_files  # the demo SAE is a local directory: its files travel to the actor
+    previous = start_local_ray(1)
+    try:
+        actor = _worker_class(ExecutionOptions(executor="ray", workers=1)).remote(1)
+        pid = ray.get(actor.load.remote(cfg, "quick", None, inputs.corpus, sae_files), timeout=180)
+        tmp = Path(ray.get(actor.__ray_call__.remote(lambda self: str(self.tmp)), timeout=60))
+        assert pid != os.getpid() and (tmp / "sae").is_dir()
+        _close_actors([actor], busy=set())
+        assert not tmp.exists()
+    finally:
+        ray.shutdown()
+        restore_env(previous)

@@ -54,12 +54,28 @@ def _write_tree(root: Path, files: dict[str, bytes]) -> None:
 
 
 class ShardWorker:
-    """A Ray actor: model and SAE loaded once, then one shard per :meth:`run` call."""
+    """A Ray actor: created bare, then :meth:`load` loads the model and the SAE once, then one shard
+    per :meth:`run` call.
 
-    def __init__(self, cfg: Any, kind: str, opts: FullOptions | None, corpus: Any, sae_files: dict[str, bytes] | None,
-                 threads: int):
+    Creating it imports torch, TransformerLens and the analysis modules (most of an actor's start:
+    about 3 s of a 4-5 s start on a CPU). A local instance started in the background
+    (`prestart_local_ray`) creates its actors as soon as Ray is up, so that these imports overlap the
+    driver's own loading of model, SAE and corpus; `load` then only reads the weights."""
+
+    def __init__(self, threads: int):
         import torch
+        import transformer_lens  # noqa: F401 - the heavy import, paid while the driver loads its inputs
 
+        from sae_mlops.analyses import quick, sharding  # noqa: F401
+        from sae_mlops.core import engine  # noqa: F401
+        from sae_mlops.sources import model, sae, validate  # noqa: F401
+
+        torch.set_num_threads(threads)
+        self.tmp: Path | None = None
+
+    def load(self, cfg: Any, kind: str, opts: FullOptions | None, corpus: Any, sae_files: dict[str, bytes] | None) -> int:
+        """Load model and SAE (the SAE directory's files, when given, are written to a temporary
+        directory of this node first); returns the actor's pid."""
         from sae_mlops.analyses.quick import _prepare
         from sae_mlops.analyses.sharding import make_collectors
         from sae_mlops.core.engine import Engine
@@ -67,7 +83,6 @@ class ShardWorker:
         from sae_mlops.sources.sae import load_sae
         from sae_mlops.sources.validate import check_compatible
 
-        torch.set_num_threads(threads)
         self.tmp = Path(tempfile.mkdtemp(prefix="sae-mlops-worker-"))
         if sae_files is not None:
             _write_tree(self.tmp / "sae", sae_files)
@@ -76,6 +91,7 @@ class ShardWorker:
         self.engine = Engine(self.inputs.model.model, self.inputs.sae.module, self.inputs.site, self.inputs.device)
         self.kind, self.opts = kind, opts
         self.make_collectors = make_collectors
+        return os.getpid()
 
     def run(self, spec: ShardSpec, blocks: Any = None) -> dict[str, Any]:
         """Run one shard (``blocks``: the pass's block layout, for the per-block statistics); return
@@ -95,12 +111,9 @@ class ShardWorker:
         return {"index": spec.index, "files": files, "stats": dataclasses.asdict(stats), "peak_rss_mib": peak,
                 "pid": os.getpid()}
 
-    def ready(self) -> int:
-        """Returns once the actor has loaded model and SAE (its pid)."""
-        return os.getpid()
-
     def close(self) -> None:
-        shutil.rmtree(self.tmp, ignore_errors=True)
+        if self.tmp is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
 
 
 def _actor_config(inputs: Inputs) -> tuple[Any, dict[str, bytes] | None]:
@@ -195,20 +208,33 @@ def start_local_ray(cpus: int, temp_dir: str | None = None) -> dict[str, str | N
     return previous
 
 
+def _worker_class(exec_opts: ExecutionOptions) -> Any:
+    """`ShardWorker` as a Ray actor class with the resources of one worker (no restarts: a dead
+    actor's shard is retried on a new actor by `run_ray`)."""
+    import ray
+
+    return ray.remote(ShardWorker).options(num_cpus=exec_opts.cpus_per_worker, num_gpus=exec_opts.gpus_per_worker,
+                                           max_restarts=0, max_task_retries=0)
+
+
 class LocalRayStart:
     """A local Ray instance (`start_local_ray`) started in a background thread, so that its start
-    (GCS, raylet and worker processes: about 3 s) overlaps the driver's own loading of model, SAE and
-    corpus. Hand-written: Ray offers no asynchronous ``init``.
+    (GCS, raylet and worker processes: about 3 s) and its actors' creation (their imports, see
+    `ShardWorker`) overlap the driver's own loading of model, SAE and corpus. Hand-written: Ray
+    offers no asynchronous ``init``.
 
     The thread lives until `release`, after ``ray.shutdown``: Ray's servers are started with a
     parent-death signal, which Linux sends when the *thread* that started them ends. Ray sets no
     SIGTERM handler from a thread; the CLI's own handling applies."""
 
-    def __init__(self, cpus: int) -> None:
-        self.cpus = cpus
+    def __init__(self, exec_opts: ExecutionOptions) -> None:
+        self.exec_opts = exec_opts
+        self.cpus = max(math.ceil(exec_opts.workers * exec_opts.cpus_per_worker), 1)
         self.env: dict[str, str | None] | None = None
         self.error: BaseException | None = None
         self.seconds = 0.0
+        #: bare actors (`ShardWorker`), created as soon as Ray is up; `run_ray` loads them
+        self.actors: list[Any] = []
         self._ready = threading.Event()
         self._released = threading.Event()
         self._thread = threading.Thread(target=self._start, name="ray-start", daemon=True)
@@ -218,6 +244,8 @@ class LocalRayStart:
         t0 = time.perf_counter()
         try:
             self.env = start_local_ray(self.cpus)
+            worker = _worker_class(self.exec_opts)
+            self.actors = [worker.remote(self.exec_opts.cpus_per_worker) for _ in range(self.exec_opts.workers)]
         except BaseException as e:  # noqa: BLE001 - re-raised in the main thread by `wait`
             self.error = e
         self.seconds = time.perf_counter() - t0
@@ -228,6 +256,12 @@ class LocalRayStart:
         """Block until Ray is up; the environment to restore after ``ray.shutdown`` (or its error)."""
         self._ready.wait()
         if self.error is not None:
+            if self.env is not None:  # up, but its actors could not be created
+                import ray
+
+                ray.shutdown()
+                restore_env(self.env)
+                self.env = None
             self.release()
             raise self.error
         assert self.env is not None
@@ -272,7 +306,7 @@ def prestart_local_ray(exec_opts: ExecutionOptions) -> None:
     ray_logger = logging.getLogger("ray._private.worker")
     if not any(isinstance(f, _NoThreadSigtermWarning) for f in ray_logger.filters):
         ray_logger.addFilter(_NoThreadSigtermWarning())
-    _prestarted = LocalRayStart(max(math.ceil(exec_opts.workers * exec_opts.cpus_per_worker), 1))
+    _prestarted = LocalRayStart(exec_opts)
 
 
 def cancel_prestart() -> None:
@@ -281,6 +315,29 @@ def cancel_prestart() -> None:
     start, _prestarted = _prestarted, None
     if start is not None:
         start.cancel()
+
+
+def _close_actors(actors: list[Any], busy: set[Any], timeout_s: float = 10.0) -> None:
+    """Let each idle actor remove its temporary directory (`ShardWorker.close`, up to ``timeout_s``
+    in all), then kill every actor. An actor still running a shard (``busy``: the pass failed or was
+    interrupted) is killed at once, as is one that died or does not answer."""
+    import ray
+
+    pending = []
+    for a in actors:
+        if a in busy:
+            continue
+        try:
+            pending.append(a.close.remote())
+        except Exception:  # noqa: BLE001 - best effort on the way out
+            pass
+    if pending:
+        ray.wait(pending, num_returns=len(pending), timeout=timeout_s)
+    for a in actors:
+        try:
+            ray.kill(a)
+        except Exception:  # noqa: BLE001 - best effort on the way out
+            pass
 
 
 def run_ray(inputs: Inputs, kind: str, opts: FullOptions | None, exec_opts: ExecutionOptions, ck: Checkpoint,
@@ -319,31 +376,44 @@ def run_ray(inputs: Inputs, kind: str, opts: FullOptions | None, exec_opts: Exec
             owned = True
         ray_start = time.perf_counter() - t0
         log.info("Ray %s in %.1f s", "started" if owned else f"connected to {exec_opts.ray_address}", ray_start)
-    actors: list[Any] = []
+    actors: list[Any] = list(start.actors) if start is not None else []
+    running: dict[Any, tuple[Any, ShardSpec]] = {}
     try:
         cfg, sae_files = _actor_config(inputs)
         corpus_ref = ray.put(inputs.corpus)
         sae_ref = ray.put(sae_files) if sae_files is not None else None
-        remote = ray.remote(ShardWorker).options(num_cpus=exec_opts.cpus_per_worker, num_gpus=exec_opts.gpus_per_worker,
-                                                 max_restarts=0, max_task_retries=0)
+        worker = _worker_class(exec_opts)
+
+        def load(actor: Any) -> Any:
+            return actor.load.remote(cfg, kind, opts, corpus_ref, sae_ref)
 
         def new_actor() -> Any:
-            actor = remote.remote(cfg, kind, opts, corpus_ref, sae_ref, exec_opts.cpus_per_worker)
+            actor = worker.remote(exec_opts.cpus_per_worker)
             actors.append(actor)
+            load(actor)  # an actor runs its calls in order: a shard sent next waits for the load
             return actor
 
         todo = [s for s in ck.plan if s.index not in ck.done]
         n = max(1, min(exec_opts.workers, len(todo)))
         t_actors = time.perf_counter()
-        idle = [new_actor() for _ in range(n)]
-        ray.get([a.ready.remote() for a in idle])  # start-up apart from the shards' wall time
+        idle = actors[:n]  # created while the inputs loaded (a prestarted local instance)
+        for extra in actors[n:]:  # fewer shards left than workers
+            ray.kill(extra)
+        del actors[n:]
+        while len(idle) < n:
+            actor = worker.remote(exec_opts.cpus_per_worker)
+            actors.append(actor)
+            idle.append(actor)
+        ray.get([load(a) for a in idle])  # start-up apart from the shards' wall time
+        if start is not None:
+            log.info("Ray: %d of the %d actors created while the inputs loaded run the shards; they loaded model "
+                     "and SAE in %.1f s", n, len(start.actors), time.perf_counter() - t_actors)
         t_shards = time.perf_counter()
         total = sum(s.tokens for s in ck.plan)
         done_tokens = ck.tokens_done
         by_index = {s.index: s for s in ck.plan}
         peak = 0.0
         queue = list(todo)
-        running: dict[Any, tuple[Any, ShardSpec]] = {}
         retries: dict[int, int] = {}
         while queue or running:
             while queue and idle:
@@ -384,11 +454,7 @@ def run_ray(inputs: Inputs, kind: str, opts: FullOptions | None, exec_opts: Exec
         out.extra["shard_retries"] = sum(retries.values())
         return out
     finally:
-        for a in actors:
-            try:
-                ray.kill(a)
-            except Exception:  # noqa: BLE001 - best effort on the way out
-                pass
+        _close_actors(actors, {actor for actor, _spec in running.values()})
         if owned:
             ray.shutdown()
         if previous_env is not None:
