@@ -301,7 +301,9 @@ def sqlite_webhook_service(tmp: Path, secret: str, policy: str, experiment: str)
 
 
 def wait_quick_analysed(client, service: ServiceProc, model: str, version: str, timeout: float) -> dict[str, str]:
-    """The version's tags once its quick analysis is done (polled every 0.5 s up to `timeout` s); an
+    """The version's tags once its quick analysis is done and the service's queue has recorded its job
+    as ended (the job tags the version before it marks itself done: a check of the queue right after
+    the tag alone could still see it running); polled every 0.5 s up to `timeout` s. An
     AssertionError with the jobs, their logs and the service log when it failed or timed out."""
     deadline = time.monotonic() + timeout
     tags: dict[str, str] = {}
@@ -309,7 +311,9 @@ def wait_quick_analysed(client, service: ServiceProc, model: str, version: str, 
         tags = dict(client.get_model_version(model, version).tags)
         status = tags.get("sae_mlops.analysis.quick.status")
         if status == "done":
-            return tags
+            jobs = [j for j in service.jobs() if j["version"] == version]
+            if jobs and all(j["state"] in ("done", "failed") for j in jobs):
+                return tags
         if status == "failed":
             break
         time.sleep(0.5)

@@ -234,13 +234,17 @@ def _register_demo_version(uri: str, client) -> str:
     return register_demo_version(client, MODEL)
 
 
-def _wait_status(client, version: str, timeout: float = ANALYSIS_TIMEOUT_S) -> dict:
+def _wait_status(client, version: str, service: ServiceProc, timeout: float = ANALYSIS_TIMEOUT_S) -> dict:
+    """The version's tags once its quick analysis status is set and the service's queue has recorded
+    the version's jobs as ended (a job tags the version before it marks itself done)."""
     deadline = time.monotonic() + timeout
     tags: dict = {}
     while time.monotonic() < deadline:
         tags = client.get_model_version(MODEL, version).tags
         if tags.get("sae_mlops.analysis.quick.status") in ("done", "failed"):
-            return tags
+            jobs = [j for j in service.jobs() if j["version"] == version]
+            if jobs and all(j["state"] in ("done", "failed") for j in jobs):
+                return tags
         time.sleep(1.0)
     raise AssertionError(f"version {version} not analysed within {timeout:.0f}s; tags: {tags}")
 
@@ -301,7 +305,7 @@ def test_registering_a_version_triggers_a_linked_quick_analysis(stack, client):
     service = stack["service"]
     version = _register_demo_version(stack["uri"], client)
     assert version == "1"
-    tags = _wait_status(client, version)
+    tags = _wait_status(client, version, service)
     jobs = service.jobs()
     assert tags["sae_mlops.analysis.quick.status"] == "done", (tags, jobs, _job_log(service, jobs[0]["id"]) if jobs else "")
     assert len(jobs) == 1 and jobs[0]["trigger"] == "model_version.created" and jobs[0]["state"] == "done"
@@ -399,7 +403,7 @@ def test_duplicate_delivery_kill_restart_and_reconcile(stack, client):
     assert tags1["sae_mlops.analysis.quick.job_id"] == str(job_id)
 
     # The reconciler found v2 (the webhook never reached the service) and analysed it.
-    tags2 = _wait_status(client, version2)
+    tags2 = _wait_status(client, version2, service)
     jobs2 = [j for j in service.jobs() if j["version"] == version2]
     assert len(jobs2) == 1 and jobs2[0]["trigger"] == "reconcile", jobs2
     assert tags2["sae_mlops.analysis.quick.status"] == "done", (tags2, _job_log(service, jobs2[0]["id"]))
