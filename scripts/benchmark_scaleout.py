@@ -2,6 +2,8 @@
 
     python scripts/benchmark_scaleout.py                       # defaults below, about 10 minutes on 2 cores
     python scripts/benchmark_scaleout.py --tokens 131072 --shard-tokens 32768 --d-sae 16384 --k 128
+    python scripts/benchmark_scaleout.py --ray-only --demo-model --kind quick --corpus big.json \
+        --tokens 1000000 --shard-tokens 65536            # 2 workers over 1 at 1M tokens
 
 The model is a randomly initialised GPT-2-style Hugging Face checkpoint written to a temporary
 directory (``--d-model`` 512, ``--layers`` 4, 8 heads, the demo tokenizer's vocabulary), loaded by
@@ -15,7 +17,8 @@ process with ``--no-track`` and is read back from its results JSON:
   merging, ``time/pass/checkpoint + time/pass/merge``) / ``time/pass``;
 - ``ray_1`` / ``ray_2``: ``--executor ray`` with 1 and 2 actors of 1 thread each (a local Ray
   instance started by the CLI): throughput = tokens / ``time/ray_shards`` (the shards' wall time
-  after the actors have loaded model and SAE, ``time/ray_actor_startup``), and ``speedup_2_over_1``;
+  after the actors have loaded model and SAE, ``time/ray_actor_startup``), and ``speedup_2_over_1``
+  (and ``speedup_2_over_1_end_to_end``, by process wall time); ``--ray-only`` runs only these two;
 - ``resume``: the sharded run killed (SIGKILL) once half its shards are done, then the same command
   again: ``resume_cost_s`` = killed wall + resumed wall - uninterrupted wall (what the interruption
   cost beyond the lost partial shard is start-up, planning and loading the finished shards' state).
@@ -84,8 +87,10 @@ def build_assets(root: Path, d_model: int, layers: int, d_sae: int, k: int) -> t
 
 
 def analysis(args, sae_dir: Path, out: Path, *extra: str) -> list[str]:
-    return [*SAE_CLI, args.kind, "--sae", str(sae_dir), "--corpus", "demo", "--max-tokens", str(args.tokens),
-            "--batch-size", str(args.batch_size), "--out", str(out), "--no-track", "-q", "--device", "cpu", *extra]
+    model = ("--model", "demo") if args.demo_model else ()
+    return [*SAE_CLI, args.kind, "--sae", str(sae_dir), *model, "--corpus", args.corpus, "--max-tokens",
+            str(args.tokens), "--batch-size", str(args.batch_size), "--out", str(out), "--no-track", "-q", "--device",
+            "cpu", *extra]
 
 
 def run(cmd: list[str]) -> tuple[dict, float]:
@@ -155,6 +160,23 @@ def crossover(args, sae_dir: Path, root: Path) -> dict:
     return out
 
 
+def ray_workers(args, sae_dir: Path, root: Path, shards: tuple[str, ...], report: dict) -> None:
+    """``ray_1`` and ``ray_2`` (1 and 2 actors of one thread) into ``report``, with
+    ``speedup_2_over_1`` (shards' throughput) and ``speedup_2_over_1_end_to_end`` (process wall)."""
+    for n in (1, 2):
+        r, wall = run(analysis(args, sae_dir, root / f"ray{n}", *shards, "--executor", "ray", "--workers", str(n),
+                               "--cpus-per-worker", "1"))
+        rm = r["metrics"]
+        tokens = r["metrics"]["tokens/analysed"]
+        report[f"ray_{n}"] = {"wall_s": wall, "time_pass_s": rm["time/pass"], "tokens": tokens,
+                              "actor_startup_s": rm["time/ray_actor_startup"], "shards_wall_s": rm["time/ray_shards"],
+                              "tokens_per_s": tokens / rm["time/ray_shards"],
+                              "worker_peak_rss_mib": rm["memory/worker_peak_rss_mib"],
+                              "driver_peak_rss_mib": rm.get("memory/peak_rss_mib")}
+    report["speedup_2_over_1"] = report["ray_2"]["tokens_per_s"] / report["ray_1"]["tokens_per_s"]
+    report["speedup_2_over_1_end_to_end"] = report["ray_1"]["wall_s"] / report["ray_2"]["wall_s"]
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--kind", choices=("quick", "full"), default="full")
@@ -169,17 +191,34 @@ def main() -> None:
     p.add_argument("--crossover", action="store_true", help="only the local-against-Ray crossover (see above)")
     p.add_argument("--crossover-tokens", type=int, nargs="+", default=[16384, 65536, 196608],
                    help="token budgets of the crossover runs")
+    p.add_argument("--ray-only", action="store_true",
+                   help="only ray_1 and ray_2 (the 2-over-1 worker speed-up; e.g. at --tokens 1000000)")
+    p.add_argument("--corpus", default="demo",
+                   help="what --corpus the analyses get (the demo corpus holds 477,744 tokens: pass a larger "
+                        "file for 1M tokens)")
+    p.add_argument("--demo-model", action="store_true",
+                   help="the demo model and its BatchTopK SAE instead of the wide model and a random TopK SAE")
     args = p.parse_args()
     report: dict = {"config": vars(args), "cpus": os.cpu_count(), "torch": torch.__version__}
     with tempfile.TemporaryDirectory(prefix="sae-mlops-scaleout-") as tmp:
         root = Path(tmp)
-        _model_dir, sae_dir = build_assets(root, args.d_model, args.layers, args.d_sae, args.k)
+        if args.demo_model:
+            from sae_mlops.demo import demo_sae_path
+
+            sae_dir = demo_sae_path("batchtopk")
+        else:
+            _model_dir, sae_dir = build_assets(root, args.d_model, args.layers, args.d_sae, args.k)
         if args.crossover:
             report["crossover"] = crossover(args, sae_dir, root)
             json.dump(report, sys.stdout, indent=2)
             sys.stdout.write("\n")
             return
         shards = ("--shard-tokens", str(args.shard_tokens))
+        if args.ray_only:
+            ray_workers(args, sae_dir, root, shards, report)
+            json.dump(report, sys.stdout, indent=2)
+            sys.stdout.write("\n")
+            return
         one, one_wall = run(analysis(args, sae_dir, root / "one", "--shard-tokens", str(10**9)))
         sharded_cmd = analysis(args, sae_dir, root / "sharded", *shards)
         sh, sh_wall = run(sharded_cmd)
@@ -194,16 +233,7 @@ def main() -> None:
             json.dump(report, sys.stdout, indent=2)
             sys.stdout.write("\n")
             return
-        for n in (1, 2):
-            r, wall = run(analysis(args, sae_dir, root / f"ray{n}", *shards, "--executor", "ray", "--workers", str(n),
-                                   "--cpus-per-worker", "1"))
-            rm = r["metrics"]
-            report[f"ray_{n}"] = {"wall_s": wall, "time_pass_s": rm["time/pass"],
-                                  "actor_startup_s": rm["time/ray_actor_startup"], "shards_wall_s": rm["time/ray_shards"],
-                                  "tokens_per_s": args.tokens / rm["time/ray_shards"],
-                                  "worker_peak_rss_mib": rm["memory/worker_peak_rss_mib"],
-                                  "driver_peak_rss_mib": rm.get("memory/peak_rss_mib")}
-        report["speedup_2_over_1"] = report["ray_2"]["tokens_per_s"] / report["ray_1"]["tokens_per_s"]
+        ray_workers(args, sae_dir, root, shards, report)
         resume = killed_then_resumed(analysis(args, sae_dir, root / "resume", *shards), root / "resume")
         resume["resume_cost_s"] = resume["killed_wall_s"] + resume["resumed_wall_s"] - sh_wall
         report["resume"] = resume
