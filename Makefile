@@ -29,12 +29,16 @@ $(TOOLS)/bin/uv:
 	$(PYTHON) -m pip install --quiet --disable-pip-version-check --no-warn-script-location --target $(TOOLS) "uv==$(UV_VERSION)"
 
 # Re-runs only when the venv is missing or the lock changed; installs the locked versions, nothing else.
+# --compile-bytecode: uv, unlike pip, writes no .pyc files by default; where PYTHONDONTWRITEBYTECODE is
+# set (this project's machines, many container images) Python then never writes them either, and every
+# process compiles torch, transformers and TransformerLens from source: a demo quick analysis took 11.4 s
+# instead of 4.6 s, and the test suite about 70 % more CPU time. Compiling once costs about 20 s here.
 $(STAMP): pyproject.toml uv.lock | $(UV_DEP)
-	$(UV) sync --frozen --python $(PYTHON) $(EXTRAS)
+	$(UV) sync --frozen --compile-bytecode --python $(PYTHON) $(EXTRAS)
 	touch $(STAMP) $(RUNTIME_STAMP)
 
 $(RUNTIME_STAMP): pyproject.toml uv.lock | $(UV_DEP)
-	$(UV) sync --frozen --inexact --python $(PYTHON)
+	$(UV) sync --frozen --compile-bytecode --inexact --python $(PYTHON)
 	touch $(RUNTIME_STAMP)
 
 # Re-resolve every dependency (after editing pyproject.toml), then export the same pins for pip users.
