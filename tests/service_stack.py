@@ -300,20 +300,25 @@ def sqlite_webhook_service(tmp: Path, secret: str, policy: str, experiment: str)
             service.stop()
 
 
+def version_jobs_ended(service, version: str) -> bool:
+    """Whether the service's queue holds jobs of `version` and has recorded each as ended (done or
+    failed). A job tags the model version before it marks itself done, so a check of the queue right
+    after the version's tag alone can still see it running."""
+    jobs = [j for j in service.jobs() if j["version"] == version]
+    return bool(jobs) and all(j["state"] in ("done", "failed") for j in jobs)
+
+
 def wait_quick_analysed(client, service: ServiceProc, model: str, version: str, timeout: float) -> dict[str, str]:
-    """The version's tags once its quick analysis is done and the service's queue has recorded its job
-    as ended (the job tags the version before it marks itself done: a check of the queue right after
-    the tag alone could still see it running); polled every 0.5 s up to `timeout` s. An
-    AssertionError with the jobs, their logs and the service log when it failed or timed out."""
+    """The version's tags once its quick analysis is done and its jobs have ended
+    (`version_jobs_ended`); polled every 0.5 s up to `timeout` s. An AssertionError with the jobs,
+    their logs and the service log when it failed or timed out."""
     deadline = time.monotonic() + timeout
     tags: dict[str, str] = {}
     while time.monotonic() < deadline:
         tags = dict(client.get_model_version(model, version).tags)
         status = tags.get("sae_mlops.analysis.quick.status")
-        if status == "done":
-            jobs = [j for j in service.jobs() if j["version"] == version]
-            if jobs and all(j["state"] in ("done", "failed") for j in jobs):
-                return tags
+        if status == "done" and version_jobs_ended(service, version):
+            return tags
         if status == "failed":
             break
         time.sleep(0.5)

@@ -32,6 +32,7 @@ import pytest
 import requests
 
 from mlflow_servers import free_port, postgres_cluster, postgres_missing
+from service_stack import version_jobs_ended
 
 pytestmark = pytest.mark.skipif(postgres_missing() is not None, reason=postgres_missing() or "")
 
@@ -235,16 +236,14 @@ def _register_demo_version(uri: str, client) -> str:
 
 
 def _wait_status(client, version: str, service: ServiceProc, timeout: float = ANALYSIS_TIMEOUT_S) -> dict:
-    """The version's tags once its quick analysis status is set and the service's queue has recorded
-    the version's jobs as ended (a job tags the version before it marks itself done)."""
+    """The version's tags once its quick analysis status is set and its jobs have ended
+    (`service_stack.version_jobs_ended`)."""
     deadline = time.monotonic() + timeout
     tags: dict = {}
     while time.monotonic() < deadline:
         tags = client.get_model_version(MODEL, version).tags
-        if tags.get("sae_mlops.analysis.quick.status") in ("done", "failed"):
-            jobs = [j for j in service.jobs() if j["version"] == version]
-            if jobs and all(j["state"] in ("done", "failed") for j in jobs):
-                return tags
+        if tags.get("sae_mlops.analysis.quick.status") in ("done", "failed") and version_jobs_ended(service, version):
+            return tags
         time.sleep(1.0)
     raise AssertionError(f"version {version} not analysed within {timeout:.0f}s; tags: {tags}")
 
