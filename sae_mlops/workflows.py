@@ -92,9 +92,12 @@ def run_quick_and_log(
     observer = RunObserver("quick", cfg, experiment, run_name, _now_ms(), out) if track else None
     with interrupt_report(out, track, "quick", observer):  # a Ctrl-C in the preflight or the imports too
         preflight(out, track, no_track_option=True)
+        from sae_mlops.analyses.ray_shards import local_ray_prestarted
         from sae_mlops.outlock import exclusive_out_dir
 
-        with exclusive_out_dir(out, option="--resume" if resume is not None else "--out", take_over=take_over_out):
+        exec_opts = exec_opts or ExecutionOptions()
+        with (exclusive_out_dir(out, option="--resume" if resume is not None else "--out", take_over=take_over_out),
+              local_ray_prestarted(exec_opts)):  # a local Ray instance (--executor ray) starts during the imports
             import sae_mlops.tracking.resolve  # noqa: F401 (registers the resolver of runs:/ and models:/ SAE URIs)
             from sae_mlops.analyses.quick import run_quick
             from sae_mlops.analyses.sharding import CHECKPOINT_DIR
@@ -389,9 +392,12 @@ def run_full_and_log(
     observer = RunObserver("full", cfg, experiment, run_name, _now_ms(), out) if track else None
     with interrupt_report(out, track, "full", observer):  # a Ctrl-C in the preflight or the imports too
         preflight(out, track, no_track_option=True)
+        from sae_mlops.analyses.ray_shards import local_ray_prestarted
         from sae_mlops.outlock import exclusive_out_dir
 
-        with exclusive_out_dir(out, option="--resume" if resume is not None else "--out", take_over=take_over_out):
+        exec_opts = exec_opts or ExecutionOptions()
+        with (exclusive_out_dir(out, option="--resume" if resume is not None else "--out", take_over=take_over_out),
+              local_ray_prestarted(exec_opts)):  # a local Ray instance (--executor ray) starts during the imports
             import sae_mlops.tracking.resolve  # noqa: F401 (registers the resolver of runs:/ and models:/ SAE URIs)
             from sae_mlops.analyses.full import FullOptions
 

@@ -24,11 +24,12 @@ process with ``--no-track`` and is read back from its results JSON:
   cost beyond the lost partial shard is start-up, planning and loading the finished shards' state).
 
 ``--crossover`` measures instead when Ray pays, end to end as a user waits (process wall time):
-local (this process, torch on every core) against ``--executor ray --workers 2`` (a local Ray
-instance, each actor half the cores), both at each of ``--crossover-tokens``. A least-squares line
-``wall = fixed + tokens / throughput`` per executor gives the fixed cost of a Ray analysis over a
-local one and the token count where the lines cross (none when Ray's per-token cost is not lower,
-as on a machine whose cores the local pass already uses); the Ray runs also report their start-up
+local (this process, torch on every core) against ``--executor ray --workers 1`` and ``--workers 2``
+(a local Ray instance, each actor half the cores), all at each of ``--crossover-tokens``. A
+least-squares line ``wall = fixed + tokens / throughput`` per executor gives the fixed cost of a Ray
+analysis over a local one (``ray_fixed_over_local_s`` for 2 workers, ``ray_1_fixed_over_local_s``
+for 1) and the token count where the 2-worker line crosses the local one (none when Ray's per-token
+cost is not lower, as on a machine whose cores the local pass already uses); the Ray runs also report their start-up
 parts (``time/ray_start``: the local instance; ``time/ray_actor_startup``: actors loading model and SAE).
 
 ``--kind full`` (default) measures the full analysis (examples, co-occurrence, activation database
@@ -136,14 +137,16 @@ def fit_line(tokens: list[int], walls: list[float]) -> tuple[float, float]:
 
 
 def crossover(args, sae_dir: Path, root: Path) -> dict:
-    """Local against Ray with 2 workers at each of ``args.crossover_tokens`` (see the module docstring)."""
+    """Local against Ray with 1 and 2 workers at each of ``args.crossover_tokens`` (see the module
+    docstring); the crossover is the 2-worker one's."""
     cores = os.cpu_count() or 2
     per_worker = str(max(1, cores // 2))
-    rows: dict[str, list[dict]] = {"local": [], "ray_2": []}
+    rows: dict[str, list[dict]] = {"local": [], "ray_1": [], "ray_2": []}
     for tokens in args.crossover_tokens:
         args.tokens = tokens
-        for name, extra in (("local", ()), ("ray_2", ("--executor", "ray", "--workers", "2", "--cpus-per-worker",
-                                                     per_worker, "--shard-tokens", str(max(tokens // 8, 4096))))):
+        for name in rows:
+            extra = () if name == "local" else ("--executor", "ray", "--workers", name[-1], "--cpus-per-worker",
+                                                per_worker, "--shard-tokens", str(max(tokens // 8, 4096)))
             res, wall = run(analysis(args, sae_dir, root / f"x-{name}-{tokens}", *extra))
             m = res["metrics"]
             rows[name].append({"tokens": tokens, "wall_s": wall, "time_pass_s": m["time/pass"],
@@ -151,11 +154,12 @@ def crossover(args, sae_dir: Path, root: Path) -> dict:
                                "shards_wall_s": m.get("time/ray_shards")})
     out: dict = {"cores": cores, "cpus_per_worker": int(per_worker), "runs": rows}
     if len(args.crossover_tokens) >= 2:
-        (a_l, b_l), (a_r, b_r) = (fit_line([r["tokens"] for r in rows[k]], [r["wall_s"] for r in rows[k]])
-                                  for k in ("local", "ray_2"))
+        fits = {k: fit_line([r["tokens"] for r in v], [r["wall_s"] for r in v]) for k, v in rows.items()}
+        (a_l, b_l), (a_r, b_r) = fits["local"], fits["ray_2"]
         out.update({"local_fixed_s": a_l, "local_tokens_per_s": 1 / b_l if b_l > 0 else None,
                     "ray_fixed_s": a_r, "ray_tokens_per_s": 1 / b_r if b_r > 0 else None,
                     "ray_fixed_over_local_s": a_r - a_l,
+                    "ray_1_fixed_over_local_s": fits["ray_1"][0] - a_l,
                     "crossover_tokens": (a_r - a_l) / (b_l - b_r) if b_r < b_l else None})
     return out
 

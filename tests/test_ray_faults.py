@@ -191,3 +191,69 @@ def test_closing_an_actor_removes_its_temporary_folder():
     finally:
         ray.shutdown()
         restore_env(previous)
+
+
+@pytest.mark.timeout(300)
+def test_stopping_a_local_instance_kills_its_monitor_first():
+    """`stop_local_ray` kills Ray's autoscaler monitor before ``ray.shutdown``: on SIGTERM the
+    monitor reports to the GCS, which Ray has stopped by then, and Ray waits 1 s for it. Fails if
+    Ray's node object no longer lets the monitor be reached (the shutdown then is Ray's own)."""
+    import ray
+    from ray._private import ray_constants, worker
+
+    from sae_mlops.analyses.ray_shards import restore_env, start_local_ray, stop_local_ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    previous = start_local_ray(1)
+    try:
+        node = worker._global_node
+        monitor = node.all_processes[ray_constants.PROCESS_TYPE_MONITOR][0].process
+        gcs = node.all_processes[ray_constants.PROCESS_TYPE_GCS_SERVER][0].process
+        assert monitor.poll() is None and gcs.poll() is None
+        assert stop_local_ray() is True
+        assert monitor.returncode == -signal.SIGKILL
+        assert gcs.poll() is not None and not ray.is_initialized()
+    finally:
+        if ray.is_initialized():
+            ray.shutdown()
+        restore_env(previous)
+
+
+def test_the_ray_executor_module_imports_without_torch():
+    """The workflows start a local Ray instance (`local_ray_prestarted`) before their heavy imports,
+    so that Ray's start overlaps them; that needs the Ray executor's module to import neither torch
+    nor Ray itself."""
+    import sys
+
+    code = ("import sys, sae_mlops.analyses.ray_shards, sae_mlops.workflows; "
+            "print(sorted(m for m in ('torch', 'ray', 'transformer_lens') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+@pytest.mark.timeout(300)
+def test_a_ray_analysis_starts_ray_before_importing_torch(tmp_path):
+    """`run_quick_and_log` with ``--executor ray`` starts the local instance before it imports torch
+    and TransformerLens (in a fresh process, where nothing has imported them yet)."""
+    import sys
+
+    code = f"""
+import sys
+from sae_mlops.analyses import ray_shards
+seen = []
+original = ray_shards.LocalRayStart.__init__
+def init(self, exec_opts):
+    seen.append(sorted(m for m in ("torch", "transformer_lens") if m in sys.modules))
+    original(self, exec_opts)
+ray_shards.LocalRayStart.__init__ = init
+from sae_mlops.config import AnalysisConfig, ExecutionOptions
+from sae_mlops.workflows import run_quick_and_log
+cfg = AnalysisConfig(sae={SAE!r}, model="demo", max_tokens=2000, batch_size=2, progress=False)
+out = run_quick_and_log(cfg, {str(tmp_path / "ray")!r}, track=False, exec_opts=ExecutionOptions(executor="ray", workers=1))
+assert out.result.metrics["tokens/analysed"] >= 2000, out.result.metrics
+print("SEEN", seen)
+"""
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=280)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "SEEN [[]]" in res.stdout, res.stdout + res.stderr[-2000:]

@@ -19,6 +19,7 @@ whole mechanism.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
@@ -27,17 +28,20 @@ import shutil
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sae_mlops.analyses.sharding import Checkpoint, CollectorFactory, PassObserver, ShardedPass, finish_pass, run_shard
-from sae_mlops.core.engine import PassStats
-from sae_mlops.core.tokens import ShardSpec
 from sae_mlops.errors import InputError
 
 if TYPE_CHECKING:
     from sae_mlops.analyses.quick import Inputs
+    from sae_mlops.analyses.sharding import Checkpoint, CollectorFactory, PassObserver, ShardedPass
     from sae_mlops.config import ExecutionOptions, FullOptions
+    from sae_mlops.core.tokens import ShardSpec
+
+# torch, the analyses and Ray are imported where they are used: this module is imported before the
+# driver's own heavy imports, so that a local Ray instance starts at once (`prestart_local_ray`)
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +101,8 @@ class ShardWorker:
         """Run one shard (``blocks``: the pass's block layout, for the per-block statistics); return
         its index, files (relative path -> bytes) and pass stats."""
         import resource
+
+        from sae_mlops.analyses.sharding import run_shard
 
         work = Path(tempfile.mkdtemp(dir=self.tmp))
         try:
@@ -208,6 +214,30 @@ def start_local_ray(cpus: int, temp_dir: str | None = None) -> dict[str, str | N
     return previous
 
 
+def stop_local_ray() -> bool:
+    """``ray.shutdown`` of the local instance this process started, its autoscaler monitor killed
+    first. Ray stops its services one after another and gives each up to 1 s to exit on SIGTERM;
+    the monitor's SIGTERM handler reports its end to the GCS, which Ray has stopped by then, so it
+    never exits in time and every analysis waited a further second (Ray 2.60: 1.3 s of shutdown, of
+    which 1.0 s on the monitor). A single local node has nothing to autoscale, so SIGKILL loses
+    nothing. The monitor is reached through Ray's node object, which is private; if that fails, the
+    shutdown is Ray's own. Returns whether the monitor was stopped first."""
+    import ray
+
+    first = False
+    try:
+        from ray._private import ray_constants, worker
+
+        node = worker._global_node
+        if node is not None and node.is_head():
+            node._kill_process_type(ray_constants.PROCESS_TYPE_MONITOR, allow_graceful=False, check_alive=False)
+            first = True
+    except Exception as e:  # noqa: BLE001 - the plain shutdown below still stops everything
+        log.debug("could not stop Ray's monitor first (%s: %s)", type(e).__name__, e)
+    ray.shutdown()
+    return first
+
+
 def _worker_class(exec_opts: ExecutionOptions) -> Any:
     """`ShardWorker` as a Ray actor class with the resources of one worker (no restarts: a dead
     actor's shard is retried on a new actor by `run_ray`)."""
@@ -257,9 +287,7 @@ class LocalRayStart:
         self._ready.wait()
         if self.error is not None:
             if self.env is not None:  # up, but its actors could not be created
-                import ray
-
-                ray.shutdown()
+                stop_local_ray()
                 restore_env(self.env)
                 self.env = None
             self.release()
@@ -274,11 +302,9 @@ class LocalRayStart:
 
     def cancel(self) -> None:
         """Stop the instance (once its start finished) when no pass used it."""
-        import ray
-
         self._ready.wait()
         if self.env is not None:
-            ray.shutdown()
+            stop_local_ray()
             restore_env(self.env)
             self.env = None
         self.release()
@@ -317,6 +343,17 @@ def cancel_prestart() -> None:
         start.cancel()
 
 
+@contextlib.contextmanager
+def local_ray_prestarted(exec_opts: ExecutionOptions) -> Iterator[None]:
+    """`prestart_local_ray` on entry, `cancel_prestart` on exit: for a command's whole body, so that
+    Ray's start overlaps the driver's imports (torch, TransformerLens) as well as its loading."""
+    prestart_local_ray(exec_opts)
+    try:
+        yield
+    finally:
+        cancel_prestart()
+
+
 def _close_actors(actors: list[Any], busy: set[Any], timeout_s: float = 10.0) -> None:
     """Let each idle actor remove its temporary directory (`ShardWorker.close`, up to ``timeout_s``
     in all), then kill every actor. An actor still running a shard (``busy``: the pass failed or was
@@ -348,6 +385,9 @@ def run_ray(inputs: Inputs, kind: str, opts: FullOptions | None, exec_opts: Exec
     node lost) is replaced and its shard runs again on the new actor, up to `SHARD_RETRIES` times
     per shard (then the error is raised; the finished shards stay in the checkpoint)."""
     import ray
+
+    from sae_mlops.analyses.sharding import finish_pass
+    from sae_mlops.core.engine import PassStats
 
     global _prestarted
     owned = False
@@ -456,7 +496,7 @@ def run_ray(inputs: Inputs, kind: str, opts: FullOptions | None, exec_opts: Exec
     finally:
         _close_actors(actors, {actor for actor, _spec in running.values()})
         if owned:
-            ray.shutdown()
+            stop_local_ray()
         if previous_env is not None:
             restore_env(previous_env)
         if start is not None:

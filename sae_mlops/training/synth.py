@@ -369,7 +369,7 @@ def _run_on_ray(cfg: SynthConfig, world: dict[str, bytes], recipes: list[Recipe]
     ``ray_address``, else starts a local instance on 127.0.0.1 and stops it at the end."""
     import ray
 
-    from sae_mlops.analyses.ray_shards import bind_ray_to_loopback, restore_env
+    from sae_mlops.analyses.ray_shards import bind_ray_to_loopback, restore_env, stop_local_ray
 
     started = False
     previous_env: dict[str, str | None] | None = None
@@ -403,7 +403,7 @@ def _run_on_ray(cfg: SynthConfig, world: dict[str, bytes], recipes: list[Recipe]
         return results
     finally:
         if started:
-            ray.shutdown()
+            stop_local_ray()
         if previous_env is not None:
             restore_env(previous_env)
 
