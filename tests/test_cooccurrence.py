@@ -158,3 +158,24 @@ def test_mixed_density_batches_and_merge_count_exactly():
     b = (f != 0).astype(np.int64)
     np.testing.assert_array_equal(c.finalize_counts(), b.T @ b)
     np.testing.assert_array_equal(c.fire, b.sum(0))
+
+
+def test_int8_rows_are_counted_in_blocks_of_batches_and_synced_before_export(monkeypatch):
+    """On the CPU, dense batches are gathered into one int8 GEMM per `int8_block_rows` rows (not one
+    per batch); rows still buffered are counted before the state is exported, and exactly."""
+    import sae_mlops.core.collectors.cooccurrence as cooc
+
+    d = 64
+    assert cooc.int8_block_rows(d) == 1024 and cooc.int8_block_rows(4096) == 8192 and cooc.int8_block_rows(10**6) == 16384
+    gemm_rows: list[int] = []
+    real = torch._int_mm
+    monkeypatch.setattr(torch, "_int_mm", lambda a, b: gemm_rows.append(int(b.shape[0])) or real(a, b))
+    f = _codes_at(0.5, 2500, d, 7)
+    c = _feed(CooccurrenceCollector(d), f, batch=100)
+    assert c.batches_dense == 25
+    assert gemm_rows == [1100, 1100]  # 11 batches of 100 rows reach 1024; 300 rows wait
+    b = (f != 0).astype(np.int64)
+    state = c.state_dict()
+    assert gemm_rows == [1100, 1100, 300]
+    np.testing.assert_array_equal(state["counts"].numpy(), b.T @ b)
+    np.testing.assert_array_equal(c.fire, b.sum(0))
