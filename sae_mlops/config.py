@@ -195,9 +195,10 @@ class ExecutionOptions:
         default="local",
         description="Where shards run: local (this process, one after another) or ray (Ray actors that load "
         "model and SAE once each; the driver merges their results in shard order). Ray pays where there are more "
-        "devices than one process uses (several GPUs, or nodes): it costs about 5 s more up front (actors loading "
-        "model and SAE) and, on one CPU machine, the local pass already uses every core, so local is faster there "
-        "at any size (see the scale-out guide). (default: local)",
+        "devices than one process uses (several GPUs, or nodes): a local instance costs 3-4 s more up front with "
+        "one worker and 5-6 s with two on a 2-core machine (Ray's services, actors importing torch and loading model "
+        "and SAE), and on one CPU machine the local pass already uses every core, so local is faster there at any "
+        "size (see the scale-out guide). (default: local)",
     )
     workers: int = Field(
         default=1, ge=1, description="Ray actors processing shards at once (executor ray). Unit: workers. (default: 1)"
