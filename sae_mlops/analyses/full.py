@@ -72,28 +72,18 @@ def run_full(cfg: AnalysisConfig, out_dir: Path, opts: FullOptions | None = None
     opts = opts or FullOptions()
     if opts.examples_per_feature < 1 or opts.context_window < 0:
         raise InputError("examples per feature must be at least 1 and the context window at least 0.")
-    if inputs is None:
-        from sae_mlops.analyses.ray_shards import cancel_prestart, prestart_local_ray
+    from sae_mlops.analyses.ray_shards import local_ray_prestarted
 
-        prestart_local_ray(exec_opts)  # a local Ray instance starts while the inputs load
-        try:
-            inputs = prepare(cfg)
-        except BaseException:
-            cancel_prestart()
-            raise
-    stages = inputs.stages
     out_dir = Path(out_dir)
-    ts = timestamp()
+    with local_ray_prestarted(exec_opts):  # a local Ray instance starts while the inputs load
+        if inputs is None:
+            inputs = prepare(cfg)
+        ts = timestamp()
+        sharded = run_sharded_pass(inputs, "full", out_dir, exec_opts, opts, resume=resume, observer=observer)
+    stages = inputs.stages
     info = inputs.sae.info
     d_sae = info.d_sae
     dense = d_sae <= opts.dense_limit
-
-    try:
-        sharded = run_sharded_pass(inputs, "full", out_dir, exec_opts, opts, resume=resume, observer=observer)
-    finally:
-        from sae_mlops.analyses.ray_shards import cancel_prestart
-
-        cancel_prestart()  # run_ray took it over, or the pass failed before it
     stats = sharded.stats
     collectors = sharded.collectors
     examples = next(c for c in collectors if isinstance(c, TopExamplesCollector))

@@ -428,10 +428,9 @@ def run_quick(
     import tempfile
 
     exec_opts = exec_opts or ExecutionOptions()
-    from sae_mlops.analyses.ray_shards import cancel_prestart, prestart_local_ray
+    from sae_mlops.analyses.ray_shards import local_ray_prestarted
 
-    prestart_local_ray(exec_opts)  # a local Ray instance starts while the inputs load
-    try:
+    with local_ray_prestarted(exec_opts):  # a local Ray instance starts while the inputs load
         inputs = prepare(cfg)
         with tempfile.TemporaryDirectory(prefix="sae-mlops-quick-") as tmp:
             sharded = run_sharded_pass(inputs, "quick", Path(out) if out is not None else Path(tmp), exec_opts,
@@ -439,6 +438,4 @@ def run_quick(
             result = assemble_result("quick", inputs, sharded.stats, sharded.collectors)
             result.params.update(sharding_params(sharded, exec_opts))
             result.metrics.update(executor_metrics(sharded))
-    finally:
-        cancel_prestart()
     return result
