@@ -173,9 +173,53 @@ def test_int8_rows_are_counted_in_blocks_of_batches_and_synced_before_export(mon
     f = _codes_at(0.5, 2500, d, 7)
     c = _feed(CooccurrenceCollector(d), f, batch=100)
     assert c.batches_dense == 25
-    assert gemm_rows == [1100, 1100]  # 11 batches of 100 rows reach 1024; 300 rows wait
+    assert gemm_rows == [1024, 1024]  # the 1024-row buffer filled twice (a batch split across it); 452 rows wait
     b = (f != 0).astype(np.int64)
     state = c.state_dict()
-    assert gemm_rows == [1100, 1100, 300]
+    assert gemm_rows == [1024, 1024, 452]
     np.testing.assert_array_equal(state["counts"].numpy(), b.T @ b)
     np.testing.assert_array_equal(c.fire, b.sum(0))
+
+
+def test_int8_column_blocks_cover_the_codes_in_near_equal_widths():
+    """The blocks of the int8 product partition [0, d) in order, k = ceil(d / w) of them."""
+    import sae_mlops.core.collectors.cooccurrence as cooc
+
+    for d, k in ((16, 1), (512, 1), (1024, 2), (2048, 4), (4096, 4), (4100, 5), (16384, 16)):
+        blocks = cooc.int8_col_blocks(d)
+        assert len(blocks) == k and blocks[0][0] == 0 and blocks[-1][1] == d
+        assert all(a[1] == b[0] for a, b in zip(blocks, blocks[1:]))
+        widths = [hi - lo for lo, hi in blocks]
+        assert max(widths) - min(widths) <= 1
+
+
+@pytest.mark.parametrize("d,width", [(64, 16), (96, 40), (50, 512)])
+def test_int8_blocks_above_the_diagonal_give_every_count_through_sparse_batches_merges_and_states(monkeypatch, d, width):
+    """With the int8 product cut into column blocks (only those on and above the diagonal
+    multiplied), the counts are exact after dense and sparse batches interleaved, a state export
+    in the middle, a merge and a reload: the blocks below are filled from those above whenever the
+    counts are synced, and never double-count a sparse batch's pairs."""
+    import sae_mlops.core.collectors.cooccurrence as cooc
+
+    monkeypatch.setattr(cooc, "int8_col_blocks", lambda n: [(lo, min(lo + width, n)) for lo in range(0, n, width)])
+    monkeypatch.setattr(cooc, "int8_block_rows", lambda n: 256)
+    parts = [_codes_at(0.4, 300, d, 1), _codes_at(0.01, 400, d, 2), _codes_at(0.3, 333, d, 3),
+             _codes_at(0.02, 200, d, 4), _codes_at(0.5, 150, d, 5)]
+    f = np.concatenate(parts)
+    c = CooccurrenceCollector(d, flush_tokens=150)
+    _feed(c, np.concatenate(parts[:2]), batch=90)
+    half = c.state_dict()["counts"].numpy().copy()  # synced mid-way: the lower blocks are filled
+    b0 = (np.concatenate(parts[:2]) != 0).astype(np.int64)
+    np.testing.assert_array_equal(half, b0.T @ b0)
+    _feed(c, parts[2], batch=90)
+    other = _feed(CooccurrenceCollector(d, flush_tokens=150), np.concatenate(parts[3:]), batch=70)
+    c.merge(other)
+    assert c.batches_dense and c.batches_sparse
+    b = (f != 0).astype(np.int64)
+    np.testing.assert_array_equal(c.finalize_counts(), b.T @ b)
+    np.testing.assert_array_equal(c.fire, b.sum(0))
+    again = CooccurrenceCollector(d)
+    again.load_state_dict(c.state_dict())
+    _feed(again, parts[0], batch=100)
+    b2 = (np.concatenate([f, parts[0]]) != 0).astype(np.int64)
+    np.testing.assert_array_equal(again.finalize_counts(), b2.T @ b2)

@@ -18,7 +18,9 @@ either way):
 - dense (``L0 >= sqrt(d_sae)``, and always for codes on an accelerator): ``B^T B`` of the batch's
   rows as one GEMM where the codes are (cost ~ rows x d_sae^2, at BLAS speed). On the CPU an int8
   GEMM with int32 products (``torch._int_mm``; exact below 2^31 rows) on blocks of
-  :func:`int8_block_rows` rows gathered over batches, added to the int32 counts;
+  :func:`int8_block_rows` rows gathered over batches, added to the int32 counts; as ``B^T B`` is
+  symmetric, only the column blocks on and above the diagonal (:func:`int8_col_blocks`) are
+  multiplied, and the blocks below are copied from them (transposed) when the counts are synced;
   elsewhere a float32 GEMM accumulated in a float32 matrix (0/1 products summed in float32 are
   exact integers below 2^24 rows, so the matrix is folded into integer counts before it holds
   2^24 rows); the dense codes never leave the device;
@@ -104,10 +106,23 @@ def int8_block_rows(d: int) -> int:
     return max(1024, min(16384, 2 * d))
 
 
+def int8_col_blocks(d: int) -> list[tuple[int, int]]:
+    """Column blocks ``[(lo, hi), ...]`` of the int8 ``B^T B``: ``k = ceil(d / w)`` near-equal blocks of
+    width about ``w = min(1024, max(512, d // 4))``. Only the ``k (k + 1) / 2`` products on and above
+    the diagonal are computed (for k = 4, 10 of 16: the symmetric product's other half is a copy).
+    Measured on this project's 2-core machine (one thread, 6.4 % density), per gathered row,
+    the whole product against the blocks: d_sae 1024, 1.5 against 1.1 us; 2048, 5.4 against 4.1;
+    4096, 21 against 14 (one [d, d] product; 26 with the transposed copy it used to take)."""
+    k = max(1, math.ceil(d / min(1024, max(512, d // 4))))
+    edges = [round(i * d / k) for i in range(k + 1)]
+    return list(zip(edges[:-1], edges[1:]))
+
+
 class CooccurrenceCollector(StateCollector):
     """State (declared, merged by sum): ``counts`` [d, d] (``n_ij``, numpy int32: exact below 2^31
     tokens), ``fire`` [d] (``n_i``, numpy int64), ``n_tokens`` (``N``). The buffered rows (sparse
-    and int8) and the float32 accumulator are not state: :meth:`sync` (= :meth:`_flush`) folds them in."""
+    and int8), the float32 accumulator and the int8 products' blocks below the diagonal are not
+    state: :meth:`sync` (= :meth:`_flush`) folds them in."""
 
     name = "cooccurrence"
     n_tokens: int
@@ -126,8 +141,9 @@ class CooccurrenceCollector(StateCollector):
         self._acc: torch.Tensor | None = None  # [d, d] float32 on the codes' device
         self._acc_rows = 0
         self._device_counts: torch.Tensor | None = None  # [d, d] int64 on an accelerator
-        self._int8_rows: list[torch.Tensor] = []  # CPU batches' int8 rows awaiting one GEMM (int8_block_rows)
-        self._int8_n = 0
+        self._int8_buf: torch.Tensor | None = None  # [int8_block_rows, d] int8: CPU rows awaiting one GEMM
+        self._int8_n = 0  # rows filled in _int8_buf
+        self._lower_stale = False  # counts below the diagonal blocks lack int8 products (see _mirror)
         self.flush_tokens = flush_tokens
         self.workers = workers or max(1, torch.get_num_threads())
         self.add_state("n_tokens", 0, "sum")
@@ -170,16 +186,10 @@ class CooccurrenceCollector(StateCollector):
         n = int(mask.shape[0])
         if n == 0:
             return
-        if mask.device.type == "cpu":
-            self.fire += mask.sum(0).numpy()
-        else:
-            self.fire += mask.sum(0).cpu().numpy()
         if int8_gram_available(mask.device, self.d_sae):
-            self._int8_rows.append(mask.to(torch.int8))
-            self._int8_n += n
-            if self._int8_n >= int8_block_rows(self.d_sae):
-                self._int8_flush()
+            self._int8_add(mask)  # n_i from the product's diagonal (a bool column sum costs as much as the GEMM)
             return
+        self.fire += mask.sum(0).cpu().numpy()
         if self._acc_rows + n > FLOAT_EXACT_ROWS:
             self._fold()
         b = mask.float()
@@ -198,14 +208,51 @@ class CooccurrenceCollector(StateCollector):
         self._acc.addmm_(b.T, b)
         self._acc_rows += int(b.shape[0])
 
+    def _int8_add(self, mask: torch.Tensor) -> None:
+        """Copy a CPU batch's binary rows into the int8 row buffer (allocated once; no per-batch int8
+        copies to concatenate), multiplying the buffer out whenever it is full."""
+        cap = int8_block_rows(self.d_sae)
+        if self._int8_buf is None:
+            self._int8_buf = torch.empty(cap, self.d_sae, dtype=torch.int8)
+        s, n = 0, int(mask.shape[0])
+        while s < n:  # a batch may straddle two buffers
+            m = min(cap - self._int8_n, n - s)
+            self._int8_buf[self._int8_n : self._int8_n + m].copy_(mask[s : s + m])
+            self._int8_n += m
+            s += m
+            if self._int8_n == cap:
+                self._int8_flush()
+
     def _int8_flush(self) -> None:
-        """Add ``B^T B`` of the buffered int8 rows (one GEMM, int32 products: exact, as a block has
-        fewer than 2^31 rows) to the counts."""
-        if not self._int8_rows:
+        """Add ``B^T B`` of the buffered int8 rows to the counts (int32 products: exact, as a block
+        has fewer than 2^31 rows), as products of the column blocks on and above the diagonal
+        (:func:`int8_col_blocks`): the blocks below wait for :meth:`_mirror`. The firing counts
+        ``n_i`` are the product's diagonal ``n_ii``."""
+        if not self._int8_n or self._int8_buf is None:
             return
-        b8 = self._int8_rows[0] if len(self._int8_rows) == 1 else torch.cat(self._int8_rows)
-        self._int8_rows, self._int8_n = [], 0
-        np.add(self.counts, torch._int_mm(b8.T.contiguous(), b8).numpy(), out=self.counts)
+        b8 = self._int8_buf[: self._int8_n]
+        self._int8_n = 0
+        blocks = int8_col_blocks(self.d_sae)
+        for i, (lo, hi) in enumerate(blocks):
+            for lo2, hi2 in blocks[i:]:
+                out = self.counts[lo:hi, lo2:hi2]
+                prod = torch._int_mm(b8[:, lo:hi].T, b8[:, lo2:hi2]).numpy()
+                np.add(out, prod, out=out)
+                if lo2 == lo:  # n_ii = n_i: the firing counts are the diagonal's
+                    self.fire[lo:hi] += np.diagonal(prod)
+        self._lower_stale = len(blocks) > 1
+
+    def _mirror(self) -> None:
+        """Set the counts below the diagonal blocks to the transpose of those above. Exact whatever
+        was added before: every method adds the right counts on and above the diagonal blocks (the
+        sparse and float ones add symmetric matrices), so the blocks above always hold the truth."""
+        if not self._lower_stale:
+            return
+        blocks = int8_col_blocks(self.d_sae)
+        for i, (lo, hi) in enumerate(blocks):
+            for lo2, hi2 in blocks[i + 1 :]:
+                np.copyto(self.counts[lo2:hi2, lo:hi], self.counts[lo:hi, lo2:hi2].T)
+        self._lower_stale = False
 
     def _fold(self) -> None:
         """Move the float32 accumulator's exact integer counts into the integer counts."""
@@ -230,11 +277,12 @@ class CooccurrenceCollector(StateCollector):
     def reset(self) -> None:
         super().reset()
         self._acc, self._acc_rows, self._device_counts = None, 0, None
-        self._int8_rows, self._int8_n = [], 0
+        self._int8_n, self._lower_stale = 0, False
         self._buf_rows, self._buf_cols, self._buf_n = [], [], 0
 
     def _flush(self) -> None:
         self._int8_flush()
+        self._mirror()
         self._fold()
         if self._device_counts is not None:
             self.counts += self._device_counts.cpu().numpy().astype(self.counts.dtype)
