@@ -19,6 +19,7 @@ import json
 import statistics
 import time
 
+import _process_env  # noqa: F401, I001 - first: numpy reads NUMPY_MADVISE_HUGEPAGE when imported
 import numpy as np
 import torch
 

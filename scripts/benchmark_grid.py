@@ -50,6 +50,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import _process_env  # noqa: F401, I001 - first: numpy reads NUMPY_MADVISE_HUGEPAGE when imported
 import torch
 from _baseline import necessary_compute, necessary_model_compute  # scripts/ is on sys.path when run as a script
 

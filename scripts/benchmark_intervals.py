@@ -21,6 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import _process_env  # noqa: F401, I001 - first: numpy reads NUMPY_MADVISE_HUGEPAGE when imported
 import torch
 from benchmark_grid import cell_inputs  # scripts/ is on sys.path when run as a script
 

@@ -22,6 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import _process_env  # noqa: F401, I001 - first: numpy reads NUMPY_MADVISE_HUGEPAGE when imported
 import torch
 
 

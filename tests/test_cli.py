@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -51,6 +52,20 @@ def test_console_script_help_is_fast_and_light():
     code = "import sys; from sae_mlops.cli import app; print('torch' in sys.modules, 'mlflow' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["False", "False"]
+
+
+@pytest.mark.parametrize("user_value,want", [(None, "False"), ("1", "True")])
+def test_the_command_turns_numpy_huge_page_requests_off_unless_the_user_set_them(user_value, want):
+    """The console script sets NUMPY_MADVISE_HUGEPAGE=0 before numpy is imported (first touches of
+    large arrays stalled on memory compaction), so numpy and the processes it starts run without
+    huge-page requests; a value the user set is kept."""
+    env = {k: v for k, v in os.environ.items() if k != "NUMPY_MADVISE_HUGEPAGE"}
+    if user_value is not None:
+        env["NUMPY_MADVISE_HUGEPAGE"] = user_value
+    code = ("import os; from sae_mlops.cli import app; import numpy; "
+            "print(numpy._core.multiarray._set_madvise_hugepage(True), os.environ['NUMPY_MADVISE_HUGEPAGE'])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env).stdout
+    assert out.split() == [want, user_value or "0"]
 
 
 @pytest.fixture()
