@@ -188,7 +188,7 @@ def test_int8_column_blocks_cover_the_codes_in_near_equal_widths():
     for d, k in ((16, 1), (512, 1), (1024, 2), (2048, 4), (4096, 4), (4100, 5), (16384, 16)):
         blocks = cooc.int8_col_blocks(d)
         assert len(blocks) == k and blocks[0][0] == 0 and blocks[-1][1] == d
-        assert all(a[1] == b[0] for a, b in zip(blocks, blocks[1:]))
+        assert all(a[1] == b[0] for a, b in zip(blocks, blocks[1:], strict=False))
         widths = [hi - lo for lo, hi in blocks]
         assert max(widths) - min(widths) <= 1
 
