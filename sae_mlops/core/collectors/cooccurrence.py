@@ -29,9 +29,11 @@ either way):
   threads (default: torch's thread count).
 
 Why ``sqrt(d_sae)``: measured with ``scripts/benchmark_cooccurrence.py`` on this project's 2-core
-machine (one thread), the two methods cost the same at L0 ~ 16-32 for d_sae 512 and L0 ~ 32-64 for
-d_sae 4096 (L0 ~ 32 since the int8 product is computed by blocks; dense is 1.6x faster at L0 64) (SciPy's sparse product gets slower per pair as d_sae grows, the GEMM is ~ d_sae^2);
-dense is ~10x faster at L0 128 and ~20x at L0 200 for d_sae 512, ~3x at L0 200 for d_sae 4096.
+machine (one thread), the two methods cost the same at L0 ~ 16-32 for d_sae 512 and L0 ~ 32 for
+d_sae 4096 (SciPy's sparse product gets slower per pair as d_sae grows, the GEMM is ~ d_sae^2; at
+d_sae 4096 the crossover was L0 32-64 before the int8 product was cut into blocks, and dense is now
+1.6x faster at L0 64); dense is ~10x faster at L0 128 and ~20x at L0 200 for d_sae 512, ~7x at L0 200
+for d_sae 4096 (3x before the blocks).
 
 Beyond the dense limit no pair is counted in the pass: neighbours are computed after it, block-wise,
 from the activation database's CSR (:func:`sae_mlops.core.matrices.csr_count_blocks`).
@@ -240,7 +242,8 @@ class CooccurrenceCollector(StateCollector):
                 np.add(out, prod, out=out)
                 if lo2 == lo:  # n_ii = n_i: the firing counts are the diagonal's
                     self.fire[lo:hi] += np.diagonal(prod)
-        self._lower_stale = len(blocks) > 1
+        if len(blocks) > 1:
+            self._lower_stale = True
 
     def _mirror(self) -> None:
         """Set the counts below the diagonal blocks to the transpose of those above. Exact whatever
