@@ -69,6 +69,19 @@ def test_streaming_topk_equals_sorting_everything(k, seed):
         assert c.examples(feat) == ref[feat], feat
 
 
+@pytest.mark.parametrize("k", [2, 6])
+@pytest.mark.parametrize("seed", [3, 4])
+def test_a_long_stream_with_examples_entering_between_kept_ones_equals_sorting_everything(k, seed):
+    """Forty batches: once a feature's top-k is full, later examples enter between kept ones (or at
+    ties behind them) and push the last ones out; each state's slots are shifted, not re-sorted."""
+    batches = _batches(seed, n_batches=40, d_sae=9)
+    c = TopExamplesCollector(d_sae=9, k=k, window=2)
+    _feed(c, batches)
+    ref = _reference(batches, k, window=2)
+    for feat in range(9):
+        assert c.examples(feat) == ref[feat], feat
+
+
 def test_merge_of_shards_equals_one_stream():
     batches = _batches(5, n_batches=6)
     whole = TopExamplesCollector(7, k=4, window=1)
