@@ -152,3 +152,8 @@ def test_top_k_rows_ties_nan_and_self_exclusion():
             assert idx[i].tolist() == want, (k, i)
         np.testing.assert_array_equal(m, before)  # the caller's block is untouched
     assert np.isneginf(top_k_rows(m, 3)[1][3]).all()  # NaN ranks last and reads as -inf
+    for k in (2, 60):  # no exclusion; k = the row length (no (k+1)-th value to compare with)
+        idx, _ = top_k_rows(m, k)
+        for i in range(50):
+            want = [j for _, j in sorted((-(-np.inf if np.isnan(v) else v), j) for j, v in enumerate(m[i]))[:k]]
+            assert idx[i].tolist() == want, (k, i)
