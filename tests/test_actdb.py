@@ -83,6 +83,40 @@ def test_interrupted_database_is_not_found_as_complete(tmp_path):
         ActivationDB(tmp_path / "activation_database")
 
 
+def test_parts_written_in_the_background_are_every_row_in_order_and_flush_waits_for_them(tmp_path):
+    import threading
+
+    import pyarrow.parquet as pq
+
+    steps = _steps(seed=3)
+    w = ActivationDBWriter(tmp_path / "activation_database" / "activation_db_z", d_sae=6, shard_rows=5)
+    for s in steps:
+        w.update(s)
+    w.flush()  # every part on disk when it returns, and no writer thread left behind
+    assert w._pending is None and not any(t.name.startswith("activation-db") for t in threading.enumerate())
+    parts = sorted((w.partial / "activations").glob("*.parquet"))
+    assert [p.name for p in parts] == [f"part-{i:05d}.parquet" for i in range(w.shards)] and w.shards == len(steps)
+    acts = pq.read_table(parts).to_pandas()  # in part order: the stream order
+    f = torch.cat([s.f for s in steps])
+    rows, cols = (f != 0).nonzero(as_tuple=True)
+    assert acts.token_index.tolist() == rows.tolist() and acts.feature.tolist() == cols.tolist()
+    tokens = pq.read_table(sorted((w.partial / "tokens").glob("*.parquet"))).to_pandas()
+    assert tokens.token_index.tolist() == list(range(f.shape[0]))
+
+
+def test_a_failed_background_write_is_raised_not_lost(tmp_path):
+    import shutil
+
+    steps = _steps(seed=4)
+    w = ActivationDBWriter(tmp_path / "activation_database" / "activation_db_e", d_sae=6, shard_rows=5)
+    shutil.rmtree(w.partial / "tokens")  # the part written in the background cannot be created
+    w.update(steps[0])  # fills the buffer: its write starts in the background and fails there
+    with pytest.raises(OSError):
+        w.flush()
+    w.abort()
+    assert not w.partial.exists()
+
+
 # --- the query surface: one read-only statement, no file outside the database ---------------
 
 

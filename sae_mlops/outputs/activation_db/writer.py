@@ -12,7 +12,8 @@ Layout (``<root>`` is ``activation_database/activation_db``)::
 Rows cover the analysed tokens only (special tokens excluded). ``token_index`` is the global
 stream order used everywhere else (feature summaries, examples). The whole database is built in
 ``<root>.partial`` and renamed to ``<root>`` once complete, so an interrupted run never leaves a
-database that looks finished. Memory: one shard buffer (``shard_rows`` activation rows).
+database that looks finished. Memory: two part buffers (``shard_rows`` rows each): the one being
+filled and the one a background thread is writing.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import json
 import logging
 import os
 import shutil
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +49,14 @@ ACTS_ENCODING = {"use_dictionary": False, "column_encoding": {"token_index": _DE
 class ActivationPartsWriter:
     """A collector writing the tokens/activations Parquet parts of a token range into ``parts_dir``
     (``tokens/<prefix>NNNNN.parquet``, ``activations/<prefix>NNNNN.parquet``); a shard of a sharded
-    pass writes its own parts with prefix ``part-<shard>-`` so that parts sort in stream order."""
+    pass writes its own parts with prefix ``part-<shard>-`` so that parts sort in stream order.
+
+    A full buffer is written by one background thread while the pass goes on: Parquet's encoding
+    and the file write release the GIL, so they overlap the model's next batches (on a CPU, the
+    cores torch leaves idle; with a GPU, the time the pass would otherwise wait on the host). At
+    most one part is in flight: the next full buffer waits for it, so memory stays two buffers.
+    :meth:`flush` writes the rest and waits, so every part is on disk when it returns; an error of
+    a background write is raised there or by the next :meth:`update` that fills a buffer."""
 
     name = "activation_db"
 
@@ -66,6 +75,8 @@ class ActivationPartsWriter:
         self._tok: list[pa.RecordBatch] = []
         self._act: list[pa.RecordBatch] = []
         self._buffered = 0
+        self._pool: ThreadPoolExecutor | None = None
+        self._pending: Future[None] | None = None
 
     def update(self, step: StepData) -> None:
         batch = step.batch
@@ -92,23 +103,47 @@ class ActivationPartsWriter:
         self.nnz += len(values)
         self._buffered += len(values) + n
         if self._buffered >= self.shard_rows:
-            self.flush()
+            self._write_buffer()
 
     def flush(self) -> None:
-        """Write the buffered rows as one more part (nothing when the buffer is empty)."""
+        """Write the buffered rows as one more part (none when the buffer is empty) and wait until
+        every part is written; re-raises the error of a failed write."""
+        self._write_buffer()
+        self._wait()
+        if self._pool is not None:
+            self._pool.shutdown()
+            self._pool = None
+
+    def _write_buffer(self) -> None:
+        """Hand the buffered rows to the background thread as the next part, once the part before
+        it is written."""
         if not self._tok:
             return
         name = f"{self.prefix}{self.shards:05d}.parquet"
-        pq.write_table(pa.Table.from_batches(self._tok, TOKENS_SCHEMA), self.parts_dir / "tokens" / name, **TOKENS_ENCODING)
-        pq.write_table(pa.Table.from_batches(self._act, ACTS_SCHEMA), self.parts_dir / "activations" / name, **ACTS_ENCODING)
+        tokens = pa.Table.from_batches(self._tok, TOKENS_SCHEMA)
+        acts = pa.Table.from_batches(self._act, ACTS_SCHEMA)
         self.shards += 1
         self._tok, self._act, self._buffered = [], [], 0
+        self._wait()
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="activation-db")
+        self._pending = self._pool.submit(_write_part, self.parts_dir, name, tokens, acts)
+
+    def _wait(self) -> None:
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
 
     def merge(self, other: "ActivationPartsWriter") -> None:
         raise NotImplementedError("activation database parts are combined as files (finalize_database)")
 
     def compute(self) -> dict[str, Any]:
         return {}
+
+
+def _write_part(parts_dir: Path, name: str, tokens: pa.Table, acts: pa.Table) -> None:
+    pq.write_table(tokens, parts_dir / "tokens" / name, **TOKENS_ENCODING)
+    pq.write_table(acts, parts_dir / "activations" / name, **ACTS_ENCODING)
 
 
 class ActivationDBWriter(ActivationPartsWriter):
@@ -127,7 +162,11 @@ class ActivationDBWriter(ActivationPartsWriter):
         return finalize_database(self.root, [self.partial], self.d_sae, per_feature, vocab)
 
     def abort(self) -> None:
-        """Remove the partial database (on error)."""
+        """Remove the partial database (on error), once a part in flight is written or has failed."""
+        try:
+            self._wait()
+        except Exception as e:  # noqa: BLE001 - the database is being discarded; its write error goes with it
+            log.debug("activation database part write failed while aborting: %s", e)
         shutil.rmtree(self.partial, ignore_errors=True)
 
 
