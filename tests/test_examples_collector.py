@@ -12,7 +12,7 @@ from sae_mlops.core.tokens import Window, WindowPlan, collate
 PLAN = WindowPlan(context_size=12, prepend_bos=True, bos_id=0, pad_id=0, special_ids=[0])
 
 
-def _batches(seed: int, n_batches: int = 5, d_sae: int = 7):
+def _batches(seed: int, n_batches: int = 5, d_sae: int = 7, signed: bool = False):
     g = torch.Generator().manual_seed(seed)
     out, doc = [], 0
     for _ in range(n_batches):
@@ -26,6 +26,9 @@ def _batches(seed: int, n_batches: int = 5, d_sae: int = 7):
         n = batch.n_analysed
         # few distinct values -> many ties; zeros are "did not fire"
         f = torch.randint(0, 4, (n, d_sae), generator=g).float()
+        if signed:  # codes of either sign, fractional, with ties: e.g. an SAE without a ReLU
+            signs = torch.tensor([-1.5, -1.0, -0.25, -0.5, -2.0, -3.0, 0.5, -0.75])
+            f = f * signs[torch.randint(0, len(signs), (n, d_sae), generator=g)]
         out.append((batch, f))
     return out
 
@@ -80,6 +83,30 @@ def test_a_long_stream_with_examples_entering_between_kept_ones_equals_sorting_e
     ref = _reference(batches, k, window=2)
     for feat in range(9):
         assert c.examples(feat) == ref[feat], feat
+
+
+@pytest.mark.parametrize("seed", [5, 6])
+def test_codes_of_either_sign_are_ranked_by_value_as_a_full_sort_ranks_them(seed):
+    batches = _batches(seed, n_batches=12, d_sae=5, signed=True)
+    assert any(bool((f < 0).any()) for _, f in batches)
+    c = TopExamplesCollector(d_sae=5, k=25, window=1)  # k beyond the positive codes: negative ones enter
+    _feed(c, batches)
+    ref = _reference(batches, 25, window=1)
+    assert any(e["activation"] < 0 for feat in range(5) for e in ref[feat])  # negative codes are kept
+    for feat in range(5):
+        assert c.examples(feat) == ref[feat], feat
+
+
+def test_the_sort_key_orders_by_feature_then_value_descending():
+    from sae_mlops.core.collectors.examples import _feature_value_key
+
+    g = torch.Generator().manual_seed(0)
+    vals = torch.cat([torch.randn(500, generator=g) * torch.logspace(-30, 30, 500),
+                      torch.tensor([float("inf"), float("-inf"), 1e-45, -1e-45, 3.0, 3.0, -3.0])])
+    feats = torch.randint(0, 7, (len(vals),), generator=g)
+    order = torch.argsort(_feature_value_key(feats, vals), stable=True).tolist()
+    expected = sorted(range(len(vals)), key=lambda i: (int(feats[i]), -float(vals[i]), i))
+    assert order == expected
 
 
 def test_merge_of_shards_equals_one_stream():

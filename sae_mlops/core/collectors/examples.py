@@ -34,6 +34,18 @@ def context_ids(tokens: torch.Tensor, keep: torch.Tensor, rows: torch.Tensor, wi
     return padded.unfold(1, 2 * window + 1, 1)[rows].to(torch.int32)
 
 
+def _feature_value_key(feats: torch.Tensor, vals: torch.Tensor) -> torch.Tensor:
+    """int64 keys that sort ascending as (feature ascending, value descending): the feature in the
+    high 32 bits, below it ``2^31 - 1 - s`` where ``s`` is the float32 value's bits read as a signed
+    int32 and, for negative values, with the 31 low bits flipped (the usual order-preserving map of
+    IEEE-754 floats to integers: ``s`` ascends with the value). One stable sort of these keys
+    replaces a stable sort by value and a second stable sort by feature (a quarter of the time
+    on 170k candidates)."""
+    bits = vals.float().view(torch.int32).long()
+    s = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+    return (feats.long() << 32) | ((2**31 - 1) - s)
+
+
 class TopExamplesCollector(StateCollector):
     """State: one :class:`~sae_mlops.core.collectors.state.TopK` group ordered by ``value``
     descending, ties by ``token`` ascending, unfilled slots (value -inf, token -1) last; so the
@@ -67,24 +79,24 @@ class TopExamplesCollector(StateCollector):
         :meth:`merge` (their ``token_start`` global)."""
         sp = step.sparse
         # candidates: non-zero values at least the feature's current k-th (-inf while not full)
-        cand = sp.values >= self.value[sp.cols, -1]
-        rows, feats, vals = sp.rows[cand], sp.cols[cand], sp.values[cand]
-        if rows.numel() == 0:
+        cand = (sp.values >= self.value[sp.cols, -1]).nonzero()[:, 0]
+        if cand.numel() == 0:
             return
+        rows, feats, vals = sp.rows[cand], sp.cols[cand], sp.values[cand]
         # of each feature's candidates, only its batch top-k by (value desc, token asc) can enter
-        # the kept top-k; rows are ascending, and both sorts are stable
-        order = torch.argsort(-vals, stable=True)
-        order = order[torch.argsort(feats[order], stable=True)]
+        # the kept top-k; rows are ascending and the sort is stable, so ties keep stream order
+        order = torch.argsort(_feature_value_key(feats, vals), stable=True)
         rows, feats, vals = rows[order], feats[order], vals[order]
         rank = torch.arange(len(feats)) - torch.searchsorted(feats, feats)
-        first = rank < self.k
+        first = (rank < self.k).nonzero()[:, 0]
         rows, feats, vals, rank = rows[first], feats[first], vals[first], rank[first]
         # merged position: the candidates ahead of it in the batch plus the kept examples at least as
-        # large (a kept example wins a tie: its token is earlier); only positions below k enter
+        # large (a kept example wins a tie: its token is earlier); kept values descend, so their
+        # negatives ascend and that count is a right-sided binary search. Only positions below k enter
         k = self.k
-        pos = rank + (self.value[feats] >= vals[:, None]).sum(1)
-        enter = pos < k
-        if not bool(enter.any()):
+        pos = rank + torch.searchsorted(-self.value[feats], -vals[:, None], right=True)[:, 0]
+        enter = (pos < k).nonzero()[:, 0]
+        if enter.numel() == 0:
             return
         rows, feats, vals, pos = rows[enter], feats[enter], vals[enter], pos[enter]
         batch = step.batch
