@@ -65,6 +65,38 @@ def test_sparsity_matches_numpy():
     np.testing.assert_array_equal(c.l0_hist.numpy(), np.bincount(l0, minlength=f.shape[1] + 1))
 
 
+def test_per_token_terms_are_computed_once_per_batch_and_shared_by_the_collectors(monkeypatch):
+    """The sparsity and reconstruction collectors sum per-token terms that the block statistics sum
+    again: each batch computes them once (``StepData.shared``), and both collectors still match numpy."""
+    from sae_mlops.core.collectors import reconstruction, sparsity
+
+    calls = {"sparsity": 0, "reconstruction": 0}
+    real_s, real_r = sparsity.per_token_sparsity, reconstruction.per_token_reconstruction
+
+    def count_s(*a, **k):
+        calls["sparsity"] += 1
+        return real_s(*a, **k)
+
+    def count_r(*a, **k):
+        calls["reconstruction"] += 1
+        return real_r(*a, **k)
+
+    monkeypatch.setattr(sparsity, "per_token_sparsity", count_s)
+    monkeypatch.setattr(reconstruction, "per_token_reconstruction", count_r)
+    x, x_hat, f = _data(2)
+    steps = _steps(x, x_hat, f)
+    cs, cr = SparsityCollector(f.shape[1], 0.05, 0.5), ReconstructionCollector(x.shape[1])
+    for s in steps:
+        cs.update(s)
+        cr.update(s)
+        assert sparsity.token_sparsity(s) is sparsity.token_sparsity(s)  # the same tensors, not recomputed
+        reconstruction.token_reconstruction(s)
+    assert calls == {"sparsity": len(SIZES), "reconstruction": len(SIZES)}
+    assert cs.compute()["sparsity/l1_mean"] == pytest.approx(np.abs(f).sum(1).mean(), rel=1e-6)
+    mse = ((x - x_hat) ** 2).sum(1).mean()
+    assert cr.sum_sq_err / cr.n == pytest.approx(mse, rel=1e-5)
+
+
 def test_reconstruction_matches_numpy():
     x, x_hat, f = _data(1)
     c = ReconstructionCollector(x.shape[1])

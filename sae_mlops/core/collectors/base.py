@@ -13,12 +13,15 @@ state once (``add_state(name, default, reduce)``, reduce sum / max / min / cat /
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import torch
 
 from sae_mlops.core.tokens import TokenBatch
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -53,6 +56,15 @@ class StepData:
     kl_zero: torch.Tensor | None = None
     token_start: int = 0  # global index (stream order) of the first analysed token of this batch
     _sparse: SparseCodes | None = field(default=None, repr=False)
+    _shared: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    def shared(self, key: str, compute: Callable[[], T]) -> T:
+        """``compute()`` once per batch under ``key``, then the same value: per-token terms that
+        several collectors sum (L0 and L1, the reconstruction terms) are computed by the first
+        collector that needs them. The value is shared, so callers must not modify it in place."""
+        if key not in self._shared:
+            self._shared[key] = compute()
+        return self._shared[key]
 
     @property
     def sparse(self) -> SparseCodes:

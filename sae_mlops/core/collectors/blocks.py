@@ -8,7 +8,8 @@ the dead / rare / dense counts). Summed over blocks they are the collectors' own
 bootstrap weights they are a resampled pass, from which :mod:`sae_mlops.core.intervals` recomputes
 each metric with the collectors' own formulas (``sparsity_metrics``, ``reconstruction_metrics``,
 ``downstream_metrics``). The per-token terms come from the same functions the collectors use
-(``per_token_sparsity``, ``per_token_reconstruction``), so there is one definition of each metric.
+(``per_token_sparsity``, ``per_token_reconstruction``, computed once per batch and shared), so there is
+one definition of each metric.
 
 State is declared (``add_state``, reduce ``sum``), so shards, resume and Ray actors merge it like
 any other collector's and give the same per-block sums as one local pass. Memory: ``B x (d_in + 20)``
@@ -27,8 +28,8 @@ from sae_mlops.core.blocks import BlockLayout
 from sae_mlops.core.collectors.base import StepData
 from sae_mlops.core.collectors.downstream import SUM_NAMES as DOWNSTREAM_SUMS
 from sae_mlops.core.collectors.reconstruction import TERM_NAMES as RECON_TERMS
-from sae_mlops.core.collectors.reconstruction import per_token_reconstruction
-from sae_mlops.core.collectors.sparsity import per_token_sparsity
+from sae_mlops.core.collectors.reconstruction import token_reconstruction
+from sae_mlops.core.collectors.sparsity import token_sparsity
 from sae_mlops.core.collectors.state import StateCollector
 
 MAX_FIRE_ENTRIES = 2**25  #: largest B x d_sae for which per-block firing counts are kept (128 MiB)
@@ -81,8 +82,8 @@ class BlockStatsCollector(StateCollector):
         uniq, inv = torch.unique(rblock, return_inverse=True)
         nu = int(uniq.numel())
         sp = step.sparse
-        l0, l1 = per_token_sparsity(sp, n)
-        recon = per_token_reconstruction(step.x, step.x_hat)
+        l0, l1 = token_sparsity(step)  # computed once per batch, shared with the sparsity collector
+        recon = token_reconstruction(step)
         l0f = l0.double()
         terms = [l0f, l0f * l0f, l1, l1 * l1] + [recon[k].double().cpu() for k in RECON_TERMS]
         if self.downstream and step.kl_sae is not None and step.kl_zero is not None:
@@ -99,7 +100,7 @@ class BlockStatsCollector(StateCollector):
         sx = torch.zeros(nu, self.d_in, dtype=torch.float64, device=dev).index_add_(0, inv.to(dev), step.x.double())
         self.sum_x[uniq] += sx.cpu()
         if self.keep_fire and sp.rows.numel():
-            flat = inv[sp.rows] * self.d_sae + sp.cols
+            flat = (inv * self.d_sae)[sp.rows] + sp.cols  # row offsets scaled once per row, not per non-zero
             self.fire_count[uniq] += torch.bincount(flat, minlength=nu * self.d_sae).view(nu, self.d_sae).int()
         if self.downstream and step.ce_clean is not None:
             assert step.ce_sae is not None and step.ce_zero is not None

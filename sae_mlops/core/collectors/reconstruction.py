@@ -51,7 +51,7 @@ class ReconstructionCollector(StateCollector):
         return {"d_in": self.d_in}
 
     def update(self, step: StepData) -> None:
-        t = per_token_reconstruction(step.x, step.x_hat)
+        t = token_reconstruction(step)
         x = step.x.float()
         self.n += x.shape[0]
         self.sum_sq_err += f64sum(t["sum_sq_err"])
@@ -95,6 +95,11 @@ def per_token_reconstruction(x: torch.Tensor, x_hat: torch.Tensor) -> dict[str, 
         "sum_xhat_sq": xh_norm.pow(2),
         "sum_dot": dot,
     }
+
+
+def token_reconstruction(step: StepData) -> dict[str, torch.Tensor]:
+    """:func:`per_token_reconstruction` of a batch, computed once and shared by the collectors that sum it."""
+    return step.shared("token_reconstruction", lambda: per_token_reconstruction(step.x, step.x_hat))
 
 
 def reconstruction_metrics(s: Mapping[str, Any], d_in: int) -> dict[str, Any]:

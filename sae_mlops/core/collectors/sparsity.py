@@ -33,6 +33,11 @@ def per_token_sparsity(sp: SparseCodes, n: int) -> tuple[torch.Tensor, torch.Ten
     return l0, l1
 
 
+def token_sparsity(step: StepData) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`per_token_sparsity` of a batch, computed once and shared by the collectors that sum it."""
+    return step.shared("token_sparsity", lambda: per_token_sparsity(step.sparse, int(step.f.shape[0])))
+
+
 def sparsity_metrics(s: Mapping[str, Any], d_sae: int, rare_threshold: float, dense_threshold: float) -> dict[str, Any]:
     """The sparsity and feature-class metrics from sums (the module docstring's formulas).
 
@@ -99,7 +104,7 @@ class SparsityCollector(StateCollector):
         n = int(step.f.shape[0])
         sp = step.sparse
         mag = sp.values.abs().double()
-        l0, l1 = per_token_sparsity(sp, n)
+        l0, l1 = token_sparsity(step)
         l0f = l0.double()
         self.n_tokens += n
         self.sum_l0 += float(l0f.sum())
