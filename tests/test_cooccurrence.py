@@ -147,6 +147,25 @@ def test_counts_at_any_density_equal_the_sparse_method_and_numpy(monkeypatch, de
     assert (auto.batches_dense, auto.batches_sparse) == (sum(dense), len(dense) - sum(dense))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+def test_the_int8_rows_are_the_nonzero_codes_of_every_dtype_and_layout(dtype):
+    """The int8 path writes ``f != 0`` straight into its row buffer (numpy's comparison for the
+    dtypes numpy has, torch's for bfloat16): counts exact for codes of any float dtype, with
+    negative codes, -0.0 (not a firing) and a non-contiguous batch (a column slice of wider codes)."""
+    d = 40
+    f = _codes_at(0.4, 700, d, seed=7)
+    f[::3, 4] *= -1  # negative codes fire
+    f[5, 6], f[9, 6] = -0.0, 0.0  # signed zeros do not
+    wide = np.concatenate([f, np.ones((len(f), 3), np.float32)], axis=1)
+    c = CooccurrenceCollector(d, flush_tokens=300, method="dense")
+    for s in range(0, len(f), 170):
+        t = torch.from_numpy(wide[s : s + 170])[:, :d].to(dtype)  # strided for float32, a copy otherwise
+        c.update(StepData(batch=None, x=t, f=t, x_hat=t))
+    b = (f != 0).astype(np.int64)
+    np.testing.assert_array_equal(c.finalize_counts(), b.T @ b)
+    np.testing.assert_array_equal(c.fire, b.sum(0))
+
+
 def test_mixed_density_batches_and_merge_count_exactly():
     """Dense and sparse batches in one collector (then merged with another) add up exactly."""
     d = 64
