@@ -113,6 +113,7 @@ def test_a_failed_background_write_is_raised_not_lost(tmp_path):
     w.update(steps[0])  # fills the buffer: its write starts in the background and fails there
     with pytest.raises(OSError):
         w.flush()
+    assert w._pool is None  # the writer thread is stopped whether the write failed or not
     w.abort()
     assert not w.partial.exists()
 

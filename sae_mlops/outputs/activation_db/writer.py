@@ -108,11 +108,13 @@ class ActivationPartsWriter:
     def flush(self) -> None:
         """Write the buffered rows as one more part (none when the buffer is empty) and wait until
         every part is written; re-raises the error of a failed write."""
-        self._write_buffer()
-        self._wait()
-        if self._pool is not None:
-            self._pool.shutdown()
-            self._pool = None
+        try:
+            self._write_buffer()
+            self._wait()
+        finally:
+            if self._pool is not None:
+                self._pool.shutdown()
+                self._pool = None
 
     def _write_buffer(self) -> None:
         """Hand the buffered rows to the background thread as the next part, once the part before
