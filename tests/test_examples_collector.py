@@ -61,15 +61,21 @@ def _feed(collector, batches, start=0):
     return start
 
 
+def _assert_equals_full_sort(batches, d_sae: int, k: int, window: int) -> dict:
+    """Stream ``batches`` through a collector and compare every feature's examples with the naive
+    full sort; returns the reference."""
+    c = TopExamplesCollector(d_sae=d_sae, k=k, window=window)
+    _feed(c, batches)
+    ref = _reference(batches, k, window=window)
+    for feat in range(d_sae):
+        assert c.examples(feat) == ref[feat], feat
+    return ref
+
+
 @pytest.mark.parametrize("k", [1, 3, 25])
 @pytest.mark.parametrize("seed", [0, 1])
 def test_streaming_topk_equals_sorting_everything(k, seed):
-    batches = _batches(seed)
-    c = TopExamplesCollector(d_sae=7, k=k, window=2)
-    _feed(c, batches)
-    ref = _reference(batches, k, window=2)
-    for feat in range(7):
-        assert c.examples(feat) == ref[feat], feat
+    _assert_equals_full_sort(_batches(seed), d_sae=7, k=k, window=2)
 
 
 @pytest.mark.parametrize("k", [2, 6])
@@ -77,24 +83,15 @@ def test_streaming_topk_equals_sorting_everything(k, seed):
 def test_a_long_stream_with_examples_entering_between_kept_ones_equals_sorting_everything(k, seed):
     """Forty batches: once a feature's top-k is full, later examples enter between kept ones (or at
     ties behind them) and push the last ones out; each state's slots are shifted, not re-sorted."""
-    batches = _batches(seed, n_batches=40, d_sae=9)
-    c = TopExamplesCollector(d_sae=9, k=k, window=2)
-    _feed(c, batches)
-    ref = _reference(batches, k, window=2)
-    for feat in range(9):
-        assert c.examples(feat) == ref[feat], feat
+    _assert_equals_full_sort(_batches(seed, n_batches=40, d_sae=9), d_sae=9, k=k, window=2)
 
 
 @pytest.mark.parametrize("seed", [5, 6])
 def test_codes_of_either_sign_are_ranked_by_value_as_a_full_sort_ranks_them(seed):
     batches = _batches(seed, n_batches=12, d_sae=5, signed=True)
     assert any(bool((f < 0).any()) for _, f in batches)
-    c = TopExamplesCollector(d_sae=5, k=25, window=1)  # k beyond the positive codes: negative ones enter
-    _feed(c, batches)
-    ref = _reference(batches, 25, window=1)
+    ref = _assert_equals_full_sort(batches, d_sae=5, k=25, window=1)  # k beyond the positive codes
     assert any(e["activation"] < 0 for feat in range(5) for e in ref[feat])  # negative codes are kept
-    for feat in range(5):
-        assert c.examples(feat) == ref[feat], feat
 
 
 def test_the_sort_key_orders_by_feature_then_value_descending():
